@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Every error the user can cause (bad flags, missing files, a model whose structure a pass cannot find) is a
+``TCExportError``: the CLI prints its one-line message and exits non-zero without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class TCExportError(Exception):
+    """An error with a one-line message that says what is wrong and how to fix it."""
+
+    exit_code: int = 2
+
+
+class ConfigError(TCExportError):
+    """A configuration value is invalid."""
+
+
+class StructureNotFoundError(TCExportError):
+    """A graph pass could not find the structure it needs (attention, residual add, ...)."""
+
+
+class ParityError(TCExportError):
+    """Two runtimes disagree beyond the tolerances."""
+
+    exit_code = 1
+
+
+class BackendUnavailableError(TCExportError):
+    """An optional backend (TensorRT, a GPU, transformers) is missing."""
+
+    exit_code = 3

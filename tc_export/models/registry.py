@@ -1,0 +1,78 @@
+"""The model registry: short names -> builders, plus ``timm:NAME`` and (with transformers) ``hf:PATH``."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..registry import Registry
+from .base import LoadedModel
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to build a model: image size override, a weights file, or the library's pretrained weights."""
+
+    img_size: int | None = None
+    weights: Path | None = None
+    pretrained: bool = False
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None and (self.img_size <= 0 or self.img_size % 2):
+            raise ConfigError(f"--img-size must be a positive even number of pixels, got {self.img_size}")
+        if self.weights is not None and self.pretrained:
+            raise ConfigError("give either --weights FILE or --pretrained, not both")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    build: Callable[[ModelOptions], LoadedModel]
+
+
+MODELS: Registry[ModelSpec] = Registry("model")
+# Prefix -> builder for open-ended names such as "timm:vit_base_patch16_384".
+PREFIXES: dict[str, tuple[str, Callable[[str, ModelOptions], LoadedModel]]] = {}
+
+
+def register_model(name: str, description: str) -> Callable[[Callable[[ModelOptions], LoadedModel]], Callable[[ModelOptions], LoadedModel]]:
+    def wrap(build: Callable[[ModelOptions], LoadedModel]) -> Callable[[ModelOptions], LoadedModel]:
+        MODELS.register(name, ModelSpec(name, description, build))
+        return build
+
+    return wrap
+
+
+def load_model(name: str, options: ModelOptions | None = None, *, warn_random: bool = True) -> LoadedModel:
+    """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
+    from . import timm_models  # noqa: F401 - registers entries
+    from . import hf_models  # noqa: F401
+
+    options = options or ModelOptions()
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in PREFIXES:
+        if not rest:
+            raise ConfigError(f"model {name!r} names no {prefix} model: use {PREFIXES[prefix][0]}")
+        loaded = PREFIXES[prefix][1](rest, options)
+    else:
+        if name not in MODELS:
+            hint = ", or " + ", ".join(p for p, _ in PREFIXES.values()) if PREFIXES else ""
+            raise ConfigError(MODELS.unknown_message(name) + hint)
+        loaded = MODELS.get(name).build(options)
+    loaded.module.eval()
+    if loaded.random_init and warn_random:
+        warnings.warn(
+            f"{loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, "
+            "parity and speed are still measured faithfully",
+            RandomWeightsWarning,
+            stacklevel=2,
+        )
+    return loaded
+
+
+class RandomWeightsWarning(UserWarning):
+    """The model was built with random initialisation."""

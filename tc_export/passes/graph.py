@@ -1,0 +1,112 @@
+"""Recognising ops in FX graphs, whichever tracer made them.
+
+``torch.fx.symbolic_trace`` records Python-level calls (``F.layer_norm``, ``operator.add``, ``x.softmax``,
+leaf modules); ``torch.export`` records ATen ops. The predicates here accept both, so passes match structure,
+not one library's class names.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..ops.attention import biased_attention
+
+aten = torch.ops.aten
+
+_SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_SOFTMAX_FUNCS = {F.softmax, torch.softmax, aten._softmax.default, aten.softmax.int}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
+_ADD_FUNCS = {operator.add, torch.add, aten.add.Tensor}
+_SHAPE_QUERIES = {aten.sym_size.int, torch.ops.aten.sym_size.default} if hasattr(aten, "sym_size") else set()
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _SDPA
+
+
+def is_biased_attention(node: fx.Node) -> bool:
+    """An attention a pass has already written out with a bias (``ops.attention.biased_attention``)."""
+    return node.op == "call_function" and node.target is biased_attention
+
+
+def is_softmax(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_function":
+        return node.target in _SOFTMAX_FUNCS
+    if node.op == "call_method":
+        return node.target == "softmax"
+    return node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Softmax)
+
+
+def is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _MATMUL_FUNCS
+    return node.op == "call_method" and node.target in ("matmul", "bmm", "__matmul__")
+
+
+def is_add(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_FUNCS
+    return node.op == "call_method" and node.target in ("add", "__add__")
+
+
+def is_shape_query(node: fx.Node) -> bool:
+    """``x.shape``, ``x.size()`` and ATen ``sym_size``: they read a shape, not data."""
+    if node.op == "call_function":
+        return (node.target is getattr and node.args[1] == "shape") or node.target in _SHAPE_QUERIES
+    return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def tensor_meta_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape recorded by shape propagation (``ShapeProp`` or ``torch.export``), if any."""
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(d) for d in meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(int(d) for d in val.shape)
+    return None
+
+
+def node_kwarg(node: fx.Node, name: str, position: int) -> object:
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[position] if len(node.args) > position else None
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(node.users)
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.users)
+    return seen
+
+
+def ancestors(node: fx.Node, through_shape_queries: bool = True) -> set[fx.Node]:
+    """Every node ``node`` depends on; with ``through_shape_queries=False`` a shape read cuts the path."""
+    seen: set[fx.Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if through_shape_queries or not is_shape_query(current):
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """Input nodes that carry activations (not parameters or buffers)."""
+    return [n for n in node.all_input_nodes if n.op != "get_attr"]
+
+
+def first(nodes: Iterable[fx.Node]) -> fx.Node | None:
+    return next(iter(nodes), None)
