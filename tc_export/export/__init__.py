@@ -1,0 +1,1 @@
+"""Export to ONNX, check parity with Polygraphy, build TensorRT engines, count MACs."""

@@ -1,0 +1,38 @@
+"""Output paths: checked before work starts, written under a temporary name and renamed when complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import ConfigError
+
+OUTPUT_SUFFIXES = (".onnx", ".engine", ".plan")
+
+
+def check_output_path(path: Path) -> Path:
+    """Fail early (before any export work) on an unknown suffix or a directory that cannot be written."""
+    if path.suffix not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"unknown output suffix {path.suffix or '(none)'!r} in {path}: use .onnx or .engine (.plan)")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
+    if path.is_dir():
+        raise ConfigError(f"cannot write {path}: it is a directory")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it to ``path`` only if the block succeeds, else remove it."""
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

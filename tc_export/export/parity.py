@@ -1,0 +1,148 @@
+"""Parity: Polygraphy's Comparator runs the PyTorch module and ONNX Runtime on the same seeded inputs."""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParityConfig:
+    """Tolerances (an element fails only if it breaks both, as in Polygraphy), seed and number of inputs."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    seed: int = 0
+    samples: int = 2
+
+    def __post_init__(self) -> None:
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError(f"--atol and --rtol must be >= 0, got {self.atol} and {self.rtol}")
+        if self.samples < 1:
+            raise ConfigError(f"parity needs at least one input sample, got {self.samples}")
+
+
+@dataclass(frozen=True)
+class OutputError:
+    name: str
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    candidate: str
+    outputs: list[OutputError] = field(default_factory=list)
+    passed: bool = True
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def describe(self) -> str:
+        parts = [f"{o.name} max abs {o.max_abs:.2e}, max rel {o.max_rel:.2e}" for o in self.outputs]
+        verdict = "passed" if self.passed else "FAILED"
+        return f"{verdict} · " + "; ".join(parts)
+
+    def failures(self) -> list[OutputError]:
+        return [o for o in self.outputs if not o.passed]
+
+
+def _torch_runner(
+    module: torch.nn.Module, torch_names: Mapping[str, str], output_names: Sequence[str], feed: Mapping[str, np.ndarray]
+):
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class TorchRunner(BaseRunner):
+        """Runs a PyTorch module on CPU (Polygraphy's own PytRunner moves inputs to CUDA)."""
+
+        def __init__(self) -> None:
+            super().__init__(name="pytorch", prefix="pytorch-runner")
+
+        def activate_impl(self) -> None:
+            module.eval()
+
+        def get_input_metadata_impl(self):
+            metadata = TensorMetadata()
+            for name, value in feed.items():
+                metadata.add(name, value.dtype, value.shape)
+            return metadata
+
+        def infer_impl(self, feed_dict):
+            kwargs = {torch_names[name]: torch.from_numpy(np.ascontiguousarray(v)) for name, v in feed_dict.items()}
+            start = time.perf_counter()
+            with torch.no_grad():
+                result = module(**kwargs)
+            self.inference_time = time.perf_counter() - start
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            return OrderedDict((n, o.detach().numpy()) for n, o in zip(output_names, outputs))
+
+        def deactivate_impl(self) -> None:
+            pass
+
+    return TorchRunner()
+
+
+def check_parity(
+    module: torch.nn.Module,
+    onnx_path: Path,
+    make_inputs: Callable[[int], Mapping[str, torch.Tensor]],
+    onnx_names: Mapping[str, str],
+    output_names: Sequence[str],
+    config: ParityConfig,
+) -> ParityReport:
+    """Compare ``module`` (reference) against ONNX Runtime on ``config.samples`` seeded inputs.
+
+    ``make_inputs(seed)`` returns inputs keyed by forward-argument name; ``onnx_names`` maps those to ONNX
+    input names. The verdict is Polygraphy's (``CompareFunc.simple``); the errors reported are the maxima
+    over all samples.
+    """
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    feeds = []
+    for i in range(config.samples):
+        inputs = make_inputs(config.seed + i)
+        feeds.append(OrderedDict((onnx_names[k], v.numpy()) for k, v in inputs.items()))
+    torch_names = {onnx: torch_name for torch_name, onnx in onnx_names.items()}
+    runners = [_torch_runner(module, torch_names, output_names, feeds[0]), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
+    results = Comparator.run(runners, data_loader=feeds)
+    verdict = Comparator.compare_accuracy(
+        results, compare_func=CompareFunc.simple(atol=config.atol, rtol=config.rtol, check_error_stat="elemwise")
+    )
+    per_iteration = next(iter(verdict[0].values()))
+    return _report(results, bool(verdict), per_iteration, output_names)
+
+
+def _report(results, passed: bool, per_iteration, output_names: Sequence[str]) -> ParityReport:
+    (ref_name, ref_iters), (cand_name, cand_iters) = list(results.items())
+    report = ParityReport(reference=ref_name, candidate=cand_name, passed=passed)
+    for name in output_names:
+        max_abs = max_rel = 0.0
+        for ref_iter, cand_iter in zip(ref_iters, cand_iters):
+            error = element_errors(np.asarray(ref_iter[name]), np.asarray(cand_iter[name]))
+            max_abs, max_rel = max(max_abs, error[0]), max(max_rel, error[1])
+        ok = all(bool(iteration.get(name, False)) for iteration in per_iteration)
+        report.outputs.append(OutputError(name, max_abs, max_rel, ok))
+    return report
+
+
+def element_errors(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
+    """Max absolute and max relative error (relative to |reference|, as Polygraphy computes it)."""
+    if reference.shape != candidate.shape:
+        return float("inf"), float("inf")
+    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
+    rel = diff / np.maximum(np.abs(reference.astype(np.float64)), np.finfo(np.float32).tiny)
+    return float(diff.max(initial=0.0)), float(rel.max(initial=0.0))
