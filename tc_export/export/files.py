@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +20,13 @@ def check_output_path(path: Path) -> Path:
     parent = path.resolve().parent
     if not parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"cannot write {path}: directory {parent} is not writable")
     if path.is_dir():
         raise ConfigError(f"cannot write {path}: it is a directory")
+    try:  # a real probe: permission bits say nothing for root or on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.probe-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"cannot write {path}: directory {parent} is not writable ({error.strerror})") from None
     return path
 
 
