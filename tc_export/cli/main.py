@@ -77,6 +77,36 @@ def export_command(model: str, method: str | None, r: str | None, inflect: float
     run_job(config, say=click.echo)
 
 
+@cli.command("bench")
+@click.argument("model")
+@click.option("--method", "-m", default="tome", show_default=True)
+@click.option("--r", "r", default="16", show_default=True)
+@click.option("--inflect", type=float, default=None)
+@click.option("--img-size", type=int, default=None)
+@click.option("--batch", "batches", type=int, multiple=True, default=(1, 8), show_default=True)
+@click.option("--runs", type=int, default=30, show_default=True)
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--profile", is_flag=True, help="Also print where the time goes, by ONNX op type.")
+@click.option("--markdown", type=click.Path(path_type=Path), default=None, help="Write the table to this file.")
+def bench_command(model: str, method: str, r: str, inflect: float | None, img_size: int | None,
+                  batches: tuple[int, ...], runs: int, warmup: int, threads: int, profile: bool,
+                  markdown: Path | None) -> None:
+    """Time uncompressed vs compressed ONNX side by side in ONNX Runtime (CPU)."""
+    from ..bench import BenchConfig, format_table
+    from ..bench_job import bench_model
+    from ..models import ModelOptions
+    from .options import method_config
+
+    methods = method_config(method, r, inflect, True)
+    config = BenchConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads)
+    rows = bench_model(model, methods, ModelOptions(img_size=img_size), config, say=click.echo, profile=profile)
+    table = format_table(model, f"{method} r={r}", rows, threads)
+    click.echo(table)
+    if markdown is not None:
+        markdown.write_text(table + "\n")
+
+
 @cli.command("list")
 def list_command() -> None:
     """Show the models and methods."""
