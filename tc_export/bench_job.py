@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .bench import BenchConfig, BenchRow, run_bench
-from .compress import compress
+from .pipeline import compress_for_job
 from .export.macs import count_macs
 from .export.onnx_export import ExportConfig, export_onnx
 from .models import ModelOptions, load_model
@@ -21,10 +21,11 @@ def bench_model(
     config: BenchConfig,
     say: Callable[[str], None] = print,
     profile: bool = False,
+    recipe: str | None = None,
 ) -> list[BenchRow]:
     loaded = load_model(model_name, options, warn_random=False)
     one = loaded.example_inputs(batch=1)
-    compressed = compress(loaded, list(methods), one)
+    compressed = compress_for_job(loaded, methods, one, recipe)
     mac_ratio = count_macs(loaded.module, one) / count_macs(compressed.module, one)
     say(f"{loaded.name}: tokens per layer {' '.join(map(str, compressed.token_counts()))}")
     names = {spec.name: spec.export_name for spec in loaded.inputs}

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from .models.base import LoadedModel
 from .ops.base import TokenOp
-from .passes import LayerTokens, pass_for, run_passes
+from .passes import LayerTokens, run_passes, token_pass
 from .passes.graph import tensor_meta_shape
 from .passes.structure import find_attention_sites
 from .passes.trace import propagate_shapes, trace
@@ -47,7 +47,7 @@ def compress(
         raise TypeError("example_inputs are needed to trace a plain nn.Module")
     configs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     gm = trace(model.eval(), example_inputs)
-    gm = run_passes(gm, [pass_for(c) for c in configs], example_inputs)
+    gm = run_passes(gm, [token_pass(configs)] if configs else [], example_inputs)
     return CompressedModel(gm, layer_tokens(gm, example_inputs))
 
 

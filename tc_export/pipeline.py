@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compress import CompressedModel, compress
-from .errors import ParityError
+from .errors import ConfigError, ParityError
 from .export.engine import build_engine
 from .export.fidelity import Fidelity, measure_fidelity
 from .export.files import check_output_path
@@ -25,6 +25,7 @@ class JobConfig:
     model: str
     output: Path
     methods: tuple[object, ...] = ()
+    recipe: str | None = None  # where the methods came from, named in their errors
     model_options: ModelOptions = field(default_factory=ModelOptions)
     export: ExportConfig = field(default_factory=ExportConfig)
     parity: ParityConfig = field(default_factory=ParityConfig)
@@ -48,6 +49,18 @@ class JobResult:
         return self.macs_original / max(self.macs_compressed, 1)
 
 
+def compress_for_job(
+    loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None
+) -> CompressedModel:
+    """``compress``, with a recipe's errors (a layer out of range, a budget too large) naming the recipe."""
+    try:
+        return compress(loaded, list(methods), example)
+    except ConfigError as error:
+        if recipe is None:
+            raise
+        raise ConfigError(f"recipe {recipe}: {error}") from None
+
+
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
     output = check_output_path(config.output)
@@ -59,7 +72,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     batch = config.export.batch
     example = loaded.example_inputs(batch=max(batch, 2) if config.export.dynamic_batch else batch)
-    compressed = compress(loaded, list(config.methods), example) if config.methods else None
+    compressed = compress_for_job(loaded, config.methods, example, config.recipe) if config.methods else None
     module = compressed.module if compressed else loaded.module
     if compressed:
         say("tokens per layer: " + " ".join(str(n) for n in compressed.token_counts()))

@@ -67,3 +67,108 @@ def reference_tome_timm_vit(model, images: torch.Tensor, schedule: list[int], pr
         counts.append(x.shape[0])
         outputs.append(model.head(model.norm(x)[0]))
     return torch.stack(outputs), counts
+
+
+def reference_keep_count(num_tokens: int, keep: float, protected: int) -> int:
+    """ceil(keep * (N - protected)) in exact decimal arithmetic (0.7 * 10 is 7, not 7.000000000000001)."""
+    import math
+    from fractions import Fraction
+
+    return math.ceil(Fraction(str(keep)) * (num_tokens - protected))
+
+
+def _ranked(scores: torch.Tensor) -> list[int]:
+    return sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+
+
+def _weighted_average(rows: list[torch.Tensor], weights: list[torch.Tensor]) -> torch.Tensor:
+    total = sum(weights)
+    return sum(w * r for w, r in zip(weights, rows)) / total if float(total) > 0 else rows[0] * 0
+
+
+def reference_topk(x, size, cls_attn, keep: float, protected: int, fuse: bool, keep_order: bool):
+    """EViT on one sample: x (N, C), size (N, 1), cls_attn (N,)."""
+    n = x.shape[0]
+    count = reference_keep_count(n, keep, protected)
+    order = _ranked(cls_attn[protected:])
+    kept = sorted(order[:count]) if keep_order else order[:count]
+    rows = [x[i] for i in range(protected)] + [x[protected + i] for i in kept]
+    sizes = [size[i] for i in range(protected)] + [size[protected + i] for i in kept]
+    if fuse:
+        pruned = order[count:]
+        rows.append(_weighted_average([x[protected + i] for i in pruned], [cls_attn[protected + i] for i in pruned]))
+        sizes.append(sum(size[protected + i] for i in pruned))
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def reference_prumerge(x, size, cls_attn, metric, tokens: int, protected: int, extra: bool):
+    """Fixed-budget PruMerge on one sample: keep ``tokens`` by class attention, merge the rest by key cosine."""
+    order = _ranked(cls_attn[protected:])
+    kept, pruned = sorted(order[:tokens]), order[tokens:]
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    members = {j: [protected + j] for j in kept}
+    for i in pruned:
+        sims = [float(m[protected + i] @ m[protected + j]) for j in kept]
+        members[kept[sims.index(max(sims))]].append(protected + i)
+    rows = [x[i] for i in range(protected)]
+    sizes = [size[i] for i in range(protected)]
+    for j in kept:
+        rows.append(_weighted_average([x[t] for t in members[j]], [cls_attn[t] for t in members[j]]))
+        sizes.append(sum(size[t] for t in members[j]))
+    if extra:
+        rows.append(_weighted_average([x[protected + i] for i in pruned], [cls_attn[protected + i] for i in pruned]))
+        sizes.append(sum(size[protected + i] for i in pruned))
+    return torch.stack(rows), torch.stack(sizes)
+
+
+def reference_adjacent(x, metric, size, r: int, protected: int):
+    """A-ToMe fixed ratio on one sample: pairs (p, p+1), (p+2, p+3), ...; the r most similar pairs merge."""
+    n = x.shape[0]
+    pairs = (n - protected) // 2
+    r = min(r, pairs)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    starts = [protected + 2 * i for i in range(pairs)]
+    sims = torch.stack([m[s] @ m[s + 1] for s in starts]) if pairs else torch.zeros(0)
+    chosen = set(_ranked(sims)[:r])
+    rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]
+    for i, s in enumerate(starts):
+        if i in chosen:
+            total = size[s] + size[s + 1]
+            rows.append(_weighted_average([x[s], x[s + 1]], [size[s], size[s + 1]]) if float(total) > 0 else x[s + 1])
+            sizes.append(total)
+        else:
+            rows += [x[s], x[s + 1]]
+            sizes += [size[s], size[s + 1]]
+    for t in range(protected + 2 * pairs, n):
+        rows.append(x[t])
+        sizes.append(size[t])
+    return torch.stack(rows), torch.stack(sizes)
+
+
+@torch.no_grad()
+def reference_compressed_timm_vit(model, images: torch.Tensor, step, prop_attn: bool):
+    """A timm ViT run one sample at a time; after each attention residual add, ``step`` may compress.
+
+    ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)``. Returns outputs and token counts.
+    """
+    outputs, counts = [], []
+    for image in images:
+        x = model.patch_embed(image[None])[0]
+        x = torch.cat([model.cls_token[0], x]) + model.pos_embed[0]
+        size = torch.ones(x.shape[0], 1)
+        counts = []
+        for index, block in enumerate(model.blocks):
+            n, c = x.shape
+            heads = block.attn.num_heads
+            counts.append(n)
+            q, k, v = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, c // heads).permute(1, 2, 0, 3)
+            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            if prop_attn:
+                logits = logits + size[:, 0].log()[None, None, :]
+            probs = logits.softmax(dim=-1)
+            x = x + block.attn.proj((probs @ v).transpose(0, 1).reshape(n, c))
+            x, size = step(index, x, size, k, probs)
+            x = x + block.mlp(block.norm2(x))
+        counts.append(x.shape[0])
+        outputs.append(model.head(model.norm(x)[0]))
+    return torch.stack(outputs), counts

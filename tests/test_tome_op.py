@@ -35,7 +35,7 @@ def test_token_count_and_cap():
     assert effective_r(10, 16, 0) == 5
     assert effective_r(3, 16, 2) == 0
     x, metric, _ = _inputs(2, 21)
-    out, size = ToMeMerge(16, 1)(x, metric)
+    out, size = ToMeMerge(16, 1)(x, None, metric)
     assert out.shape == (2, 11, 8)
     assert size.sum(dim=1).eq(21).all()  # no token is lost: sizes add up
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import TCExportError
+from .options import MethodFlags, method_configs, method_options
 
 
 class DefaultCommandGroup(click.Group):
@@ -37,10 +38,7 @@ def cli() -> None:
 
 @cli.command("export")
 @click.argument("model")
-@click.option("--method", "-m", default=None, help="Compression method (see `tc-export list`); none: export as is.")
-@click.option("--r", "r", default=None, help="ToMe: tokens merged per layer, or a per-layer list 8,8,4,...")
-@click.option("--inflect", type=float, default=None, help="ToMe: linear r schedule with this inflection (-1..1).")
-@click.option("--no-prop-attn", is_flag=True, help="ToMe: turn off proportional attention.")
+@method_options
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="model.onnx or model.engine.")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="safetensors or PyTorch state dict.")
 @click.option("--pretrained", is_flag=True, help="Library's pretrained weights (from its local cache).")
@@ -52,23 +50,22 @@ def cli() -> None:
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
-def export_command(model: str, method: str | None, r: str | None, inflect: float | None, no_prop_attn: bool,
-                   output: Path | None, weights: Path | None, pretrained: bool, img_size: int | None, batch: int,
+def export_command(model: str, flags: MethodFlags, output: Path | None, weights: Path | None, pretrained: bool, img_size: int | None, batch: int,
                    dynamic_batch: bool, opset: int, atol: float, rtol: float, seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.parity import ParityConfig
     from ..models import ModelOptions
     from ..pipeline import JobConfig, run_job
-    from .options import method_config
-
-    methods = method_config(method, r, inflect, not no_prop_attn)
+    methods, label = method_configs(flags)
     if output is None:
-        output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + method if method else ''}.onnx")
+        suffix = flags.method or (flags.recipe and Path(flags.recipe).stem)
+        output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + suffix if suffix else ''}.onnx")
     config = JobConfig(
         model=model,
         output=output,
         methods=methods,
+        recipe=flags.recipe,
         model_options=ModelOptions(img_size=img_size, weights=weights, pretrained=pretrained),
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch),
         parity=ParityConfig(atol=atol, rtol=rtol, seed=seed),
@@ -79,9 +76,7 @@ def export_command(model: str, method: str | None, r: str | None, inflect: float
 
 @cli.command("bench")
 @click.argument("model")
-@click.option("--method", "-m", default="tome", show_default=True)
-@click.option("--r", "r", default="16", show_default=True)
-@click.option("--inflect", type=float, default=None)
+@method_options
 @click.option("--img-size", type=int, default=None)
 @click.option("--batch", "batches", type=int, multiple=True, default=(1, 8), show_default=True)
 @click.option("--runs", type=int, default=30, show_default=True)
@@ -89,19 +84,19 @@ def export_command(model: str, method: str | None, r: str | None, inflect: float
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--profile", is_flag=True, help="Also print where the time goes, by ONNX op type.")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, help="Write the table to this file.")
-def bench_command(model: str, method: str, r: str, inflect: float | None, img_size: int | None,
+def bench_command(model: str, flags: MethodFlags, img_size: int | None,
                   batches: tuple[int, ...], runs: int, warmup: int, threads: int, profile: bool,
                   markdown: Path | None) -> None:
-    """Time uncompressed vs compressed ONNX side by side in ONNX Runtime (CPU)."""
+    """Time uncompressed vs compressed ONNX side by side in ONNX Runtime (CPU). Default: --method tome --r 16."""
     from ..bench import BenchConfig, format_table
     from ..bench_job import bench_model
     from ..models import ModelOptions
-    from .options import method_config
 
-    methods = method_config(method, r, inflect, True)
+    methods, label = method_configs(flags, default_method="tome")
     config = BenchConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads)
-    rows = bench_model(model, methods, ModelOptions(img_size=img_size), config, say=click.echo, profile=profile)
-    table = format_table(model, f"{method} r={r}", rows, threads)
+    rows = bench_model(model, methods, ModelOptions(img_size=img_size), config, say=click.echo, profile=profile,
+                       recipe=flags.recipe)
+    table = format_table(model, label, rows, threads)
     click.echo(table)
     if markdown is not None:
         markdown.write_text(table + "\n")
@@ -113,6 +108,7 @@ def list_command() -> None:
     from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
     from ..models import timm_models  # noqa: F401
     from ..passes import METHODS
+    from ..recipes import load_recipe, shipped_recipes
 
     click.echo("models:")
     for name, spec in MODELS.items():
@@ -122,6 +118,9 @@ def list_command() -> None:
     click.echo("methods:")
     for name, spec in METHODS.items():
         click.echo(f"  {name:<18} {spec.description}")
+    click.echo("recipes (--recipe NAME, or a YAML file):")
+    for name, path in sorted(shipped_recipes().items()):
+        click.echo(f"  {name:<26} {load_recipe(str(path)).description}")
 
 
 def main(argv: list[str] | None = None) -> None:

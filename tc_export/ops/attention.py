@@ -15,3 +15,34 @@ def biased_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, sc
     """softmax(scale * q k^T + bias) v for (..., N, d) queries, keys and values."""
     logits = (query * scale) @ key.transpose(-2, -1)
     return torch.softmax(logits + bias, dim=-1) @ value
+
+
+def proportional_bias(size: Tensor) -> Tensor:
+    """log(size) of each key token as an additive attention bias, shaped (B, 1, 1, N); size 0 gives -inf."""
+    return size.log().flatten(1)[:, None, None, :]
+
+
+def presence_bias(size: Tensor) -> Tensor:
+    """0 for tokens with size > 0, -inf for size-0 (padding) tokens, shaped (B, 1, 1, N)."""
+    return (size > 0).to(size.dtype).log().flatten(1)[:, None, None, :]
+
+
+def class_attention(query: Tensor, key: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """The class token's attention row averaged over heads, (B, N), from (B, H, N, d) queries and keys.
+
+    Fused attention kernels do not return their weights, so the one row is recomputed: N*d work per head.
+    """
+    logits = (query[..., :1, :] * scale) @ key.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return _head_mean_of_first_row(torch.softmax(logits, dim=-1))
+
+
+def class_attention_from_probs(probs: Tensor) -> Tensor:
+    """The class token's row of explicit attention probabilities (B, H, N, N) or (B, N, N), head-averaged."""
+    return _head_mean_of_first_row(probs[..., :1, :])
+
+
+def _head_mean_of_first_row(rows: Tensor) -> Tensor:
+    rows = rows[..., 0, :]
+    return rows.mean(dim=1) if rows.dim() == 3 else rows

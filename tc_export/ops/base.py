@@ -1,9 +1,28 @@
-"""The marker base class of compressed ops."""
+"""The base class of compressed ops and the inputs a pass wires into them."""
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 from torch import nn
+
+# What an op can ask its pass for, besides the token stream and the sizes:
+#   "metric": the attention keys averaged over heads, (B, N, d);
+#   "class_attention": the class token's attention over all tokens, averaged over heads, (B, N).
+Signal = Literal["metric", "class_attention"]
 
 
 class TokenOp(nn.Module):
-    """A compressed op inserted by a pass: a leaf unit with a plain tensor interface, exportable on its own."""
+    """A compressed op inserted by a pass: a leaf unit with a plain tensor interface, exportable on its own.
+
+    ``forward(x, size, *signals) -> (x, size)``: ``x`` (B, N, C) tokens, ``size`` (B, N, 1) the number of
+    original tokens each one stands for (None: all 1), then one tensor per entry of ``signals``. The output
+    token count is static: ``tokens_out(N)``. The returned size is None only when the input size was None and
+    ``creates_size`` is False.
+    """
+
+    signals: ClassVar[tuple[Signal, ...]] = ()
+    creates_size: bool = True  # an instance may override it
+
+    def tokens_out(self, tokens_in: int) -> int:
+        raise NotImplementedError

@@ -5,10 +5,9 @@ into A (even positions) and B (odd positions); each A token finds its most simil
 with the highest similarity are averaged (weighted by size) into their B match. Protected prefix tokens (class,
 distillation) never merge. Output order: unmerged A tokens in their original order, then all B tokens.
 
-Export form: no scatter, no data-dependent shapes. ``r`` is resolved against the static token count; the
-merged rows are picked with TopK(k=r); the unmerged rows, in their original order, with a second TopK over
-position keys; the adds into B with a one-hot matrix product. Sizes ride along as an extra channel so one set
-of gathers moves both.
+Export form: no scatter, no data-dependent shapes, few nodes (at batch 1 every extra node shows). ``r`` is
+resolved against the static token count; TopK ranks the A rows; row Gathers move tokens; the adds into B are one
+one-hot matrix product.
 """
 
 from __future__ import annotations
@@ -16,7 +15,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .attention import proportional_bias
 from .base import TokenOp
+from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, sort_indices
 
 
 def effective_r(num_tokens: int, r: int, protected: int) -> int:
@@ -38,50 +39,58 @@ def protection_mask(num_a: int, num_b: int, protected: int, dtype: torch.dtype, 
     return mask
 
 
-def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int) -> tuple[Tensor, Tensor]:
-    """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their sizes (B, N - r', 1)."""
-    batch, num_tokens, _ = x.shape
-    if size is None:
-        size = x.new_ones(batch, num_tokens, 1)
-    r = effective_r(num_tokens, r, protected)
-    if r == 0:
-        return x, size
+def bipartite_match(metric: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's matching on (B, N, d) keys: (merged A rows by score, their B columns, unmerged A rows in order).
 
+    One TopK(k=1) gives each A row its best B column and score; one TopK over all A rows ranks them, the first
+    ``r`` merge; sorting the remaining row indices (a TopK over int64 values) restores their original order.
+    """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     metric_a, metric_b = metric[:, ::2], metric[:, 1::2]
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]
     scores = metric_a @ metric_b.transpose(-1, -2)
     if protected:
         scores = scores + protection_mask(num_a, num_b, protected, scores.dtype, scores.device)
-    best_score, best_b = scores.max(dim=-1)  # (B, num_a)
-
-    src_rows = best_score.topk(r, dim=-1).indices  # the r A tokens that merge
-    dst_cols = best_b.gather(-1, src_rows)  # their B partners
-    positions = torch.arange(num_a, device=x.device)
-    is_src = (src_rows.unsqueeze(-1) == positions).any(dim=1)  # (B, num_a)
-    # Unmerged rows in ascending position: the largest keys (num_a - position) among the non-merged rows.
-    keep_key = torch.where(is_src, -1, num_a - positions)
-    unm_rows = keep_key.topk(num_a - r, dim=-1).indices
-
-    weighted = torch.cat([x * size, size], dim=-1)
-    channels = weighted.shape[-1]
-    tokens_a, tokens_b = weighted[:, ::2], weighted[:, 1::2]
-    unmerged = tokens_a.gather(1, unm_rows.unsqueeze(-1).expand(-1, -1, channels))
-    sources = tokens_a.gather(1, src_rows.unsqueeze(-1).expand(-1, -1, channels))
-    to_dst = (dst_cols.unsqueeze(1) == torch.arange(num_b, device=x.device).unsqueeze(-1)).to(weighted.dtype)
-    merged = torch.cat([unmerged, tokens_b + to_dst @ sources], dim=1)
-
-    new_size = merged[..., -1:]
-    return merged[..., :-1] / new_size, new_size
+    best_score, best_col = scores.topk(1, dim=-1)
+    ranked = best_score.squeeze(-1).topk(num_a, dim=-1).indices
+    src_rows = ranked[:, :r]
+    dst_cols = best_col.squeeze(-1).gather(-1, src_rows)
+    unm_rows = sort_indices(ranked[:, r:])
+    return src_rows, dst_cols, unm_rows
 
 
-def proportional_bias(size: Tensor) -> Tensor:
-    """log(size) of each key token as an additive attention bias, shaped (B, 1, 1, N)."""
-    return size.log().flatten(1)[:, None, None, :]
+def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int) -> tuple[Tensor, Tensor]:
+    """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their sizes (B, N - r', 1).
+
+    ``size`` None means every token has size 1 (the first merge), which saves the size products.
+    """
+    batch, num_tokens, _ = x.shape
+    r = effective_r(num_tokens, r, protected)
+    if r == 0:
+        return x, (x.new_ones(batch, num_tokens, 1) if size is None else size)
+    src_rows, dst_cols, unm_rows = bipartite_match(metric, r, protected)
+    num_b = num_tokens // 2
+    tokens_b = x[:, 1::2]
+    to_dst = one_hot_columns(dst_cols, num_b, x.dtype)  # [b, j, i] = 1 where merged row i goes into B column j
+    # Size-weighted average written as an update of B: b_j + sum_i s_i (a_i - b_j) / (s_j + sum_i s_i).
+    delta = gather_rows(x, src_rows, 2) - gather_rows(tokens_b, dst_cols)
+    if size is None:
+        size_b = 1.0 + to_dst.sum(-1, keepdim=True)
+        size_unm = x.new_ones(batch, unm_rows.shape[1], 1)
+    else:
+        size_src = gather_rows(size, src_rows, 2)
+        size_b = size[:, 1::2] + to_dst @ size_src
+        size_unm = gather_rows(size, unm_rows, 2)
+        delta = size_src * delta
+    merged_b = tokens_b + (to_dst / size_b.clamp_min(WEIGHT_FLOOR)) @ delta
+    unmerged = gather_rows(x, unm_rows, 2)
+    return torch.cat([unmerged, merged_b], dim=1), torch.cat([size_unm, size_b], dim=1)
 
 
 class ToMeMerge(TokenOp):
-    """One ToMe merge site: ``(x, metric, size) -> (x, size)`` with ``r`` and the protected count fixed."""
+    """One ToMe merge site: ``(x, size, metric) -> (x, size)`` with ``r`` and the protected count fixed."""
+
+    signals = ("metric",)
 
     def __init__(self, r: int, protected: int) -> None:
         super().__init__()
@@ -90,8 +99,11 @@ class ToMeMerge(TokenOp):
         self.r = r
         self.protected = protected
 
-    def forward(self, x: Tensor, metric: Tensor, size: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
         return tome_merge(x, metric, size, self.r, self.protected)
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return tokens_in - effective_r(tokens_in, self.r, self.protected)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, protected={self.protected}"

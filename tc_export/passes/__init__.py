@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .adjacent import AdjacentConfig
 from .base import GraphPass, LayerTokens, PassResult, run_passes
-from .tome import ToMeConfig, ToMePass
+from .prumerge import PruMergeConfig
+from .token_pass import TokenMethod, TokenPass
+from .tome import ToMeConfig
+from .topk import TopKConfig
 
 
 @dataclass(frozen=True)
@@ -17,29 +20,41 @@ class MethodSpec:
     name: str
     description: str
     config_type: type
-    make_pass: Callable[[Any], GraphPass]
 
 
 METHODS: Registry[MethodSpec] = Registry("method")
-METHODS.register("tome", MethodSpec("tome", "ToMe bipartite token merging (--r, --inflect)", ToMeConfig, ToMePass))
+for _spec in (
+    MethodSpec("tome", "ToMe bipartite token merging (--r, --inflect)", ToMeConfig),
+    MethodSpec("topk", "Top-K pruning by class attention, EViT (--keep, --layers, --fuse, --keep-order)", TopKConfig),
+    MethodSpec("prumerge", "fixed-budget prune-and-merge, PruMerge (--tokens, --extra, --layers)", PruMergeConfig),
+    MethodSpec("adjacent", "adjacent pair merging for sequences, A-ToMe fixed ratio (--r, --layers)", AdjacentConfig),
+):
+    METHODS.register(_spec.name, _spec)
 
 
-def pass_for(config: object) -> GraphPass:
-    """The pass for a method config instance."""
-    for _, spec in METHODS.items():
-        if isinstance(config, spec.config_type):
-            return spec.make_pass(config)
-    raise ConfigError(f"no method takes a {type(config).__name__}: known methods {', '.join(METHODS.names())}")
+def token_pass(configs: Sequence[object]) -> GraphPass:
+    """One pass applying every method config (a multi-stage recipe) in a single walk over the layers."""
+    known = tuple(spec.config_type for _, spec in METHODS.items())
+    for config in configs:
+        if not isinstance(config, known):
+            raise ConfigError(
+                f"no method takes a {type(config).__name__}: known methods {', '.join(METHODS.names())}"
+            )
+    return TokenPass(list(configs))  # type: ignore[arg-type]
 
 
 __all__ = [
     "METHODS",
+    "AdjacentConfig",
     "GraphPass",
     "LayerTokens",
     "MethodSpec",
     "PassResult",
+    "PruMergeConfig",
     "ToMeConfig",
-    "ToMePass",
-    "pass_for",
+    "TokenMethod",
+    "TokenPass",
+    "TopKConfig",
     "run_passes",
+    "token_pass",
 ]

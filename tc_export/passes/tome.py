@@ -1,19 +1,13 @@
-"""The ToMe pass: a bipartite merge after every attention residual add, proportional attention before each."""
+"""ToMe's config: a bipartite merge after the attention residual add of every layer (or the chosen ones)."""
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import fx
+from typing import ClassVar
 
 from ..errors import ConfigError
-from ..ops.tome import ToMeMerge, effective_r, proportional_bias
-from .base import PassResult
-from .rewrite import add_attention_bias, insert_key_metric
-from .structure import find_sites_and_prefix
+from ..ops.tome import ToMeMerge, effective_r
+from .token_pass import validate_layers
 
 
 def linear_r_schedule(r: int, inflection: float, num_layers: int) -> list[int]:
@@ -33,12 +27,17 @@ class ToMeConfig:
     ``r``: tokens merged per layer: an int (constant, or linear with ``inflection``) or a per-layer tuple
     (padded with zeros). ``prop_attn``: proportional attention (log size added to the logits).
     ``protected``: class/distillation tokens that never merge; None detects them from the graph.
+    ``layers``: merge only at these layer indices (None: every layer the schedule gives an r).
     """
+
+    method: ClassVar[str] = "tome"
+    needs_class_token: ClassVar[bool] = False
 
     r: int | tuple[int, ...] = 16
     inflection: float | None = None
     prop_attn: bool = True
     protected: int | None = None
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         values = self.r if isinstance(self.r, tuple) else (self.r,)
@@ -54,6 +53,7 @@ class ToMeConfig:
                 raise ConfigError(f"inflection must be in [-1, 1], got {self.inflection}")
         if self.protected is not None and self.protected < 0:
             raise ConfigError(f"protected must be >= 0, got {self.protected}")
+        validate_layers(self.layers, self.method)
 
     def schedule(self, num_layers: int) -> list[int]:
         if isinstance(self.r, tuple):
@@ -64,47 +64,20 @@ class ToMeConfig:
             return linear_r_schedule(self.r, self.inflection, num_layers)
         return [self.r] * num_layers
 
+    def default_layers(self, num_layers: int) -> list[int]:
+        return list(range(num_layers))
 
-class ToMePass:
-    """Insert ``ToMeMerge`` after each attention block; thread token sizes into the following attentions."""
-
-    name = "tome"
-
-    def __init__(self, config: ToMeConfig, layers: Sequence[int] | None = None) -> None:
-        self.config = config
-        self.layers = None if layers is None else set(layers)
-
-    def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
-        sites, prefix = find_sites_and_prefix(gm)
-        protected = prefix if self.config.protected is None else self.config.protected
-        schedule = self.config.schedule(len(sites))
-        first_tokens = sites[0].num_tokens()
+    def check(self, first_tokens: int, protected: int, num_layers: int) -> None:
+        schedule = self.schedule(num_layers)
+        layers = self.layers if self.layers is not None else range(num_layers)
+        largest = max((schedule[layer] for layer in layers if layer < num_layers), default=0)
         limit = effective_r(first_tokens, 10**9, protected)
-        if max(schedule) > limit:
+        if largest > limit:
             raise ConfigError(
-                f"r={max(schedule)} is too large: the first layer has {first_tokens} tokens "
+                f"r={largest} is too large: the first layer has {first_tokens} tokens "
                 f"({protected} protected), so r can be at most {limit}"
             )
-        size: fx.Node | None = None
-        graph = gm.graph
-        for site, r in zip(sites, schedule):
-            if self.layers is not None and site.index not in self.layers:
-                r = 0
-            if size is not None and self.config.prop_attn:
-                with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
-                    bias = graph.call_function(proportional_bias, (size,))
-                add_attention_bias(site, bias)
-            if r == 0:
-                continue
-            metric = insert_key_metric(graph, site)
-            module_name = f"tome_merge_{site.index}"
-            gm.add_submodule(module_name, ToMeMerge(r, protected))
-            stream = site.stream
-            with graph.inserting_after(stream):
-                merge = graph.call_module(module_name, (stream, metric, size))
-            with graph.inserting_after(merge):
-                merged = graph.call_function(operator.getitem, (merge, 0))
-            with graph.inserting_after(merged):
-                size = graph.call_function(operator.getitem, (merge, 1))
-            stream.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merge)
-        return PassResult(gm, modified=True, notes=[f"tome: protected={protected}, r schedule={schedule}"])
+
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> ToMeMerge | None:
+        r = self.schedule(num_layers)[layer]
+        return ToMeMerge(r, protected) if effective_r(num_tokens, r, protected) > 0 else None

@@ -1,0 +1,33 @@
+"""Row gathers shared by the compressed ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Denominator floor for size- and attention-weighted averages: a token of size 0 (padding) that receives
+# nothing stays as it is instead of becoming 0/0.
+WEIGHT_FLOOR = 1e-12
+
+
+def gather_rows(x: Tensor, rows: Tensor, stride: int = 1, offset: int = 0) -> Tensor:
+    """Rows ``stride * rows + offset`` of each batch item of ``x`` (B, N, C), for ``rows`` (B, k).
+
+    One Gather over the flattened (B*N, C) rows: a row copy per index, where ``torch.gather`` with an expanded
+    index would export to GatherElements and read an index per element.
+    """
+    batch, num_tokens, channels = x.shape
+    batch_start = torch.arange(batch, device=x.device).unsqueeze(-1) * num_tokens
+    flat = rows * stride + (batch_start + offset)
+    return x.reshape(batch * num_tokens, channels).index_select(0, flat.reshape(-1)).reshape(batch, -1, channels)
+
+
+def sort_indices(rows: Tensor) -> Tensor:
+    """Index values sorted ascending, as one TopK over int64 (TensorRT and ONNX Runtime both take it)."""
+    return rows.topk(rows.shape[-1], dim=-1, largest=False).values
+
+
+def one_hot_columns(columns: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:
+    """(B, k) column indices -> (B, num_columns, k) one-hot: entry [b, j, i] = 1 where columns[b, i] == j."""
+    positions = torch.arange(num_columns, device=columns.device).unsqueeze(-1)
+    return (columns.unsqueeze(1) == positions).to(dtype)
