@@ -46,27 +46,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Ten
     return logits.softmax(dim=-1) @ v
 
 
-@torch.no_grad()
 def reference_tome_timm_vit(model, images: torch.Tensor, schedule: list[int], prop_attn: bool = True):
     """ToMe on a timm VisionTransformer (class token, token pooling), using only its weights."""
-    outputs, counts = [], []
-    for image in images:
-        x = model.patch_embed(image[None])[0]
-        x = torch.cat([model.cls_token[0], x]) + model.pos_embed[0]
-        size = torch.ones(x.shape[0], 1)
-        counts = []
-        for block, r in zip(model.blocks, schedule):
-            n, c = x.shape
-            heads = block.attn.num_heads
-            counts.append(n)
-            q, k, v = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, c // heads).permute(1, 2, 0, 3)
-            mixed = attention(q, k, v, size, prop_attn).transpose(0, 1).reshape(n, c)
-            x = x + block.attn.proj(mixed)
-            x, size = reference_merge(x, k.mean(dim=0), size, r, protected=1)
-            x = x + block.mlp(block.norm2(x))
-        counts.append(x.shape[0])
-        outputs.append(model.head(model.norm(x)[0]))
-    return torch.stack(outputs), counts
+
+    def merge(layer, x, size, keys, probs):
+        return reference_merge(x, keys.mean(dim=0), size, schedule[layer], protected=1)
+
+    return reference_compressed_timm_vit(model, images, merge, prop_attn)
 
 
 def reference_keep_count(num_tokens: int, keep: float, protected: int) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import TokenOp
+from .base import CountedMergeOp
 from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns
 
 
@@ -55,22 +55,13 @@ def adjacent_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, prote
     return torch.cat(out, dim=1), torch.cat(out_size, dim=1)
 
 
-class AdjacentMerge(TokenOp):
+class AdjacentMerge(CountedMergeOp):
     """One adjacent-merging site: ``(x, size, metric) -> (x, size)`` merging ``r`` neighbouring pairs."""
 
     signals = ("metric",)
-
-    def __init__(self, r: int, protected: int) -> None:
-        super().__init__()
-        if r < 0 or protected < 0:
-            raise ValueError("r and protected must be >= 0")
-        self.r, self.protected = r, protected
 
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
         return adjacent_merge(x, metric, size, self.r, self.protected)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_pairs(tokens_in, self.r, self.protected)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, protected={self.protected}"

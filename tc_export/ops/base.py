@@ -26,3 +26,16 @@ class TokenOp(nn.Module):
 
     def tokens_out(self, tokens_in: int) -> int:
         raise NotImplementedError
+
+
+class CountedMergeOp(TokenOp):
+    """An op merging ``r`` tokens (or pairs) per site, never touching the first ``protected`` tokens."""
+
+    def __init__(self, r: int, protected: int) -> None:
+        super().__init__()
+        if r < 0 or protected < 0:
+            raise ValueError("r and protected must be >= 0")
+        self.r, self.protected = r, protected
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, protected={self.protected}"

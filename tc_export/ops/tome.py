@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .attention import proportional_bias
-from .base import TokenOp
+from .base import CountedMergeOp
 from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, sort_indices
 
 
@@ -87,23 +87,13 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected
     return torch.cat([unmerged, merged_b], dim=1), torch.cat([size_unm, size_b], dim=1)
 
 
-class ToMeMerge(TokenOp):
+class ToMeMerge(CountedMergeOp):
     """One ToMe merge site: ``(x, size, metric) -> (x, size)`` with ``r`` and the protected count fixed."""
 
     signals = ("metric",)
-
-    def __init__(self, r: int, protected: int) -> None:
-        super().__init__()
-        if r < 0 or protected < 0:
-            raise ValueError("r and protected must be >= 0")
-        self.r = r
-        self.protected = protected
 
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
         return tome_merge(x, metric, size, self.r, self.protected)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_r(tokens_in, self.r, self.protected)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, protected={self.protected}"

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.adjacent import AdjacentMerge, effective_pairs
-from .token_pass import validate_layers
+from .token_pass import validate_placement
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,7 @@ class AdjacentConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ConfigError(f"r must be a whole number >= 0 (pairs merged per layer), got {self.r!r}")
-        if self.protected is not None and self.protected < 0:
-            raise ConfigError(f"protected must be >= 0, got {self.protected}")
-        validate_layers(self.layers, self.method)
+        validate_placement(self.method, self.layers, self.protected)
 
     def default_layers(self, num_layers: int) -> list[int]:
         return list(range(num_layers))

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.prumerge import PruMerge
-from .token_pass import validate_layers
+from .token_pass import validate_placement
 
 
 @dataclass(frozen=True)
@@ -29,9 +29,7 @@ class PruMergeConfig:
     def __post_init__(self) -> None:
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ConfigError(f"tokens must be a whole number >= 1 (the budget of kept tokens), got {self.tokens!r}")
-        if self.protected is not None and self.protected < 0:
-            raise ConfigError(f"protected must be >= 0, got {self.protected}")
-        validate_layers(self.layers, self.method)
+        validate_placement(self.method, self.layers, self.protected)
 
     def default_layers(self, num_layers: int) -> list[int]:
         return [num_layers - 1]

@@ -40,8 +40,10 @@ class TokenMethod(Protocol):
     def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> TokenOp | None: ...
 
 
-def validate_layers(layers: tuple[int, ...] | None, method: str) -> None:
-    """Config-time check of a layer list: whole numbers >= 0, no repeats."""
+def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None) -> None:
+    """Config-time checks every method shares: the layer list (whole numbers >= 0, no repeats), ``protected``."""
+    if protected is not None and (isinstance(protected, bool) or not isinstance(protected, int) or protected < 0):
+        raise ConfigError(f"{method}: protected must be a whole number >= 0, got {protected!r}")
     if layers is None:
         return
     if not layers:

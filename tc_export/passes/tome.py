@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.tome import ToMeMerge, effective_r
-from .token_pass import validate_layers
+from .token_pass import validate_placement
 
 
 def linear_r_schedule(r: int, inflection: float, num_layers: int) -> list[int]:
@@ -51,9 +51,7 @@ class ToMeConfig:
                 raise ConfigError("inflection goes with a single r, not a per-layer list")
             if not -1.0 <= self.inflection <= 1.0:
                 raise ConfigError(f"inflection must be in [-1, 1], got {self.inflection}")
-        if self.protected is not None and self.protected < 0:
-            raise ConfigError(f"protected must be >= 0, got {self.protected}")
-        validate_layers(self.layers, self.method)
+        validate_placement(self.method, self.layers, self.protected)
 
     def schedule(self, num_layers: int) -> list[int]:
         if isinstance(self.r, tuple):

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.topk import TopKPrune, keep_count
-from .token_pass import validate_layers
+from .token_pass import validate_placement
 
 EVIT_LAYERS = (3, 6, 9)  # EViT's pruning layers on DeiT-S (zero-indexed)
 
@@ -33,9 +33,7 @@ class TopKConfig:
     def __post_init__(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
-        if self.protected is not None and self.protected < 0:
-            raise ConfigError(f"protected must be >= 0, got {self.protected}")
-        validate_layers(self.layers, self.method)
+        validate_placement(self.method, self.layers, self.protected)
 
     def default_layers(self, num_layers: int) -> list[int]:
         return [layer for layer in EVIT_LAYERS if layer < num_layers]

@@ -1,0 +1,102 @@
+"""How fast can a model with ToMe's token counts be, whatever the merge costs? A bound for `tc-export bench`.
+
+Times three ONNX models of the same ViT side by side in ONNX Runtime (same settings as `tc-export bench`):
+the uncompressed model, a "truncated" model that keeps the first N - r tokens after each attention block (the
+exact token counts of ToMe, with no merge work and no proportional attention), and the real ToMe export. The
+truncated model's speed-up is the most any merge implementation can reach on this machine; the gap between it and
+ToMe is what the merge ops cost.
+
+    python benchmarks/token_count_floor.py --model vit_b --r 16 --batch 1 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from tc_export import ToMeConfig, compress
+from tc_export.bench import make_session, time_side_by_side
+from tc_export.export.onnx_export import ExportConfig, export_onnx
+from tc_export.models import ModelOptions, load_model
+from tc_export.ops.base import TokenOp
+from tc_export.ops.tome import effective_r
+from tc_export.passes import TokenPass, run_passes
+from tc_export.passes.trace import trace
+
+
+class Truncate(TokenOp):
+    """Keep the first ``keep`` tokens: ToMe's token count at no cost."""
+
+    creates_size = False
+
+    def __init__(self, keep: int) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        return x[:, : self.keep], None
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return self.keep
+
+
+@dataclass(frozen=True)
+class TruncateLikeToMe:
+    method: ClassVar[str] = "truncate"
+    needs_class_token: ClassVar[bool] = False
+    r: int
+    prop_attn: bool = False
+    protected: int | None = None
+    layers: tuple[int, ...] | None = None
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        return list(range(num_layers))
+
+    def check(self, first_tokens: int, protected: int, num_layers: int) -> None:
+        pass
+
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> Truncate:
+        return Truncate(num_tokens - effective_r(num_tokens, self.r, protected))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--batch", type=int, action="append")
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+
+    loaded = load_model(args.model, ModelOptions(), warn_random=False)
+    names = {spec.name: spec.export_name for spec in loaded.inputs}
+    print("| batch | uncompressed (ms) | truncated (ms) | ToMe (ms) | truncated speed-up | ToMe speed-up |")
+    print("|---|---|---|---|---|---|")
+    for batch in args.batch or [1, 8]:
+        inputs = loaded.example_inputs(batch=batch)
+        modules = {
+            "uncompressed": loaded.module,
+            "truncated": run_passes(trace(loaded.module, inputs), [TokenPass([TruncateLikeToMe(args.r)])], inputs),
+            "tome": compress(loaded, ToMeConfig(r=args.r), inputs).module,
+        }
+        with tempfile.TemporaryDirectory() as folder:
+            sessions = []
+            for label, module in modules.items():
+                path = Path(folder) / f"{label}.onnx"
+                export_onnx(module, inputs, path, ExportConfig(batch=batch), input_names=[names[k] for k in inputs],
+                            output_names=loaded.output_names)
+                sessions.append(make_session(path, args.threads))
+            feed = {names[k]: v.numpy() for k, v in inputs.items()}
+            base, truncated, tome = time_side_by_side(sessions, [feed] * 3, args.runs, warmup=5)
+        print(f"| {batch} | {base:.1f} | {truncated:.1f} | {tome:.1f} | {base / truncated:.2f}x | {base / tome:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
