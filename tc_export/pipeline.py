@@ -104,7 +104,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     fidelity = None
     if compressed and config.fidelity_samples:
         inputs = loaded.example_inputs(batch=config.fidelity_samples, seed=config.parity.seed + 1000)
-        fidelity = measure_fidelity(loaded.module, compressed.module, inputs)
+        fidelity = measure_fidelity(loaded.module, compressed.module, inputs, classes=loaded.output_names[0] == "logits")
         say(f"fidelity vs uncompressed: {fidelity.describe()}")
     result = JobResult(onnx_path, compressed, macs_original, macs_compressed, parity, fidelity, seconds)
     if not parity:

@@ -8,8 +8,20 @@ from __future__ import annotations
 import torch
 
 
-def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protected: int):
-    """ToMe bipartite soft matching on one sample: x (N, C), metric (N, d), size (N, 1)."""
+def pair_score(cosine: float, first_is_pad: bool, second_is_pad: bool, index: int, count: int) -> float:
+    """The padding rule for merge scores: pads pair with pads first (above any cosine), never with real tokens
+    (below any cosine); ties among those go to the earlier pair (``index`` of ``count`` pairs, row-major)."""
+    order = 0.5 * (1.0 - index / count)
+    if first_is_pad and second_is_pad:
+        return 2.0 + order
+    if first_is_pad or second_is_pad:
+        return -2.0 - order
+    return cosine
+
+
+def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protected: int,
+                    padded: bool = False):
+    """ToMe bipartite soft matching on one sample: x (N, C), metric (N, d), size (N, 1); size 0 = padding."""
     n = x.shape[0]
     r = min(r, (n - protected) // 2)
     if r <= 0:
@@ -18,6 +30,12 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     a_pos = list(range(0, n, 2))
     b_pos = list(range(1, n, 2))
     scores = m[a_pos] @ m[b_pos].T
+    if padded:
+        pad = [float(size[p]) == 0 for p in range(n)]
+        for i, a in enumerate(a_pos):
+            for j, b in enumerate(b_pos):
+                index, count = i * len(b_pos) + j, len(a_pos) * len(b_pos)
+                scores[i, j] = pair_score(float(scores[i, j]), pad[a], pad[b], index, count)
     for token in range(protected):
         if token % 2 == 0:
             scores[token // 2, :] = float("-inf")
@@ -32,10 +50,11 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
         j = int(partner[i])
         dst_x[j] = dst_x[j] + x[a_pos[i]] * size[a_pos[i]]
         dst_s[j] = dst_s[j] + size[a_pos[i]]
-    out_x = [x[a_pos[i]] * size[a_pos[i]] for i in kept] + dst_x
+    # A token of total size 0 (padding that took in only padding) keeps its own value.
+    dst_x = [d / s if float(s) > 0 else x[p] for d, s, p in zip(dst_x, dst_s, b_pos)]
+    out_x = [x[a_pos[i]] for i in kept] + dst_x
     out_s = [size[a_pos[i]] for i in kept] + dst_s
-    new_size = torch.stack(out_s)
-    return torch.stack(out_x) / new_size, new_size
+    return torch.stack(out_x), torch.stack(out_s)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, prop_attn: bool) -> torch.Tensor:
@@ -107,14 +126,16 @@ def reference_prumerge(x, size, cls_attn, metric, tokens: int, protected: int, e
     return torch.stack(rows), torch.stack(sizes)
 
 
-def reference_adjacent(x, metric, size, r: int, protected: int):
+def reference_adjacent(x, metric, size, r: int, protected: int, padded: bool = False):
     """A-ToMe fixed ratio on one sample: pairs (p, p+1), (p+2, p+3), ...; the r most similar pairs merge."""
     n = x.shape[0]
     pairs = (n - protected) // 2
     r = min(r, pairs)
     m = metric / metric.norm(dim=-1, keepdim=True)
     starts = [protected + 2 * i for i in range(pairs)]
-    sims = torch.stack([m[s] @ m[s + 1] for s in starts]) if pairs else torch.zeros(0)
+    pad = [float(size[t]) == 0 for t in range(n)]
+    sims = torch.tensor([pair_score(float(m[s] @ m[s + 1]), padded and pad[s], padded and pad[s + 1], i, pairs)
+                         for i, s in enumerate(starts)])
     chosen = set(_ranked(sims)[:r])
     rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]
     for i, s in enumerate(starts):

@@ -84,17 +84,53 @@ def test_adjacent_op_matches_reference(tokens, r, protected):
     assert not got_x.isnan().any()
 
 
-def test_tome_op_padding_carries_no_weight():
-    x, metric, size, _ = _inputs(padded=5, seed=3)
+def _scattered_pads(size, seed):
+    """Padding at random places (not only at the end), as size 0."""
+    g = torch.Generator().manual_seed(seed)
+    size = size.clone()
+    size[torch.rand(size.shape, generator=g) < 0.35] = 0.0
+    return size
+
+
+@pytest.mark.parametrize("r", [3, 8, 10])
+def test_tome_op_padding_rule(r):
     from tc_export.ops.tome import tome_merge
 
-    got_x, got_size = tome_merge(x, metric, size, 8, 1)
+    x, metric, size, _ = _inputs(seed=3)
+    size = _scattered_pads(size, seed=r)
+    got_x, got_size = tome_merge(x, metric, size, r, 1, padded=True)
     assert not got_x.isnan().any()
     for b in range(3):
-        want_x, want_size = reference_merge(x[b], metric[b], size[b], 8, 1)
-        real = want_size[:, 0] > 0  # a pad that received nothing is 0/0 in the plain formula
-        torch.testing.assert_close(got_x[b][real], want_x[real], rtol=1e-5, atol=1e-6)
+        want_x, want_size = reference_merge(x[b], metric[b], size[b], r, 1, padded=True)
+        torch.testing.assert_close(got_x[b], want_x, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_size[b], want_size)
+
+
+@pytest.mark.parametrize("r", [2, 6])
+def test_adjacent_op_padding_rule(r):
+    x, metric, size, _ = _inputs(tokens=20, seed=7)
+    size = _scattered_pads(size, seed=r)
+    got_x, got_size = adjacent_merge(x, metric, size, r, 0, padded=True)
+    want_x, want_size = _per_sample(lambda a, m, s: reference_adjacent(a, m, s, r, 0, padded=True), 3, x, metric, size)
+    torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_size, want_size)
+
+
+def test_pad_contents_never_reach_real_tokens():
+    """Whatever the padded positions hold, real tokens come out the same (merges are forced among them too)."""
+    from tc_export.ops.tome import tome_merge
+
+    x, metric, size, _ = _inputs(seed=8, padded=6)
+    noisy_x, noisy_metric = x.clone(), metric.clone()
+    noisy_x[:, -6:] = torch.randn(3, 6, x.shape[2]) * 100
+    noisy_metric[:, -6:] = torch.randn(3, 6, metric.shape[2])
+    for merge in (lambda a, m: tome_merge(a, m, size, 9, 1, padded=True),
+                  lambda a, m: adjacent_merge(a, m, size, 9, 1, padded=True)):
+        clean, clean_size = merge(x, metric)
+        noisy, noisy_size = merge(noisy_x, noisy_metric)
+        real = clean_size[..., 0] > 0
+        torch.testing.assert_close(noisy_size, clean_size)
+        torch.testing.assert_close(noisy[real], clean[real])
 
 
 def test_adjacent_keeps_temporal_order():

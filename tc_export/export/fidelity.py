@@ -12,26 +12,34 @@ import torch
 class Fidelity:
     cosine: float  # mean cosine similarity of the output vectors
     min_cosine: float
-    top1_agreement: float  # fraction of samples whose argmax agrees
+    top1_agreement: float | None  # fraction of samples whose argmax agrees (classifier outputs only)
     samples: int
+    pooled: bool = False  # sequence outputs of different lengths: compared after averaging over tokens
 
     def describe(self) -> str:
-        return (
-            f"cosine {self.cosine:.4f} (min {self.min_cosine:.4f}), "
-            f"top-1 agreement {self.top1_agreement:.0%} over {self.samples} inputs"
-        )
+        what = "cosine of token-averaged outputs" if self.pooled else "cosine"
+        top1 = "" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.0%}"
+        return f"{what} {self.cosine:.4f} (min {self.min_cosine:.4f}){top1} over {self.samples} inputs"
 
 
 def measure_fidelity(
-    original: torch.nn.Module, compressed: torch.nn.Module, inputs: Mapping[str, torch.Tensor]
+    original: torch.nn.Module, compressed: torch.nn.Module, inputs: Mapping[str, torch.Tensor], classes: bool = True
 ) -> Fidelity:
-    """Cosine and top-1 agreement of the first output, per sample of the batch in ``inputs``."""
+    """Cosine (and, for ``classes`` outputs, top-1 agreement) of the first output, per sample of ``inputs``.
+
+    A compressed sequence output (B, N', C) has fewer tokens than the original (B, N, C): both are averaged over
+    their tokens first, and the report says so.
+    """
     with torch.no_grad():
-        reference = _first(original(**inputs)).flatten(1).double()
-        candidate = _first(compressed(**inputs)).flatten(1).double()
+        reference = _first(original(**inputs)).double()
+        candidate = _first(compressed(**inputs)).double()
+    pooled = reference.dim() == 3 and reference.shape != candidate.shape
+    if pooled:
+        reference, candidate = reference.mean(dim=1), candidate.mean(dim=1)
+    reference, candidate = reference.flatten(1), candidate.flatten(1)
     cosine = torch.nn.functional.cosine_similarity(reference, candidate, dim=1)
-    agree = (reference.argmax(dim=1) == candidate.argmax(dim=1)).double()
-    return Fidelity(float(cosine.mean()), float(cosine.min()), float(agree.mean()), reference.shape[0])
+    agree = float((reference.argmax(dim=1) == candidate.argmax(dim=1)).double().mean()) if classes else None
+    return Fidelity(float(cosine.mean()), float(cosine.min()), agree, reference.shape[0], pooled)
 
 
 def _first(output: object) -> torch.Tensor:

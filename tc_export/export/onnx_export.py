@@ -13,6 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..ops.tokens import lower_custom_ops, plain_ops
+
 from ..errors import ConfigError, TCExportError
 from .files import atomic_output
 
@@ -53,8 +55,9 @@ def export_onnx(
     if config.dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dynamic_shapes = {name: {0: batch} for name in example_inputs}
+    module = lower_custom_ops(module)
     try:
-        with _quiet():
+        with _quiet(), plain_ops():
             program = torch.onnx.export(
                 module,
                 (),

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
-from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns
+from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores
 
 
 def effective_pairs(num_tokens: int, r: int, protected: int) -> int:
@@ -19,8 +19,13 @@ def effective_pairs(num_tokens: int, r: int, protected: int) -> int:
     return max(0, min(r, (num_tokens - protected) // 2))
 
 
-def adjacent_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int) -> tuple[Tensor, Tensor]:
-    """Merge the ``r`` most similar adjacent pairs of ``x`` (B, N, C); returns (x, size) with N - r' tokens."""
+def adjacent_merge(
+    x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int, padded: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Merge the ``r`` most similar adjacent pairs of ``x`` (B, N, C); returns (x, size) with N - r' tokens.
+
+    ``padded``: size-0 tokens are padding; pad pairs merge first and a pad never pairs with a real token.
+    """
     batch, num_tokens, channels = x.shape
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
@@ -33,6 +38,9 @@ def adjacent_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, prote
     metric = metric[:, protected:body_end]
     metric = metric / metric.norm(dim=-1, keepdim=True)
     similarity = (metric[:, ::2] * metric[:, 1::2]).sum(-1)  # (B, pairs)
+    if padded:
+        pad = size[:, protected:body_end, 0] == 0
+        similarity = pad_aware_scores(similarity, pad[:, ::2], pad[:, 1::2])
     chosen = similarity.topk(r, dim=-1).indices
     merge = one_hot_columns(chosen, pairs, x.dtype).sum(-1, keepdim=True)  # (B, pairs, 1): 1 where merged
 
@@ -61,7 +69,7 @@ class AdjacentMerge(CountedMergeOp):
     signals = ("metric",)
 
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
-        return adjacent_merge(x, metric, size, self.r, self.protected)
+        return adjacent_merge(x, metric, size, self.r, self.protected, self.padded)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_pairs(tokens_in, self.r, self.protected)

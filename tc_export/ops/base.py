@@ -29,13 +29,16 @@ class TokenOp(nn.Module):
 
 
 class CountedMergeOp(TokenOp):
-    """An op merging ``r`` tokens (or pairs) per site, never touching the first ``protected`` tokens."""
+    """An op merging ``r`` tokens (or pairs) per site, never touching the first ``protected`` tokens.
 
-    def __init__(self, r: int, protected: int) -> None:
+    ``padded``: the model has a padding mask; size-0 tokens are pads, kept apart from real tokens.
+    """
+
+    def __init__(self, r: int, protected: int, padded: bool = False) -> None:
         super().__init__()
         if r < 0 or protected < 0:
             raise ValueError("r and protected must be >= 0")
-        self.r, self.protected = r, protected
+        self.r, self.protected, self.padded = r, protected, padded
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, protected={self.protected}"
+        return f"r={self.r}, protected={self.protected}" + (", padded" if self.padded else "")

@@ -31,3 +31,16 @@ def one_hot_columns(columns: Tensor, num_columns: int, dtype: torch.dtype) -> Te
     """(B, k) column indices -> (B, num_columns, k) one-hot: entry [b, j, i] = 1 where columns[b, i] == j."""
     positions = torch.arange(num_columns, device=columns.device).unsqueeze(-1)
     return (columns.unsqueeze(1) == positions).to(dtype)
+
+
+def pad_aware_scores(scores: Tensor, pad_first: Tensor, pad_second: Tensor) -> Tensor:
+    """Cosine scores of token pairs with padding kept out of real tokens' choices (masks broadcast to ``scores``).
+
+    Pad-to-pad pairs score above any cosine (2 to 2.5), so merges use up padding first; pad-to-real pairs score
+    below any cosine (-2.5 to -2), so a real token never picks a pad and a pad's content never moves a real
+    token's choice. The fraction orders these otherwise equal scores by position (earlier pairs first), so every
+    runtime breaks the ties the same way.
+    """
+    positions = torch.arange(scores[0].numel(), device=scores.device, dtype=scores.dtype).reshape(scores.shape[1:])
+    order = 0.5 * (1.0 - positions / scores[0].numel())
+    return torch.where(pad_first & pad_second, 2.0 + order, torch.where(pad_first | pad_second, -2.0 - order, scores))

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .attention import proportional_bias
 from .base import CountedMergeOp
-from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, sort_indices
+from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
 
 
 def effective_r(num_tokens: int, r: int, protected: int) -> int:
@@ -39,16 +39,21 @@ def protection_mask(num_a: int, num_b: int, protected: int, dtype: torch.dtype, 
     return mask
 
 
-def bipartite_match(metric: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor, Tensor]:
+def bipartite_match(
+    metric: Tensor, r: int, protected: int, pad: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """ToMe's matching on (B, N, d) keys: (merged A rows by score, their B columns, unmerged A rows in order).
 
     One TopK(k=1) gives each A row its best B column and score; one TopK over all A rows ranks them, the first
     ``r`` merge; sorting the remaining row indices (a TopK over int64 values) restores their original order.
+    ``pad`` (B, N) marks padding: pads pair with pads first and never with real tokens (``pad_aware_scores``).
     """
     metric = metric / metric.norm(dim=-1, keepdim=True)
     metric_a, metric_b = metric[:, ::2], metric[:, 1::2]
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]
     scores = metric_a @ metric_b.transpose(-1, -2)
+    if pad is not None:
+        scores = pad_aware_scores(scores, pad[:, ::2].unsqueeze(-1), pad[:, 1::2].unsqueeze(-2))
     if protected:
         scores = scores + protection_mask(num_a, num_b, protected, scores.dtype, scores.device)
     best_score, best_col = scores.topk(1, dim=-1)
@@ -59,16 +64,20 @@ def bipartite_match(metric: Tensor, r: int, protected: int) -> tuple[Tensor, Ten
     return src_rows, dst_cols, unm_rows
 
 
-def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int) -> tuple[Tensor, Tensor]:
+def tome_merge(
+    x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int, padded: bool = False
+) -> tuple[Tensor, Tensor]:
     """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their sizes (B, N - r', 1).
 
-    ``size`` None means every token has size 1 (the first merge), which saves the size products.
+    ``size`` None means every token has size 1 (the first merge), which saves the size products. ``padded``:
+    size-0 tokens are padding, matched only with each other (a model with a padding mask).
     """
     batch, num_tokens, _ = x.shape
     r = effective_r(num_tokens, r, protected)
     if r == 0:
         return x, (x.new_ones(batch, num_tokens, 1) if size is None else size)
-    src_rows, dst_cols, unm_rows = bipartite_match(metric, r, protected)
+    pad = size[..., 0] == 0 if padded and size is not None else None
+    src_rows, dst_cols, unm_rows = bipartite_match(metric, r, protected, pad)
     num_b = num_tokens // 2
     tokens_b = x[:, 1::2]
     to_dst = one_hot_columns(dst_cols, num_b, x.dtype)  # [b, j, i] = 1 where merged row i goes into B column j
@@ -93,7 +102,7 @@ class ToMeMerge(CountedMergeOp):
     signals = ("metric",)
 
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
-        return tome_merge(x, metric, size, self.r, self.protected)
+        return tome_merge(x, metric, size, self.r, self.protected, self.padded)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_r(tokens_in, self.r, self.protected)

@@ -38,5 +38,5 @@ class AdjacentConfig:
                 f"so at most {limit} adjacent pairs can merge"
             )
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> AdjacentMerge | None:
-        return AdjacentMerge(self.r, protected) if effective_pairs(num_tokens, self.r, protected) > 0 else None
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> AdjacentMerge | None:
+        return AdjacentMerge(self.r, protected, padded) if effective_pairs(num_tokens, self.r, protected) > 0 else None

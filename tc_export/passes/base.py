@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError, TCExportError
+from .shapes import retarget_token_dims
 from .trace import propagate_shapes
 
 
@@ -49,8 +50,10 @@ def run_passes(
         try:
             result = graph_pass(gm, example_inputs)
             gm = result.graph_module
+            gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
+            retarget_token_dims(gm, example_inputs)
             propagate_shapes(gm, example_inputs)
         except TCExportError:
             raise

@@ -1,16 +1,96 @@
-"""Padding: initial token sizes from a model's padding mask, and size-aware pooling (stub until filled in)."""
+"""Padding masks: where token sizes start, the model's own masks, and size-aware pooling.
+
+The token state is a size per token. A model with a padding mask (a text encoder's ``attention_mask``) starts
+from sizes = mask: a pad has size 0, so log(size) = -inf keeps attention off it and every size-weighted merge
+gives it no weight. The model's own mask (built once, for the original token count) is removed from each
+attention; the token pass adds the size bias instead, at every layer. A mask that does not depend on any input
+(transformers builds an all-true one for vision models) is evaluated and dropped when it masks nothing.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
+from ..errors import StructureNotFoundError
+from ..ops.tokens import is_weighted_mean
+from .graph import ancestors, is_sdpa, node_kwarg
 from .structure import AttentionSite
 
 
+def _placeholders(nodes: set[fx.Node]) -> list[fx.Node]:
+    return [n for n in nodes if n.op == "placeholder"]
+
+
+def _mask_argument(node: fx.Node) -> tuple[int | str, fx.Node] | None:
+    if len(node.args) > 3 and isinstance(node.args[3], fx.Node):
+        return 3, node.args[3]
+    mask = node.kwargs.get("attn_mask")
+    return ("attn_mask", mask) if isinstance(mask, fx.Node) else None
+
+
+def _clear_mask(node: fx.Node, where: int | str) -> None:
+    if isinstance(where, int):
+        node.args = (*node.args[:3], None, *node.args[4:])
+    else:
+        node.kwargs = {**node.kwargs, "attn_mask": None}
+
+
+def _masks_nothing(gm: fx.GraphModule, mask: fx.Node) -> bool:
+    """Evaluate an input-independent mask subgraph: True when it lets every query see every key."""
+    needed = ancestors(mask, through_shape_queries=False) | {mask}
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[mask])
+    value = fx.GraphModule(gm, graph)()
+    if value.dtype == torch.bool:
+        return bool(value.all())
+    return bool((value == 0).all())
+
+
 def find_initial_sizes(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.Node | None:
-    """The node holding the initial per-token sizes (B, N, 1), or None when the model has no padding mask."""
-    return None
+    """Clear the model's own attention masks; return the initial sizes (B, N, 1) when they come from an input."""
+    padding: fx.Node | None = None
+    for site in sites:
+        node = site.attention
+        if not is_sdpa(node):
+            continue
+        found = _mask_argument(node)
+        if found is None:
+            continue
+        where, mask = found
+        inputs = _placeholders(ancestors(mask, through_shape_queries=False))
+        if not inputs:
+            if not _masks_nothing(gm, mask):
+                raise StructureNotFoundError(
+                    f"attention {node.name} has a fixed mask that hides tokens (causal or local attention?); "
+                    "token compression needs full bidirectional attention"
+                )
+        elif len(inputs) == 1 and (padding is None or padding is inputs[0]):
+            padding = inputs[0]
+        else:
+            raise StructureNotFoundError(
+                f"attention {node.name} has a mask built from {', '.join(n.name for n in inputs)}; "
+                "expected one padding-mask input"
+            )
+        _clear_mask(node, where)
+    if padding is None:
+        return None
+    with gm.graph.inserting_after(padding):
+        return gm.graph.call_function(padding_sizes, (padding,))
+
+
+def padding_sizes(mask: torch.Tensor) -> torch.Tensor:
+    """A (B, N) padding mask (1 = token, 0 = pad) as token sizes (B, N, 1)."""
+    return mask.to(torch.float32).unsqueeze(-1)
 
 
 def repoint_pooling(gm: fx.GraphModule, initial: fx.Node, final: fx.Node) -> None:
-    """Make size-aware pooling read the final sizes instead of the initial ones."""
+    """Size-aware pooling weighted by the padding mask now uses the sizes after the last compression."""
+    mask = initial.args[0]
+    for node in gm.graph.nodes:
+        if is_weighted_mean(node) and node.args[1] in (mask, initial):
+            node.args = (node.args[0], final)

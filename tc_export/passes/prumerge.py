@@ -41,7 +41,7 @@ class PruMergeConfig:
                 f"the model; the budget must be at most {first_tokens - protected - 1}"
             )
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> PruMerge | None:
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> PruMerge | None:
         if self.tokens >= num_tokens - protected:
             raise ConfigError(
                 f"prumerge: tokens={self.tokens} at layer {layer}, where only {num_tokens - protected} unprotected "

@@ -88,6 +88,7 @@ def _replace_sdpa_with_biased(site: AttentionSite, bias: fx.Node) -> fx.Node:
     query, key, value = node.args[:3]
     with node.graph.inserting_before(node):
         replacement = node.graph.call_function(biased_attention, (query, key, value, bias, float(scale)))
+    replacement.meta = dict(node.meta)  # same output: later shape fixes read the recorded shape
     node.replace_all_uses_with(replacement)
     node.graph.erase_node(node)
     return replacement

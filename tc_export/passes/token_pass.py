@@ -37,7 +37,9 @@ class TokenMethod(Protocol):
 
     def check(self, first_tokens: int, protected: int, num_layers: int) -> None: ...
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> TokenOp | None: ...
+    def make_op(
+        self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False
+    ) -> TokenOp | None: ...
 
 
 def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None) -> None:
@@ -114,7 +116,7 @@ class TokenPass:
             if config is None:
                 continue
             protected = prefix if config.protected is None else config.protected
-            op = config.make_op(site.index, tokens, protected, len(sites))
+            op = config.make_op(site.index, tokens, protected, len(sites), padded=padded)
             if op is None:
                 continue
             size = self._insert_op(gm, site, op, size)

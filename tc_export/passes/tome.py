@@ -76,6 +76,6 @@ class ToMeConfig:
                 f"({protected} protected), so r can be at most {limit}"
             )
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> ToMeMerge | None:
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> ToMeMerge | None:
         r = self.schedule(num_layers)[layer]
-        return ToMeMerge(r, protected) if effective_r(num_tokens, r, protected) > 0 else None
+        return ToMeMerge(r, protected, padded) if effective_r(num_tokens, r, protected) > 0 else None

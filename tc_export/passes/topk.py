@@ -42,7 +42,7 @@ class TopKConfig:
         if first_tokens - protected < 1:
             raise ConfigError(f"topk: the model has no tokens besides its {protected} protected ones")
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> TopKPrune | None:
+    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> TopKPrune | None:
         keep = max(1, keep_count(num_tokens, self.keep, protected))
         if keep >= num_tokens - protected and not self.fuse:
             return None
