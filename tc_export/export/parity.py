@@ -70,7 +70,10 @@ def _torch_runner(
             super().__init__(name="pytorch", prefix="pytorch-runner")
 
         def activate_impl(self) -> None:
-            module.eval()
+            try:
+                module.eval()
+            except NotImplementedError:  # graphs from torch.export are fixed in eval mode already
+                pass
 
         def get_input_metadata_impl(self):
             metadata = TensorMetadata()

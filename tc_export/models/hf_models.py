@@ -158,7 +158,14 @@ def build_minilm(options: ModelOptions, length: int = TEXT_LENGTH) -> LoadedMode
     """all-MiniLM-L6-v2 with its real weights; example inputs are real sentences, tokenized and padded."""
     tf = _transformers()
     folder = minilm_directory()
-    model = tf.BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False)
+    verbosity = tf.utils.logging.get_verbosity()
+    tf.utils.logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected, not news
+    tf.utils.logging.disable_progress_bar()
+    try:
+        model = tf.BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False)
+    finally:
+        tf.utils.logging.set_verbosity(verbosity)
+        tf.utils.logging.enable_progress_bar()
     tokenizer = tf.AutoTokenizer.from_pretrained(str(folder))
     inputs, _ = _text_inputs(tokenizer.vocab_size, length)
 

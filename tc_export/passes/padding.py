@@ -9,6 +9,8 @@ attention; the token pass adds the size bias instead, at every layer. A mask tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import fx
 
@@ -36,22 +38,37 @@ def _clear_mask(node: fx.Node, where: int | str) -> None:
         node.kwargs = {**node.kwargs, "attn_mask": None}
 
 
-def _masks_nothing(gm: fx.GraphModule, mask: fx.Node) -> bool:
-    """Evaluate an input-independent mask subgraph: True when it lets every query see every key."""
-    needed = ancestors(mask, through_shape_queries=False) | {mask}
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node in needed:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[mask])
-    value = fx.GraphModule(gm, graph)()
+def _masks_nothing(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[str, torch.Tensor]) -> bool:
+    """Evaluate an input-independent mask (it may read the input's shape): does it let every query see every key?"""
+    captured: list[torch.Tensor] = []
+
+    class Capture(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> object:
+            value = super().run_node(node)
+            if node is mask:
+                captured.append(value)
+                raise _Captured
+            return value
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        with torch.no_grad():
+            Capture(gm).run(*[example_inputs.get(str(n.target)) for n in placeholders])
+    except _Captured:
+        pass
+    value = captured[0]
     if value.dtype == torch.bool:
         return bool(value.all())
     return bool((value == 0).all())
 
 
-def find_initial_sizes(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.Node | None:
+class _Captured(Exception):
+    """Stops a graph run once the wanted value is computed."""
+
+
+def find_initial_sizes(
+    gm: fx.GraphModule, sites: list[AttentionSite], example_inputs: Mapping[str, torch.Tensor]
+) -> fx.Node | None:
     """Clear the model's own attention masks; return the initial sizes (B, N, 1) when they come from an input."""
     padding: fx.Node | None = None
     for site in sites:
@@ -64,7 +81,7 @@ def find_initial_sizes(gm: fx.GraphModule, sites: list[AttentionSite]) -> fx.Nod
         where, mask = found
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
         if not inputs:
-            if not _masks_nothing(gm, mask):
+            if not _masks_nothing(gm, mask, example_inputs):
                 raise StructureNotFoundError(
                     f"attention {node.name} has a fixed mask that hides tokens (causal or local attention?); "
                     "token compression needs full bidirectional attention"

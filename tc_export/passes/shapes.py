@@ -2,9 +2,12 @@
 
 ``torch.export`` graphs carry shapes as constants (``view(x, [1, 197, -1, 64])``); once a merge makes 181 tokens
 of 197, every later shape argument that spelled 197 must spell 181. This walks the graph with real tensors;
-wherever a shape op's input no longer has the shape recorded before the pass, the changed dimensions give an
-old -> new map of sizes, applied to the op's shape argument. ``torch.fx.symbolic_trace`` graphs read shapes from
+wherever a shape op's input no longer has the shape recorded before the pass, its shape argument is re-derived
+from the new input shape. ``torch.fx.symbolic_trace`` graphs read shapes from
 tensors at run time and pass through untouched.
+
+The map is positional, not by value (a head dimension of 32 and 32 tokens must not be confused): a view's input
+and output dims are paired into runs of equal product, and a changed input dim changes the output dim of its run.
 """
 
 from __future__ import annotations
@@ -29,6 +32,49 @@ def _recorded_shape(node: Any) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape) if shape is not None else None
 
 
+def _groups(old_in: tuple[int, ...], old_out: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of input dims with runs of output dims of equal product, as a view/reshape maps them."""
+    groups, i, j = [], 0, 0
+    while i < len(old_in) or j < len(old_out):
+        ins, outs = [], []
+        p_in = p_out = 1
+        while True:
+            if p_in <= p_out and i < len(old_in):
+                ins.append(i)
+                p_in *= old_in[i]
+                i += 1
+            elif j < len(old_out):
+                outs.append(j)
+                p_out *= old_out[j]
+                j += 1
+            else:
+                break
+            if p_in == p_out and (i == len(old_in) or old_in[i] != 1) and (j == len(old_out) or old_out[j] != 1):
+                break
+        if p_in != p_out:
+            return None
+        groups.append((ins, outs))
+    return groups
+
+
+def _new_view_shape(shape: list, old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...]) -> list:
+    """The view/reshape argument for the new input: each changed input dim changes the output dim it maps to."""
+    groups = _groups(old_in, old_out)
+    if groups is None or len(shape) != len(old_out):
+        return shape
+    updated = list(shape)
+    for ins, outs in groups:
+        if all(old_in[i] == new_in[i] for i in ins):
+            continue
+        if len(outs) != 1 or not isinstance(shape[outs[0]], int) or shape[outs[0]] == -1:
+            continue  # the group's -1 (or a symbol) absorbs the change
+        product = 1
+        for i in ins:
+            product *= new_in[i]
+        updated[outs[0]] = product
+    return updated
+
+
 class _Retargeter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -41,15 +87,21 @@ class _Retargeter(fx.Interpreter):
 
     def _retarget(self, node: fx.Node) -> None:
         source, shape = node.args[0], node.args[1]
-        old = _recorded_shape(source)
+        old, old_out = _recorded_shape(source), _recorded_shape(node)
         value = self.env.get(source) if isinstance(source, fx.Node) else None
-        if old is None or not isinstance(value, torch.Tensor) or tuple(value.shape) == old:
+        if old is None or old_out is None or not isinstance(value, torch.Tensor) or tuple(value.shape) == old:
             return
         new = tuple(value.shape)
         if len(new) != len(old) or not isinstance(shape, (list, tuple)):
             return
-        sizes = {o: n for o, n in zip(old, new) if o != n}
-        updated = [sizes.get(v, v) if isinstance(v, int) and v > 1 else v for v in shape]
+        if node.target is torch.ops.aten.expand.default:
+            offset = len(shape) - len(old)
+            updated = list(shape)
+            for d, (o, n) in enumerate(zip(old, new)):
+                if o != n and isinstance(shape[offset + d], int) and shape[offset + d] == o:
+                    updated[offset + d] = n
+        else:
+            updated = _new_view_shape(list(shape), old, new, old_out)
         if updated != list(shape):
             node.args = (source, updated, *node.args[2:])
             self.changed += 1

@@ -101,7 +101,7 @@ class TokenPass:
             config.check(first_tokens, protected, len(sites))
 
         graph = gm.graph
-        initial = size = find_initial_sizes(gm, sites)
+        initial = size = find_initial_sizes(gm, sites, example_inputs)
         padded = initial is not None
         prop_attn = any(config.prop_attn for config in self.configs)
         tokens = first_tokens

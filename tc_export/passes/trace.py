@@ -38,15 +38,24 @@ def trace(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]) -
         return fx.symbolic_trace(module, concrete_args=_concrete_defaults(module, names))
     except Exception as fx_error:  # noqa: BLE001 - any tracer failure means: try the other tracer
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                program = torch.export.export(module, (), dict(example_inputs), strict=False)
-            return program.module()
+            return _export_any_batch(module, example_inputs)
         except Exception as export_error:  # noqa: BLE001
             raise StructureNotFoundError(
                 f"could not trace {type(module).__name__}: torch.fx said {str(fx_error).splitlines()[0]!r}; "
                 f"torch.export said {str(export_error).splitlines()[0]!r}"
             ) from export_error
+
+
+def _export_any_batch(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]) -> fx.GraphModule:
+    """``torch.export`` with a symbolic batch (traced at batch 2: an example batch of 1 would be specialised)."""
+    doubled = {name: torch.cat([value, value]) if value.shape[0] == 1 else value for name, value in example_inputs.items()}
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(
+            module, (), doubled, dynamic_shapes={name: {0: batch} for name in doubled}, strict=False
+        )
+    return program.module()
 
 
 def propagate_shapes(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> None:
