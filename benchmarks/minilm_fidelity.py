@@ -5,7 +5,8 @@ the compressed model at a fixed sequence length and reports the MAC ratio and th
 shapes the padding is paid for: at a length that leaves many pads, merges go to the pads first (they pair only
 with each other) and cost nothing; at a length most sentences fill, merges hit real tokens.
 
-    python benchmarks/minilm_fidelity.py --length 32 --method tome --r 4 --method adjacent --r 4
+    python benchmarks/minilm_fidelity.py --length 128 --r 14      # ToMe and adjacent merging, r=14 per layer
+    python benchmarks/minilm_fidelity.py --length 32 --r 4
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from tc_export.passes import AdjacentConfig, ToMeConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, action="append", help="fixed sequence length(s); default 128 and 32")
+    parser.add_argument("--length", type=int, default=128, help="fixed sequence length")
     parser.add_argument("--method", action="append", choices=["tome", "adjacent"], help="default: tome and adjacent")
-    parser.add_argument("--r", type=int, action="append", help="r per --method, in order; default 8 at 128, 4 else")
+    parser.add_argument("--r", type=int, action="append", help="tokens merged per layer (repeat for several)")
     parser.add_argument("--sentences", type=int, default=1000)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -37,15 +38,14 @@ def main() -> None:
     print(f"{len(texts)} sentences from standard-library docstrings")
     print("| length | real tokens (mean) | method | tokens per layer | MAC ratio | mean cosine | min cosine |")
     print("|---|---|---|---|---|---|---|")
-    for length in args.length or [128, 32]:
-        loaded = build_minilm(ModelOptions(), length=length)
-        batches = [tokenize(loaded.tokenizer, texts[i : i + 64], length) for i in range(0, len(texts), 64)]
-        real = float(torch.cat([b["attention_mask"] for b in batches]).sum(1).float().mean())
-        with torch.no_grad():
-            reference = torch.cat([loaded.module(**batch) for batch in batches])
-        methods = args.method or ["tome", "adjacent"]
-        rs = args.r or [8 if length >= 128 else 4] * len(methods)
-        for method, r in zip(methods, rs):
+    length = args.length
+    loaded = build_minilm(ModelOptions(), length=length)
+    batches = [tokenize(loaded.tokenizer, texts[i : i + 64], length) for i in range(0, len(texts), 64)]
+    real = float(torch.cat([b["attention_mask"] for b in batches]).sum(1).float().mean())
+    with torch.no_grad():
+        reference = torch.cat([loaded.module(**batch) for batch in batches])
+    for r in args.r or [length // 9]:
+        for method in args.method or ["tome", "adjacent"]:
             config = ToMeConfig(r=r) if method == "tome" else AdjacentConfig(r=r)
             compressed = compress(loaded, config, batches[0])
             one = {k: v[:1] for k, v in batches[0].items()}

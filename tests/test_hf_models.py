@@ -161,3 +161,54 @@ def test_padding_absorbs_merges_and_never_changes_real_tokens():
         original = loaded.module(**batch)
         torch.testing.assert_close(compressed(**batch), original, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(compressed(**noisy), original, rtol=1e-5, atol=1e-6)
+
+
+def test_local_directory_via_cli(tmp_path, capsys):
+    """hf:PATH builds from config.json, and loads the weights when the directory has them."""
+    import transformers
+
+    from .test_cli import run_cli
+
+    config = transformers.ViTConfig(image_size=32, patch_size=16, num_labels=5, **SMALL)
+    (tmp_path / "cfg").mkdir()
+    config.save_pretrained(tmp_path / "cfg")
+    code, out, err = run_cli([f"hf:{tmp_path / 'cfg'}", "--method", "tome", "--r", "1", "-o", tmp_path / "a.onnx"], capsys)
+    assert code == 0, err
+    assert "random weights" in out and "tokens per layer: 5 4 3 2" in out and "passed" in out
+
+    torch.manual_seed(3)
+    transformers.ViTForImageClassification(config).save_pretrained(tmp_path / "full")
+    code, out, err = run_cli([f"hf:{tmp_path / 'full'}", "--method", "adjacent", "--r", "1", "-o", tmp_path / "b.onnx"],
+                             capsys)
+    assert code == 0, err
+    assert "random weights" not in out and "passed" in out
+
+    code, _, err = run_cli([f"hf:{tmp_path / 'nothing'}", "-o", tmp_path / "c.onnx"], capsys)
+    assert code == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_minilm_is_the_real_model_and_survives_compression():
+    """minilm loads all-MiniLM-L6-v2 offline; its embeddings equal sentence-transformers' own; ToMe at 1.5x fewer
+    MACs stays close on real sentences."""
+    from sentence_transformers import SentenceTransformer
+
+    from tc_export.data import sentences
+    from tc_export.models import load_model
+    from tc_export.models.hf_models import minilm_directory, tokenize
+
+    loaded = load_model("minilm")
+    assert not loaded.random_init
+    texts = list(sentences()[:48])
+    batch = tokenize(loaded.tokenizer, texts)
+    with torch.no_grad():
+        ours = loaded.module(**batch)
+    theirs = SentenceTransformer(str(minilm_directory()), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+    compressed = compress(loaded, ToMeConfig(r=14), batch)
+    assert compressed.token_counts() == [128, 114, 100, 86, 72, 58, 44]
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(compressed(**batch), ours, dim=1)
+    short = batch["attention_mask"].sum(1) <= 44  # pads absorb every merge: unchanged
+    torch.testing.assert_close(cosine[short], torch.ones(int(short.sum())), rtol=0, atol=1e-5)
+    assert float(cosine.mean()) > 0.99

@@ -11,7 +11,8 @@ from .test_cli import TINY, run_cli
 
 def test_shipped_recipes_load():
     names = set(shipped_recipes())
-    assert {"vit_b_tome_r16", "vit_b_tome_r13", "deit_s_evit_keep07", "vit_b_tome_then_topk"} <= names
+    assert {"vit_b_tome_r16", "vit_b_tome_r13", "deit_s_evit_keep07", "vit_b_tome_then_topk", "whisper_tiny_adjacent",
+            "minilm_tome", "minilm_adjacent"} <= names
     for name in names:
         recipe = load_recipe(name)
         assert recipe.stages and recipe.description

@@ -33,28 +33,31 @@ def _recorded_shape(node: Any) -> tuple[int, ...] | None:
 
 
 def _groups(old_in: tuple[int, ...], old_out: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
-    """Pair runs of input dims with runs of output dims of equal product, as a view/reshape maps them."""
-    groups, i, j = [], 0, 0
-    while i < len(old_in) or j < len(old_out):
-        ins, outs = [], []
-        p_in = p_out = 1
-        while True:
-            if p_in <= p_out and i < len(old_in):
-                ins.append(i)
-                p_in *= old_in[i]
-                i += 1
-            elif j < len(old_out):
-                outs.append(j)
-                p_out *= old_out[j]
-                j += 1
+    """Pair runs of input dims with runs of output dims of equal product, as a view/reshape maps them.
+
+    Size-1 dims are left out (they pair with anything); the smallest runs are taken, so a dim that keeps its
+    size in the view pairs with itself alone.
+    """
+    ins = [i for i, d in enumerate(old_in) if d != 1]
+    outs = [j for j, d in enumerate(old_out) if d != 1]
+    groups, a, b = [], 0, 0
+    while a < len(ins) and b < len(outs):
+        group_in, group_out = [ins[a]], [outs[b]]
+        p_in, p_out = old_in[ins[a]], old_out[outs[b]]
+        a, b = a + 1, b + 1
+        while p_in != p_out:
+            if p_in < p_out and a < len(ins):
+                group_in.append(ins[a])
+                p_in *= old_in[ins[a]]
+                a += 1
+            elif p_out < p_in and b < len(outs):
+                group_out.append(outs[b])
+                p_out *= old_out[outs[b]]
+                b += 1
             else:
-                break
-            if p_in == p_out and (i == len(old_in) or old_in[i] != 1) and (j == len(old_out) or old_out[j] != 1):
-                break
-        if p_in != p_out:
-            return None
-        groups.append((ins, outs))
-    return groups
+                return None
+        groups.append((group_in, group_out))
+    return groups if a == len(ins) and b == len(outs) else None
 
 
 def _new_view_shape(shape: list, old_in: tuple[int, ...], new_in: tuple[int, ...], old_out: tuple[int, ...]) -> list:
