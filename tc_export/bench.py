@@ -118,7 +118,7 @@ def run_bench(
 
 def format_table(model: str, method: str, rows: Sequence[BenchRow], threads: int) -> str:
     lines = [
-        f"| model | method | batch | uncompressed (ms) | compressed (ms) | speed-up | MAC ratio |",
+        "| model | method | batch | uncompressed (ms) | compressed (ms) | speed-up | MAC ratio |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:

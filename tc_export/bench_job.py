@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from .bench import BenchConfig, BenchRow, run_bench
-from .pipeline import compress_for_job
 from .export.macs import count_macs
 from .export.onnx_export import ExportConfig, export_onnx
 from .models import ModelOptions, load_model
+from .pipeline import compress_for_job
 
 
 def bench_model(

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tc_export.ops.tome import ToMeMerge, effective_r, proportional_bias, tome_merge
+from tc_export.ops.attention import proportional_bias
+from tc_export.ops.tome import ToMeMerge, effective_r, tome_merge
 
 from .reference import reference_merge
 

@@ -50,14 +50,15 @@ def cli() -> None:
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
-def export_command(model: str, flags: MethodFlags, output: Path | None, weights: Path | None, pretrained: bool, img_size: int | None, batch: int,
+def export_command(model: str, flags: MethodFlags, output: Path | None, weights: Path | None, pretrained: bool,
+                   img_size: int | None, batch: int,
                    dynamic_batch: bool, opset: int, atol: float, rtol: float, seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.parity import ParityConfig
     from ..models import ModelOptions
     from ..pipeline import JobConfig, run_job
-    methods, label = method_configs(flags)
+    methods, _ = method_configs(flags)
     if output is None:
         suffix = flags.method or (flags.recipe and Path(flags.recipe).stem)
         output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + suffix if suffix else ''}.onnx")
@@ -105,8 +106,8 @@ def bench_command(model: str, flags: MethodFlags, img_size: int | None,
 @cli.command("list")
 def list_command() -> None:
     """Show the models and methods."""
+    from ..models import hf_models, timm_models  # noqa: F401 - registers their entries
     from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
-    from ..models import timm_models  # noqa: F401
     from ..passes import METHODS
     from ..recipes import load_recipe, shipped_recipes
 

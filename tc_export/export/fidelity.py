@@ -49,4 +49,4 @@ def _first(output: object) -> torch.Tensor:
         return _first(output[0])
     if isinstance(output, dict):
         return _first(next(iter(output.values())))
-    return _first(getattr(output, "last_hidden_state"))
+    return _first(output.last_hidden_state)

@@ -13,9 +13,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..ops.tokens import lower_custom_ops, plain_ops
-
 from ..errors import ConfigError, TCExportError
+from ..ops.tokens import lower_custom_ops, plain_ops
 from .files import atomic_output
 
 MIN_OPSET = 17
@@ -71,14 +70,14 @@ def export_onnx(
                 optimize=True,
                 verbose=False,
             )
-    except Exception as error:  # noqa: BLE001 - exporter failures are reported in one line
+    except Exception as error:
         raise TCExportError(f"ONNX export failed: {_summary(error)}") from error
     model = clean_onnx(program.model_proto)
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
     try:
         onnx.checker.check_model(model, full_check=True)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise TCExportError(f"the exported ONNX fails the ONNX checker: {_summary(error)}") from error
     with atomic_output(path) as tmp:
         onnx.save_model(model, str(tmp))

@@ -80,7 +80,10 @@ def _text_inputs(vocab: int, length: int) -> tuple[list[InputSpec], Callable[[in
         mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
         return {"input_ids": ids * mask, "attention_mask": mask}
 
-    specs = [InputSpec("input_ids", (length,), torch.int64, high=vocab), InputSpec("attention_mask", (length,), torch.int64, high=2)]
+    specs = [
+        InputSpec("input_ids", (length,), torch.int64, high=vocab),
+        InputSpec("attention_mask", (length,), torch.int64, high=2),
+    ]
     return specs, make
 
 
@@ -103,7 +106,8 @@ def build_vit(options: ModelOptions, name: str = "hf_vit_b", **overrides: Any) -
     tf = _transformers()
     size = options.img_size or overrides.pop("image_size", 224)
     config = _sdpa(tf.ViTConfig(image_size=size, num_labels=1000, **overrides))
-    return _finish(name, ImageEncoder(tf.ViTForImageClassification(config), "logits"), _image_inputs(size), "logits", options)
+    wrapper = ImageEncoder(tf.ViTForImageClassification(config), "logits")
+    return _finish(name, wrapper, _image_inputs(size), "logits", options)
 
 
 def build_clip_vision(options: ModelOptions, name: str = "clip_vit_b", **overrides: Any) -> LoadedModel:
@@ -212,7 +216,8 @@ def build_local(path: str, options: ModelOptions) -> LoadedModel:
         inputs = [InputSpec("input_features", (config.num_mel_bins, 2 * config.max_source_positions))]
         return _finish(f"hf:{path}", AudioEncoder(encoder), inputs, "last_hidden_state", options, not has_weights)
     if kind not in builders:
-        raise ConfigError(f"hf:{path}: model type {kind!r} is not supported; supported: {', '.join(sorted([*builders, 'whisper']))}")
+        supported = ", ".join(sorted([*builders, "whisper"]))
+        raise ConfigError(f"hf:{path}: model type {kind!r} is not supported; supported: {supported}")
     model_type, wrap, output = builders[kind]
     if kind == "clip":
         config = config.vision_config

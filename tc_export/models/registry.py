@@ -49,8 +49,10 @@ def register_model(name: str, description: str) -> Callable[[Callable[[ModelOpti
 
 def load_model(name: str, options: ModelOptions | None = None, *, warn_random: bool = True) -> LoadedModel:
     """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
-    from . import timm_models  # noqa: F401 - registers entries
-    from . import hf_models  # noqa: F401
+    from . import (
+        hf_models,  # noqa: F401
+        timm_models,  # noqa: F401 - registers entries
+    )
 
     options = options or ModelOptions()
     prefix, sep, rest = name.partition(":")

@@ -4,6 +4,7 @@ Each op is a function plus an ``nn.Module`` wrapper holding its static settings.
 as a leaf call, so the exporter sees one unit per site (the unit a TensorRT plugin can later replace).
 """
 
-from .tome import ToMeMerge, proportional_bias, tome_merge
+from .attention import proportional_bias
+from .tome import ToMeMerge, tome_merge
 
 __all__ = ["ToMeMerge", "proportional_bias", "tome_merge"]

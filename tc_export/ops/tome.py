@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .attention import proportional_bias
 from .base import CountedMergeOp
 from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
 

@@ -57,7 +57,7 @@ def run_passes(
             propagate_shapes(gm, example_inputs)
         except TCExportError:
             raise
-        except Exception as error:  # noqa: BLE001 - a broken rewrite is reported as such, with its pass
+        except Exception as error:
             after = f" (after {', '.join(done)})" if done else ""
             raise StructureNotFoundError(
                 f"pass {graph_pass.name}{after} produced a graph that does not run: {str(error).splitlines()[0]}"

@@ -16,7 +16,7 @@ from torch import fx
 
 from ..errors import StructureNotFoundError
 from ..ops.tokens import is_weighted_mean
-from .graph import ancestors, is_sdpa, node_kwarg
+from .graph import ancestors, is_sdpa
 from .structure import AttentionSite
 
 

@@ -112,5 +112,3 @@ def insert_class_attention(graph: fx.Graph, site: AttentionSite) -> fx.Node:
             scale = site.key_layout()[-1] ** -0.5
     with graph.inserting_after(node):
         return graph.call_function(class_attention, (query, key, bias, float(scale)))
-    node.graph.erase_node(node)
-    site.attention = replacement

@@ -39,7 +39,7 @@ def trace(module: torch.nn.Module, example_inputs: Mapping[str, torch.Tensor]) -
     except Exception as fx_error:  # noqa: BLE001 - any tracer failure means: try the other tracer
         try:
             return _export_any_batch(module, example_inputs)
-        except Exception as export_error:  # noqa: BLE001
+        except Exception as export_error:
             raise StructureNotFoundError(
                 f"could not trace {type(module).__name__}: torch.fx said {str(fx_error).splitlines()[0]!r}; "
                 f"torch.export said {str(export_error).splitlines()[0]!r}"
