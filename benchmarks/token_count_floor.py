@@ -7,6 +7,7 @@ truncated model's speed-up is the most any merge implementation can reach on thi
 ToMe is what the merge ops cost.
 
     python benchmarks/token_count_floor.py --model vit_b --r 16 --batch 1 --batch 8
+    python benchmarks/token_count_floor.py --smoke     # a 2-layer tiny ViT, 3 runs (keeps the script working)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -24,10 +25,8 @@ from tc_export import ToMeConfig, compress
 from tc_export.bench import make_session, time_side_by_side
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models import ModelOptions, load_model
+from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.ops.base import TokenOp
-from tc_export.ops.tome import effective_r
-from tc_export.passes import TokenPass, run_passes
-from tc_export.passes.trace import trace
 
 
 class Truncate(TokenOp):
@@ -47,22 +46,32 @@ class Truncate(TokenOp):
 
 
 @dataclass(frozen=True)
-class TruncateLikeToMe:
+class TruncateLikeToMe(ToMeConfig):
+    """ToMe's placement and token counts (inherited, so it follows the method protocol), but a Truncate op."""
+
     method: ClassVar[str] = "truncate"
-    needs_class_token: ClassVar[bool] = False
-    r: int
     prop_attn: bool = False
-    protected: int | None = None
-    layers: tuple[int, ...] | None = None
 
-    def default_layers(self, num_layers: int) -> list[int]:
-        return list(range(num_layers))
+    def make_op(self, *args: Any, **kwargs: Any) -> Truncate | None:
+        merge = super().make_op(*args, **kwargs)
+        if merge is None:
+            return None
+        tokens = _site_tokens(args, kwargs)
+        return Truncate(merge.tokens_out(tokens))
 
-    def check(self, first_tokens: int, protected: int, num_layers: int) -> None:
-        pass
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int) -> Truncate:
-        return Truncate(num_tokens - effective_r(num_tokens, self.r, protected))
+def _site_tokens(args: tuple, kwargs: dict) -> int:
+    """Tokens arriving at the site, from either make_op signature (a Site, or (layer, num_tokens, ...))."""
+    site = args[0] if args else kwargs.get("site")
+    return site.tokens if hasattr(site, "tokens") else int(args[1] if len(args) > 1 else kwargs["num_tokens"])
+
+
+def tiny_vit() -> LoadedModel:
+    import timm
+
+    torch.manual_seed(0)
+    module = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2).eval()
+    return LoadedModel("tiny_vit", module, [InputSpec("x", (3, 32, 32), onnx_name="pixel_values")])
 
 
 def main() -> None:
@@ -72,10 +81,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append")
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny 2-layer ViT at 32 px, r=1, 3 runs")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
 
-    loaded = load_model(args.model, ModelOptions(), warn_random=False)
+    if args.smoke:
+        loaded = tiny_vit()
+        args.r, args.runs, args.batch = 1, 3, args.batch or [1]
+    else:
+        loaded = load_model(args.model, ModelOptions(), warn_random=False)
     names = {spec.name: spec.export_name for spec in loaded.inputs}
     print("| batch | uncompressed (ms) | truncated (ms) | ToMe (ms) | truncated speed-up | ToMe speed-up |")
     print("|---|---|---|---|---|---|")
@@ -83,7 +97,7 @@ def main() -> None:
         inputs = loaded.example_inputs(batch=batch)
         modules = {
             "uncompressed": loaded.module,
-            "truncated": run_passes(trace(loaded.module, inputs), [TokenPass([TruncateLikeToMe(args.r)])], inputs),
+            "truncated": compress(loaded, TruncateLikeToMe(r=args.r), inputs).module,
             "tome": compress(loaded, ToMeConfig(r=args.r), inputs).module,
         }
         with tempfile.TemporaryDirectory() as folder:

@@ -31,3 +31,12 @@ class BackendUnavailableError(TCExportError):
     """An optional backend (TensorRT, a GPU, transformers) is missing."""
 
     exit_code = 3
+
+
+class InternalError(TCExportError):
+    """A bug in tc-export itself (a pass broke an invariant it promises), not something the user did."""
+
+    exit_code = 70
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"internal error: {message} (this is a tc-export bug: please report it with the command)")

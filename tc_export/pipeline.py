@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from .compress import CompressedModel, compress
 from .errors import ConfigError, ParityError
-from .export.engine import build_engine
+from .export.engine import EngineConfig, build_engine
 from .export.fidelity import Fidelity, measure_fidelity
 from .export.files import check_output_path
 from .export.macs import count_macs
@@ -31,6 +32,11 @@ class JobConfig:
     parity: ParityConfig = field(default_factory=ParityConfig)
     fp16: bool = False
     fidelity_samples: int = 8
+    features: int | None = None  # vision-tower mode: end at this block's output tokens (-2: LLaVA's layer)
+    # --- TensorRT (export/engine.py, export/bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
+    engine: EngineConfig | None = None
+    bundle: bool = False
+    # --- end TensorRT ---
 
 
 @dataclass
@@ -50,11 +56,11 @@ class JobResult:
 
 
 def compress_for_job(
-    loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None
+    loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None, features: int | None = None
 ) -> CompressedModel:
     """``compress``, with a recipe's errors (a layer out of range, a budget too large) naming the recipe."""
     try:
-        return compress(loaded, list(methods), example)
+        return compress(loaded, list(methods), example, features=features)
     except ConfigError as error:
         if recipe is None:
             raise
@@ -63,6 +69,12 @@ def compress_for_job(
 
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
+    # --- TensorRT parity bundle (export/bundle.py): runs this job into a staging dir, then adds the bundle ---
+    if config.bundle:
+        from .export.bundle import run_bundle_job
+
+        return run_bundle_job(config, say=say, loaded=loaded)
+    # --- end TensorRT ---
     output = check_output_path(config.output)
     wants_engine = output.suffix in (".engine", ".plan")
     onnx_path = output.with_suffix(".onnx") if wants_engine else output
@@ -72,22 +84,33 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     batch = config.export.batch
     example = loaded.example_inputs(batch=max(batch, 2) if config.export.dynamic_batch else batch)
-    compressed = compress_for_job(loaded, config.methods, example, config.recipe) if config.methods else None
+    wants_compression = bool(config.methods) or config.features is not None
+    compressed = (compress_for_job(loaded, config.methods, example, config.recipe, config.features)
+                  if wants_compression else None)
     module = compressed.module if compressed else loaded.module
+    output_names = loaded.output_names
     if compressed:
-        say("tokens per layer: " + " ".join(str(n) for n in compressed.token_counts()))
+        _say_structure(compressed, say)
+        if compressed.report.output_is_tokens:
+            output_names = ["tokens"]
 
-    one = loaded.example_inputs(batch=1)
-    macs_original = count_macs(loaded.module, one)
+    def inputs_for(batch: int, seed: int = 0) -> dict:
+        """The model's inputs, plus those a method added (e.g. LLaMA-VID's text queries)."""
+        extra = compressed.extra_inputs(batch, seed) if compressed else {}
+        return loaded.example_inputs(batch=batch, seed=seed) | extra
+
+    example = inputs_for(example[next(iter(example))].shape[0])
+    one = inputs_for(1)
+    macs_original = count_macs(loaded.module, loaded.example_inputs(batch=1))
     macs_compressed = count_macs(module, one) if compressed else macs_original
     say(f"MACs per image: {macs_original / 1e9:.2f} G -> {macs_compressed / 1e9:.2f} G "
         f"({macs_original / max(macs_compressed, 1):.2f}x fewer)")
 
     start = time.perf_counter()
-    onnx_names = {spec.name: spec.export_name for spec in loaded.inputs}
+    onnx_names = {name: name for name in example} | {spec.name: spec.export_name for spec in loaded.inputs}
     model = export_onnx(
         module, example, onnx_path, config.export,
-        input_names=[onnx_names[name] for name in example], output_names=loaded.output_names,
+        input_names=[onnx_names[name] for name in example], output_names=output_names,
         metadata=_metadata(config, loaded, compressed),
     )
     seconds = time.perf_counter() - start
@@ -95,33 +118,49 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         f"batch {'dynamic' if config.export.dynamic_batch else batch}) in {seconds:.1f} s")
 
     parity = check_parity(
-        module, onnx_path, lambda seed: loaded.example_inputs(batch=batch, seed=seed), onnx_names,
-        loaded.output_names, config.parity,
+        module, onnx_path, lambda seed: inputs_for(batch, seed), onnx_names, output_names, config.parity,
     )
     say(f"parity PyTorch vs ONNX Runtime ({config.parity.samples} seeded inputs, atol {config.parity.atol:g}, "
         f"rtol {config.parity.rtol:g}): {parity.describe()}")
 
     fidelity = None
-    if compressed and config.fidelity_samples:
+    if compressed and config.fidelity_samples and not compressed.report.output_is_tokens:
         inputs = loaded.example_inputs(batch=config.fidelity_samples, seed=config.parity.seed + 1000)
         fidelity = measure_fidelity(loaded.module, compressed.module, inputs, classes=loaded.output_names[0] == "logits")
         say(f"fidelity vs uncompressed: {fidelity.describe()}")
     result = JobResult(onnx_path, compressed, macs_original, macs_compressed, parity, fidelity, seconds)
     if not parity:
-        worst = parity.failures()[0] if parity.failures() else parity.outputs[0]
-        raise ParityError(
-            f"parity failed: output {worst.name!r} differs by max abs {worst.max_abs:.3e}, max rel "
-            f"{worst.max_rel:.3e} (atol {config.parity.atol:g}, rtol {config.parity.rtol:g}); ONNX kept at {onnx_path}"
-        )
+        raise ParityError(f"{parity.failure_message(config.parity.atol, config.parity.rtol)}; ONNX kept at {onnx_path}")
     if wants_engine:
-        build_engine(onnx_path, output, fp16=config.fp16)
+        # --- TensorRT engine (export/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates on
+        # the model's seeded example inputs ---
+        engine_config = config.engine or EngineConfig(precision="fp16" if config.fp16 else "fp32")
+        calibration = lambda: [  # noqa: E731
+            {onnx_names[k]: v.numpy() for k, v in loaded.example_inputs(batch=batch, seed=seed).items()}
+            for seed in range(config.parity.seed + 2000, config.parity.seed + 2016)
+        ]
+        built = build_engine(onnx_path, output, engine_config, calibration=calibration, say=say)
         result.engine_path = output
-        say(f"built TensorRT engine {output}")
+        say(f"built TensorRT engine {output} ({engine_config.precision}, TensorRT {built.trt_version}); "
+            f"sidecar {built.sidecar_path}")
+        # --- end TensorRT ---
     return result
 
 
+def _say_structure(compressed: CompressedModel, say: Callable[[str], None]) -> None:
+    report = compressed.report
+    say(f"protected tokens: {report.protected} ({report.protected_source})"
+        + (f"; patch grid {'x'.join(map(str, report.grid))}" if report.grid else ""))
+    for note in report.skipped:
+        say(f"left uncompressed: attention {note}")
+    say("tokens per layer: " + " ".join(str(n) for n in compressed.token_counts()))
+
+
 def _metadata(config: JobConfig, loaded: LoadedModel, compressed: CompressedModel | None) -> dict[str, str]:
-    meta = {"tc_export.model": loaded.name, "tc_export.methods": repr(list(config.methods))}
+    from .passes import config_to_dict
+
+    meta = {"tc_export.model": loaded.name,
+            "tc_export.methods": json.dumps([config_to_dict(m) for m in config.methods])}
     if compressed:
         meta["tc_export.tokens_per_layer"] = ",".join(str(n) for n in compressed.token_counts())
     return meta

@@ -20,13 +20,18 @@ def pair_score(cosine: float, first_is_pad: bool, second_is_pad: bool, index: in
 
 
 def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protected: int,
-                    padded: bool = False):
-    """ToMe bipartite soft matching on one sample: x (N, C), metric (N, d), size (N, 1); size 0 = padding."""
+                    padded: bool = False, sort_unmerged: bool | None = None):
+    """ToMe bipartite soft matching on one sample: x (N, C), metric (N, d), size (N, 1); size 0 = padding.
+
+    Output order as the published code gives it: protected tokens first in their order (class, distillation,
+    registers), then the unmerged A tokens (in position order when anything is protected, else in descending
+    score order), then the remaining B tokens in position order.
+    """
     n = x.shape[0]
     r = min(r, (n - protected) // 2)
     if r <= 0:
         return x, size
-    m = metric / metric.norm(dim=-1, keepdim=True)
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # a zero key scores 0 (F.normalize's eps)
     a_pos = list(range(0, n, 2))
     b_pos = list(range(1, n, 2))
     scores = m[a_pos] @ m[b_pos].T
@@ -43,7 +48,8 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
             scores[:, token // 2] = float("-inf")
     best, partner = scores.max(dim=-1)
     order = torch.argsort(best, descending=True, stable=True).tolist()
-    merged, kept = order[:r], sorted(order[r:])
+    do_sort = protected > 0 if sort_unmerged is None else sort_unmerged
+    merged, kept = order[:r], (sorted(order[r:]) if do_sort else order[r:])
     dst_x = [x[p] * size[p] for p in b_pos]
     dst_s = [size[p].clone() for p in b_pos]
     for i in merged:
@@ -52,9 +58,12 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
         dst_s[j] = dst_s[j] + size[a_pos[i]]
     # A token of total size 0 (padding that took in only padding) keeps its own value.
     dst_x = [d / s if float(s) > 0 else x[p] for d, s, p in zip(dst_x, dst_s, b_pos)]
-    out_x = [x[a_pos[i]] for i in kept] + dst_x
-    out_s = [size[a_pos[i]] for i in kept] + dst_s
-    return torch.stack(out_x), torch.stack(out_s)
+    rows = [(a_pos[i], x[a_pos[i]], size[a_pos[i]]) for i in kept]
+    rows += [(p, v, s) for p, v, s in zip(b_pos, dst_x, dst_s)]
+    front = sorted((row for row in rows if row[0] < protected), key=lambda row: row[0])
+    rest = [row for row in rows if row[0] >= protected]
+    ordered = front + rest
+    return torch.stack([row[1] for row in ordered]), torch.stack([row[2] for row in ordered])
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: torch.Tensor, prop_attn: bool) -> torch.Tensor:
@@ -99,30 +108,37 @@ def reference_topk(x, size, cls_attn, keep: float, protected: int, fuse: bool, k
     kept = sorted(order[:count]) if keep_order else order[:count]
     rows = [x[i] for i in range(protected)] + [x[protected + i] for i in kept]
     sizes = [size[i] for i in range(protected)] + [size[protected + i] for i in kept]
-    if fuse:
+    if fuse:  # EViT's fused token: sum of a_i * x_i over the pruned tokens, not normalised
         pruned = order[count:]
-        rows.append(_weighted_average([x[protected + i] for i in pruned], [cls_attn[protected + i] for i in pruned]))
+        rows.append(sum(cls_attn[protected + i] * x[protected + i] for i in pruned))
         sizes.append(sum(size[protected + i] for i in pruned))
     return torch.stack(rows), torch.stack(sizes)
 
 
-def reference_prumerge(x, size, cls_attn, metric, tokens: int, protected: int, extra: bool):
-    """Fixed-budget PruMerge on one sample: keep ``tokens`` by class attention, merge the rest by key cosine."""
-    order = _ranked(cls_attn[protected:])
-    kept, pruned = sorted(order[:tokens]), order[tokens:]
-    m = metric / metric.norm(dim=-1, keepdim=True)
-    members = {j: [protected + j] for j in kept}
-    for i in pruned:
-        sims = [float(m[protected + i] @ m[protected + j]) for j in kept]
-        members[kept[sims.index(max(sims))]].append(protected + i)
-    rows = [x[i] for i in range(protected)]
-    sizes = [size[i] for i in range(protected)]
-    for j in kept:
-        rows.append(_weighted_average([x[t] for t in members[j]], [cls_attn[t] for t in members[j]]))
-        sizes.append(sum(size[t] for t in members[j]))
+def reference_prumerge(x, size, query, key, tokens: int, protected: int, extra: bool, neighbours: int = 32):
+    """LLaVA-PruMerge's ``token_prune_merge_advanced`` on one sample, with a fixed budget, as the published loop.
+
+    x (N, C) tokens, query/key (N, C') the attention layer's full-width projections. The protected prefix stays
+    first (the published code has only a class token, at index 0, and drops it from its output).
+    """
+    n, width = key.shape
+    attn = torch.softmax((query @ key.T) * width ** -0.5, dim=-1)
+    cls_attn = attn[0, protected:]
+    feats, keys = x[protected:], key[protected:]
+    idx = [i for i, _ in sorted(enumerate(cls_attn.tolist()), key=lambda t: -t[1])][:tokens]
+    compl = sorted(set(range(len(cls_attn))) - set(idx))
+    keys_norm = keys / keys.norm(dim=-1, keepdim=True)
+    rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]
+    for i, token in enumerate(idx):
+        rest = idx[:i] + idx[i + 1:] + compl
+        sims = [float(keys_norm[token] @ keys_norm[j]) for j in rest]
+        count = min(neighbours, len(rest))
+        cluster = [rest[k] for k, _ in sorted(enumerate(sims), key=lambda t: -t[1])[:count]]
+        rows.append(feats[token] + sum(cls_attn[j] * feats[j] for j in cluster))
+        sizes.append(size[protected + token])
     if extra:
-        rows.append(_weighted_average([x[protected + i] for i in pruned], [cls_attn[protected + i] for i in pruned]))
-        sizes.append(sum(size[protected + i] for i in pruned))
+        rows.append(sum(cls_attn[j] * feats[j] for j in compl))
+        sizes.append(sum(size[protected + j] for j in compl))
     return torch.stack(rows), torch.stack(sizes)
 
 
@@ -131,7 +147,7 @@ def reference_adjacent(x, metric, size, r: int, protected: int, padded: bool = F
     n = x.shape[0]
     pairs = (n - protected) // 2
     r = min(r, pairs)
-    m = metric / metric.norm(dim=-1, keepdim=True)
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # a zero key scores 0 (F.normalize's eps)
     starts = [protected + 2 * i for i in range(pairs)]
     pad = [float(size[t]) == 0 for t in range(n)]
     sims = torch.tensor([pair_score(float(m[s] @ m[s + 1]), padded and pad[s], padded and pad[s + 1], i, pairs)
@@ -152,16 +168,24 @@ def reference_adjacent(x, metric, size, r: int, protected: int, padded: bool = F
     return torch.stack(rows), torch.stack(sizes)
 
 
-@torch.no_grad()
 def reference_compressed_timm_vit(model, images: torch.Tensor, step, prop_attn: bool):
     """A timm ViT run one sample at a time; after each attention residual add, ``step`` may compress.
 
     ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)``. Returns outputs and token counts.
     """
+    return reference_timm_blocks(model, images, step, prop_attn)
+
+
+@torch.no_grad()
+def reference_timm_blocks(model, images: torch.Tensor, step, prop_attn: bool):
+    """Any plain timm ViT (class/distillation/register tokens; token, average or distilled heads), one sample at a
+    time, with ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)`` after each attention
+    residual add. Pooling follows the published ToMe: an average over the patch tokens is size-weighted.
+    Returns outputs and token counts."""
+    prefix = model.num_prefix_tokens
     outputs, counts = [], []
     for image in images:
-        x = model.patch_embed(image[None])[0]
-        x = torch.cat([model.cls_token[0], x]) + model.pos_embed[0]
+        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
         size = torch.ones(x.shape[0], 1)
         counts = []
         for index, block in enumerate(model.blocks):
@@ -169,13 +193,22 @@ def reference_compressed_timm_vit(model, images: torch.Tensor, step, prop_attn: 
             heads = block.attn.num_heads
             counts.append(n)
             q, k, v = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, c // heads).permute(1, 2, 0, 3)
+            q, k = block.attn.q_norm(q), block.attn.k_norm(k)
             logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
             if prop_attn:
                 logits = logits + size[:, 0].log()[None, None, :]
             probs = logits.softmax(dim=-1)
-            x = x + block.attn.proj((probs @ v).transpose(0, 1).reshape(n, c))
+            attended = block.attn.norm((probs @ v).transpose(0, 1).reshape(n, c))
+            x = x + block.ls1(block.attn.proj(attended))
             x, size = step(index, x, size, k, probs)
-            x = x + block.mlp(block.norm2(x))
+            x = x + block.ls2(block.mlp(block.norm2(x)))
         counts.append(x.shape[0])
-        outputs.append(model.head(model.norm(x)[0]))
+        x = model.norm(x)
+        if getattr(model, "head_dist", None) is not None:
+            outputs.append((model.head(x[0]) + model.head_dist(x[1])) / 2)
+        elif model.global_pool == "avg":
+            pooled = (x[prefix:] * size[prefix:]).sum(0) / size[prefix:].sum(0)
+            outputs.append(model.head(model.fc_norm(pooled)))
+        else:
+            outputs.append(model.head(model.fc_norm(x[0])))
     return torch.stack(outputs), counts

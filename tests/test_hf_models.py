@@ -35,7 +35,7 @@ def tiny(kind: str):
 CASES = [
     ("vit", ToMeConfig(r=3), [17, 14, 11, 8]),
     ("vit", TopKConfig(keep=0.5, layers=(1,), fuse=True), [17, 17, 10, 10]),
-    ("vit", PruMergeConfig(tokens=6, layers=(1,), extra=True), [17, 17, 8, 8]),
+    ("vit", PruMergeConfig(tokens=6, layers=(1,), extra=True), [17, 8, 8, 8]),
     ("vit", AdjacentConfig(r=2), [17, 15, 13, 11]),
     ("clip", ToMeConfig(r=4), [17, 13, 9, 5]),
     ("dinov2", TopKConfig(keep=0.5, layers=(0, 2)), [17, 9, 9, 5]),
@@ -212,3 +212,184 @@ def test_minilm_is_the_real_model_and_survives_compression():
     short = batch["attention_mask"].sum(1) <= 44  # pads absorb every merge: unchanged
     torch.testing.assert_close(cosine[short], torch.ones(int(short.sum())), rtol=0, atol=1e-5)
     assert float(cosine.mean()) > 0.99
+
+
+# --- hf:PATH for any transformers encoder (Auto classes) ---------------------------------------------------------
+
+TINY_TEXT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "vocab_size": 100, "max_position_embeddings": 40}
+TINY_IMAGE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+              "image_size": 32, "patch_size": 8}
+
+
+def _family(kind: str):
+    """(config, class saved with weights (None: config only), reference output fn(model_dir, inputs))."""
+    import transformers as tf
+
+    if kind == "roberta":
+        config = tf.RobertaConfig(**TINY_TEXT, architectures=["RobertaModel"])
+        return config, tf.RobertaModel, lambda d, x: tf.RobertaModel.from_pretrained(d)(**x).pooler_output
+    if kind == "bert":
+        config = tf.BertConfig(**TINY_TEXT, architectures=["BertModel"])
+        return config, None, None
+    if kind == "deit":
+        config = tf.DeiTConfig(**TINY_IMAGE, num_labels=5, architectures=["DeiTForImageClassificationWithTeacher"])
+        cls = tf.DeiTForImageClassificationWithTeacher
+        return config, cls, lambda d, x: cls.from_pretrained(d)(**x).logits
+    if kind == "vit":
+        config = tf.ViTConfig(**TINY_IMAGE, num_labels=5, architectures=["ViTForImageClassification"])
+        cls = tf.ViTForImageClassification
+        return config, cls, lambda d, x: cls.from_pretrained(d)(**x).logits
+    if kind == "siglip":  # the composite image-text config: its vision tower, MAP-head pooled
+        config = tf.SiglipConfig(vision_config=TINY_IMAGE, text_config={**TINY_TEXT, "max_position_embeddings": 16})
+        return config, tf.SiglipModel, lambda d, x: tf.SiglipModel.from_pretrained(d).vision_model(**x).pooler_output
+    if kind == "dinov2_registers":
+        config = tf.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              image_size=28, patch_size=7, num_register_tokens=2,
+                                              architectures=["Dinov2WithRegistersModel"])
+        cls = tf.Dinov2WithRegistersModel
+        return config, cls, lambda d, x: cls.from_pretrained(d)(**x).pooler_output
+    if kind == "whisper":  # encoder only, mean over frames (no pooler, no head)
+        config = tf.WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16,
+                                  max_source_positions=24, vocab_size=100, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, decoder_start_token_id=1,
+                                  architectures=["WhisperForConditionalGeneration"])
+        cls = tf.WhisperForConditionalGeneration
+        return config, cls, lambda d, x: cls.from_pretrained(d).model.encoder(**x).last_hidden_state.mean(1)
+    raise KeyError(kind)
+
+
+def _save_family(kind: str, folder):
+    config, cls, reference = _family(kind)
+    torch.manual_seed(0)
+    if cls is None:
+        config.save_pretrained(folder)
+    else:
+        cls(config).save_pretrained(folder)
+    return reference
+
+
+FAMILIES = {  # kind -> (class built, output name, tokens the first attention sees)
+    "roberta": ("RobertaModel", "pooler_output", 38),
+    "bert": ("BertModel", "pooler_output", 40),
+    "deit": ("DeiTForImageClassificationWithTeacher", "logits", 18),
+    "vit": ("ViTForImageClassification", "logits", 17),
+    "siglip": ("SiglipVisionModel", "pooler_output", 16),
+    "dinov2_registers": ("Dinov2WithRegistersModel", "pooler_output", 19),
+    "whisper": ("WhisperEncoder", "mean_embedding", 24),
+}
+
+
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_any_encoder_directory_loads_runs_and_exports_or_refuses(kind, tmp_path):
+    """hf:DIR builds the architecture config.json names (or its base model / vision tower / encoder) with the
+    directory's weights, equals transformers' own output, and ToMe r=2 either exports with parity or is refused
+    with a one-line message naming the cause."""
+    from tc_export.errors import TCExportError
+    from tc_export.models import load_model
+
+    folder = tmp_path / kind
+    reference = _save_family(kind, folder)
+    loaded = load_model(f"hf:{folder}", warn_random=False)
+    cls_name, output, tokens = FAMILIES[kind]
+    inner = getattr(loaded.module, "model", None) or loaded.module.encoder
+    assert type(inner).__name__ == cls_name
+    assert loaded.output_names == [output]
+    assert loaded.random_init == (reference is None)
+    inputs = loaded.example_inputs(batch=2)
+    with torch.no_grad():
+        ours = loaded.module(**inputs)
+        if reference is not None:
+            torch.testing.assert_close(ours, reference(str(folder), inputs), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(ours).all()
+
+    try:
+        compressed = compress(loaded, ToMeConfig(r=2), inputs)
+    except TCExportError as error:
+        message = str(error)
+        assert len(message.splitlines()) == 1 and "Traceback" not in message
+        pytest.skip(f"refused (recorded): {message[:160]}")  # the passes decide what is compressible
+    assert compressed.token_counts()[:2] == [tokens, tokens - 2]
+    path = tmp_path / "m.onnx"
+    export_onnx(compressed.module, inputs, path, ExportConfig(batch=2), input_names=list(inputs),
+                output_names=loaded.output_names)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+    with torch.no_grad():
+        want = compressed(**inputs)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-5)
+
+
+def test_text_encoder_mean_pooling_exports_through_the_cli(tmp_path, capsys):
+    """RoBERTa's pooler reads [CLS] by position; --pooling mean is the padding-aware mean, and exports with parity."""
+    from .test_cli import run_cli
+
+    _save_family("roberta", tmp_path / "roberta")
+    code, out, err = run_cli([f"hf:{tmp_path / 'roberta'}", "--pooling", "mean", "--method", "tome", "--r", "2",
+                              "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 0, err
+    assert "tokens per layer: 38 36 34" in out and "passed" in out and "random weights" not in out
+
+
+def test_pooling_choices_and_fallbacks(tmp_path):
+    """--pooling cls/mean on a classifier uses its base model; a pooling the model lacks is one clear error; a
+    per-token head (masked LM) falls back to its base model, whose untrained pooler is not the default."""
+    import transformers as tf
+
+    from tc_export.models import load_model
+
+    _save_family("vit", tmp_path / "vit")
+    images = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    reference = tf.ViTForImageClassification.from_pretrained(str(tmp_path / "vit")).vit(**images).last_hidden_state
+    for pooling, want in (("cls", reference[:, 0]), ("mean", reference.mean(1))):
+        loaded = load_model(f"hf:{tmp_path / 'vit'}", ModelOptions(pooling=pooling), warn_random=False)
+        assert loaded.output_names == [{"cls": "cls_embedding", "mean": "mean_embedding"}[pooling]]
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module(**images), want.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="--pooling pooler does not apply to ViTModel"):
+        load_model(f"hf:{tmp_path / 'vit'}", ModelOptions(pooling="pooler"), warn_random=False)
+
+    torch.manual_seed(1)
+    tf.BertForMaskedLM(tf.BertConfig(**TINY_TEXT, architectures=["BertForMaskedLM"])).save_pretrained(tmp_path / "mlm")
+    loaded = load_model(f"hf:{tmp_path / 'mlm'}", warn_random=False)
+    assert type(loaded.module.model).__name__ == "BertModel" and not loaded.random_init
+    assert loaded.output_names == ["mean_embedding"]
+    batch = loaded.example_inputs(batch=2)
+    hidden = tf.BertForMaskedLM.from_pretrained(str(tmp_path / "mlm")).bert(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(**batch), ((hidden * mask).sum(1) / mask.sum(1)).detach(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_presets_take_pooling_and_refuse_it_for_timm():
+    from tc_export.models import load_model
+
+    torch.manual_seed(0)
+    loaded = build_dinov2(ModelOptions(img_size=28, pooling="mean"), hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2)
+    assert loaded.output_names == ["mean_embedding"]
+    with pytest.raises(ConfigError, match="--pooling applies to transformers models"):
+        load_model("timm:vit_tiny_patch16_224", ModelOptions(pooling="cls"))
+
+
+def test_weights_file_fills_a_config_directory(tmp_path):
+    """hf:DIR (config only) + --weights FILE: the file's keys are the transformers model's own."""
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from tc_export.models import load_model
+
+    config, _, _ = _family("vit")
+    config.save_pretrained(tmp_path / "cfg")
+    torch.manual_seed(5)
+    model = tf.ViTForImageClassification(config).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    loaded = load_model(f"hf:{tmp_path / 'cfg'}", ModelOptions(weights=tmp_path / "w.safetensors"), warn_random=False)
+    assert not loaded.random_init
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(pixel_values=images), model(pixel_values=images).logits)

@@ -62,16 +62,18 @@ def test_topk_op_matches_reference(fuse, keep_order, protected):
 
 
 @pytest.mark.parametrize("extra", [False, True])
-@pytest.mark.parametrize("padded", [0, 4])
-def test_prumerge_op_matches_reference(extra, padded):
-    x, metric, size, cls_attn = _inputs(padded=padded, seed=1)
-    got_x, got_size = prumerge(x, size, cls_attn, metric, 6, 1, extra)
+@pytest.mark.parametrize("protected,neighbours", [(1, 32), (1, 4), (2, 32), (3, 7)])
+def test_prumerge_op_matches_reference(extra, protected, neighbours):
+    x, _, size, _ = _inputs(tokens=40, seed=1 + protected)
+    g = torch.Generator().manual_seed(11)
+    query, key = torch.randn(3, 40, 12, generator=g), torch.randn(3, 40, 12, generator=g)
+    got_x, got_size = prumerge(x, size, query, key, 6, protected, extra, neighbours)
     want_x, want_size = _per_sample(
-        lambda a, s, c, m: reference_prumerge(a, s, c, m, 6, 1, extra), 3, x, size, cls_attn, metric
+        lambda a, s, q, k: reference_prumerge(a, s, q, k, 6, protected, extra, neighbours), 3, x, size, query, key
     )
     torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_size, want_size)
-    assert got_x.shape[1] == 7 + int(extra)
+    assert got_x.shape[1] == protected + 6 + int(extra)
 
 
 @pytest.mark.parametrize("tokens,r,protected", [(21, 4, 1), (20, 10, 0), (21, 3, 0), (9, 99, 2)])
@@ -154,8 +156,6 @@ STEPS = {
              lambda i, x, s, k, p: reference_topk(x, s, _cls(p), 0.6, 1, False, False) if i in (1, 2) else (x, s)),
     "topk-fuse-order": (TopKConfig(keep=0.5, layers=(0, 2), fuse=True, keep_order=True), False,
                         lambda i, x, s, k, p: reference_topk(x, s, _cls(p), 0.5, 1, True, True) if i in (0, 2) else (x, s)),
-    "prumerge": (PruMergeConfig(tokens=12, layers=(1,), extra=True), True,
-                 lambda i, x, s, k, p: reference_prumerge(x, s, _cls(p), k.mean(0), 12, 1, True) if i == 1 else (x, s)),
     "adjacent": (AdjacentConfig(r=5), True, lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 5, 1)),
 }
 
@@ -167,6 +167,38 @@ def test_pass_on_timm_vit_matches_reference(name):
     images = _images()
     compressed = compress(model, config, {"x": images[:1]})
     want, counts = reference_compressed_timm_vit(model, images, step, prop_attn)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(images), want, rtol=1e-4, atol=2e-5)
+    assert compressed.token_counts() == counts
+
+
+@torch.no_grad()
+def reference_prumerge_timm_vit(model, images, layer: int, tokens: int, extra: bool):
+    """PruMerge as LLaVA runs it, on a timm ViT one sample at a time: the tokens entering block ``layer`` are
+    scored and merged with that block's full-width queries and keys; the block and the rest run on the result."""
+    outputs, counts = [], []
+    for image in images:
+        x = model.patch_embed(image[None])[0]
+        x = torch.cat([model.cls_token[0], x]) + model.pos_embed[0]
+        counts = []
+        for index, block in enumerate(model.blocks):
+            if index == layer:
+                n, c = x.shape
+                q, k, _ = block.attn.qkv(block.norm1(x)).reshape(n, 3, c).unbind(1)
+                x, _ = reference_prumerge(x, torch.ones(n, 1), q, k, tokens, 1, extra)
+            counts.append(x.shape[0])
+            x = block(x[None])[0]
+        counts.append(x.shape[0])
+        outputs.append(model.head(model.norm(x)[0]))
+    return torch.stack(outputs), counts
+
+
+@pytest.mark.parametrize("layer,extra", [(1, True), (3, False)])
+def test_prumerge_pass_on_timm_vit_matches_published(layer, extra):
+    model = tiny_timm_vit()
+    images = _images(seed=3)
+    compressed = compress(model, PruMergeConfig(tokens=12, layers=(layer,), extra=extra), {"x": images[:1]})
+    want, counts = reference_prumerge_timm_vit(model, images, layer, 12, extra)
     with torch.no_grad():
         torch.testing.assert_close(compressed(images), want, rtol=1e-4, atol=2e-5)
     assert compressed.token_counts() == counts
@@ -218,9 +250,12 @@ def test_class_attention_from_explicit_softmax():
     torch.testing.assert_close(got, torch.stack(outputs), rtol=1e-4, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", list(STEPS))
+EXPORTED = {**{name: step[0] for name, step in STEPS.items()}, "prumerge": PruMergeConfig(tokens=12, layers=(1,))}
+
+
+@pytest.mark.parametrize("name", list(EXPORTED))
 def test_methods_export_to_static_onnx(name, tmp_path):
-    config, _, _ = STEPS[name]
+    config = EXPORTED[name]
     model = tiny_timm_vit(depth=3)
     images = _images(batch=2, seed=6)
     compressed = compress(model, config, {"x": images})

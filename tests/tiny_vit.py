@@ -79,5 +79,6 @@ def reference_tome_tiny_vit(model: TinyViT, images: torch.Tensor, schedule: list
             h, size = reference_merge(h, k.mean(dim=0), size, r, protected)
             h = h + layer.ff(layer.ln_b(h))
         h = model.final_ln(h)
-        outputs.append(model.classifier(h[0] if protected else h.mean(dim=0)))
+        # Global average pooling after ToMe is size-weighted, as the published code pools its MAE models.
+        outputs.append(model.classifier(h[0] if protected else (h * size).sum(dim=0) / size.sum(dim=0)))
     return torch.stack(outputs)

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import click
 
-from ..errors import TCExportError
+from ..errors import ConfigError, InternalError, TCExportError
 from .options import MethodFlags, method_configs, method_options
+from .report_command import report_command
+from .trt_commands import EngineFlags, engine_options, export_target, register_trt_commands
 
 
 class DefaultCommandGroup(click.Group):
@@ -39,38 +43,57 @@ def cli() -> None:
 @cli.command("export")
 @click.argument("model")
 @method_options
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=None, help="model.onnx or model.engine.")
+@click.option("-o", "--output", type=click.Path(), default=None, help="model.onnx, model.engine or DIR/ (a bundle).")
 @click.option("--weights", type=click.Path(path_type=Path), default=None, help="safetensors or PyTorch state dict.")
 @click.option("--pretrained", is_flag=True, help="Library's pretrained weights (from its local cache).")
 @click.option("--img-size", type=int, default=None, help="Input resolution, e.g. 384.")
+@click.option("--pooling", default=None, help="transformers models: logits, pooler, cls, mean or tokens "
+              "(default: logits, else pooler, else mean).")
 @click.option("--batch", type=int, default=1, show_default=True, help="Static batch size.")
 @click.option("--dynamic-batch", is_flag=True, help="Leave the batch dimension symbolic.")
+@click.option("--features", type=int, default=None,
+              help="Vision-tower mode: output the tokens of this block (-2: second-to-last, as LLaVA).")
+@click.option("--frames", type=int, default=None, help="Video: input (B, T, 3, H, W); the tower runs per frame.")
 @click.option("--opset", type=int, default=18, show_default=True)
+@click.option("--no-functions", is_flag=True, help="Flat ONNX: no tc_export function node per token op.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")
 @click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
-def export_command(model: str, flags: MethodFlags, output: Path | None, weights: Path | None, pretrained: bool,
-                   img_size: int | None, batch: int,
-                   dynamic_batch: bool, opset: int, atol: float, rtol: float, seed: int, fp16: bool) -> None:
+@engine_options
+def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
+                   weights: Path | None, pretrained: bool,
+                   img_size: int | None, pooling: str | None, batch: int,
+                   dynamic_batch: bool, features: int | None, frames: int | None, opset: int, no_functions: bool, atol: float, rtol: float, seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.parity import ParityConfig
     from ..models import ModelOptions
     from ..pipeline import JobConfig, run_job
     methods, _ = method_configs(flags)
+    if flags.recipe is not None:  # a recipe may carry the tower settings (--features, --frames)
+        from ..recipes import load_recipe
+
+        recipe = load_recipe(flags.recipe)
+        features = recipe.features if features is None else features
+        frames = recipe.frames if frames is None else frames
     if output is None:
         suffix = flags.method or (flags.recipe and Path(flags.recipe).stem)
         output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + suffix if suffix else ''}.onnx")
+    output, engine, bundle = export_target(output, engine_flags, fp16)  # TensorRT: engine flags, DIR/ bundles
     config = JobConfig(
         model=model,
         output=output,
         methods=methods,
         recipe=flags.recipe,
-        model_options=ModelOptions(img_size=img_size, weights=weights, pretrained=pretrained),
-        export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch),
+        model_options=ModelOptions(img_size=img_size, weights=weights, pretrained=pretrained, pooling=pooling,
+                                   frames=frames),
+        features=features,
+        export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions),
         parity=ParityConfig(atol=atol, rtol=rtol, seed=seed),
         fp16=fp16,
+        engine=engine,
+        bundle=bundle,
     )
     run_job(config, say=click.echo)
 
@@ -78,35 +101,88 @@ def export_command(model: str, flags: MethodFlags, output: Path | None, weights:
 @cli.command("bench")
 @click.argument("model")
 @method_options
+@click.option("--config", "configs", multiple=True, metavar="SPEC",
+              help='Another configuration, side by side (repeatable): "tome r=8", "topk keep=0.7 layers=3,6,9", '
+                   'a recipe name or YAML file.')
+@click.option("--sweep", "sweeps", multiple=True, metavar="NAME=V1,V2",
+              help="Sweep a config field over values (repeatable: their product), e.g. r=0,4,8,12,16 or keep=0.5,0.7.")
 @click.option("--img-size", type=int, default=None)
+@click.option("--weights", type=click.Path(path_type=Path), default=None, help="safetensors or PyTorch state dict.")
 @click.option("--batch", "batches", type=int, multiple=True, default=(1, 8), show_default=True)
-@click.option("--runs", type=int, default=30, show_default=True)
+@click.option("--runs", type=int, default=30, show_default=True, help="Timed runs per model (interleaved).")
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--backend", type=click.Choice(["ort", "torch", "trt"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime CPU; torch: eager PyTorch of the same compressed graph; trt: TensorRT.")
+@click.option("--int8", is_flag=True, help="Add an int8 row (ONNX Runtime dynamic quantization) per configuration.")
+@click.option("--baselines", is_flag=True,
+              help="Add the uncompressed model after ORT's transformer optimizer and eager reference ToMe.")
+@click.option("--samples", type=int, default=16, show_default=True, help="Seeded inputs for fidelity.")
+@click.option("--seed", type=int, default=1000, show_default=True, help="Seed of the fidelity inputs.")
 @click.option("--profile", is_flag=True, help="Also print where the time goes, by ONNX op type.")
+@click.option("--no-functions", "flat", is_flag=True, help="Export the token ops inline (no ONNX local functions).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results (JSON).")
 @click.option("--markdown", type=click.Path(path_type=Path), default=None, help="Write the table to this file.")
-def bench_command(model: str, flags: MethodFlags, img_size: int | None,
-                  batches: tuple[int, ...], runs: int, warmup: int, threads: int, profile: bool,
-                  markdown: Path | None) -> None:
-    """Time uncompressed vs compressed ONNX side by side in ONNX Runtime (CPU). Default: --method tome --r 16."""
-    from ..bench import BenchConfig, format_table
-    from ..bench_job import bench_model
-    from ..models import ModelOptions
+@click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write PNG plots into this directory.")
+def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], sweeps: tuple[str, ...],
+                  img_size: int | None, weights: Path | None, batches: tuple[int, ...], runs: int, warmup: int,
+                  threads: int, backend: str, int8: bool, baselines: bool, samples: int, seed: int, profile: bool, flat: bool,
+                  json_path: Path | None, markdown: Path | None, plot: Path | None) -> None:
+    """Measure configurations against the uncompressed model: speed, fidelity, accuracy. Default: tome r=16.
 
-    methods, label = method_configs(flags, default_method="tome")
-    config = BenchConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads)
-    rows = bench_model(model, methods, ModelOptions(img_size=img_size), config, say=click.echo, profile=profile,
-                       recipe=flags.recipe)
-    table = format_table(model, label, rows, threads)
+    \b
+    tc-export bench vit_b --method tome --sweep r=0,8,16 --batch 1 --batch 8 --json out.json --plot plots/
+    tc-export bench deit_s --config "tome r=8" --config "topk keep=0.7 layers=3,6,9" --int8 --baselines
+    """
+    from ..bench_job import SweepConfig, check_backend, run_sweep
+    from ..bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
+    from ..models import ModelOptions, load_model
+    from ..sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+
+    config = SweepConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads, backend=backend,
+                         int8=int8, baselines=baselines, samples=samples, seed=seed, profile=profile,
+                         flat=flat)
+    check_backend(backend)
+    if plot is not None:
+        require_matplotlib()
+    for path in (json_path, markdown):
+        if path is not None and not path.resolve().parent.is_dir():
+            raise ConfigError(f"cannot write {path}: directory {path.resolve().parent} does not exist")
+    axes = [parse_sweep(text) for text in sweeps]
+    candidates = [parse_config_spec(text) for text in configs]
+    if flags.method or flags.recipe or flags.given() or not candidates:
+        methods, label = method_configs(flags, default_method="tome")
+        base = candidate_from_configs(methods, flags.method or None)
+        if flags.recipe:
+            base = replace(base, label=label, method=label, params={"recipe": flags.recipe})
+        candidates.insert(0, base)
+    candidates = expand(candidates, axes)
+    loaded = load_model(model, ModelOptions(img_size=img_size, weights=weights), warn_random=False)
+    if loaded.random_init:
+        click.echo(f"warning: {loaded.name} has random weights: fidelity is vs the random model, accuracy is null")
+    groups = 2 if baselines else 1
+    steps = len(batches) * (1 + len(candidates) + groups + (1 + len(candidates) if baselines else 0))
+    with click.progressbar(length=steps, label="bench", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda item: item) as bar:
+        rows = run_sweep(loaded, candidates, config, say=click.echo,
+                         progress=lambda label: bar.update(1, label[:40]))
+    doc = document(rows, {"model": model, "candidates": [c.label for c in candidates], "sweeps": list(sweeps),
+                          "img_size": img_size, **config.as_dict()})
+    table = markdown_table(rows) + footnote(doc["config"], doc["machine"])
     click.echo(table)
+    if json_path is not None:
+        write_json(doc, json_path)
     if markdown is not None:
         markdown.write_text(table + "\n")
+    if plot is not None:
+        for path in write_plots(rows, plot):
+            click.echo(f"wrote {path}")
 
 
 @cli.command("list")
 def list_command() -> None:
     """Show the models and methods."""
-    from ..models import hf_models, timm_models  # noqa: F401 - registers their entries
+    from ..models import hf_models, mnist, timm_models  # noqa: F401 - registers their entries
     from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
     from ..passes import METHODS
     from ..recipes import load_recipe, shipped_recipes
@@ -124,6 +200,12 @@ def list_command() -> None:
         click.echo(f"  {name:<26} {load_recipe(str(path)).description}")
 
 
+register_trt_commands(cli)  # lint, build, verify (trt_commands.py)
+
+
+cli.add_command(report_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -134,8 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     except TCExportError as error:
         click.echo(f"tc-export: error: {error}", err=True)
         sys.exit(error.exit_code)
+    except click.exceptions.NoArgsIsHelpError as error:  # bare ``tc-export``: the help, not an error
+        click.echo(error.ctx.get_help() if error.ctx else "tc-export --help")
+        sys.exit(0)
+    except click.UsageError as error:  # unknown flag, wrong type, missing argument: one line, not click's three
+        hint = "" if "--help" in error.format_message() else " (see tc-export --help)"
+        click.echo(f"tc-export: error: {error.format_message()}{hint}", err=True)
+        sys.exit(error.exit_code)
     except click.ClickException as error:
-        error.show()
+        click.echo(f"tc-export: error: {error.format_message()}", err=True)
         sys.exit(error.exit_code)
     except click.exceptions.Abort:
         click.echo("tc-export: aborted", err=True)
@@ -143,6 +232,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("tc-export: interrupted", err=True)
         sys.exit(130)
+    except OSError as error:  # the file system said no (disk full, permissions, a path that vanished)
+        click.echo(f"tc-export: error: {error}", err=True)
+        sys.exit(2)
+    except Exception as error:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if os.environ.get("TC_EXPORT_TRACEBACK"):
+            raise
+        text = str(error).strip().splitlines()
+        click.echo(f"tc-export: internal error (a bug in tc-export, not your input): {type(error).__name__}: "
+                   f"{text[0][:300] if text else ''}; rerun with TC_EXPORT_TRACEBACK=1 for the traceback", err=True)
+        sys.exit(InternalError.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

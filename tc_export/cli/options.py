@@ -1,7 +1,13 @@
-"""Method flags shared by ``export`` and ``bench``, and turning them into method configs (or a recipe)."""
+"""Method flags shared by ``export`` and ``bench``, derived from the registered method configs' fields.
+
+Each config field is a flag (``r`` -> ``--r``, ``keep_order`` -> ``--keep-order``, booleans as ``--x/--no-x``);
+fields of the same name in several methods share one flag, parsed by the chosen method's own field. A new method
+therefore brings its flags with it; nothing here names a method.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -12,64 +18,71 @@ from ..errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# Which flags each method takes (flag -> methods); anything else is a mistake worth naming.
-FLAG_METHODS = {
-    "--r": ("tome", "adjacent"),
-    "--inflect": ("tome",),
-    "--no-prop-attn": ("tome", "adjacent", "prumerge"),
-    "--keep": ("topk",),
-    "--layers": ("tome", "topk", "prumerge", "adjacent"),
-    "--fuse": ("topk",),
-    "--keep-order": ("topk",),
-    "--tokens": ("prumerge",),
-    "--extra": ("prumerge",),
-}
+
+@dataclass(frozen=True)
+class FlagSpec:
+    """One command-line flag and the config fields (of which methods) behind it."""
+
+    name: str  # the field name, e.g. "keep_order"
+    flag: str  # "--keep-order"
+    is_bool: bool
+    help: str
+    methods: tuple[str, ...]
+
+
+def flag_specs() -> dict[str, FlagSpec]:
+    """Every method setting as a flag, in registration order of first appearance."""
+    from ..passes import METHODS
+    from ..passes.methods import config_fields, flag_name, is_bool_field
+
+    specs: dict[str, FlagSpec] = {}
+    for name, spec in METHODS.items():
+        for field in config_fields(spec.config_type):
+            known = specs.get(field.name)
+            if known is None:
+                specs[field.name] = FlagSpec(field.name, flag_name(field), is_bool_field(field),
+                                             field.metadata.get("help", ""), (name,))
+            else:
+                extra = field.metadata.get("help", "")
+                helps = known.help if not extra or extra in known.help else f"{known.help}; {extra}".strip("; ")
+                specs[field.name] = dataclasses.replace(known, methods=(*known.methods, name), help=helps)
+    return specs
 
 
 @dataclass(frozen=True)
 class MethodFlags:
-    """The single-method flags as given on the command line (None / False: not given)."""
+    """The single-method flags as given on the command line (only those given)."""
 
     method: str | None = None
     recipe: str | None = None
-    r: str | None = None
-    inflect: float | None = None
-    no_prop_attn: bool = False
-    keep: float | None = None
-    layers: str | None = None
-    fuse: bool = False
-    keep_order: bool = False
-    tokens: int | None = None
-    extra: bool = False
+    values: tuple[tuple[str, Any], ...] = ()  # field name -> the flag's text (or bool), in the order given
 
     def given(self) -> list[str]:
-        values = {
-            "--r": self.r is not None, "--inflect": self.inflect is not None, "--no-prop-attn": self.no_prop_attn,
-            "--keep": self.keep is not None, "--layers": self.layers is not None, "--fuse": self.fuse,
-            "--keep-order": self.keep_order, "--tokens": self.tokens is not None, "--extra": self.extra,
-        }
-        return [flag for flag, on in values.items() if on]
+        specs = flag_specs()
+        return [specs[name].flag if value is not False or not specs[name].is_bool else f"--no-{specs[name].flag[2:]}"
+                for name, value in self.values]
 
 
 def method_options(function: F) -> F:
-    """Add the method flags to a click command; the command receives them as one ``flags: MethodFlags``."""
+    """Add ``--method``, ``--recipe`` and every method's flags to a click command; it receives ``flags``."""
+    specs = flag_specs()
     options = [
         click.option("--method", "-m", default=None, help="Compression method (see `tc-export list`)."),
         click.option("--recipe", default=None, help="Multi-stage recipe: a shipped name or a YAML file."),
-        click.option("--r", "r", default=None, help="tome/adjacent: tokens merged per layer (tome: or a list 8,8,4)."),
-        click.option("--inflect", type=float, default=None, help="tome: linear r schedule with this inflection."),
-        click.option("--no-prop-attn", is_flag=True, help="Merging methods: no proportional attention."),
-        click.option("--keep", type=float, default=None, help="topk: fraction of tokens kept, e.g. 0.7."),
-        click.option("--layers", default=None, help="Layers to act on, e.g. 3,6,9 or 0-5 (zero-indexed)."),
-        click.option("--fuse", is_flag=True, help="topk: add EViT's fused token of the pruned tokens."),
-        click.option("--keep-order", is_flag=True, help="topk: survivors keep their original order."),
-        click.option("--tokens", type=int, default=None, help="prumerge: token budget K kept per layer."),
-        click.option("--extra", is_flag=True, help="prumerge: one extra token for the pruned mass."),
     ]
+    for spec in specs.values():
+        methods = ", ".join(spec.methods)
+        help_text = f"{spec.help} [{methods}]" if spec.help else f"[{methods}]"
+        if spec.is_bool:
+            options.append(click.option(f"{spec.flag}/--no-{spec.flag[2:]}", spec.name, default=None, help=help_text))
+        else:
+            options.append(click.option(spec.flag, spec.name, default=None, type=str, help=help_text))
 
     def wrapped(**kwargs: Any) -> Any:
-        names = [f.name for f in MethodFlags.__dataclass_fields__.values()]
-        flags = MethodFlags(**{name: kwargs.pop(name) for name in names})
+        values = tuple((name, kwargs.pop(name)) for name in specs if kwargs.get(name) is not None)
+        for name in specs:
+            kwargs.pop(name, None)
+        flags = MethodFlags(kwargs.pop("method"), kwargs.pop("recipe"), values)
         return function(flags=flags, **kwargs)
 
     wrapped.__name__ = function.__name__
@@ -80,27 +93,10 @@ def method_options(function: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
-def parse_r(text: str) -> int | tuple[int, ...]:
-    """``16`` -> 16; ``8,8,4`` -> (8, 8, 4) (a per-layer list). Rejects non-integers and negatives."""
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = int(part)
-        except ValueError:
-            raise ConfigError(
-                f"--r must be a whole number of tokens per layer (or a comma-separated per-layer list), got {text!r}"
-            ) from None
-        if value < 0:
-            raise ConfigError(f"--r must be >= 0 (tokens merged per layer), got {value}")
-        values.append(value)
-    return values[0] if len(values) == 1 and "," not in text else tuple(values)
-
-
 def method_configs(flags: MethodFlags, default_method: str | None = None) -> tuple[tuple[object, ...], str]:
     """The method configs the flags ask for, and a label for reports. No method and no recipe: uncompressed."""
     if flags.recipe is not None:
-        if flags.method is not None or flags.given():
+        if flags.method is not None or flags.values:
             extra = ", ".join((["--method"] if flags.method else []) + flags.given())
             raise ConfigError(f"--recipe describes every stage itself; drop {extra} or drop --recipe")
         from ..recipes import load_recipe
@@ -109,53 +105,45 @@ def method_configs(flags: MethodFlags, default_method: str | None = None) -> tup
         return recipe.stages, f"recipe {recipe.name}"
     method = flags.method or default_method
     if method is None:
-        if flags.given():
+        if flags.values:
             raise ConfigError(f"{flags.given()[0]} needs a method: add --method (see `tc-export list`)")
         return (), "uncompressed"
+    config = single_config(method, dict(flags.values))
+    return (config,), describe_config(config, [name for name, _ in flags.values])
+
+
+def single_config(method: str, values: dict[str, Any]) -> object:
+    """The config of ``method`` from flag values (field name -> text or bool); unknown or missing flags named."""
     from ..passes import METHODS
+    from ..passes.methods import config_fields, flag_name, parse_field
 
-    METHODS.get(method)  # unknown method -> one-line error with the known ones
-    for flag in flags.given():
-        if method not in FLAG_METHODS[flag]:
-            raise ConfigError(f"{flag} does not apply to --method {method} (it is for {', '.join(FLAG_METHODS[flag])})")
-    config = _single_config(method, flags)
-    return (config,), f"{method} {_describe(method, flags)}".strip()
-
-
-def _single_config(method: str, flags: MethodFlags) -> object:
-    from ..passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
-    from ..recipes import parse_layers
-
-    layers = parse_layers(flags.layers, "--layers") if flags.layers is not None else None
-    prop_attn = not flags.no_prop_attn
-    if method == "tome":
-        r = parse_r(flags.r) if flags.r is not None else 16
-        return ToMeConfig(r=r, inflection=flags.inflect, prop_attn=prop_attn, layers=layers)
-    if method == "adjacent":
-        r = parse_r(flags.r) if flags.r is not None else AdjacentConfig.r
-        if isinstance(r, tuple):
-            raise ConfigError("--r for adjacent is one number of pairs per layer; choose layers with --layers")
-        return AdjacentConfig(r=r, layers=layers, prop_attn=prop_attn)
-    if method == "topk":
-        keep = flags.keep if flags.keep is not None else TopKConfig.keep
-        return TopKConfig(keep=keep, layers=layers, fuse=flags.fuse, keep_order=flags.keep_order)
-    if method == "prumerge":
-        if flags.tokens is None:
-            raise ConfigError("--method prumerge needs --tokens K (the number of tokens to keep)")
-        return PruMergeConfig(tokens=flags.tokens, extra=flags.extra, layers=layers, prop_attn=prop_attn)
-    raise ConfigError(f"method {method!r} has no command-line flags")
+    config_type = METHODS.get(method).config_type  # unknown method -> one-line error with the known ones
+    fields = {field.name: field for field in config_fields(config_type)}
+    specs = flag_specs()
+    kwargs = {}
+    for name, value in values.items():
+        if name not in fields:
+            raise ConfigError(
+                f"{specs[name].flag} does not apply to --method {method} (it is for {', '.join(specs[name].methods)})"
+            )
+        kwargs[name] = value if isinstance(value, bool) else parse_field(fields[name], value)
+    for name, field in fields.items():
+        if name not in kwargs and field.default is dataclasses.MISSING:
+            metavar = f" {field.metadata['metavar']}" if field.metadata.get("metavar") else ""
+            raise ConfigError(f"--method {method} needs {flag_name(field)}{metavar} ({field.metadata.get('help', name)})")
+    return config_type(**kwargs)
 
 
-def _describe(method: str, flags: MethodFlags) -> str:
-    from ..passes import AdjacentConfig, TopKConfig
+def describe_config(config: object, given: list[str] | None = None) -> str:
+    """``tome r=16``: the method, its first setting, and any other setting given."""
+    from ..passes.methods import config_fields
 
+    fields = config_fields(type(config))
+    shown = [fields[0].name] + [name for name in (given or []) if name != fields[0].name]
     parts = []
-    if method in ("tome", "adjacent"):
-        parts.append(f"r={flags.r or (16 if method == 'tome' else AdjacentConfig.r)}")
-    if method == "topk":
-        parts.append(f"keep={flags.keep or TopKConfig.keep}")
-    if method == "prumerge":
-        parts.append(f"tokens={flags.tokens}")
-    if flags.layers:
-        parts.append(f"layers={flags.layers}")
-    return " ".join(parts)
+    for name in shown:
+        value = getattr(config, name)
+        if isinstance(value, tuple):
+            value = ",".join(str(v) for v in value)
+        parts.append(name if value is True else f"no-{name}" if value is False else f"{name}={value}")
+    return " ".join([type(config).method, *parts])  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ import torch
 from ..errors import ConfigError, TCExportError
 from ..ops.tokens import lower_custom_ops, plain_ops
 from .files import atomic_output
+from .functions import plan_functions
 
 MIN_OPSET = 17
 MAX_OPSET = 23
@@ -23,11 +24,16 @@ MAX_OPSET = 23
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """ONNX export settings: opset, batch size, whether the batch dimension stays symbolic."""
+    """ONNX export settings: opset, batch size, whether the batch dimension stays symbolic.
+
+    ``functions``: each token op site is one ``tc_export`` node calling a model-local function
+    (``export/functions.py``); False exports the flat graph.
+    """
 
     opset: int = 18
     batch: int = 1
     dynamic_batch: bool = False
+    functions: bool = True
 
     def __post_init__(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -54,9 +60,10 @@ def export_onnx(
     if config.dynamic_batch:
         batch = torch.export.Dim("batch", min=1, max=4096)
         dynamic_shapes = {name: {0: batch} for name in example_inputs}
-    module = lower_custom_ops(module)
+    plan = plan_functions(module, example_inputs, config.opset, config.dynamic_batch) if config.functions else None
+    module = lower_custom_ops(plan.module if plan else module)
     try:
-        with _quiet(), plain_ops():
+        with _quiet(), plain_ops(), (plan.registered() if plan else contextlib.nullcontext()):
             program = torch.onnx.export(
                 module,
                 (),
@@ -69,10 +76,13 @@ def export_onnx(
                 external_data=False,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=plan.translation_table() if plan else None,
             )
     except Exception as error:
         raise TCExportError(f"ONNX export failed: {_summary(error)}") from error
     model = clean_onnx(program.model_proto)
+    if plan:
+        plan.attach(model)
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
     try:

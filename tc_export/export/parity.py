@@ -30,12 +30,36 @@ class ParityConfig:
             raise ConfigError(f"parity needs at least one input sample, got {self.samples}")
 
 
+RUNTIME_NAMES = ("PyTorch", "ONNX Runtime")  # reference, candidate
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """How many NaN and Inf values one runtime produced for one output (over all samples)."""
+
+    runtime: str
+    nan: int
+    inf: int
+    total: int
+
+    def describe(self) -> str:
+        return f"{self.runtime} {self.nan} NaN, {self.inf} Inf of {self.total}"
+
+
 @dataclass(frozen=True)
 class OutputError:
+    """One output's errors over the finite elements; ``nonfinite`` lists each runtime that produced NaN/Inf."""
+
     name: str
     max_abs: float
     max_rel: float
     passed: bool
+    nonfinite: tuple[NonFinite, ...] = ()
+
+    def describe(self) -> str:
+        if self.nonfinite:
+            return f"{self.name} NON-FINITE ({'; '.join(n.describe() for n in self.nonfinite)})"
+        return f"{self.name} max abs {self.max_abs:.2e}, max rel {self.max_rel:.2e}"
 
 
 @dataclass
@@ -49,12 +73,24 @@ class ParityReport:
         return self.passed
 
     def describe(self) -> str:
-        parts = [f"{o.name} max abs {o.max_abs:.2e}, max rel {o.max_rel:.2e}" for o in self.outputs]
+        parts = [o.describe() for o in self.outputs]
         verdict = "passed" if self.passed else "FAILED"
         return f"{verdict} · " + "; ".join(parts)
 
     def failures(self) -> list[OutputError]:
         return [o for o in self.outputs if not o.passed]
+
+    def failure_message(self, atol: float, rtol: float) -> str:
+        """One line for a failed check: a non-finite output is named as such, never as a (meaningless) error."""
+        worst = self.failures()[0] if self.failures() else self.outputs[0]
+        if worst.nonfinite:
+            return (f"parity failed: output {worst.name!r} is non-finite ("
+                    f"{'; '.join(n.describe() for n in worst.nonfinite)} values); "
+                    + ("the model itself produces them (check its weights and inputs)"
+                       if any(n.runtime == RUNTIME_NAMES[0] for n in worst.nonfinite)
+                       else "only the exported graph produces them"))
+        return (f"parity failed: output {worst.name!r} differs by max abs {worst.max_abs:.3e}, max rel "
+                f"{worst.max_rel:.3e} (atol {atol:g}, rtol {rtol:g})")
 
 
 def _torch_runner(
@@ -88,7 +124,7 @@ def _torch_runner(
                 result = module(**kwargs)
             self.inference_time = time.perf_counter() - start
             outputs = result if isinstance(result, (tuple, list)) else (result,)
-            return OrderedDict((n, o.detach().numpy()) for n, o in zip(output_names, outputs))
+            return OrderedDict((n, np.ascontiguousarray(o.detach().numpy())) for n, o in zip(output_names, outputs))
 
         def deactivate_impl(self) -> None:
             pass
@@ -137,15 +173,34 @@ def _report(results, passed: bool, per_iteration, output_names: Sequence[str]) -
         for ref_iter, cand_iter in zip(ref_iters, cand_iters):
             error = element_errors(np.asarray(ref_iter[name]), np.asarray(cand_iter[name]))
             max_abs, max_rel = max(max_abs, error[0]), max(max_rel, error[1])
-        ok = all(bool(iteration.get(name, False)) for iteration in per_iteration)
-        report.outputs.append(OutputError(name, max_abs, max_rel, ok))
+        nonfinite = tuple(
+            counts for runtime, iters in zip(RUNTIME_NAMES, (ref_iters, cand_iters))
+            if (counts := count_nonfinite(runtime, [np.asarray(it[name]) for it in iters])) is not None
+        )
+        ok = not nonfinite and all(bool(iteration.get(name, False)) for iteration in per_iteration)
+        report.outputs.append(OutputError(name, max_abs, max_rel, ok, nonfinite))
+    report.passed = passed and all(o.passed for o in report.outputs)
     return report
 
 
+def count_nonfinite(runtime: str, arrays: Sequence[np.ndarray]) -> NonFinite | None:
+    """NaN and Inf counts over ``arrays`` (one per sample), or None when every value is finite."""
+    floats = [a for a in arrays if np.issubdtype(a.dtype, np.floating)]
+    nan = sum(int(np.isnan(a).sum()) for a in floats)
+    inf = sum(int(np.isinf(a).sum()) for a in floats)
+    if not nan and not inf:
+        return None
+    return NonFinite(runtime, nan, inf, sum(a.size for a in floats))
+
+
 def element_errors(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """Max absolute and max relative error (relative to |reference|, as Polygraphy computes it)."""
+    """Max absolute and max relative error (relative to |reference|, as Polygraphy computes it), over the
+    elements both runtimes computed as finite numbers (non-finite values are counted apart)."""
     if reference.shape != candidate.shape:
         return float("inf"), float("inf")
-    diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
-    rel = diff / np.maximum(np.abs(reference.astype(np.float64)), np.finfo(np.float32).tiny)
+    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
+    finite = np.isfinite(reference) & np.isfinite(candidate)
+    reference, candidate = reference[finite], candidate[finite]
+    diff = np.abs(reference - candidate)
+    rel = diff / np.maximum(np.abs(reference), np.finfo(np.float32).tiny)
     return float(diff.max(initial=0.0)), float(rel.max(initial=0.0))

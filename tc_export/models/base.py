@@ -41,6 +41,7 @@ class LoadedModel:
     output_names: list[str] = field(default_factory=lambda: ["logits"])
     random_init: bool = True
     make_inputs: Callable[[int, int], dict[str, torch.Tensor]] | None = None  # custom (batch, seed) -> inputs
+    frames: int | None = None  # a video wrapper: the tower runs on each of this many frames
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded inputs keyed by forward-argument name."""

@@ -10,17 +10,27 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import LoadedModel
+from .weights import check_finite
+
+
+# What a transformers model outputs (``--pooling``); timm models keep their own head.
+POOLINGS = ("logits", "pooler", "cls", "mean", "tokens")
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to build a model: image size override, a weights file, or the library's pretrained weights."""
+    """How to build a model: image size override, a weights file or the library's pretrained weights, and
+    (transformers models) which output to export: ``pooling`` (None: logits, else pooler, else mean)."""
 
     img_size: int | None = None
     weights: Path | None = None
     pretrained: bool = False
+    pooling: str | None = None
+    frames: int | None = None  # video: the model runs on each of this many frames of a (B, T, C, H, W) clip
 
     def __post_init__(self) -> None:
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.img_size is not None and (self.img_size <= 0 or self.img_size % 2):
             raise ConfigError(f"--img-size must be a positive even number of pixels, got {self.img_size}")
         if self.weights is not None and self.pretrained:
@@ -37,6 +47,8 @@ class ModelSpec:
 MODELS: Registry[ModelSpec] = Registry("model")
 # Prefix -> builder for open-ended names such as "timm:vit_base_patch16_384".
 PREFIXES: dict[str, tuple[str, Callable[[str, ModelOptions], LoadedModel]]] = {}
+# Registered names and prefixes whose builders honour ModelOptions.pooling (the transformers models).
+POOLING_MODELS: set[str] = set()
 
 
 def register_model(name: str, description: str) -> Callable[[Callable[[ModelOptions], LoadedModel]], Callable[[ModelOptions], LoadedModel]]:
@@ -51,11 +63,16 @@ def load_model(name: str, options: ModelOptions | None = None, *, warn_random: b
     """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
     from . import (
         hf_models,  # noqa: F401
+        mnist,  # noqa: F401
         timm_models,  # noqa: F401 - registers entries
+        towers,  # noqa: F401
     )
 
     options = options or ModelOptions()
     prefix, sep, rest = name.partition(":")
+    if options.pooling is not None and (prefix if sep else name) not in POOLING_MODELS:
+        presets = ", ".join(sorted(POOLING_MODELS - {"hf"}))
+        raise ConfigError(f"--pooling applies to transformers models (hf:PATH, {presets}); {name} keeps its own head")
     if sep and prefix in PREFIXES:
         if not rest:
             raise ConfigError(f"model {name!r} names no {prefix} model: use {PREFIXES[prefix][0]}")
@@ -65,7 +82,13 @@ def load_model(name: str, options: ModelOptions | None = None, *, warn_random: b
             hint = ", or " + ", ".join(p for p, _ in PREFIXES.values()) if PREFIXES else ""
             raise ConfigError(MODELS.unknown_message(name) + hint)
         loaded = MODELS.get(name).build(options)
+    if options.frames is not None:
+        from .video import video_model
+
+        loaded = video_model(loaded, options.frames)
     loaded.module.eval()
+    if options.pretrained:
+        check_finite(loaded.module.state_dict().items(), f"pretrained weights of {loaded.name}")
     if loaded.random_init and warn_random:
         warnings.warn(
             f"{loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, "

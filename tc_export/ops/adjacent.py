@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
-from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores
+from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores
 
 
 def effective_pairs(num_tokens: int, r: int, protected: int) -> int:
@@ -36,7 +36,7 @@ def adjacent_merge(
     body_end = protected + 2 * pairs
 
     metric = metric[:, protected:body_end]
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # a zero key scores 0, not NaN
     similarity = (metric[:, ::2] * metric[:, 1::2]).sum(-1)  # (B, pairs)
     if padded:
         pad = size[:, protected:body_end, 0] == 0

@@ -1,10 +1,18 @@
-"""Prune-and-merge with a fixed budget (after LLaVA-PruMerge), in static-shape form.
+"""LLaVA-PruMerge (``token_prune_merge_advanced``) with a fixed budget, in static-shape form.
 
-Behaviour: keep the ``tokens`` unprotected tokens with the highest class attention (in their original order);
-every pruned token is merged into its most similar kept token (cosine of the keys averaged over heads). A kept
-token becomes the class-attention-weighted average of itself and the tokens merged into it; sizes add up. With
-``extra``, one more token at the end holds the class-attention-weighted average of all pruned tokens (its size
-is their total size). PruMerge's own budget (the IQR outlier count) is data-dependent; the budget here is fixed.
+Behaviour of the published code, generalised to a protected prefix:
+- class attention is one full-width score: softmax(q_cls . k^T * C^-0.5) over all tokens, with q and k the
+  attention layer's query and key projections at full width C (heads concatenated, not averaged), read for the
+  unprotected tokens;
+- the ``tokens`` unprotected tokens with the highest class attention are kept, in that (descending) order;
+- each kept token adds to itself the class-attention-weighted *sum* of its ``neighbours`` (32) nearest other
+  unprotected tokens by key cosine, kept and pruned alike (candidates in the published order: the other kept
+  tokens in rank order, then the pruned ones by position);
+- ``extra``: one more token, the class-attention-weighted sum of the pruned tokens.
+The protected prefix (the published code drops the class token; a classifier needs it) stays first, unchanged.
+The published budget is the IQR outlier count of the class attention, which is data-dependent: here it is fixed.
+Sizes: a kept token keeps its size (the published update adds weighted tokens without a count), the extra
+token carries the pruned tokens' total size.
 """
 
 from __future__ import annotations
@@ -13,58 +21,68 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
-from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, sort_indices
+from .rows import NORM_FLOOR, gather_rows, one_hot_columns, sort_indices
+
+NEIGHBOURS = 32  # the published cluster size
+
+
+def full_width_class_attention(query: Tensor, key: Tensor, protected: int) -> Tensor:
+    """softmax(q_0 k^T * C^-0.5) for the first token's query over all keys, (B, N - protected) unprotected part."""
+    width = key.shape[-1]
+    logits = (query[:, :1] @ key.transpose(-1, -2)) * width**-0.5
+    return torch.softmax(logits, dim=-1)[:, 0, protected:]
 
 
 def prumerge(
-    x: Tensor, size: Tensor | None, class_attn: Tensor, metric: Tensor, tokens: int, protected: int, extra: bool
+    x: Tensor, size: Tensor | None, query: Tensor, key: Tensor, tokens: int, protected: int, extra: bool = True,
+    neighbours: int = NEIGHBOURS,
 ) -> tuple[Tensor, Tensor]:
-    """Keep ``tokens`` of the unprotected tokens of ``x`` (B, N, C), merging the rest into them."""
+    """Keep ``tokens`` of the unprotected tokens of ``x`` (B, N, C); ``query``/``key`` (B, N, C') full width."""
     batch, num_tokens, _ = x.shape
-    scores = class_attn[:, protected:]
-    ranked = scores.topk(num_tokens - protected, dim=-1).indices
-    kept, pruned = sort_indices(ranked[:, :tokens]), ranked[:, tokens:]
+    unprotected = num_tokens - protected
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
+    scores = full_width_class_attention(query, key, protected)  # (B, M)
+    ranked = scores.topk(unprotected, dim=-1).indices
+    order = torch.cat([ranked[:, :tokens], sort_indices(ranked[:, tokens:])], dim=-1)  # kept by rank, then pruned
 
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    similarity = gather_rows(metric, pruned, 1, protected) @ gather_rows(metric, kept, 1, protected).transpose(-1, -2)
-    target = similarity.topk(1, dim=-1).indices.squeeze(-1)  # (B, M): the kept token each pruned token joins
-    into_kept = one_hot_columns(target, tokens, x.dtype)  # (B, K, M)
+    keys = gather_rows(key, order, 1, protected)
+    keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # F.normalize's eps
+    similarity = keys[:, :tokens] @ keys.transpose(-1, -2)  # (B, K, M)
+    self_mask = torch.zeros(tokens, unprotected, dtype=similarity.dtype, device=x.device)
+    self_mask[:, :tokens] = torch.diag(torch.full((tokens,), float("-inf"), dtype=similarity.dtype, device=x.device))
+    count = min(neighbours, unprotected - 1)
+    nearest = (similarity + self_mask).topk(count, dim=-1).indices  # (B, K, n)
+    chosen = one_hot_columns(nearest.reshape(batch, -1), unprotected, x.dtype)  # (B, M, K*n)
+    chosen = chosen.reshape(batch, unprotected, tokens, count).sum(-1).transpose(-1, -2)  # (B, K, M) 0/1
 
-    weight_kept = scores.gather(-1, kept).unsqueeze(-1)  # (B, K, 1)
-    weight_pruned = scores.gather(-1, pruned).unsqueeze(-1)  # (B, M, 1)
-    pruned_x = gather_rows(x, pruned, 1, protected)
-    total = weight_kept + into_kept @ weight_pruned
-    merged = (weight_kept * gather_rows(x, kept, 1, protected) + into_kept @ (weight_pruned * pruned_x))
-    merged = merged / total.clamp_min(WEIGHT_FLOOR)
-    pruned_size = gather_rows(size, pruned, 1, protected)
-    merged_size = gather_rows(size, kept, 1, protected) + into_kept @ pruned_size
-
-    parts, sizes = [x[:, :protected], merged], [size[:, :protected], merged_size]
+    weights = scores.gather(-1, order).unsqueeze(1)  # (B, 1, M)
+    rows = gather_rows(x, order, 1, protected)
+    updated = rows[:, :tokens] + (chosen * weights) @ rows
+    parts = [x[:, :protected], updated]
+    sizes = [size[:, :protected], gather_rows(size, order[:, :tokens], 1, protected)]
     if extra:
-        share = weight_pruned.transpose(-1, -2)  # (B, 1, M)
-        parts.append((share / share.sum(-1, keepdim=True).clamp_min(WEIGHT_FLOOR)) @ pruned_x)
-        sizes.append(pruned_size.sum(1, keepdim=True))
+        parts.append(weights[..., tokens:] @ rows[:, tokens:])
+        sizes.append(gather_rows(size, order[:, tokens:], 1, protected).sum(1, keepdim=True))
     return torch.cat(parts, dim=1), torch.cat(sizes, dim=1)
 
 
 class PruMerge(TokenOp):
-    """One prune-and-merge site: ``(x, size, class_attention, metric) -> (x, size)`` with a fixed budget."""
+    """One PruMerge site: ``(x, size, query, key) -> (x, size)`` with a fixed budget of kept tokens."""
 
-    signals = ("class_attention", "metric")
+    signals = ("query_full", "key_full")
 
-    def __init__(self, tokens: int, protected: int, extra: bool = False) -> None:
+    def __init__(self, tokens: int, protected: int, extra: bool = True, neighbours: int = NEIGHBOURS) -> None:
         super().__init__()
-        if tokens < 1 or protected < 0:
-            raise ValueError("tokens must be >= 1 and protected >= 0")
-        self.tokens, self.protected, self.extra = tokens, protected, extra
+        if tokens < 1 or protected < 0 or neighbours < 1:
+            raise ValueError("tokens and neighbours must be >= 1 and protected >= 0")
+        self.tokens, self.protected, self.extra, self.neighbours = tokens, protected, extra, neighbours
 
-    def forward(self, x: Tensor, size: Tensor | None, class_attn: Tensor, metric: Tensor) -> tuple[Tensor, Tensor]:
-        return prumerge(x, size, class_attn, metric, self.tokens, self.protected, self.extra)
+    def forward(self, x: Tensor, size: Tensor | None, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        return prumerge(x, size, query, key, self.tokens, self.protected, self.extra, self.neighbours)
 
     def tokens_out(self, tokens_in: int) -> int:
         return self.protected + self.tokens + int(self.extra)
 
     def extra_repr(self) -> str:
-        return f"tokens={self.tokens}, protected={self.protected}, extra={self.extra}"
+        return f"tokens={self.tokens}, protected={self.protected}, extra={self.extra}, neighbours={self.neighbours}"

@@ -8,6 +8,9 @@ from torch import Tensor
 # Denominator floor for size- and attention-weighted averages: a token of size 0 (padding) that receives
 # nothing stays as it is instead of becoming 0/0.
 WEIGHT_FLOOR = 1e-12
+# Norm floor for L2-normalised keys (F.normalize's eps): a zero key (e.g. a zero-initialised class or register
+# token's) gets similarity 0 instead of NaN, which would sort unpredictably and differently in every runtime.
+NORM_FLOOR = 1e-12
 
 
 def gather_rows(x: Tensor, rows: Tensor, stride: int = 1, offset: int = 0) -> Tensor:

@@ -1,9 +1,15 @@
 """ToMe bipartite soft matching and size-weighted merge, in static-shape form.
 
 Behaviour (ToMe, Bolya et al. 2023): the metric (keys averaged over heads) is L2-normalised; tokens alternate
-into A (even positions) and B (odd positions); each A token finds its most similar B token; the ``r`` A tokens
-with the highest similarity are averaged (weighted by size) into their B match. Protected prefix tokens (class,
-distillation) never merge. Output order: unmerged A tokens in their original order, then all B tokens.
+into A (even positions) and B (odd positions) over the whole sequence; each A token finds its most similar B
+token; the ``r`` A tokens with the highest similarity are averaged (weighted by size) into their B match.
+Protected prefix tokens (class, distillation, registers) never merge.
+
+Output order, as the published code orders it: the protected tokens first, in their original order (with a
+distillation token this is the reference's ``[cls, dist, unmerged A..., B...]``); then the unmerged A tokens, in
+their original order when there is a protected prefix and in descending order of their best score when there is
+none (the reference sorts them only "to keep the class token first"; ``sort_unmerged=True`` sorts them anyway);
+then the unprotected B tokens in their original order.
 
 Export form: no scatter, no data-dependent shapes, few nodes (at batch 1 every extra node shows). ``r`` is
 resolved against the static token count; TopK ranks the A rows; row Gathers move tokens; the adds into B are one
@@ -16,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
-from .rows import WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
+from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
 
 
 def effective_r(num_tokens: int, r: int, protected: int) -> int:
@@ -39,15 +45,17 @@ def protection_mask(num_a: int, num_b: int, protected: int, dtype: torch.dtype, 
 
 
 def bipartite_match(
-    metric: Tensor, r: int, protected: int, pad: Tensor | None = None
+    metric: Tensor, r: int, protected: int, pad: Tensor | None = None, sort_unmerged: bool | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ToMe's matching on (B, N, d) keys: (merged A rows by score, their B columns, unmerged A rows in order).
+    """ToMe's matching on (B, N, d) keys: (merged A rows by score, their B columns, unmerged unprotected A rows).
 
     One TopK(k=1) gives each A row its best B column and score; one TopK over all A rows ranks them, the first
-    ``r`` merge; sorting the remaining row indices (a TopK over int64 values) restores their original order.
-    ``pad`` (B, N) marks padding: pads pair with pads first and never with real tokens (``pad_aware_scores``).
+    ``r`` merge. The unmerged rows keep that rank order, or (``sort_unmerged``, default: when ``protected``) are
+    sorted back into their original order by a TopK over their int64 indices; the protected A rows (ranked last,
+    their scores are -inf) are left out. ``pad`` (B, N) marks padding: pads pair with pads first and never with
+    real tokens (``pad_aware_scores``).
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # a zero key scores 0, not NaN
     metric_a, metric_b = metric[:, ::2], metric[:, 1::2]
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]
     scores = metric_a @ metric_b.transpose(-1, -2)
@@ -59,12 +67,17 @@ def bipartite_match(
     ranked = best_score.squeeze(-1).topk(num_a, dim=-1).indices
     src_rows = ranked[:, :r]
     dst_cols = best_col.squeeze(-1).gather(-1, src_rows)
-    unm_rows = sort_indices(ranked[:, r:])
+    protected_rows = (protected + 1) // 2
+    if protected > 0 if sort_unmerged is None else sort_unmerged:
+        unm_rows = sort_indices(ranked[:, r:])[:, protected_rows:]
+    else:
+        unm_rows = ranked[:, r:num_a - protected_rows]
     return src_rows, dst_cols, unm_rows
 
 
 def tome_merge(
-    x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int, padded: bool = False
+    x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int, padded: bool = False,
+    sort_unmerged: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their sizes (B, N - r', 1).
 
@@ -76,7 +89,7 @@ def tome_merge(
     if r == 0:
         return x, (x.new_ones(batch, num_tokens, 1) if size is None else size)
     pad = size[..., 0] == 0 if padded and size is not None else None
-    src_rows, dst_cols, unm_rows = bipartite_match(metric, r, protected, pad)
+    src_rows, dst_cols, unm_rows = bipartite_match(metric, r, protected, pad, sort_unmerged)
     num_b = num_tokens // 2
     tokens_b = x[:, 1::2]
     to_dst = one_hot_columns(dst_cols, num_b, x.dtype)  # [b, j, i] = 1 where merged row i goes into B column j
@@ -92,16 +105,31 @@ def tome_merge(
         delta = size_src * delta
     merged_b = tokens_b + (to_dst / size_b.clamp_min(WEIGHT_FLOOR)) @ delta
     unmerged = gather_rows(x, unm_rows, 2)
-    return torch.cat([unmerged, merged_b], dim=1), torch.cat([size_unm, size_b], dim=1)
+    # Protected B tokens (odd positions) receive no merges: their -inf columns are never a best match.
+    protected_b = protected // 2
+    if protected == 0:
+        return torch.cat([unmerged, merged_b], dim=1), torch.cat([size_unm, size_b], dim=1)
+    size_prefix = x.new_ones(batch, protected, 1) if size is None else size[:, :protected]
+    return (
+        torch.cat([x[:, :protected], unmerged, merged_b[:, protected_b:]], dim=1),
+        torch.cat([size_prefix, size_unm, size_b[:, protected_b:]], dim=1),
+    )
 
 
 class ToMeMerge(CountedMergeOp):
-    """One ToMe merge site: ``(x, size, metric) -> (x, size)`` with ``r`` and the protected count fixed."""
+    """One ToMe merge site: ``(x, size, metric) -> (x, size)`` with ``r`` and the protected count fixed.
+
+    ``sort_unmerged``: None follows the published code (sorted only with a protected prefix); True/False forces it.
+    """
 
     signals = ("metric",)
 
+    def __init__(self, r: int, protected: int, padded: bool = False, sort_unmerged: bool | None = None) -> None:
+        super().__init__(r, protected, padded)
+        self.sort_unmerged = sort_unmerged
+
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
-        return tome_merge(x, metric, size, self.r, self.protected, self.padded)
+        return tome_merge(x, metric, size, self.r, self.protected, self.padded, self.sort_unmerged)
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_r(tokens_in, self.r, self.protected)

@@ -2,8 +2,9 @@
 
 Behaviour (EViT, Liang et al. 2022): the unprotected tokens are scored by the class token's attention averaged
 over heads; the ``keep`` highest survive, after the protected prefix (class, distillation). Survivors come in
-descending score order (EViT's), or in their original order with ``keep_order``. With ``fuse``, the pruned
-tokens are averaged, weighted by their class attention, into one extra token appended at the end.
+descending score order (EViT's), or in their original order with ``keep_order``. With ``fuse``, one extra token
+is appended at the end: the class-attention-weighted *sum* of the pruned tokens, sum_i a_i x_i, not normalised by
+sum_i a_i (the published EViT code; its size is the pruned tokens' total size).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
-from .rows import WEIGHT_FLOOR, gather_rows, sort_indices
+from .rows import gather_rows, sort_indices
 
 
 def keep_count(num_tokens: int, keep: float, protected: int) -> int:
@@ -38,7 +39,7 @@ def topk_prune(
         pruned = ranked[:, keep:]
         weights = scores.gather(-1, pruned).unsqueeze(1)  # (B, 1, M)
         pruned_x = gather_rows(x, pruned, 1, protected)
-        parts.append((weights / weights.sum(-1, keepdim=True).clamp_min(WEIGHT_FLOOR)) @ pruned_x)
+        parts.append(weights @ pruned_x)
         pruned_size = (
             x.new_full((x.shape[0], 1, 1), float(pruned.shape[1]))
             if size is None

@@ -1,38 +1,30 @@
-"""Graph passes that insert token compression, and the method registry (one entry per method)."""
+"""Graph passes that insert token compression, and the method registry (one entry per method).
+
+Every module in this package is imported here, so a method registers itself (``@register_method``) in its own
+file and needs no edit anywhere else.
+"""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from ..errors import ConfigError
-from ..registry import Registry
 from .adjacent import AdjacentConfig
 from .base import GraphPass, LayerTokens, PassResult, run_passes
+from .methods import METHODS, MethodSpec, config_from_dict, config_to_dict, register_method
 from .prumerge import PruMergeConfig
+from .site import Site
 from .token_pass import TokenMethod, TokenPass
 from .tome import ToMeConfig
 from .topk import TopKConfig
 
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    description: str
-    config_type: type
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
-METHODS: Registry[MethodSpec] = Registry("method")
-for _spec in (
-    MethodSpec("tome", "ToMe bipartite token merging (--r, --inflect)", ToMeConfig),
-    MethodSpec("topk", "Top-K pruning by class attention, EViT (--keep, --layers, --fuse, --keep-order)", TopKConfig),
-    MethodSpec("prumerge", "fixed-budget prune-and-merge, PruMerge (--tokens, --extra, --layers)", PruMergeConfig),
-    MethodSpec("adjacent", "adjacent pair merging for sequences, A-ToMe fixed ratio (--r, --layers)", AdjacentConfig),
-):
-    METHODS.register(_spec.name, _spec)
-
-
-def token_pass(configs: Sequence[object]) -> GraphPass:
+def token_pass(configs: Sequence[object], features: int | None = None, frames: int | None = None) -> TokenPass:
     """One pass applying every method config (a multi-stage recipe) in a single walk over the layers."""
     known = tuple(spec.config_type for _, spec in METHODS.items())
     for config in configs:
@@ -40,7 +32,7 @@ def token_pass(configs: Sequence[object]) -> GraphPass:
             raise ConfigError(
                 f"no method takes a {type(config).__name__}: known methods {', '.join(METHODS.names())}"
             )
-    return TokenPass(list(configs))  # type: ignore[arg-type]
+    return TokenPass(list(configs), features=features, frames=frames)  # type: ignore[arg-type]
 
 
 __all__ = [
@@ -51,10 +43,14 @@ __all__ = [
     "MethodSpec",
     "PassResult",
     "PruMergeConfig",
+    "Site",
     "ToMeConfig",
     "TokenMethod",
     "TokenPass",
     "TopKConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "register_method",
     "run_passes",
     "token_pass",
 ]

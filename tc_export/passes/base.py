@@ -9,7 +9,8 @@ from typing import Protocol
 import torch
 from torch import fx
 
-from ..errors import StructureNotFoundError, TCExportError
+from ..errors import InternalError, TCExportError
+from .invariants import ensure_token_ops
 from .shapes import retarget_token_dims
 from .trace import propagate_shapes
 
@@ -30,6 +31,7 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     notes: list[str] = field(default_factory=list)
+    new_inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # example values of inputs the pass added
 
 
 class GraphPass(Protocol):
@@ -43,24 +45,39 @@ class GraphPass(Protocol):
 def run_passes(
     gm: fx.GraphModule, passes: Sequence[GraphPass], example_inputs: Mapping[str, torch.Tensor]
 ) -> fx.GraphModule:
-    """Run passes in order, re-checking shapes after each; a failure names the pass and those before it."""
+    """Run passes in order, then check what they promise (``ensure_token_ops``); a failure names the pass.
+
+    Errors the user can act on (a structure the passes refuse, a bad setting) pass through as they are; anything
+    else a pass raises is a bug in the pass and is reported as an internal error, never as the user's fault.
+    """
     done: list[str] = []
+    example_inputs = dict(example_inputs)
     for graph_pass in passes:
         propagate_shapes(gm, example_inputs)
+        after = f" (after {', '.join(done)})" if done else ""
         try:
             result = graph_pass(gm, example_inputs)
             gm = result.graph_module
+            example_inputs.update(result.new_inputs)
             gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
-            retarget_token_dims(gm, example_inputs)
-            propagate_shapes(gm, example_inputs)
         except TCExportError:
             raise
         except Exception as error:
-            after = f" (after {', '.join(done)})" if done else ""
-            raise StructureNotFoundError(
-                f"pass {graph_pass.name}{after} produced a graph that does not run: {str(error).splitlines()[0]}"
+            raise InternalError(f"pass {graph_pass.name}{after} failed: {_first_line(error)}") from error
+        try:
+            retarget_token_dims(gm, example_inputs)
+            propagate_shapes(gm, example_inputs)
+        except Exception as error:
+            raise InternalError(
+                f"pass {graph_pass.name}{after} produced a graph that does not run: {_first_line(error)}"
             ) from error
+        ensure_token_ops(gm, example_inputs)
         done.append(graph_pass.name)
     return gm
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

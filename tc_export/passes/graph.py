@@ -110,3 +110,64 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
 
 def first(nodes: Iterable[fx.Node]) -> fx.Node | None:
     return next(iter(nodes), None)
+
+
+_NORM_FUNCS = {F.layer_norm, F.rms_norm, aten.layer_norm.default}
+_NORM_MODULES = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
+
+
+def is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A normalisation over channels (layer/RMS norm), as a function or a module."""
+    if node.op == "call_function":
+        return node.target in _NORM_FUNCS
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return isinstance(module, _NORM_MODULES) or type(module).__name__.endswith(("LayerNorm", "RmsNorm", "RMSNorm"))
+    return False
+
+
+def copy_subgraph(graph: fx.Graph, source: fx.Node, targets: list[fx.Node]) -> dict[fx.Node, fx.Node]:
+    """Copy every node on a path from ``source`` to ``targets`` (``source`` itself is shared, not copied).
+
+    The copies go before the output node; ``stable_toposort`` puts them in place. Returns original -> copy.
+    """
+    between = descendants(source)
+    wanted: set[fx.Node] = set()
+    for target in targets:
+        wanted |= ({target} | ancestors(target)) & between
+    env: dict[fx.Node, fx.Node] = {}
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        for node in graph.nodes:
+            if node in wanted:
+                env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+    return env
+
+
+def stable_toposort(graph: fx.Graph) -> None:
+    """Reorder nodes so every node follows its inputs, keeping the existing order wherever it is valid."""
+    import heapq
+
+    nodes = list(graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+    waiting = {node: len(set(node.all_input_nodes)) for node in nodes}
+    ready = [index[n] for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    ordered: list[fx.Node] = []
+    while ready:
+        node = nodes[heapq.heappop(ready)]
+        ordered.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, index[user])
+    if len(ordered) != len(nodes):
+        raise RuntimeError("the graph has a cycle after a pass")
+    if ordered == nodes:
+        return
+    anchor = ordered[0]
+    if anchor is not nodes[0]:
+        nodes[0].prepend(anchor)
+    for node in ordered[1:]:
+        anchor.append(node)
+        anchor = node

@@ -80,6 +80,8 @@ def find_initial_sizes(
             continue
         where, mask = found
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
+        if not inputs and _is_learned(gm, mask):
+            continue  # a learned bias (relative positions): stays; the position check refuses it if tokens move
         if not inputs:
             if not _masks_nothing(gm, mask, example_inputs):
                 raise StructureNotFoundError(
@@ -98,6 +100,20 @@ def find_initial_sizes(
         return None
     with gm.graph.inserting_after(padding):
         return gm.graph.call_function(padding_sizes, (padding,))
+
+
+def _is_learned(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Computed from a trainable parameter (a learned bias table), not only from buffers and constants."""
+    for n in ancestors(node) | {node}:
+        if n.op == "get_attr":
+            try:
+                gm.get_parameter(str(n.target))
+                return True
+            except AttributeError:
+                pass
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(str(n.target)).parameters()):
+            return True
+    return False
 
 
 def padding_sizes(mask: torch.Tensor) -> torch.Tensor:

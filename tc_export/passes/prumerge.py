@@ -1,4 +1,4 @@
-"""Prune-and-merge's config: a fixed token budget kept by class attention, the rest merged into it."""
+"""PruMerge's config: the published prune-and-merge with a fixed budget, where the stream enters a layer."""
 
 from __future__ import annotations
 
@@ -6,45 +6,59 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import ConfigError
-from ..ops.prumerge import PruMerge
-from .token_pass import validate_placement
+from ..ops.prumerge import NEIGHBOURS, PruMerge
+from .layers import parse_layers_flag, parse_protected, validate_placement
+from .methods import register_method, setting
+from .site import Point, Site
 
 
+@register_method("prumerge", "LLaVA-PruMerge with a fixed budget (--tokens, --no-extra, --layers)")
 @dataclass(frozen=True)
 class PruMergeConfig:
-    """``tokens``: the budget K of unprotected tokens kept at each chosen layer (default: the last layer).
-
-    ``extra``: one more token holding the pruned tokens' class-attention-weighted average.
+    """``tokens``: the budget K of unprotected tokens kept. ``layers``: the layers whose attention (full-width
+    queries and keys of the tokens entering it) scores the tokens entering that layer; default the last, as
+    LLaVA-PruMerge scores the second-to-last layer's output with the last layer's attention. ``extra``: the
+    published extra token (the pruned tokens' class-attention-weighted sum). ``neighbours``: tokens added into
+    each kept one (32 published).
     """
 
     method: ClassVar[str] = "prumerge"
+    point: ClassVar[Point] = "block_input"
     needs_class_token: ClassVar[bool] = True
 
-    tokens: int
-    extra: bool = False
-    layers: tuple[int, ...] | None = None
-    protected: int | None = None
-    prop_attn: bool = True
+    tokens: int = setting(help="prumerge: token budget K kept", metavar="K")
+    extra: bool = setting(True, "prumerge: the extra token holding the pruned tokens' weighted sum")
+    neighbours: int = setting(NEIGHBOURS, "prumerge: nearest tokens (key cosine) added into each kept token")
+    layers: tuple[int, ...] | None = setting(None, "layers to act on, e.g. 3,6,9 or 0-5 (zero-indexed)",
+                                             parse_layers_flag)
+    protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
+                                    parse_protected)
+    prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
 
     def __post_init__(self) -> None:
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ConfigError(f"tokens must be a whole number >= 1 (the budget of kept tokens), got {self.tokens!r}")
+        if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
+            raise ConfigError(f"neighbours must be a whole number >= 1, got {self.neighbours!r}")
         validate_placement(self.method, self.layers, self.protected)
+
+    def insertion_point(self) -> Point:
+        return self.point
 
     def default_layers(self, num_layers: int) -> list[int]:
         return [num_layers - 1]
 
-    def check(self, first_tokens: int, protected: int, num_layers: int) -> None:
-        if self.tokens >= first_tokens - protected:
+    def check(self, site: Site) -> None:
+        if self.tokens >= site.tokens - site.protected:
             raise ConfigError(
-                f"prumerge: tokens={self.tokens} is not below the {first_tokens - protected} unprotected tokens of "
-                f"the model; the budget must be at most {first_tokens - protected - 1}"
+                f"prumerge: tokens={self.tokens} is not below the {site.tokens - site.protected} unprotected tokens "
+                f"of the model; the budget must be at most {site.tokens - site.protected - 1}"
             )
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> PruMerge | None:
-        if self.tokens >= num_tokens - protected:
+    def make_op(self, site: Site) -> PruMerge | None:
+        if self.tokens >= site.tokens - site.protected:
             raise ConfigError(
-                f"prumerge: tokens={self.tokens} at layer {layer}, where only {num_tokens - protected} unprotected "
-                f"tokens are left; the budget must be at most {num_tokens - protected - 1}"
+                f"prumerge: tokens={self.tokens} at layer {site.layer}, where only {site.tokens - site.protected} "
+                f"unprotected tokens are left; the budget must be at most {site.tokens - site.protected - 1}"
             )
-        return PruMerge(self.tokens, protected, extra=self.extra)
+        return PruMerge(self.tokens, site.protected, extra=self.extra, neighbours=self.neighbours)

@@ -46,6 +46,16 @@ def insert_key_metric(graph: fx.Graph, site: AttentionSite) -> fx.Node:
         return graph.call_function(fn, (site.key,))
 
 
+def full_width(heads: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Per-head queries or keys (B, H, N, d) (``transposed``: (B, H, d, N)) as full-width rows (B, N, H*d)."""
+    if transposed:
+        heads = heads.transpose(-1, -2)
+    if heads.dim() == 3:
+        return heads
+    batch, num_heads, tokens, dim = heads.shape
+    return heads.transpose(1, 2).reshape(batch, tokens, num_heads * dim)
+
+
 def _transpose_last(key_t: torch.Tensor) -> torch.Tensor:
     return key_t.transpose(-1, -2)
 
@@ -68,17 +78,18 @@ def add_attention_bias(site: AttentionSite, bias: fx.Node) -> None:
     assert softmax is not None
     logits = softmax.args[0]
     with softmax.graph.inserting_before(softmax):
-        biased = softmax.graph.call_function(torch.add, (logits, bias))
+        fitted = softmax.graph.call_function(fit_bias, (bias, logits))
+        biased = softmax.graph.call_function(torch.add, (logits, fitted))
     softmax.args = (biased, *softmax.args[1:])
 
 
 def _replace_sdpa_with_biased(site: AttentionSite, bias: fx.Node) -> fx.Node:
     """Swap the site's SDPA call for ``biased_attention`` with the same scale (default 1/sqrt(d))."""
     node = site.attention
-    if node_kwarg(node, "attn_mask", 3) is not None:
-        raise StructureNotFoundError(
-            f"attention {site.name} already has a mask; a token pass cannot add its bias to it yet"
-        )
+    mask = node_kwarg(node, "attn_mask", 3)
+    if isinstance(mask, fx.Node):  # the model's own bias (e.g. relative positions): both apply
+        with node.graph.inserting_before(node):
+            bias = node.graph.call_function(combine_bias, (mask, bias))
     dropout = node_kwarg(node, "dropout_p", 4)
     if isinstance(dropout, fx.Node) or (dropout or 0.0) != 0.0:
         raise StructureNotFoundError(f"attention {site.name} uses dropout; trace the model in eval mode")
@@ -92,6 +103,23 @@ def _replace_sdpa_with_biased(site: AttentionSite, bias: fx.Node) -> fx.Node:
     node.replace_all_uses_with(replacement)
     node.graph.erase_node(node)
     return replacement
+
+
+def fit_bias(bias: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, 1, N) key bias for logits (B, H, Nq, N), or for (B*H, Nq, N) logits with heads folded into the
+    batch (``nn.MultiheadAttention``'s layout): repeated per head, batch-major."""
+    if logits.dim() == 4:
+        return bias
+    batch = bias.shape[0]
+    flat = bias.reshape(batch, 1, bias.shape[-1])
+    return flat.repeat_interleave(logits.shape[0] // batch, dim=0)
+
+
+def combine_bias(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """An SDPA mask (bool: True = attend, or additive) plus an additive bias."""
+    if mask.dtype == torch.bool:
+        mask = torch.zeros_like(mask, dtype=bias.dtype).masked_fill(~mask, float("-inf"))
+    return mask + bias
 
 
 def insert_class_attention(graph: fx.Graph, site: AttentionSite) -> fx.Node:

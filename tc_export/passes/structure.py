@@ -7,10 +7,13 @@ where that stream feeds the MLP branch (after a post-norm, if there is one). No 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import math
+import operator
 from typing import Literal
 
-from torch import fx
+import torch
+from torch import fx, nn
 
 from ..errors import StructureNotFoundError
 from ..ops.base import TokenOp
@@ -37,7 +40,7 @@ _ATTENTION_HELP = (
 
 @dataclass
 class AttentionSite:
-    """One attention block in the graph and the places a token pass hooks into."""
+    """One self-attention block in the graph and the places a token pass hooks into."""
 
     index: int
     kind: Literal["sdpa", "explicit"]
@@ -47,6 +50,7 @@ class AttentionSite:
     softmax: fx.Node | None  # explicit only
     residual_add: fx.Node
     stream: fx.Node  # the residual stream after attention, as it feeds the MLP branch
+    block_input: fx.Node | None = None  # the stream entering the block (the residual add's skip input)
 
     @property
     def name(self) -> str:
@@ -65,6 +69,17 @@ class AttentionSite:
                 f"the residual stream at {self.stream.name} is not a (batch, tokens, channels) tensor: {shape}"
             )
         return shape[1]
+
+
+@dataclass
+class Structure:
+    """What the passes know of a traced model: its self-attention sites and the facts around them."""
+
+    sites: list[AttentionSite]
+    prefix: int  # learned tokens (class, distillation, registers) in front of the input tokens
+    skipped: list[str] = field(default_factory=list)  # attention left uncompressed (pooling heads, class attention)
+    others: list[AttentionSite] = field(default_factory=list)  # those attentions (index -1), for their key bias
+    grid: tuple[int, ...] | None = None  # the patch grid (H, W) or frames (T,) behind the unprotected tokens
 
 
 def _logits_matmul(softmax: fx.Node) -> fx.Node | None:
@@ -87,7 +102,7 @@ def _logits_matmul(softmax: fx.Node) -> fx.Node | None:
 def _probs_matmul(softmax: fx.Node, modules: dict) -> fx.Node | None:
     """Follow the softmax (through dropout-like single-input ops) to the probs @ v matmul."""
     frontier = [softmax]
-    for _ in range(3):
+    for _ in range(6):
         next_frontier = []
         for node in frontier:
             for user in node.users:
@@ -103,8 +118,8 @@ def _is_token_op(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_module" and isinstance(modules.get(str(node.target)), TokenOp)
 
 
-def _residual_add(attention: fx.Node, order: dict[fx.Node, int]) -> fx.Node | None:
-    """The first add after ``attention`` that joins its output with a stream that fed the attention."""
+def _residual_add(attention: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Node, fx.Node] | None:
+    """The first add after ``attention`` that joins its output with a stream that fed the attention: (add, skip)."""
     downstream = descendants(attention)
     upstream = ancestors(attention)
     for node in sorted(downstream, key=order.__getitem__):
@@ -116,7 +131,7 @@ def _residual_add(attention: fx.Node, order: dict[fx.Node, int]) -> fx.Node | No
         from_attention = [t for t in tensors if t in downstream]
         skip = [t for t in tensors if t not in downstream and t in upstream]
         if len(from_attention) == 1 and len(skip) == 1:
-            return node
+            return node, skip[0]
     return None
 
 
@@ -136,75 +151,219 @@ def _stream_after(residual_add: fx.Node, modules: dict) -> fx.Node | None:
     return None
 
 
-def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    """All attention sites in graph order, each with its residual stream. Raises if none are found."""
+def _attention_candidates(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Node, fx.Node, fx.Node | None]]:
+    """Every attention op in graph order: (kind, attention node, query, key, softmax)."""
     modules = dict(gm.named_modules())
-    nodes = list(gm.graph.nodes)
-    order = {node: i for i, node in enumerate(nodes)}
-    sites: list[AttentionSite] = []
-    for node in nodes:
-        if is_biased_attention(node):
-            kind, attention, softmax = "sdpa", node, None
-            query, key = node.args[0], node.args[1]
-        elif is_sdpa(node):
-            kind, attention, softmax = "sdpa", node, None
-            query, key = node.args[0], node.args[1]
-            if node_kwarg(node, "is_causal", 5):
-                raise StructureNotFoundError(f"attention {node.name} is causal; token compression needs bidirectional attention")
+    found = []
+    for node in gm.graph.nodes:
+        if is_biased_attention(node) or is_sdpa(node):
+            if is_sdpa(node) and node_kwarg(node, "is_causal", 5):
+                raise StructureNotFoundError(
+                    f"attention {node.name} is causal; token compression needs bidirectional attention"
+                )
+            found.append(("sdpa", node, node.args[0], node.args[1], None))
         elif is_softmax(node, modules):
-            logits = _logits_matmul(node)
             attention = _probs_matmul(node, modules)
-            if logits is None or attention is None:
+            if attention is None:
                 continue
-            kind, softmax = "explicit", node
-            query, key = logits.args[0], logits.args[1]
-        else:
+            logits = _logits_matmul(node)
+            if logits is None:
+                raise StructureNotFoundError(
+                    f"attention {attention.name}: its softmax {node.name} does not take q @ k^T (scaled or biased) "
+                    "directly; something mixes the logits in between (talking-heads attention, as in CaiT, mixes "
+                    "heads with a linear layer), which the token passes do not follow"
+                )
+            found.append(("explicit", attention, logits.args[0], logits.args[1], node))
+    return found
+
+
+def _attention_tokens(kind: str, query: fx.Node, key: fx.Node) -> tuple[int, int, int] | None:
+    """(batch, query tokens, key tokens) of an attention, from the recorded shapes."""
+    q, k = tensor_meta_shape(query), tensor_meta_shape(key)
+    if q is None or k is None or len(q) < 3 or len(k) < 3:
+        return None
+    return q[0], q[-2], k[-2] if kind == "sdpa" else k[-1]
+
+
+def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node) -> str | None:
+    """Why an attention with a residual is not a compressible self-attention block (None: it is one).
+
+    Raises for structures that cannot be compressed correctly; returns a note for attention that is simply left
+    alone (class attention, cross-attention: its queries are not the token stream).
+    """
+    stream = tensor_meta_shape(skip)
+    if tokens is None or stream is None:
+        raise StructureNotFoundError(f"attention {name}: no shapes recorded for its queries, keys or stream")
+    batch, queries, keys = tokens
+    if len(stream) != 3:
+        raise StructureNotFoundError(
+            f"attention {name} is windowed attention (as in Swin): it attends within windows of {keys} tokens "
+            f"while its residual stream is a {len(stream)}-D grid {list(stream)}; merging or pruning tokens would "
+            "break the windows, so windowed attention is not supported"
+        )
+    if batch != stream[0] and queries == keys:
+        raise StructureNotFoundError(
+            f"attention {name} is windowed attention: it runs on {batch} windows of {keys} tokens, not on the "
+            f"stream's {stream[0]} x {stream[1]} tokens; merging or pruning tokens would break the windows"
+        )
+    if queries == stream[1] and keys < queries:
+        raise StructureNotFoundError(
+            f"attention {name} is spatial-reduction attention (as in PVT): its {queries} queries attend to {keys} "
+            "keys pooled from the token grid; merged or pruned tokens have no grid to pool, so it is not supported"
+        )
+    if queries == keys and queries != stream[1]:
+        raise StructureNotFoundError(
+            f"attention {name} attends over {keys} positions while its residual stream has {stream[1]} tokens: "
+            "cross-covariance attention (as in XCiT) attends over channels, not tokens, so token passes cannot "
+            "act on it"
+        )
+    if queries != stream[1] or keys != queries:
+        return f"{name} ({queries} queries over {keys} keys: class or cross attention, left uncompressed)"
+    return None
+
+
+def find_structure(gm: fx.GraphModule) -> Structure:
+    """Self-attention sites in graph order with their residual streams, the prefix tokens and the patch grid.
+
+    Attention without a residual add (an attention-pooling head such as SigLIP's) and attention whose queries
+    are not the token stream (CaiT's class attention) is left uncompressed and listed in ``skipped``. Windowed,
+    spatial-reduction and cross-covariance attention, parallel attention branches and mixed logits are refused.
+    """
+    modules = dict(gm.named_modules())
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    sites: list[AttentionSite] = []
+    skipped: list[str] = []
+    others: list[AttentionSite] = []
+    residuals: dict[fx.Node, fx.Node] = {}
+    for kind, attention, query, key, softmax in _attention_candidates(gm):
+        found = _residual_add(attention, order)
+        tokens = _attention_tokens(kind, query, key)
+        if found is None:
+            queries = f"{tokens[1]} queries over {tokens[2]} keys" if tokens else "no residual"
+            skipped.append(f"{attention.name} ({queries}, no residual add: an attention-pooling head, left uncompressed)")
+            others.append(AttentionSite(-1, kind, attention, query, key, softmax, attention, attention))  # type: ignore[arg-type]
             continue
-        residual = _residual_add(attention, order)
-        if residual is None:
+        residual, skip = found
+        note = _classify(attention.name, tokens, skip)
+        if note is not None:
+            skipped.append(note)
+            others.append(AttentionSite(-1, kind, attention, query, key, softmax, residual, attention))  # type: ignore[arg-type]
+            continue
+        if residual in residuals:
             raise StructureNotFoundError(
-                f"found attention {attention.name} but no residual add after it (x + attn(x)); "
-                "token passes need a residual transformer block"
+                f"attentions {residuals[residual].name} and {attention.name} share one residual add "
+                f"({residual.name}): parallel attention branches (as in parallel-block ViTs) are not supported"
             )
+        residuals[residual] = attention
         stream = _stream_after(residual, modules)
         if stream is None:
             raise StructureNotFoundError(
                 f"found attention {attention.name} and its residual add {residual.name}, but not where the "
                 "residual stream feeds the MLP branch"
             )
-        sites.append(AttentionSite(len(sites), kind, attention, query, key, softmax, residual, stream))
+        sites.append(AttentionSite(len(sites), kind, attention, query, key, softmax, residual, stream, skip))  # type: ignore[arg-type]
     if not sites:
+        if skipped:
+            raise StructureNotFoundError(
+                f"no self-attention block with a residual add found (only: {'; '.join(skipped)}); token passes "
+                "need residual transformer blocks"
+            )
         raise StructureNotFoundError(f"no attention found in the traced graph: {_ATTENTION_HELP}")
-    return sites
+    prefix = detect_prefix_tokens(gm, sites[0])
+    return Structure(sites, prefix, skipped, others, find_patch_grid(gm, sites[0], prefix))
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """All self-attention sites in graph order, each with its residual stream. Raises if none are found."""
+    return find_structure(gm).sites
+
+
+def find_patch_grid(gm: fx.GraphModule, first_site: AttentionSite, prefix: int) -> tuple[int, ...] | None:
+    """The grid behind the unprotected tokens: the last convolution's output (H, W) or (T,) before the blocks.
+
+    Only a grid whose size equals the unprotected token count is returned (a hybrid stem's features qualify).
+    """
+    tokens = first_site.num_tokens() - prefix
+    grid = None
+    for node in ancestors(first_site.block_input or first_site.stream):
+        if not _is_convolution(node, gm):
+            continue
+        shape = tensor_meta_shape(node)
+        if shape is not None and len(shape) in (3, 4) and math.prod(shape[2:]) == tokens:
+            grid = tuple(shape[2:])
+    return grid
+
+
+def _is_convolution(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(str(node.target)), (nn.Conv1d, nn.Conv2d))
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return name.split(".")[0] in ("conv1d", "conv2d", "convolution")
+    return False
 
 
 def detect_prefix_tokens(gm: fx.GraphModule, first_site: AttentionSite) -> int:
-    """Count the learned tokens (class, distillation, registers) concatenated in front of the input tokens.
+    """Count the learned tokens (class, distillation, registers) in front of the input tokens at the first block.
 
-    A prefix token is a ``cat`` input along the token axis that does not depend on the model input's data
-    (its batch size may come from the input's shape: ``cls.expand(x.shape[0], -1, -1)``).
+    Followed back from the first block's input: a ``cat`` along the token axis adds its leading parts that do not
+    depend on the model input's data (their batch size may come from its shape: ``cls.expand(B, -1, -1)``), and
+    a leading slice ``x[:, :k]`` of a tensor whose first ``k`` tokens are already prefix tokens (registers put
+    after the class token, as transformers' DINOv2 does); per-token ops (adding positions, norms) keep the count.
     """
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
-    prefix = 0
-    for node in ancestors(first_site.stream):
-        if node.op != "call_function" or getattr(node.target, "__name__", "").split(".")[0] != "cat":
-            continue
-        parts = node.args[0]
-        dim = node_kwarg(node, "dim", 1) or 0
+
+    def input_free(node: fx.Node) -> bool:
+        return not placeholders & (ancestors(node, through_shape_queries=False) | {node})
+
+    def tokens(node: fx.Node) -> int | None:
         shape = tensor_meta_shape(node)
-        if shape is None or len(shape) != 3 or dim not in (1, -2):
-            continue
+        return shape[1] if shape is not None and len(shape) == 3 else None
+
+    memo: dict[fx.Node, int] = {}
+
+    def prefix_of(node: fx.Node, depth: int = 0) -> int:
+        if node in memo or depth > 64:
+            return memo.get(node, 0)
         count = 0
-        for part in parts:
-            if not isinstance(part, fx.Node) or placeholders & (ancestors(part, through_shape_queries=False) | {part}):
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op == "call_function" and name == "cat" and (node_kwarg(node, "dim", 1) or 0) in (1, -2):
+            for part in node.args[0]:
+                if not isinstance(part, fx.Node) or tokens(part) is None:
+                    break
+                if input_free(part):
+                    count += tokens(part) or 0
+                    continue
+                leading = _leading_slice(part)
+                if leading is not None and prefix_of(leading[0], depth + 1) >= leading[1]:
+                    count += leading[1]
+                    continue
                 break
-            part_shape = tensor_meta_shape(part)
-            count += part_shape[1] if part_shape else 0
-        prefix = max(prefix, count)
-    return prefix
+        else:
+            data = [n for n in data_inputs(node) if not input_free(n) and tokens(n) == tokens(node)]
+            if len(data) == 1 and tokens(node) is not None:
+                count = prefix_of(data[0], depth + 1)
+        memo[node] = count
+        return count
+
+    return prefix_of(first_site.block_input or first_site.stream)
+
+
+def _leading_slice(node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``x[:, :k]`` (or ``aten.slice(x, 1, 0, k)``) -> (x, k)."""
+    args = node.args
+    if node.op != "call_function" or not args or not isinstance(args[0], fx.Node):
+        return None
+    if node.target is operator.getitem and isinstance(args[1], tuple) and len(args[1]) >= 2:
+        first, second = args[1][0], args[1][1]
+        if first == slice(None) and isinstance(second, slice) and second.start in (None, 0) and second.step in (None, 1):
+            return (args[0], second.stop) if isinstance(second.stop, int) else None
+    if node.target is torch.ops.aten.slice.Tensor and len(args) >= 4 and args[1] in (1, -2) and args[2] in (0, None):
+        return (args[0], args[3]) if isinstance(args[3], int) else None
+    return None
 
 
 def find_sites_and_prefix(gm: fx.GraphModule) -> tuple[list[AttentionSite], int]:
     """Attention sites and the number of prefix tokens (shapes must have been propagated)."""
-    sites = find_attention_sites(gm)
-    return sites, detect_prefix_tokens(gm, sites[0])
+    structure = find_structure(gm)
+    return structure.sites, structure.prefix

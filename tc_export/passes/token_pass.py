@@ -1,31 +1,39 @@
-"""The token pass: one walk over the attention sites that applies every configured method at its layers.
+"""The token pass: one walk over the model's layers that puts every configured method at its insertion point.
 
-Methods (ToMe, Top-K, PruMerge, adjacent merging) differ only in the op they put at a site and the signals
-it needs. What they share lives here: the token sizes threaded from op to op (and from a padding mask, when
-the model has one), the attention bias those sizes imply at every later site, and the layer plan of a
-multi-stage recipe (one method per layer).
+Methods differ only in the op they put at a site (``Site``: tokens, protected prefix, channels, heads, grid,
+padding) and the signals it needs. What they share lives here: the token sizes threaded from op to op (and from a
+padding mask, when the model has one), the attention bias those sizes imply at every later site, the layer plan
+of a multi-stage recipe (one method per place), the pooling that must follow the sizes, and the checks that the
+result still computes what the methods claim.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
-from torch import fx
+from torch import fx, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StructureNotFoundError
 from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
 from .base import PassResult
+from .graph import copy_subgraph, descendants, stable_toposort, tensor_meta_shape
+from .layers import layer_plan, validate_placement  # noqa: F401 - validate_placement is re-exported
+from .outputs import block_output, cut_output, encoder_output
 from .padding import find_initial_sizes, repoint_pooling
-from .rewrite import add_attention_bias, insert_class_attention, insert_key_metric
-from .structure import AttentionSite, find_sites_and_prefix
+from .pooling import follow_pooling
+from .positions import check_foreign_token_tensors
+from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
+from .site import Point, Site
+from .structure import AttentionSite, Structure, find_structure
 
 
 class TokenMethod(Protocol):
-    """A method config: which layers it acts on and the op it puts there."""
+    """A method config: where it acts and the op it puts there."""
 
     method: ClassVar[str]
     needs_class_token: ClassVar[bool]
@@ -33,118 +41,305 @@ class TokenMethod(Protocol):
     protected: int | None
     layers: tuple[int, ...] | None
 
+    def insertion_point(self) -> Point: ...
+
     def default_layers(self, num_layers: int) -> list[int]: ...
 
-    def check(self, first_tokens: int, protected: int, num_layers: int) -> None: ...
+    def check(self, site: Site) -> None: ...
 
-    def make_op(
-        self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False
-    ) -> TokenOp | None: ...
+    def make_op(self, site: Site) -> nn.Module | None: ...
 
 
-def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None) -> None:
-    """Config-time checks every method shares: the layer list (whole numbers >= 0, no repeats), ``protected``."""
-    if protected is not None and (isinstance(protected, bool) or not isinstance(protected, int) or protected < 0):
-        raise ConfigError(f"{method}: protected must be a whole number >= 0, got {protected!r}")
-    if layers is None:
-        return
-    if not layers:
-        raise ConfigError(f"{method}: layers is empty; give at least one layer index")
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-            raise ConfigError(f"{method}: layers must be whole numbers >= 0, got {layer!r}")
-    if len(set(layers)) != len(layers):
-        raise ConfigError(f"{method}: layers {list(layers)} repeat an index")
+@dataclass
+class PassReport:
+    """What the token pass found and did, for the command line and ``CompressedModel``."""
 
-
-def layer_plan(configs: Sequence[TokenMethod], num_layers: int) -> dict[int, TokenMethod]:
-    """Layer index -> the method acting there; out-of-range or doubly claimed layers are errors."""
-    plan: dict[int, TokenMethod] = {}
-    for config in configs:
-        layers = list(config.layers) if config.layers is not None else config.default_layers(num_layers)
-        for layer in layers:
-            if layer >= num_layers:
-                raise ConfigError(
-                    f"{config.method}: layer {layer} is out of range: the model has {num_layers} attention layers "
-                    f"(0-{num_layers - 1})"
-                )
-            if layer in plan:
-                raise ConfigError(
-                    f"layer {layer} is claimed by both {plan[layer].method} and {config.method}: one method per layer"
-                )
-            plan[layer] = config
-    return plan
+    protected: int = 0
+    protected_source: str = "found in the graph"
+    skipped: list[str] = field(default_factory=list)
+    grid: tuple[int, ...] | None = None
+    extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
+    output_is_tokens: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 class TokenPass:
-    """Insert each method's op after the attention residual add of its layers; thread sizes and biases."""
+    """Insert each method's op at its place; thread sizes and biases; keep pooling and positions honest."""
 
     name = "tokens"
 
-    def __init__(self, configs: Sequence[TokenMethod]) -> None:
-        if not configs:
+    def __init__(self, configs: Sequence[TokenMethod], features: int | None = None, frames: int | None = None) -> None:
+        if not configs and features is None:
             raise ConfigError("no compression method given")
         self.configs = list(configs)
-        self.name = "+".join(config.method for config in self.configs)
+        self.features, self.frames = features, frames
+        self.name = "+".join(config.method for config in self.configs) or "features"
+        self.report = PassReport()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
-        sites, prefix = find_sites_and_prefix(gm)
-        plan = layer_plan(self.configs, len(sites))
-        first_tokens = sites[0].num_tokens()
+        structure = find_structure(gm)
+        sites, num_layers = structure.sites, len(structure.sites)
+        plan = layer_plan(self.configs, num_layers)
+        last_layer = self._last_layer(num_layers)
+        for (point, layer), config in plan.items():
+            if point != "encoder" and layer > last_layer:
+                raise ConfigError(
+                    f"{config.method}: layer {layer} comes after the --features layer {last_layer}, whose output "
+                    "the model now ends with"
+                )
+        self.report.skipped, self.report.grid = structure.skipped, structure.grid
+        protected = self._protected(structure)
+        initial = size = find_initial_sizes(gm, sites, example_inputs)
+        padded = initial is not None
+        first = self._site(structure, sites[0], "attention", sites[0].num_tokens(), protected, padded, structure.grid)
         for config in self.configs:
-            protected = prefix if config.protected is None else config.protected
             if config.needs_class_token and protected == 0:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
                     "(no learned token in front of the sequence); use tome or adjacent"
                 )
-            config.check(first_tokens, protected, len(sites))
+            config.check(first)
 
         graph = gm.graph
-        initial = size = find_initial_sizes(gm, sites, example_inputs)
-        padded = initial is not None
-        prop_attn = any(config.prop_attn for config in self.configs)
-        tokens = first_tokens
-        notes = []
-        for site in sites:
+        # Found before any op goes in (an op takes over its anchor's uses, which these searches follow).
+        end = self._output_node(gm, structure, last_layer)
+        block_ends = {layer: block_output(gm, structure, layer) for point, layer in plan if point == "block"}
+        prop_attn = any(getattr(config, "prop_attn", False) for config in self.configs)
+        tokens, grid = first.tokens, structure.grid
+        ops: list[fx.Node] = []
+        for site in sites[: last_layer + 1]:
+            config = plan.get(("block_input", site.index))
+            if config is not None:
+                op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid))
+                if op is not None:
+                    size, call = self._insert_block_input_op(gm, site, op, size)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
             if size is not None and (prop_attn or padded):
                 bias_fn = proportional_bias if prop_attn else presence_bias
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
                     bias = graph.call_function(bias_fn, (size,))
                 add_attention_bias(site, bias)
-            config = plan.get(site.index)
-            if config is None:
-                continue
-            protected = prefix if config.protected is None else config.protected
-            op = config.make_op(site.index, tokens, protected, len(sites), padded=padded)
+            config = plan.get(("attention", site.index))
+            if config is not None:
+                op = config.make_op(self._site(structure, site, "attention", tokens, protected, padded, grid))
+                if op is not None:
+                    size, call = self._insert_op(gm, site.stream, op, size, self._signals(graph, site, op), site.index)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+            config = plan.get(("block", site.index))
+            if config is not None:
+                anchor = block_ends[site.index]
+                op = config.make_op(self._site(structure, site, "block", tokens, protected, padded, grid))
+                if op is not None and not isinstance(op, TokenOp):
+                    _check_keeps_stream(op, config, site.index, protected, _channels(anchor))
+                if op is not None:
+                    size, call = self._insert_op(gm, anchor, op, size, self._signals(graph, site, op), site.index)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+
+        if size is not None and (prop_attn or padded):
+            self._bias_other_attention(gm, structure, ops, size, first.tokens,
+                                       proportional_bias if prop_attn else presence_bias)
+        encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
+        channels = _channels(end)
+        for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
+            site = Site("encoder", None, num_layers, tokens, protected, channels, None, grid, padded)
+            op = config.make_op(site)
             if op is None:
                 continue
-            size = self._insert_op(gm, site, op, size)
-            notes.append(f"layer {site.index}: {config.method} {tokens} -> {op.tokens_out(tokens)} tokens")
-            tokens = op.tokens_out(tokens)
+            size, call = self._insert_op(gm, end, op, size, self._signals(graph, None, op), None)
+            tokens, grid = self._after(op, tokens, grid, call, ops, config, None)
+            protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
+            channels = op.channels_out() if hasattr(op, "channels_out") else channels
+            end = call if not isinstance(op, TokenOp) else next(u for u in call.users if u.args[1] == 0)
+        if self.features is not None or encoder_stages:
+            cut_output(gm, end, self.frames)
+            self.report.output_is_tokens = True
+
         if padded and size is not initial:
             repoint_pooling(gm, initial, size)
-        return PassResult(gm, modified=bool(notes), notes=notes)
+        stable_toposort(graph)
+        if ops:
+            check_foreign_token_tensors(gm, ops, structure, first.tokens)
+            if size is not None and not self.report.output_is_tokens:
+                follow_pooling(gm, ops[-1], size, protected, initial, first.tokens)
+        batch = next(iter(example_inputs.values())).shape[0]
+        new_inputs = {name: seeded_input(batch, shape) for name, shape in self.report.extra_inputs.items()}
+        return PassResult(gm, bool(ops) or self.report.output_is_tokens, self.report.notes, new_inputs)
 
     @staticmethod
-    def _insert_op(gm: fx.GraphModule, site: AttentionSite, op: TokenOp, size: fx.Node | None) -> fx.Node | None:
-        """Call ``op`` on the site's stream; later users see its tokens. Returns the sizes after it."""
-        graph = gm.graph
+    def _bias_other_attention(gm: fx.GraphModule, structure: Structure, ops: list[fx.Node], size: fx.Node,
+                              tokens: int, bias_fn: object) -> None:
+        """Attention left uncompressed (a pooling head) whose keys are the compressed tokens gets their size bias
+        too: proportional attention (or padding) applies wherever merged tokens are attended to."""
+        below = set().union(*(descendants(op) for op in ops)) if ops else set()
+        for other in structure.others:
+            key_tokens = (tensor_meta_shape(other.key) or (0, 0))[-2 if other.kind == "sdpa" else -1]
+            if other.attention not in below or key_tokens != tokens or key_tokens == (tensor_meta_shape(other.query) or (0, 0))[-2]:
+                continue
+            with gm.graph.inserting_before(other.attention if other.softmax is None else other.softmax):
+                bias = gm.graph.call_function(bias_fn, (size,))
+            add_attention_bias(other, bias)
+
+    def _last_layer(self, num_layers: int) -> int:
+        if self.features is None:
+            return num_layers - 1
+        layer = self.features if self.features >= 0 else num_layers + self.features
+        if not 0 <= layer < num_layers:
+            raise ConfigError(
+                f"--features {self.features} is out of range: the model has {num_layers} layers "
+                f"(0-{num_layers - 1}, or -1 to -{num_layers} from the end)"
+            )
+        return layer
+
+    def _protected(self, structure: Structure) -> int:
+        given = {config.protected for config in self.configs if config.protected is not None}
+        if len(given) > 1:
+            raise ConfigError(f"the stages give different protected counts {sorted(given)}: give one")
+        if given:
+            protected = given.pop()
+            tokens = structure.sites[0].num_tokens()
+            if protected >= tokens:
+                raise ConfigError(f"--protected {protected} is not below the model's {tokens} tokens")
+            self.report.protected, self.report.protected_source = protected, "given with --protected"
+        else:
+            protected = structure.prefix
+            self.report.protected = protected
+        return protected
+
+    @staticmethod
+    def _site(structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
+              grid: tuple[int, ...] | None) -> Site:
+        layout = tensor_meta_shape(site.query) or ()
+        heads = layout[1] if len(layout) == 4 else None
+        channels = _channels(site.stream)
+        return Site(point, site.index, len(structure.sites), tokens, protected, channels, heads, grid, padded)
+
+    def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
+               config: TokenMethod, layer: int | None) -> tuple[int, tuple[int, ...] | None]:
+        ops.append(call)
+        new_tokens = op.tokens_out(tokens) if isinstance(op, TokenOp) else op.tokens_out()
+        where = "the encoder output" if layer is None else f"layer {layer}"
+        self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
+        new_grid = op.output_grid() if hasattr(op, "output_grid") else None
+        return new_tokens, new_grid
+
+    def _signals(self, graph: fx.Graph, site: AttentionSite | None, op: nn.Module) -> list[fx.Node]:
         signals = []
-        for signal in op.signals:
-            if signal == "metric":
+        for signal in getattr(op, "signals", ()):
+            if signal == "metric" and site is not None:
                 signals.append(insert_key_metric(graph, site))
-            else:
+            elif signal == "class_attention" and site is not None:
                 signals.append(insert_class_attention(graph, site))
-        module_name = f"{type(op).__name__.lower()}_{site.index}"
+            elif signal in self._inputs(op):
+                signals.append(self._model_input(graph, signal, self._inputs(op)[signal]))
+            else:
+                raise ConfigError(f"{type(op).__name__} needs {signal!r}, which {'the encoder output' if site is None else 'this place'} does not provide")
+        return signals
+
+    @staticmethod
+    def _inputs(op: nn.Module) -> dict[str, tuple[int, ...]]:
+        """Inputs an op takes from outside the model (name -> shape without batch), e.g. text queries."""
+        return dict(getattr(op, "input_shapes", {}))
+
+    def _model_input(self, graph: fx.Graph, name: str, shape: tuple[int, ...]) -> fx.Node:
+        """A new model input (e.g. LLaMA-VID's text queries), added after the existing ones."""
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        for node in placeholders:
+            if node.target == name:
+                return node
+        required = [n for n in placeholders if not n.args]  # placeholders with defaults must stay last
+        with graph.inserting_after(required[-1]) if required else graph.inserting_before(placeholders[0]):
+            node = graph.placeholder(name)
+        self.report.extra_inputs[name] = shape
+        return node
+
+    @staticmethod
+    def _insert_op(gm: fx.GraphModule, anchor: fx.Node, op: nn.Module, size: fx.Node | None,
+                   signals: list[fx.Node], layer: int | None) -> tuple[fx.Node | None, fx.Node]:
+        """Call ``op`` on ``anchor``; later users see its tokens. Returns the sizes after it and the call."""
+        graph = gm.graph
+        module_name = _unique_name(gm, type(op).__name__.lower(), layer)
         gm.add_submodule(module_name, op)
-        stream = site.stream
-        with graph.inserting_after(stream):
-            call = graph.call_module(module_name, (stream, size, *signals))
+        token_op = isinstance(op, TokenOp)
+        with graph.inserting_after(anchor):
+            call = graph.call_module(module_name, (anchor, size, *signals) if token_op else (anchor, *signals))
+        if not token_op:  # a projector: tokens in, tokens out; sizes start afresh after it
+            anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+            return None, call
         with graph.inserting_after(call):
             tokens = graph.call_function(operator.getitem, (call, 0))
-        stream.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call)
+        anchor.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call)
         if size is None and not op.creates_size:
-            return None
+            return None, call
         with graph.inserting_after(tokens):
-            return graph.call_function(operator.getitem, (call, 1))
+            return graph.call_function(operator.getitem, (call, 1)), call
+
+    def _insert_block_input_op(self, gm: fx.GraphModule, site: AttentionSite, op: TokenOp,
+                               size: fx.Node | None) -> tuple[fx.Node | None, fx.Node]:
+        """An op where the stream enters ``site``'s block, fed with that block's full-width queries and keys
+        computed on the uncompressed stream (a copy of the projections); the block then runs on its output."""
+        graph = gm.graph
+        source = site.block_input
+        if source is None:
+            raise StructureNotFoundError(f"no block input found for attention {site.name}")
+        copies = copy_subgraph(graph, source, [site.query, site.key])
+        signals = []
+        for signal in op.signals:
+            if signal not in ("query_full", "key_full"):
+                raise ConfigError(f"{type(op).__name__} needs {signal!r}, which a block input does not provide")
+            node = copies.get(site.query if signal == "query_full" else site.key)
+            if node is None:
+                raise StructureNotFoundError(f"the queries and keys of attention {site.name} do not come from its block input")
+            transposed = site.kind == "explicit" and signal == "key_full"
+            with graph.inserting_after(node):
+                signals.append(graph.call_function(full_width, (node, transposed)))
+        keep = set(copies.values())
+        module_name = _unique_name(gm, type(op).__name__.lower(), site.index)
+        gm.add_submodule(module_name, op)
+        with graph.inserting_after(source):
+            call = graph.call_module(module_name, (source, size, *signals))
+        with graph.inserting_after(call):
+            tokens = graph.call_function(operator.getitem, (call, 0))
+        source.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call and user not in keep)
+        with graph.inserting_after(tokens):
+            return graph.call_function(operator.getitem, (call, 1)), call
+
+    def _output_node(self, gm: fx.GraphModule, structure: Structure, last_layer: int) -> fx.Node:
+        if self.features is not None:
+            return block_output(gm, structure, last_layer)
+        return encoder_output(gm, structure)
+
+
+def _check_keeps_stream(op: nn.Module, config: TokenMethod, layer: int, protected: int, channels: int) -> None:
+    """A projector inside the tower must leave a stream the later blocks can take: same width, same prefix."""
+    if op.channels_out() != channels:
+        raise ConfigError(
+            f"{config.method} after block {layer} changes the width {channels} -> {op.channels_out()}; inside the "
+            "tower the width must stay (use it at the encoder output, or keep out_channels at the input width)"
+        )
+    if op.prefix_out() != protected:
+        raise ConfigError(
+            f"{config.method} after block {layer} would drop the {protected} class/register tokens the later blocks "
+            "read; keep them (prefix_mode keep) or use it at the encoder output"
+        )
+
+
+def seeded_input(batch: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """Example values for an input a method adds (e.g. LLaMA-VID's text queries): seeded normal noise."""
+    return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(seed))
+
+
+def _channels(node: fx.Node) -> int:
+    shape = tensor_meta_shape(node)
+    if shape is None or len(shape) != 3:
+        raise StructureNotFoundError(f"the stream at {node.name} is not a (batch, tokens, channels) tensor: {shape}")
+    return shape[2]
+
+
+def _unique_name(gm: fx.GraphModule, base: str, layer: int | None) -> str:
+    """``tomemerge_3`` for layer 3 (``..._encoder`` at the output), made unique if a name is taken."""
+    name = f"{base}_{'encoder' if layer is None else layer}"
+    names, index = dict(gm.named_children()), 1
+    candidate = name
+    while candidate in names:
+        candidate, index = f"{name}_{index}", index + 1
+    return candidate

@@ -7,7 +7,9 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.tome import ToMeMerge, effective_r
-from .token_pass import validate_placement
+from .layers import parse_layers_flag, parse_protected, validate_placement
+from .methods import register_method, setting
+from .site import Point, Site
 
 
 def linear_r_schedule(r: int, inflection: float, num_layers: int) -> list[int]:
@@ -20,24 +22,49 @@ def linear_r_schedule(r: int, inflection: float, num_layers: int) -> list[int]:
     return [int(low + step * i) for i in range(num_layers)]
 
 
+def parse_r(text: str) -> int | tuple[int, ...]:
+    """``16`` -> 16; ``8,8,4`` -> (8, 8, 4) (a per-layer list). Rejects non-integers and negatives."""
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise ConfigError(
+                f"--r must be a whole number of tokens per layer (or a comma-separated per-layer list), got {text!r}"
+            ) from None
+        if value < 0:
+            raise ConfigError(f"--r must be >= 0 (tokens merged per layer), got {value}")
+        values.append(value)
+    return values[0] if len(values) == 1 and "," not in text else tuple(values)
+
+
+@register_method("tome", "ToMe bipartite token merging (--r, --inflect)")
 @dataclass(frozen=True)
 class ToMeConfig:
     """ToMe settings.
 
     ``r``: tokens merged per layer: an int (constant, or linear with ``inflection``) or a per-layer tuple
     (padded with zeros). ``prop_attn``: proportional attention (log size added to the logits).
-    ``protected``: class/distillation tokens that never merge; None detects them from the graph.
+    ``protected``: leading tokens that never merge; None detects them from the graph.
     ``layers``: merge only at these layer indices (None: every layer the schedule gives an r).
+    ``sort_unmerged``: keep the unmerged tokens in their original order even without a protected prefix (the
+    published code sorts them only when there is a class token).
     """
 
     method: ClassVar[str] = "tome"
+    point: ClassVar[Point] = "attention"
     needs_class_token: ClassVar[bool] = False
 
-    r: int | tuple[int, ...] = 16
-    inflection: float | None = None
-    prop_attn: bool = True
-    protected: int | None = None
-    layers: tuple[int, ...] | None = None
+    r: int | tuple[int, ...] = setting(16, "tome: tokens merged per layer, or a per-layer list 8,8,4", parse_r)
+    inflection: float | None = setting(None, "linear r schedule with this inflection (ToMe's (r, inflection))",
+                                       float, flag="--inflect")
+    prop_attn: bool = setting(True, "proportional attention: log(size) added to the attention logits")
+    protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
+                                    parse_protected)
+    layers: tuple[int, ...] | None = setting(None, "layers to act on, e.g. 3,6,9 or 0-5 (zero-indexed)",
+                                             parse_layers_flag)
+    sort_unmerged: bool = setting(False, "tome: keep unmerged tokens in their order without a class token too")
 
     def __post_init__(self) -> None:
         values = self.r if isinstance(self.r, tuple) else (self.r,)
@@ -53,6 +80,9 @@ class ToMeConfig:
                 raise ConfigError(f"inflection must be in [-1, 1], got {self.inflection}")
         validate_placement(self.method, self.layers, self.protected)
 
+    def insertion_point(self) -> Point:
+        return self.point
+
     def schedule(self, num_layers: int) -> list[int]:
         if isinstance(self.r, tuple):
             if len(self.r) > num_layers:
@@ -65,17 +95,20 @@ class ToMeConfig:
     def default_layers(self, num_layers: int) -> list[int]:
         return list(range(num_layers))
 
-    def check(self, first_tokens: int, protected: int, num_layers: int) -> None:
-        schedule = self.schedule(num_layers)
-        layers = self.layers if self.layers is not None else range(num_layers)
-        largest = max((schedule[layer] for layer in layers if layer < num_layers), default=0)
-        limit = effective_r(first_tokens, 10**9, protected)
+    def check(self, site: Site) -> None:
+        schedule = self.schedule(site.num_layers)
+        layers = self.layers if self.layers is not None else range(site.num_layers)
+        largest = max((schedule[layer] for layer in layers if layer < site.num_layers), default=0)
+        limit = effective_r(site.tokens, 10**9, site.protected)
         if largest > limit:
             raise ConfigError(
-                f"r={largest} is too large: the first layer has {first_tokens} tokens "
-                f"({protected} protected), so r can be at most {limit}"
+                f"r={largest} is too large: the first layer has {site.tokens} tokens "
+                f"({site.protected} protected), so r can be at most {limit}"
             )
 
-    def make_op(self, layer: int, num_tokens: int, protected: int, num_layers: int, padded: bool = False) -> ToMeMerge | None:
-        r = self.schedule(num_layers)[layer]
-        return ToMeMerge(r, protected, padded) if effective_r(num_tokens, r, protected) > 0 else None
+    def make_op(self, site: Site) -> ToMeMerge | None:
+        assert site.layer is not None
+        r = self.schedule(site.num_layers)[site.layer]
+        if effective_r(site.tokens, r, site.protected) == 0:
+            return None
+        return ToMeMerge(r, site.protected, site.padded, sort_unmerged=True if self.sort_unmerged else None)

@@ -1,6 +1,8 @@
 """Recipes: multi-stage compression described in YAML, shipped here (``*.yaml``) or given as a file path.
 
-A recipe is a list of stages, one method each, on disjoint layers::
+A recipe is a list of stages, one method each, on disjoint layers (projectors may follow each other at the
+encoder output), with optional model-level settings ``features`` (the block whose tokens the model outputs) and
+``frames`` (video), and the ``model`` it is written for::
 
     description: ToMe r=8 in blocks 0-5, then Top-K 0.7 at block 8
     stages:
@@ -20,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..passes.layers import parse_layers  # noqa: F401 - part of this module's interface
 
-RECIPE_KEYS = ("description", "stages")
+RECIPE_KEYS = ("description", "model", "features", "frames", "stages")
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,9 @@ class Recipe:
     source: str  # where it came from, for error messages
     description: str
     stages: tuple[object, ...]  # method configs, in order
+    model: str | None = None  # the model it is written for (informational; any model may use it)
+    features: int | None = None  # vision-tower mode: the block whose tokens the model outputs
+    frames: int | None = None  # video: frames per clip
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -70,7 +76,13 @@ def parse_recipe(text: str, source: str, name: str = "recipe") -> Recipe:
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"recipe {source}: 'stages' must be a non-empty list of stages")
     configs = tuple(_stage_config(stage, f"recipe {source}: stage {i + 1}") for i, stage in enumerate(stages))
-    return Recipe(name, source, str(data.get("description", "")), configs)
+    for key in ("features", "frames"):
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"recipe {source}: {key} must be a whole number, got {value!r}")
+    model = data.get("model")
+    return Recipe(name, source, str(data.get("description", "")), configs, None if model is None else str(model),
+                  data.get("features"), data.get("frames"))
 
 
 def method_fields(config_type: type) -> list[str]:
@@ -79,61 +91,6 @@ def method_fields(config_type: type) -> list[str]:
 
 
 def _stage_config(stage: Any, where: str) -> object:
-    from ..passes import METHODS
+    from ..passes import config_from_dict
 
-    if not isinstance(stage, dict) or "method" not in stage:
-        raise ConfigError(f"{where}: each stage is a mapping with a 'method' key ({', '.join(METHODS.names())})")
-    method = stage["method"]
-    if not isinstance(method, str) or method not in METHODS:
-        raise ConfigError(f"{where}: unknown method {method!r}; allowed methods: {', '.join(METHODS.names())}")
-    config_type = METHODS.get(method).config_type
-    allowed = method_fields(config_type)
-    values = {}
-    for key, value in stage.items():
-        if key == "method":
-            continue
-        if key not in allowed:
-            raise ConfigError(f"{where} ({method}): unknown key {key!r}; allowed keys: method, {', '.join(allowed)}")
-        values[key] = parse_layers(value, where) if key == "layers" else _tuples(value)
-    missing = [f.name for f in dataclasses.fields(config_type) if f.name not in values and _required(f)]
-    if missing:
-        raise ConfigError(f"{where} ({method}): missing key {missing[0]!r} (required by {method})")
-    try:
-        return config_type(**values)
-    except ConfigError as error:
-        raise ConfigError(f"{where} ({method}): {error}") from None
-    except TypeError as error:
-        raise ConfigError(f"{where} ({method}): {error}") from None
-
-
-def _required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
-
-
-def parse_layers(value: Any, where: str) -> tuple[int, ...]:
-    """``[0, 1, 2]``, ``"0-5"``, ``3``, ``[0-3, 7]`` or ``"3,6,9"`` -> a tuple of layer indices."""
-    items = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
-    layers: list[int] = []
-    for item in items:
-        if isinstance(item, bool):
-            raise ConfigError(f"{where}: layers must be indices or ranges like 0-5, got {item!r}")
-        if isinstance(item, int):
-            layers.append(item)
-            continue
-        text = str(item).strip()
-        low, dash, high = text.partition("-")
-        try:
-            if dash:
-                start, stop = int(low), int(high)
-                if stop < start:
-                    raise ValueError
-                layers.extend(range(start, stop + 1))
-            else:
-                layers.append(int(text))
-        except ValueError:
-            raise ConfigError(f"{where}: layers must be indices or ranges like 0-5, got {item!r}") from None
-    return tuple(layers)
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
+    return config_from_dict(stage, where)

@@ -1,0 +1,31 @@
+"""Vision towers of vision-language models, built from their configs (random weights unless ``--weights``).
+
+``clip_vit_l_336`` is LLaVA-1.5's tower (CLIP ViT-L/14 at 336 px: a 24 x 24 grid + class token = 577 tokens);
+``siglip_b`` is the transformers SigLIP base vision tower (16 x 16 patches at 224 px, attention-pooling head).
+Use them with ``--features -2`` (LLaVA takes the second-to-last layer) and a projector.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import LoadedModel
+from .hf_models import _preset, _sized, _transformers, build_clip_vision
+from .registry import ModelOptions, register_model
+
+
+@register_model("clip_vit_l_336", "transformers CLIP ViT-L/14 vision tower, 336 px, 577 tokens (LLaVA-1.5)")
+def build_clip_vit_l_336(options: ModelOptions, **overrides: Any) -> LoadedModel:
+    settings = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "patch_size": 14, "image_size": 336} | overrides
+    return build_clip_vision(options, name="clip_vit_l_336", **settings)
+
+
+@register_model("siglip_b", "transformers SigLIP-B/16 vision tower, 224 px (attention-pooling head)")
+def build_siglip_b(options: ModelOptions, name: str = "siglip_b", **overrides: Any) -> LoadedModel:
+    tf = _transformers()
+    size, options = _sized(options, overrides)
+    settings = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "patch_size": 16} | overrides
+    config = tf.SiglipVisionConfig(image_size=size, **settings)
+    return _preset(name, tf.SiglipVisionModel, config, options, "pooler")

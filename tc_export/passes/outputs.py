@@ -1,0 +1,83 @@
+"""Finding a block's output and the encoder's output tokens, and making them the model's output.
+
+A block's output is where the stream enters the next block (the skip input of its attention residual add). The
+last block's output is its MLP residual add (after a post-norm, in post-norm models); the encoder output follows
+that through the final norm. Found from the graph alone, like the attention sites.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..errors import StructureNotFoundError
+from .graph import data_inputs, descendants, is_add, is_norm, is_shape_query
+from .structure import Structure
+
+
+def _consumers(node: fx.Node) -> list[fx.Node]:
+    return [user for user in node.users if not is_shape_query(user)]
+
+
+def _mlp_residual_add(gm: fx.GraphModule, stream: fx.Node) -> fx.Node:
+    """The add that joins ``stream`` with a branch computed from it (the MLP residual)."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    below = descendants(stream)
+    for node in sorted(below, key=order.__getitem__):
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if is_add(node) and len(tensors) == 2 and stream in tensors:
+            other = tensors[1] if tensors[0] is stream else tensors[0]
+            if other in below:
+                return node
+    raise StructureNotFoundError(f"found no MLP residual add after {stream.name} (the last block's output)")
+
+
+def block_output(gm: fx.GraphModule, structure: Structure, layer: int) -> fx.Node:
+    """The stream leaving block ``layer``."""
+    sites = structure.sites
+    if layer + 1 < len(sites):
+        following = sites[layer + 1].block_input
+        if following is None:
+            raise StructureNotFoundError(f"no block input found for attention {sites[layer + 1].name}")
+        return following
+    site = sites[layer]
+    output = _mlp_residual_add(gm, site.stream)
+    post_norm = site.stream is not site.residual_add
+    modules = dict(gm.named_modules())
+    consumers = _consumers(output)
+    if post_norm and len(consumers) == 1 and is_norm(consumers[0], modules):
+        return consumers[0]
+    return output
+
+
+def encoder_output(gm: fx.GraphModule, structure: Structure) -> fx.Node:
+    """The tower's output tokens: the last block's output after any final norm(s), before pooling or a head."""
+    node = block_output(gm, structure, len(structure.sites) - 1)
+    modules = dict(gm.named_modules())
+    for _ in range(3):
+        consumers = _consumers(node)
+        if len(consumers) != 1 or not is_norm(consumers[0], modules) or len(data_inputs(consumers[0])) != 1:
+            break
+        node = consumers[0]
+    return node
+
+
+def frames_to_sequence(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B*T, M, D) per-frame tokens -> (B, T*M, D): a video's frames one after another."""
+    return tokens.reshape(tokens.shape[0] // frames, frames * tokens.shape[1], tokens.shape[2])
+
+
+def cut_output(gm: fx.GraphModule, node: fx.Node, frames: int | None = None) -> None:
+    """Make ``node`` (tokens) the model's only output; with ``frames``, per-frame tokens become one sequence."""
+    graph = gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    if frames:
+        with graph.inserting_before(output):
+            node = graph.call_function(frames_to_sequence, (node, frames))
+    current = output.args[0]
+    if isinstance(current, (tuple, list)):  # torch.export graphs return flat output lists
+        if len(current) != 1:
+            raise StructureNotFoundError(f"the model has {len(current)} outputs; tokens can replace only a single one")
+        output.args = (type(current)([node]),)
+    else:
+        output.args = (node,)

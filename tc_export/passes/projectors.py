@@ -1,0 +1,196 @@
+"""Projector methods: pooling, pixel unshuffle, C-Abstractor, LLaMA-VID, resampler and LLaVA's MLP.
+
+Each is a config registered like any method; it acts at the encoder output by default (the model then outputs
+the projected tokens, as a vision-language model's tower + projector does) or, with ``at=N``, after block N
+where the width and the class/register tokens are kept. Projectors need the patch grid where they use it
+(found from the patch embedding); merging and pruning destroy the grid, so a projector after them is an error
+unless it needs no grid (``mlp``, ``llamavid`` with one content token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..ops.projectors import (
+    CAbstractor,
+    LlamaVidProjector,
+    MLPProjector,
+    PoolProjector,
+    Projector,
+    ResamplerProjector,
+    UnshuffleProjector,
+)
+from .methods import register_method, setting
+from .site import Point, Site
+
+QUERIES_INPUT = "text_queries"  # LLaMA-VID's second model input
+
+
+def parse_at(text: str) -> str:
+    if text == "encoder":
+        return text
+    try:
+        return str(int(text))
+    except ValueError:
+        raise ConfigError(f"--at takes 'encoder' or a block index, got {text!r}") from None
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() in ("none", "auto"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"expected a whole number, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """What every projector config shares: where it acts and an optional weights file."""
+
+    projector: ClassVar[type[Projector]]
+    needs_grid: ClassVar[bool] = True
+    needs_class_token: ClassVar[bool] = False
+    prop_attn: ClassVar[bool] = False
+    protected: ClassVar[None] = None
+
+    def insertion_point(self) -> Point:
+        return "encoder" if self.at == "encoder" else "block"  # type: ignore[attr-defined]
+
+    @property
+    def layers(self) -> tuple[int, ...] | None:
+        at = self.at  # type: ignore[attr-defined]
+        return None if at == "encoder" else (int(at),)
+
+    def default_layers(self, num_layers: int) -> list[int]:
+        return []
+
+    def check(self, site: Site) -> None:
+        if self.insertion_point() == "block" and int(self.at) >= site.num_layers:  # type: ignore[attr-defined]
+            raise ConfigError(f"{self.method}: --at {self.at} is out of range: the model has "  # type: ignore[attr-defined]
+                              f"{site.num_layers} blocks (0-{site.num_layers - 1})")
+
+    def settings(self) -> dict[str, Any]:
+        """The projector's keyword settings: every field but ``at`` and ``projector_weights``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("at", "projector_weights")}
+
+    def make_op(self, site: Site) -> nn.Module:
+        grid = site.grid
+        if grid is None:
+            if self.needs_grid:
+                raise ConfigError(
+                    f"{self.method} needs the patch grid at {site.describe()}, but there is none there (an earlier "
+                    "merge or pruning reorders tokens, or the model has no patch grid); put it before them"
+                )
+            grid = (site.tokens - site.protected,)
+        with torch.random.fork_rng():  # the reference initialisation, reproducible
+            torch.manual_seed(0)
+            op = self.projector(site.channels, grid, site.protected, **self.settings())
+        weights = getattr(self, "projector_weights", None)
+        if weights is not None:
+            from ..models.weights import load_weights
+
+            load_weights(op, Path(weights))
+        return op
+
+
+def _at() -> Any:
+    return setting("encoder", "projectors: where to act: encoder (the output) or a block index N", parse_at)
+
+
+def _weights() -> Any:
+    return setting(None, "projectors: safetensors file with the projector's weights", str)
+
+
+def _out_channels() -> Any:
+    return setting(None, "projectors: output width D (default: the input width)", _optional_int)
+
+
+@register_method("pool", "2-D pooling on the patch grid, LLaVA-NeXT/OneVision (--stride, --mode avg|max|bilinear)")
+@dataclass(frozen=True)
+class PoolConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = PoolProjector
+
+    stride: int = setting(2, "pool: stride on each grid axis")
+    mode: str = setting("avg", "pool: avg | max (floor(H/s)) | bilinear (ceil(H/s), LLaVA-OneVision)")
+    prefix_mode: str = setting("drop", "pool: drop the class/register tokens, or keep them in front")
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("unshuffle", "InternVL pixel unshuffle + MLP (--scale 0.5)")
+@dataclass(frozen=True)
+class UnshuffleConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = UnshuffleProjector
+
+    scale: float = setting(0.5, "unshuffle: downscale 1/k (each k x k window -> one token of k*k*C channels)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("cabstractor", "Honeybee C-Abstractor (--tokens M, a square)")
+@dataclass(frozen=True)
+class CAbstractorConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = CAbstractor
+
+    tokens: int = setting(144, "output tokens M (cabstractor: a perfect square)")
+    hidden: int | None = setting(None, "cabstractor: width of its RegNet stages (Honeybee: 1024)", _optional_int)
+    depth: int = setting(3, "cabstractor / resampler: blocks per stage / attention layers")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("llamavid", "LLaMA-VID: a context and a content token per image (text queries as a 2nd input)")
+@dataclass(frozen=True)
+class LlamaVidConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = LlamaVidProjector
+    needs_grid: ClassVar[bool] = False
+
+    grid_size: int = setting(1, "llamavid: content tokens: 1 = the mean token, g > 1 = a g x g pooled grid")
+    queries: int = setting(32, "llamavid / resampler: number of (text or learned) queries")
+    query_channels: int = setting(768, "llamavid: width of the text queries (Q-Former: 768)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+    def make_op(self, site: Site) -> nn.Module:
+        if self.grid_size > 1 and site.grid is None:
+            raise ConfigError(f"llamavid --grid-size {self.grid_size} needs the patch grid; use --grid-size 1")
+        op = super().make_op(site)
+        op.signals = (QUERIES_INPUT,)  # type: ignore[assignment]
+        op.input_shapes = {QUERIES_INPUT: (self.queries, self.query_channels)}  # type: ignore[assignment]
+        return op
+
+
+@register_method("resampler", "Qwen-VL query resampler (--queries M learned queries, --depth)")
+@dataclass(frozen=True)
+class ResamplerConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = ResamplerProjector
+
+    queries: int = setting(256, "llamavid / resampler: number of (text or learned) queries")
+    heads: int | None = setting(None, "resampler: attention heads (default: max(1, D // 128))", _optional_int)
+    depth: int = setting(1, "cabstractor / resampler: blocks per stage / attention layers")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("mlp", "LLaVA's two-layer GELU projector (mlp2x_gelu), alone or after pool")
+@dataclass(frozen=True)
+class MLPConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = MLPProjector
+    needs_grid: ClassVar[bool] = False
+
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()

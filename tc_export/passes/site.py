@@ -1,0 +1,46 @@
+"""The site model: where a method acts and what it is told about the place.
+
+Every method config names an insertion point and receives a ``Site`` there:
+- ``attention``: after a block's attention residual add, before its MLP (merging and pruning: ToMe, Top-K,
+  adjacent merging);
+- ``block_input``: where the stream enters a block, with that block's attention queries and keys computed on the
+  uncompressed stream available as signals (PruMerge: the published code prunes the second-to-last layer's
+  tokens with the last layer's attention);
+- ``block``: a block's output (after its MLP residual add);
+- ``encoder``: the tower's output tokens (after the last block and its final norm, before pooling or a head); a
+  method acting there replaces the model's output with its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Point = Literal["attention", "block_input", "block", "encoder"]
+POINTS: tuple[Point, ...] = ("attention", "block_input", "block", "encoder")
+
+
+@dataclass(frozen=True)
+class Site:
+    """What a method is told about the place it acts on.
+
+    ``tokens``: tokens arriving there (static); ``protected``: the leading tokens no method may move (class,
+    distillation, registers); ``channels``: the token width; ``heads``: attention heads of the layer (None at the
+    encoder output); ``grid``: the spatial (H, W) or temporal (T,) grid behind the unprotected tokens while one
+    still exists (merging and pruning destroy it); ``padded``: the model has a padding mask (size-0 tokens).
+    ``layer`` is the attention layer index (None at the encoder output) of ``num_layers``.
+    """
+
+    point: Point
+    layer: int | None
+    num_layers: int
+    tokens: int
+    protected: int
+    channels: int
+    heads: int | None = None
+    grid: tuple[int, ...] | None = None
+    padded: bool = False
+
+    def describe(self) -> str:
+        where = "the encoder output" if self.layer is None else f"layer {self.layer} ({self.point})"
+        return f"{where}: {self.tokens} tokens ({self.protected} protected), {self.channels} channels"

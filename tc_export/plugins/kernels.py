@@ -1,0 +1,242 @@
+"""Triton kernels for the ToMeMerge and TopKSelect plugins.
+
+One kernel per op and one program per batch item (a TensorRT AOT plugin launches exactly one kernel and gets no
+scratch memory), with every shape and setting a compile-time constant (the exported graphs are static). Argument
+order follows TensorRT's AOT plugin convention: input pointers, then the int32 scalars, then output pointers.
+Scores, selection and weighted sums are fp32 whatever the input dtype; fp32 divisions are IEEE (``div_rn``) so the
+padding scores match PyTorch's bit for bit and ties break the same way.
+
+Selection is by counting rather than sorting: an element's rank is the number of elements ahead of it
+(higher score, or equal score and lower index), which is PyTorch's stable descending order, deterministic and
+free of data-dependent control flow.
+
+Importing this module imports Triton; ``launch`` imports it lazily.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+WEIGHT_FLOOR: tl.constexpr = tl.constexpr(1e-12)  # as tc_export.ops.rows.WEIGHT_FLOOR
+
+
+@triton.jit
+def tome_merge_kernel(
+    x_ptr,
+    size_ptr,
+    metric_ptr,
+    batch,
+    x_out_ptr,
+    size_out_ptr,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    R: tl.constexpr,
+    PROTECTED: tl.constexpr,
+    PADDED: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """ToMe bipartite soft matching + size-weighted merge of one batch item; R is the effective r (0: copy)."""
+    NA: tl.constexpr = (N + 1) // 2
+    NB: tl.constexpr = N // 2
+    N_OUT: tl.constexpr = N - R
+    b = tl.program_id(0).to(tl.int64)
+    live = b < batch
+    x_in = x_ptr + b * (N * C)
+    x_out = x_out_ptr + b * (N_OUT * C)
+    s_in = size_ptr + b * N
+    s_out = size_out_ptr + b * N_OUT
+    m_in = metric_ptr + b * (N * D)
+
+    ia = tl.arange(0, BLOCK_A)
+    a_ok = (ia < NA) & live
+    size_a = tl.load(s_in + 2 * ia, mask=a_ok, other=1.0).to(tl.float32)
+    pad_a = size_a == 0.0
+    prot_a = (2 * ia) < PROTECTED
+    norm_a = _row_norms(m_in, 2 * ia, a_ok, D)
+
+    # Best B column per A row (max cosine, ties -> lowest column), over blocks of BLOCK_J columns. The dot
+    # products run over d in a loop of rank-1 updates, reading metric columns (no tl.dot: fp32 dot tiles unroll
+    # into huge code and need shared memory).
+    best = tl.full([BLOCK_A], float("-inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_A], tl.int32)
+    for j0 in range(0, NB, BLOCK_J):
+        jb = j0 + tl.arange(0, BLOCK_J)
+        j_ok = (jb < NB) & live
+        norm_b = _row_norms(m_in, 2 * jb + 1, j_ok, D)
+        scores = tl.zeros([BLOCK_A, BLOCK_J], tl.float32)
+        for d in range(D):
+            col_a = tl.load(m_in + (2 * ia) * D + d, mask=a_ok, other=0.0).to(tl.float32)
+            col_b = tl.load(m_in + (2 * jb + 1) * D + d, mask=j_ok, other=0.0).to(tl.float32)
+            scores += tl.math.div_rn(col_a, norm_a)[:, None] * tl.math.div_rn(col_b, norm_b)[None, :]
+        if PADDED:
+            size_b = tl.load(s_in + 2 * jb + 1, mask=j_ok, other=1.0).to(tl.float32)
+            pad_b = size_b == 0.0
+            pair = (ia[:, None] * NB + jb[None, :]).to(tl.float32)
+            order = 0.5 * (1.0 - tl.math.div_rn(pair, tl.full([BLOCK_A, BLOCK_J], NA * NB, tl.float32)))
+            both = pad_a[:, None] & pad_b[None, :]
+            either = pad_a[:, None] | pad_b[None, :]
+            scores = tl.where(both, 2.0 + order, tl.where(either, -2.0 - order, scores))
+        prot_b = (2 * jb + 1) < PROTECTED
+        scores = tl.where(prot_a[:, None] | prot_b[None, :], float("-inf"), scores)
+        scores = tl.where(j_ok[None, :], scores, float("-inf"))
+        block_best = tl.max(scores, axis=1)
+        hit = (scores == block_best[:, None]) & j_ok[None, :]
+        block_col = tl.min(tl.where(hit, jb[None, :], NB + BLOCK_J), axis=1)
+        better = block_best > best  # strict: an earlier block (lower column) wins a tie
+        best_col = tl.where(better, block_col, best_col)
+        best = tl.where(better, block_best, best)
+
+    # Rank of each A row: rows ahead of it (higher best score, or equal and lower row).
+    ahead = (best[None, :] > best[:, None]) | ((best[None, :] == best[:, None]) & (ia[None, :] < ia[:, None]))
+    rank = tl.sum((ahead & a_ok[None, :]).to(tl.int32), axis=1)
+    rank = tl.where(a_ok, rank, NA)  # rows past the end never match a rank < NA
+    merged = rank < R
+    keep_a = a_ok & ~merged
+
+    # Output positions: protected prefix in place, unmerged unprotected A rows, then unprotected B columns.
+    UNMERGED: tl.constexpr = NA - (PROTECTED + 1) // 2 - R
+    if R == 0:
+        pos_a = 2 * ia
+    elif PROTECTED > 0:
+        kept_unprot = keep_a & ~prot_a
+        before = tl.sum((kept_unprot[None, :] & (ia[None, :] < ia[:, None])).to(tl.int32), axis=1)
+        pos_a = tl.where(prot_a, 2 * ia, PROTECTED + before)
+    else:
+        pos_a = rank - R
+    tl.store(s_out + pos_a, tl.load(s_in + 2 * ia, mask=keep_a), mask=keep_a)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        rows = keep_a[:, None] & (cc < C)[None, :]
+        xa = tl.load(x_in + (2 * ia)[:, None] * C + cc[None, :], mask=rows)
+        tl.store(x_out + pos_a[:, None] * C + cc[None, :], xa, mask=rows)
+
+    # B columns: b + (sum_i s_i a_i - w b) / max(s_b + w, floor), w = sum_i s_i over the rows merged into b,
+    # accumulated over the R merged rows in rank order.
+    for j0 in range(0, NB, BLOCK_J):
+        jb = j0 + tl.arange(0, BLOCK_J)
+        j_ok = (jb < NB) & live
+        size_b = tl.load(s_in + 2 * jb + 1, mask=j_ok, other=0.0).to(tl.float32)
+        w = tl.zeros([BLOCK_J], tl.float32)
+        for k in range(R):
+            src = rank == k
+            dst = tl.sum(tl.where(src, best_col, 0), axis=0)
+            w += tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
+        size_new = size_b + w
+        denom = tl.maximum(size_new, WEIGHT_FLOOR)
+        if R == 0:
+            pos_b = 2 * jb + 1
+        else:
+            pos_b = tl.where((2 * jb + 1) < PROTECTED, 2 * jb + 1, PROTECTED + UNMERGED + jb - PROTECTED // 2)
+        tl.store(s_out + pos_b, size_new.to(size_out_ptr.dtype.element_ty), mask=j_ok)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cc < C
+            pulled = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
+            for k in range(R):
+                src = rank == k
+                row = tl.sum(tl.where(src, ia, 0), axis=0)
+                dst = tl.sum(tl.where(src, best_col, 0), axis=0)
+                weight = tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
+                xa = tl.load(x_in + (2 * row) * C + cc, mask=c_ok & live, other=0.0).to(tl.float32)
+                pulled += weight[:, None] * xa[None, :]
+            xb = tl.load(x_in + (2 * jb + 1)[:, None] * C + cc[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
+            xb = xb.to(tl.float32)
+            new_b = xb + tl.math.div_rn(pulled - w[:, None] * xb, tl.broadcast_to(denom[:, None], pulled.shape))
+            tl.store(
+                x_out + pos_b[:, None] * C + cc[None, :],
+                new_b.to(x_out_ptr.dtype.element_ty),
+                mask=j_ok[:, None] & c_ok[None, :],
+            )
+
+
+@triton.jit
+def _row_norms(m_in, rows, ok, D: tl.constexpr):
+    """L2 norms of metric rows ``rows`` (1 where ``ok`` is false, so masked rows never divide by 0)."""
+    sq = tl.zeros(rows.shape, tl.float32)
+    for d in range(D):
+        col = tl.load(m_in + rows * D + d, mask=ok, other=0.0).to(tl.float32)
+        sq += col * col
+    return tl.where(ok, tl.maximum(tl.sqrt_rn(sq), 1e-12), 1.0)  # NORM_FLOOR: a zero key scores 0
+
+
+@triton.jit
+def topk_select_kernel(
+    x_ptr,
+    size_ptr,
+    attn_ptr,
+    batch,
+    x_out_ptr,
+    size_out_ptr,
+    N: tl.constexpr,
+    C: tl.constexpr,
+    KEEP: tl.constexpr,
+    PROTECTED: tl.constexpr,
+    FUSE: tl.constexpr,
+    KEEP_ORDER: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """EViT Top-K selection of one batch item, with the optional fused token sum_i a_i x_i over pruned tokens."""
+    N_OUT: tl.constexpr = PROTECTED + KEEP + FUSE
+    b = tl.program_id(0).to(tl.int64)
+    live = b < batch
+    x_in = x_ptr + b * (N * C)
+    x_out = x_out_ptr + b * (N_OUT * C)
+    s_in = size_ptr + b * N
+    s_out = size_out_ptr + b * N_OUT
+    a_in = attn_ptr + b * N
+
+    t = tl.arange(0, BLOCK_N)
+    t_ok = (t < N) & live
+    unprot = t_ok & (t >= PROTECTED)
+    score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+
+    # Rank among unprotected tokens, counting over blocks of BLOCK_K reloaded scores.
+    rank = tl.zeros([BLOCK_N], tl.int32)
+    for k0 in range(PROTECTED, N, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = (k < N) & live
+        other = tl.load(a_in + k, mask=k_ok, other=0.0).to(tl.float32)
+        ahead = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (k[None, :] < t[:, None]))
+        rank += tl.sum((ahead & k_ok[None, :]).to(tl.int32), axis=1)
+    kept = unprot & (rank < KEEP)
+    pruned = unprot & (rank >= KEEP)
+
+    if KEEP_ORDER:
+        # The last kept token (rank KEEP - 1) is the threshold: k is kept iff it is ahead of it or it.
+        last = unprot & (rank == KEEP - 1)
+        last_score = tl.max(tl.where(last, score, float("-inf")), axis=0)
+        last_index = tl.max(tl.where(last, t, -1), axis=0)
+        before = tl.zeros([BLOCK_N], tl.int32)
+        for k0 in range(PROTECTED, N, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = (k < N) & live
+            other = tl.load(a_in + k, mask=k_ok, other=0.0).to(tl.float32)
+            k_kept = k_ok & ((other > last_score) | ((other == last_score) & (k <= last_index)))
+            before += tl.sum((k_kept[None, :] & (k[None, :] < t[:, None])).to(tl.int32), axis=1)
+        pos = tl.where(t < PROTECTED, t, PROTECTED + before)
+    else:
+        pos = tl.where(t < PROTECTED, t, PROTECTED + rank)
+
+    out = (t_ok & (t < PROTECTED)) | kept
+    sizes = tl.load(s_in + t, mask=t_ok, other=0.0)
+    tl.store(s_out + pos, sizes, mask=out)
+    if FUSE:
+        fused_size = tl.sum(tl.where(pruned, sizes.to(tl.float32), 0.0), axis=0)
+        tl.store(s_out + (PROTECTED + KEEP), fused_size.to(size_out_ptr.dtype.element_ty), mask=live)
+    weight = tl.where(pruned, score, 0.0)
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + tl.arange(0, BLOCK_C)
+        c_ok = cc < C
+        rows = tl.load(x_in + t[:, None] * C + cc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+        tl.store(x_out + pos[:, None] * C + cc[None, :], rows, mask=out[:, None] & c_ok[None, :])
+        if FUSE:
+            fused = tl.sum(weight[:, None] * rows.to(tl.float32), axis=0)
+            tl.store(
+                x_out + (PROTECTED + KEEP) * C + cc, fused.to(x_out_ptr.dtype.element_ty), mask=c_ok & live
+            )

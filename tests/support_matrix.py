@@ -1,0 +1,226 @@
+"""The support matrix: small versions of the ViT-family architectures in timm and of transformers encoders, each
+method on each, with what happened: parity (and agreement with the independent reference where one applies) or a
+refusal whose message names the cause. ``tests/test_support_matrix.py`` checks every cell and that the README
+shows exactly this table; ``python -m tests.support_matrix`` prints it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tc_export import ExportConfig, compress, export_onnx
+from tc_export.errors import TCExportError
+from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
+
+from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_timm_blocks, reference_topk
+
+METHODS = {
+    "tome": lambda: ToMeConfig(r=2),
+    "topk": lambda: TopKConfig(keep=0.7, layers=(1,), fuse=True),
+    "prumerge": lambda: PruMergeConfig(tokens=8),
+    "adjacent": lambda: AdjacentConfig(r=2),
+}
+
+# Causes a refusal may name, by the words its message must contain.
+CAUSES = {
+    "windowed": "windowed attention",
+    "spatial-reduction": "spatial-reduction attention",
+    "cross-covariance": "cross-covariance attention",
+    "rotary": "rotary position embedding",
+    "relative position": "relative position bias",
+    "talking-heads": "talking-heads attention",
+    "parallel": "parallel attention branches",
+    "no class token": "no class token",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One architecture: how to build a small one, its example input, and the causes expected per method."""
+
+    label: str
+    build: Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]
+    refused: dict[str, str]  # method -> cause key of CAUSES; methods not named here must work
+    reference: bool = False  # a plain timm ViT: compare with tests/reference.reference_timm_blocks
+
+
+def _timm(arch: str, size: int | None = None, **overrides):
+    size = size or overrides.get("img_size", 224)
+
+    def build():
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model(arch, **overrides).eval()
+        return model, {"x": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+
+    return build
+
+
+def _hf(builder: str, **overrides):
+    def build():
+        from tc_export.models import ModelOptions
+        from tc_export.models import hf_models
+
+        torch.manual_seed(0)
+        loaded = getattr(hf_models, builder)(ModelOptions(), **overrides)
+        return loaded.module, loaded.example_inputs(batch=1)
+
+    return build
+
+
+ALL = {"tome", "topk", "prumerge", "adjacent"}
+SMALL = {"embed_dim": 64, "num_heads": 2}
+FAMILIES = [
+    Family("ViT (class token)", _timm("vit_tiny_patch16_224", img_size=64, depth=3), {}, True),
+    Family("DeiT distilled (class + distillation)", _timm("deit_tiny_distilled_patch16_224", img_size=64, depth=3),
+           {}, True),
+    Family("ViT, 4 registers, GAP", _timm("vit_little_patch16_reg4_gap_256", img_size=64, depth=3, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, True),
+    Family("ViT, class + 4 registers (DINOv2)", _timm("vit_small_patch14_reg4_dinov2", 56, img_size=56, depth=3,
+                                                      **SMALL), {}, True),
+    Family("ViT, no class token, GAP", _timm("vit_base_patch16_gap_224", img_size=64, depth=3, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, True),
+    Family("SigLIP (attention-pooling head)", _timm("vit_base_patch16_siglip_224", img_size=64, depth=3, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}),
+    Family("hybrid CNN stem (R26+ViT)", _timm("vit_small_r26_s32_224", img_size=128, depth=3), {}),
+    Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, **SMALL),
+           {m: "relative position" for m in ALL}),
+    Family("ViT relpos", _timm("vit_relpos_small_patch16_224", img_size=64, depth=3, **SMALL),
+           {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",
+            "prumerge": "no class token"}),
+    Family("EVA-02 (rotary)", _timm("eva02_tiny_patch14_224", 56, img_size=56, depth=3),
+           {m: "rotary" for m in ALL}),
+    Family("ViT RoPE", _timm("vit_small_patch16_rope_224", img_size=64, depth=3, **SMALL),
+           {m: "rotary" for m in ALL}),
+    Family("parallel blocks", _timm("vit_small_patch16_18x2_224", img_size=64, depth=2, **SMALL),
+           {m: "parallel" for m in ALL}),
+    Family("CaiT (talking heads, class attention)", _timm("cait_xxs24_224", img_size=64, depth=2, depth_token_only=1),
+           {m: "talking-heads" for m in ALL}),
+    Family("Swin (windowed)", _timm("swin_tiny_patch4_window7_224", img_size=224, depths=(1, 1, 1, 1)),
+           {m: "windowed" for m in ALL}),
+    Family("PVT v2 (spatial reduction)", _timm("pvt_v2_b0", 64), {m: "spatial-reduction" for m in ALL}),
+    Family("XCiT (cross-covariance)", _timm("xcit_nano_12_p16_224", img_size=64, depth=2),
+           {m: "cross-covariance" for m in ALL}),
+    Family("transformers ViT", _hf("build_vit", hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                   intermediate_size=128, image_size=64), {}),
+    Family("transformers CLIP vision", _hf("build_clip_vision", hidden_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, intermediate_size=128, image_size=64), {}),
+    Family("transformers DINOv2", _hf("build_dinov2", hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                      image_size=56), {}),
+    Family("transformers Whisper encoder", _hf("build_whisper_encoder", d_model=64, encoder_layers=3,
+                                               encoder_attention_heads=2, encoder_ffn_dim=128,
+                                               max_source_positions=40),
+           {"topk": "no class token", "prumerge": "no class token"}),
+    Family("transformers BERT (padded text)", _hf("build_bert", hidden_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=2, intermediate_size=128, vocab_size=500),
+           {"topk": "no class token", "prumerge": "no class token"}),
+]
+
+
+@dataclass(frozen=True)
+class Cell:
+    family: str
+    method: str
+    outcome: str  # "works", "works, matches reference", or "refused: <cause>"
+    detail: str  # the refusal message, or the parity error
+
+
+def _reference_step(method: str, protected: int):
+    if method == "tome":
+        return lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, protected), True
+    if method == "adjacent":
+        return lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 2, protected), True
+    if method == "topk":
+        return (lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.7, protected, True, False)
+                if i == 1 else (x, s)), False
+    return None, False
+
+
+def run_cell(family: Family, method: str) -> Cell:
+    model, inputs = family.build()
+    try:
+        compressed = compress(model, METHODS[method](), inputs)
+    except TCExportError as error:
+        message = str(error)
+        cause = next((key for key, words in CAUSES.items() if words in message), "other")
+        return Cell(family.label, method, f"refused: {cause}", message)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "m.onnx"
+        import onnxruntime as ort
+
+        export_onnx(compressed.module, inputs, path, ExportConfig(), input_names=list(inputs))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        want = compressed(**inputs).numpy()
+    error = float(np.abs(got - want).max())
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+        return Cell(family.label, method, "parity failed", f"max abs {error:.2e}")
+    outcome = "works"
+    if family.reference:
+        outcome = _against_reference(family, model, inputs, compressed, method)
+    return Cell(family.label, method, outcome, f"parity max abs {error:.1e}")
+
+
+def _against_reference(family: Family, model, inputs, compressed, method: str) -> str:
+    images = torch.cat([inputs["x"], torch.randn_like(inputs["x"])])
+    protected = compressed.protected
+    if method == "prumerge":
+        want = _prumerge_reference(model, images, protected)
+    else:
+        step, prop_attn = _reference_step(method, protected)
+        want, _ = reference_timm_blocks(model, images, step, prop_attn)
+    with torch.no_grad():
+        got = compressed(x=images)
+    if not torch.allclose(got, want, rtol=1e-4, atol=2e-5):
+        return f"DIFFERS from reference by {float((got - want).abs().max()):.2e}"
+    return "works, matches reference"
+
+
+def _prumerge_reference(model, images, protected: int) -> torch.Tensor:
+    layer = len(model.blocks) - 1
+
+    def step(i, x, s, k, p):
+        return x, s
+
+    # PruMerge acts where the stream enters the last block: run the blocks before it, merge, then the rest.
+    outputs = []
+    for image in images:
+        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
+        for index, block in enumerate(model.blocks):
+            if index == layer:
+                n, c = x.shape
+                q, k, _ = block.attn.qkv(block.norm1(x)).reshape(n, 3, c).unbind(1)
+                x, _ = reference_prumerge(x, torch.ones(n, 1), q, k, 8, protected, True)
+            x = block(x[None])[0]
+        x = model.norm(x)
+        if getattr(model, "head_dist", None) is not None:
+            outputs.append((model.head(x[0]) + model.head_dist(x[1])) / 2)
+        else:
+            outputs.append(model.head(model.fc_norm(x[0])))
+    return torch.stack(outputs)
+
+
+def matrix() -> list[Cell]:
+    return [run_cell(family, method) for family in FAMILIES for method in METHODS]
+
+
+def markdown(cells: list[Cell]) -> str:
+    methods = list(METHODS)
+    lines = ["| family | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    by = {(c.family, c.method): c.outcome for c in cells}
+    for family in FAMILIES:
+        row = [by[(family.label, m)].replace("works, matches reference", "works, = reference") for m in methods]
+        lines.append(f"| {family.label} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown(matrix()))

@@ -1,0 +1,27 @@
+"""Every script under benchmarks/ runs end to end in a tiny mode, so none of them can rot unnoticed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+# Tiny arguments per script; a script not listed here is run with --smoke (add that flag to new scripts).
+TINY_ARGS = {
+    "minilm_fidelity.py": ["--sentences", "8", "--length", "16", "--r", "2", "--method", "tome"],
+    "train_mnist_vit.py": ["--low-epochs", "0", "--full-epochs", "0", "-o", "{tmp}/mnist_vit.safetensors"],
+}
+SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_script_runs_in_tiny_mode(script, tmp_path):
+    args = [arg.replace("{tmp}", str(tmp_path)) for arg in TINY_ARGS.get(script, ["--smoke"])]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                            timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, f"{script} failed:\n{result.stderr[-2000:]}"
