@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from .graph import data_inputs, descendants, is_add, is_norm, is_shape_query
+from .graph import ancestors, data_inputs, descendants, is_add, is_norm, is_shape_query
 from .structure import Structure
 
 
@@ -74,6 +74,20 @@ def cut_output(gm: fx.GraphModule, node: fx.Node, frames: int | None = None) -> 
     if frames:
         with graph.inserting_before(output):
             node = graph.call_function(frames_to_sequence, (node, frames))
+    _set_output(output, node)
+    _drop_unreachable(graph, output)
+
+
+def _drop_unreachable(graph: fx.Graph, output: fx.Node) -> None:
+    """Erase what no longer feeds the output: the blocks after a --features cut, the old head, and the shape
+    assertions torch.export left on them (dead code elimination keeps those, as they could have side effects)."""
+    keep = ancestors(output) | {output}
+    for node in reversed(list(graph.nodes)):
+        if node not in keep and node.op != "placeholder" and not node.users:
+            graph.erase_node(node)
+
+
+def _set_output(output: fx.Node, node: fx.Node) -> None:
     current = output.args[0]
     if isinstance(current, (tuple, list)):  # torch.export graphs return flat output lists
         if len(current) != 1:

@@ -145,7 +145,9 @@ class TokenPass:
             op = config.make_op(site)
             if op is None:
                 continue
-            size, call = self._insert_op(gm, end, op, size, self._signals(graph, None, op), None)
+            # The chain only feeds the new output: whatever else read ``end`` (the rest of a tower cut at
+            # --features) keeps reading the tokens it read, and is dead code once the output moves.
+            size, call = self._insert_op(gm, end, op, size, self._signals(graph, None, op), None, take_uses=False)
             tokens, grid = self._after(op, tokens, grid, call, ops, config, None)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
@@ -254,8 +256,9 @@ class TokenPass:
 
     @staticmethod
     def _insert_op(gm: fx.GraphModule, anchor: fx.Node, op: nn.Module, size: fx.Node | None,
-                   signals: list[fx.Node], layer: int | None) -> tuple[fx.Node | None, fx.Node]:
-        """Call ``op`` on ``anchor``; later users see its tokens. Returns the sizes after it and the call."""
+                   signals: list[fx.Node], layer: int | None, take_uses: bool = True) -> tuple[fx.Node | None, fx.Node]:
+        """Call ``op`` on ``anchor``; later users see its tokens (``take_uses``). Returns the sizes after it and
+        the call."""
         graph = gm.graph
         module_name = _unique_name(gm, type(op).__name__.lower(), layer)
         gm.add_submodule(module_name, op)
@@ -263,11 +266,13 @@ class TokenPass:
         with graph.inserting_after(anchor):
             call = graph.call_module(module_name, (anchor, size, *signals) if token_op else (anchor, *signals))
         if not token_op:  # a projector: tokens in, tokens out; sizes start afresh after it
-            anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+            if take_uses:
+                anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
             return None, call
         with graph.inserting_after(call):
             tokens = graph.call_function(operator.getitem, (call, 0))
-        anchor.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call)
+        if take_uses:
+            anchor.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call)
         if size is None and not op.creates_size:
             return None, call
         with graph.inserting_after(tokens):
