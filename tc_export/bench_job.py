@@ -25,6 +25,7 @@ import torch
 
 from .bench import make_session, time_interleaved
 from .errors import BackendUnavailableError, ConfigError, TCExportError
+from .export.fidelity import first_output
 from .export.macs import count_macs
 from .export.onnx_export import ExportConfig, export_onnx
 from .models import LoadedModel
@@ -424,19 +425,9 @@ def _torch_call(module: torch.nn.Module, inputs: dict[str, torch.Tensor], thread
 def _torch_predict(module: torch.nn.Module, threads: int) -> Callable[[dict[str, torch.Tensor]], np.ndarray]:
     def predict(inputs: dict[str, torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
-            return _first(module(**inputs)).float().numpy()
+            return first_output(module(**inputs)).float().numpy()
 
     return predict
-
-
-def _first(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first(output[0])
-    if isinstance(output, dict):
-        return _first(next(iter(output.values())))
-    return _first(output.last_hidden_state)
 
 
 def _token_counts(loaded: LoadedModel, configs: Sequence[object], example: dict[str, torch.Tensor]) -> list[int] | None:

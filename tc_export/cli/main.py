@@ -182,7 +182,7 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
 @cli.command("list")
 def list_command() -> None:
     """Show the models and methods."""
-    from ..models import hf_models, mnist, timm_models  # noqa: F401 - registers their entries
+    from ..models import hf_models, mnist, timm_models, towers  # noqa: F401 - registers their entries
     from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
     from ..passes import METHODS
     from ..recipes import load_recipe, shipped_recipes

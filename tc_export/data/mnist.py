@@ -17,13 +17,13 @@ on what survives and as a coarse check of how methods rank, not as a forecast.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, ConfigError
+from ..export.fidelity import first_output
 
 MEAN, STD = 0.1307, 0.3081  # full-MNIST training-set pixel statistics, for pixels scaled to [0, 1]
 SPLIT_SEED = 0
@@ -108,16 +108,6 @@ def mnist_accuracy(module: nn.Module, batch: int = 100, input_name: str = "x", l
             real = chunk.shape[0]
             if real < batch:
                 chunk = torch.cat([chunk, chunk[:1].expand(batch - real, *chunk.shape[1:])])
-            logits = _first(module(**{input_name: chunk}))[:real]
+            logits = first_output(module(**{input_name: chunk}))[:real]
             correct += int((logits.argmax(dim=-1) == labels[start:start + real]).sum())
     return correct / images.shape[0]
-
-
-def _first(output: object) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)):
-        return _first(output[0])
-    if isinstance(output, Mapping):
-        return _first(next(iter(output.values())))
-    raise TypeError(f"cannot read logits from a {type(output).__name__}")

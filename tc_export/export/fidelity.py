@@ -31,8 +31,8 @@ def measure_fidelity(
     their tokens first, and the report says so.
     """
     with torch.no_grad():
-        reference = _first(original(**inputs)).double()
-        candidate = _first(compressed(**inputs)).double()
+        reference = first_output(original(**inputs)).double()
+        candidate = first_output(compressed(**inputs)).double()
     pooled = reference.dim() == 3 and reference.shape != candidate.shape
     if pooled:
         reference, candidate = reference.mean(dim=1), candidate.mean(dim=1)
@@ -42,11 +42,12 @@ def measure_fidelity(
     return Fidelity(float(cosine.mean()), float(cosine.min()), agree, reference.shape[0], pooled)
 
 
-def _first(output: object) -> torch.Tensor:
+def first_output(output: object) -> torch.Tensor:
+    """The first tensor of a model's output (a tensor, a tuple/list, a dict or a transformers ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
-        return _first(output[0])
+        return first_output(output[0])
     if isinstance(output, dict):
-        return _first(next(iter(output.values())))
-    return _first(output.last_hidden_state)
+        return first_output(next(iter(output.values())))
+    return first_output(output.last_hidden_state)

@@ -22,7 +22,7 @@ from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
 from .base import PassResult
 from .graph import copy_subgraph, descendants, stable_toposort, tensor_meta_shape
-from .layers import layer_plan, validate_placement  # noqa: F401 - validate_placement is re-exported
+from .layers import layer_plan
 from .outputs import block_output, cut_output, encoder_output
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
