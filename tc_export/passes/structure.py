@@ -363,6 +363,23 @@ def _leading_slice(node: fx.Node) -> tuple[fx.Node, int] | None:
     return None
 
 
+def reads_first_token(gm: fx.GraphModule, structure: Structure) -> bool:
+    """Does the model read token 0 of its final token stream (a class token's job)? Registers are not read."""
+    from .pooling import token_access
+
+    tokens = structure.sites[-1].num_tokens()
+    for node in descendants(structure.sites[-1].stream):
+        access = token_access(node)
+        shape = tensor_meta_shape(node.args[0]) if access else None
+        if access is None or shape is None or shape[1] != tokens:
+            continue
+        if access[0] == "index" and access[1] == 0:
+            return True
+        if access[0] == "slice" and access[1] in (None, 0) and access[2] == 1:
+            return True
+    return False
+
+
 def find_sites_and_prefix(gm: fx.GraphModule) -> tuple[list[AttentionSite], int]:
     """Attention sites and the number of prefix tokens (shapes must have been propagated)."""
     structure = find_structure(gm)

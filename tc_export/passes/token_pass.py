@@ -29,7 +29,7 @@ from .pooling import follow_pooling
 from .positions import check_foreign_token_tensors
 from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
 from .site import Point, Site
-from .structure import AttentionSite, Structure, find_structure
+from .structure import AttentionSite, Structure, find_structure, reads_first_token
 
 
 class TokenMethod(Protocol):
@@ -97,6 +97,13 @@ class TokenPass:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
                     "(no learned token in front of the sequence); use tome or adjacent"
+                )
+            if config.needs_class_token and self.report.protected_source != "given with --protected" \
+                    and not reads_first_token(gm, structure):
+                raise ConfigError(
+                    f"{config.method} ranks tokens by class-token attention, and this model has no class token: its "
+                    f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
+                    "the patches); use tome or adjacent, or --protected N if token 0 is a class token"
                 )
             config.check(first)
 
