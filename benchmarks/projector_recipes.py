@@ -1,6 +1,6 @@
 """Token counts, MACs and ONNX Runtime latency of the shipped tower + projector recipes (README "Projectors").
 
-    python benchmarks/projector_recipes.py [--runs 10] [--smoke]
+    python benchmarks/projector_recipes.py [--runs 10] [--smoke] [--no-time]
 
 For each recipe: the tower alone at the recipe's --features layer (its output tokens) and the tower + projector,
 exported and timed side by side (2 threads, spinning off, interleaved, median). ``--smoke`` runs one small
@@ -25,14 +25,18 @@ RECIPES = ["llava_clip_l336_pool_mlp", "internvl_clip_l336_unshuffle", "honeybee
            "video_clip_b_8frames_pool"]
 
 
-def measure(model: str, stages: tuple, features: int, frames: int | None, runs: int, options: ModelOptions) -> dict:
+def measure(model: str, stages: tuple, features: int, frames: int | None, runs: int, options: ModelOptions,
+            timed: bool = True) -> dict:
     loaded = load_model(model, ModelOptions(img_size=options.img_size, frames=frames), warn_random=False)
     inputs = loaded.example_inputs(batch=1)
     tower = compress(loaded, [], inputs, features=features)
     full = compress(loaded, list(stages), inputs, features=features)
     extra = full.extra_inputs(1)
     row = {"tokens_tower": tower.token_counts()[-1], "tokens_out": full.token_counts()[-1],
-           "macs_tower": count_macs(tower.module, inputs), "macs_full": count_macs(full.module, inputs | extra)}
+           "macs_tower": count_macs(tower.module, inputs), "macs_full": count_macs(full.module, inputs | extra),
+           "ms_tower": float("nan"), "ms_full": float("nan")}
+    if not timed:
+        return row
     with tempfile.TemporaryDirectory() as folder:
         paths = []
         for label, compressed, feed in (("tower", tower, inputs), ("full", full, inputs | extra)):
@@ -48,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="one tiny configuration (vit_t at 64 px, pool)")
+    parser.add_argument("--no-time", action="store_true", help="tokens and MACs only (no export, no timing)")
     args = parser.parse_args()
     print("| recipe | tower tokens | output tokens | tower GMACs | + projector GMACs | tower ms | tower + projector ms |")
     print("|---|---|---|---|---|---|---|")
@@ -59,7 +64,7 @@ def main() -> None:
             recipe = load_recipe(name)
             jobs.append((name, recipe.model, recipe.stages, recipe.features, recipe.frames, ModelOptions()))
     for name, model, stages, features, frames, options in jobs:
-        row = measure(model, stages, features, frames, args.runs if not args.smoke else 3, options)
+        row = measure(model, stages, features, frames, args.runs if not args.smoke else 3, options, not args.no_time)
         print(f"| {name} | {row['tokens_tower']} | {row['tokens_out']} | {row['macs_tower'] / 1e9:.2f} | "
               f"{(row['macs_full'] - row['macs_tower']) / 1e9:.2f} | {row['ms_tower']:.1f} | {row['ms_full']:.1f} |")
 
