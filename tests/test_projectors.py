@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import typing
@@ -73,10 +74,13 @@ def test_token_counts_on_a_14x14_grid():
 
 def test_registry_and_width_change():
     assert set(PROJECTORS) == {"pool", "unshuffle", "cabstractor", "llamavid", "resampler", "mlp"}
-    for name, cls in PROJECTORS.items():  # settings are typed keyword-only arguments, each with one help line
+    from tc_export.passes import METHODS
+
+    for name, cls in PROJECTORS.items():  # typed keyword-only settings, exactly the method config's own fields
         params = inspect.signature(cls.__init__).parameters.values()
         settings = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-        assert settings == set(cls.settings_help), name
+        fields = {f.name for f in dataclasses.fields(METHODS.get(name).config_type)}
+        assert settings == fields - {"at", "projector_weights"}, name
         assert settings <= set(typing.get_type_hints(cls.__init__)), name
     x = tokens((8, 8), 1)
     for name, cls in PROJECTORS.items():

@@ -9,7 +9,6 @@ Settings the user chooses are keyword-only arguments; bad values raise ``ConfigE
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -47,8 +46,6 @@ class Projector(nn.Module):
     """
 
     name: str = "projector"
-    # One line of help per keyword setting of ``__init__`` (for CLI flags and recipe keys).
-    settings_help: ClassVar[dict[str, str]] = {}
 
     def __init__(self, channels: int, grid: tuple[int, int] | tuple[int], prefix: int) -> None:
         super().__init__()

@@ -136,12 +136,6 @@ class CAbstractor(Projector):
     """``cabstractor``: (B, prefix + H*W, C) -> (B, M, D), M = ``tokens`` (a perfect square)."""
 
     name = "cabstractor"
-    settings_help = {
-        "tokens": "output tokens M, a perfect square (adaptive pooling to sqrt(M) x sqrt(M))",
-        "hidden": "width of the two RegNet stages (default: the input width; Honeybee uses 1024)",
-        "depth": "RegNet bottleneck blocks per stage (Honeybee: 3)",
-        "out_channels": "output width D of the readout MLP (default: the input width)",
-    }
 
     def __init__(
         self,

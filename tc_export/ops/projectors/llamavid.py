@@ -41,12 +41,6 @@ class LlamaVidProjector(Projector):
     """``llamavid``: (x (B, prefix + H*W, C), queries (B, Q, Dq)) -> (B, 1 + g*g, D)."""
 
     name = "llamavid"
-    settings_help = {
-        "grid_size": "content tokens: 1 = the mean token, g > 1 = a g x g average-pooled grid",
-        "queries": "number of text queries Q (second model input, (B, Q, query_channels))",
-        "query_channels": "width Dq of the text queries (LLaMA-VID's Q-Former: 768)",
-        "out_channels": "output width D (default: the input width)",
-    }
 
     def __init__(
         self,

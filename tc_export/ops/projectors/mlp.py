@@ -16,7 +16,6 @@ class MLPProjector(Projector):
     """``mlp``: (B, prefix + H*W, C) -> (B, prefix + H*W, D); the grid and the prefix are kept."""
 
     name = "mlp"
-    settings_help = {"out_channels": "output width D (default: the input width)"}
 
     def __init__(
         self,

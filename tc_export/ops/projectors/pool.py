@@ -39,11 +39,6 @@ class PoolProjector(Projector):
     """``pool``: (B, prefix + H*W, C) -> (B, [prefix +] H'*W', C)."""
 
     name = "pool"
-    settings_help = {
-        "stride": "pooling stride s on each grid axis",
-        "mode": "avg / max (floor(H/s)) or bilinear (resize to ceil(H/s), LLaVA-OneVision)",
-        "prefix_mode": "drop the class/register tokens, or keep them unchanged in front",
-    }
 
     def __init__(
         self,

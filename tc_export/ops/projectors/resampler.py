@@ -101,12 +101,6 @@ class ResamplerProjector(Projector):
     """``resampler``: (B, prefix + H*W, C) -> (B, M, D), M = ``queries``."""
 
     name = "resampler"
-    settings_help = {
-        "queries": "learned queries M = output tokens (2-D sin-cos positions on a ceil(sqrt(M)) square grid)",
-        "heads": "attention heads (default: max(1, D // 128), Qwen-VL's rule)",
-        "depth": "1 = Qwen-VL's single cross-attention; more adds Perceiver-style layers",
-        "out_channels": "output width D (default: the input width)",
-    }
 
     def __init__(
         self,

@@ -33,10 +33,6 @@ class UnshuffleProjector(Projector):
     """``unshuffle``: (B, prefix + H*W, C) -> (B, (H/k)*(W/k), D) with k = 1/scale."""
 
     name = "unshuffle"
-    settings_help = {
-        "scale": "downscale factor 1/k: each k x k window becomes one token of k*k*C channels (InternVL: 0.5)",
-        "out_channels": "output width D of mlp1 (default: the input width)",
-    }
 
     def __init__(
         self,
