@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .decisions import DecisionReport, check_decisions
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class ParityReport:
     candidate: str
     outputs: list[OutputError] = field(default_factory=list)
     passed: bool = True
+    decisions: DecisionReport | None = None  # on a failure: did the token ops decide alike (a flipped tie)?
 
     def __bool__(self) -> bool:
         return self.passed
@@ -89,8 +91,9 @@ class ParityReport:
                     + ("the model itself produces them (check its weights and inputs)"
                        if any(n.runtime == RUNTIME_NAMES[0] for n in worst.nonfinite)
                        else "only the exported graph produces them"))
+        decisions = f"; {self.decisions.describe()}" if self.decisions is not None else ""
         return (f"parity failed: output {worst.name!r} differs by max abs {worst.max_abs:.3e}, max rel "
-                f"{worst.max_rel:.3e} (atol {atol:g}, rtol {rtol:g})")
+                f"{worst.max_rel:.3e} (atol {atol:g}, rtol {rtol:g}){decisions}")
 
 
 def _torch_runner(
@@ -162,7 +165,10 @@ def check_parity(
         results, compare_func=CompareFunc.simple(atol=config.atol, rtol=config.rtol, check_error_stat="elemwise")
     )
     per_iteration = next(iter(verdict[0].values()))
-    return _report(results, bool(verdict), per_iteration, output_names)
+    report = _report(results, bool(verdict), per_iteration, output_names)
+    if not report.passed:  # tell a flipped near-tie from a numeric bug
+        report.decisions = check_decisions(module, onnx_path, make_inputs(config.seed), feeds[0])
+    return report
 
 
 def _report(results, passed: bool, per_iteration, output_names: Sequence[str]) -> ParityReport:
