@@ -170,6 +170,8 @@ class TokenPass:
             check_foreign_token_tensors(gm, ops, structure, first.tokens)
             if size is not None and not self.report.output_is_tokens:
                 follow_pooling(gm, ops[-1], size, protected, initial, first.tokens)
+        if self.report.extra_inputs:
+            self.add_to_input_spec(gm, list(self.report.extra_inputs))
         batch = next(iter(example_inputs.values())).shape[0]
         new_inputs = {name: seeded_input(batch, shape) for name, shape in self.report.extra_inputs.items()}
         return PassResult(gm, bool(ops) or self.report.output_is_tokens, self.report.notes, new_inputs)
@@ -260,6 +262,24 @@ class TokenPass:
             node = graph.placeholder(name)
         self.report.extra_inputs[name] = shape
         return node
+
+    @staticmethod
+    def add_to_input_spec(gm: fx.GraphModule, names: list[str]) -> None:
+        """A torch.export module checks and flattens its keyword inputs by a pytree spec: extend it with ``names``
+        (after the existing ones, in placeholder order)."""
+        from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+        from torch.utils import _pytree
+
+        codegen = gm.graph._codegen
+        spec = getattr(gm, "_in_spec", None)
+        if not isinstance(codegen, _PyTreeCodeGen) or spec is None:
+            return
+        args, kwargs = _pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+        kwargs = {**kwargs, **{name: None for name in names}}
+        new_spec = _pytree.tree_structure((args, {k: 0 for k in kwargs}))
+        info = codegen.pytree_info
+        gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo([*info.orig_args, *names], new_spec, info.out_spec))
+        gm._in_spec = new_spec
 
     @staticmethod
     def _insert_op(gm: fx.GraphModule, anchor: fx.Node, op: nn.Module, size: fx.Node | None,
