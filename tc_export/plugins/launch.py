@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import Tensor
@@ -145,12 +145,7 @@ def tome_merge_triton(
 
     batch, num_tokens, channels = x.shape
     params = tome_merge_launch(batch, num_tokens, channels, metric.shape[-1], r, protected, padded)
-    x, size, metric = x.contiguous(), size.contiguous(), metric.contiguous()
-    x_out = torch.empty(batch, params.out_tokens, channels, dtype=x.dtype, device=x.device)
-    size_out = torch.empty(batch, params.out_tokens, 1, dtype=size.dtype, device=x.device)
-    options = {"num_warps": params.num_warps, "enable_fp_fusion": False}  # as aot.compile_kernel
-    tome_merge_kernel[params.grid](x, size, metric, batch, x_out, size_out, **options, **params.constexprs)
-    return x_out, size_out
+    return _launch(tome_merge_kernel, params, x, size, metric)
 
 
 def topk_select_triton(
@@ -161,9 +156,15 @@ def topk_select_triton(
 
     batch, num_tokens, channels = x.shape
     params = topk_select_launch(batch, num_tokens, channels, keep, protected, fuse, keep_order)
-    x, size, class_attn = x.contiguous(), size.contiguous(), class_attn.contiguous()
+    return _launch(topk_select_kernel, params, x, size, class_attn)
+
+
+def _launch(kernel: Any, params: LaunchParams, x: Tensor, size: Tensor, signal: Tensor) -> tuple[Tensor, Tensor]:
+    """Run a token-op kernel in the AOT argument order: inputs, the batch size, then the outputs."""
+    batch, _, channels = x.shape
+    x, size, signal = x.contiguous(), size.contiguous(), signal.contiguous()
     x_out = torch.empty(batch, params.out_tokens, channels, dtype=x.dtype, device=x.device)
     size_out = torch.empty(batch, params.out_tokens, 1, dtype=size.dtype, device=x.device)
     options = {"num_warps": params.num_warps, "enable_fp_fusion": False}  # as aot.compile_kernel
-    topk_select_kernel[params.grid](x, size, class_attn, batch, x_out, size_out, **options, **params.constexprs)
+    kernel[params.grid](x, size, signal, batch, x_out, size_out, **options, **params.constexprs)
     return x_out, size_out
