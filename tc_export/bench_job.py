@@ -27,7 +27,7 @@ from .bench import make_session, time_interleaved
 from .errors import BackendUnavailableError, ConfigError, TCExportError
 from .export.fidelity import first_output
 from .export.macs import count_macs
-from .export.onnx_export import ExportConfig, export_onnx
+from .export.onnx_export import ExportConfig, write_onnx
 from .models import LoadedModel
 from .pipeline import compress_for_job
 from .sweep import Candidate
@@ -182,8 +182,8 @@ def _build_groups(
     def export(module: torch.nn.Module, name: str) -> Path:
         path = folder / f"{name}-b{batch}.onnx"
         export_config = ExportConfig(batch=batch, functions=False) if config.flat else ExportConfig(batch=batch)
-        export_onnx(module, inputs, path, export_config, input_names=[names[k] for k in inputs],
-                    output_names=loaded.output_names)
+        write_onnx(module, inputs, path, export_config, input_names=[names[k] for k in inputs],
+                   output_names=loaded.output_names)
         return path
 
     base_row = _row(common, Candidate("uncompressed", "none", ()), backend, "fp32", "uncompressed", base_tokens,

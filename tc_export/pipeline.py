@@ -14,8 +14,8 @@ from .export.engine import EngineConfig, build_engine
 from .export.fidelity import Fidelity, measure_fidelity
 from .export.files import check_output_path
 from .export.macs import count_macs
-from .export.onnx_export import ExportConfig, export_onnx
-from .export.parity import ParityConfig, ParityReport, check_parity
+from .export.onnx_export import ExportConfig, write_onnx
+from .export.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from .models import LoadedModel, ModelOptions, load_model
 
 
@@ -108,15 +108,17 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     start = time.perf_counter()
     onnx_names = {name: name for name in example} | {spec.name: spec.export_name for spec in loaded.inputs}
-    model = export_onnx(
+    # write_onnx, not export_onnx: the returned model would hold a copy of every weight through parity
+    nodes = write_onnx(
         module, example, onnx_path, config.export,
         input_names=[onnx_names[name] for name in example], output_names=output_names,
         metadata=_metadata(config, loaded, compressed),
     )
     seconds = time.perf_counter() - start
-    say(f"exported {onnx_path} (opset {config.export.opset}, {len(model.graph.node)} nodes, "
+    say(f"exported {onnx_path} (opset {config.export.opset}, {nodes} nodes, "
         f"batch {'dynamic' if config.export.dynamic_batch else batch}) in {seconds:.1f} s")
 
+    pin_mmap_threshold()  # from here on, memory freed by ONNX Runtime and the fidelity runs is returned
     parity = check_parity(
         module, onnx_path, lambda seed: inputs_for(batch, seed), onnx_names, output_names, config.parity,
     )

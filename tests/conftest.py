@@ -6,6 +6,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.manual_seed(0)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker, or the workers' threads fight
+    torch.set_num_threads(1)
 warnings.filterwarnings("ignore", category=UserWarning)
 
 

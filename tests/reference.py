@@ -20,12 +20,15 @@ def pair_score(cosine: float, first_is_pad: bool, second_is_pad: bool, index: in
 
 
 def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r: int, protected: int,
-                    padded: bool = False, sort_unmerged: bool | None = None):
+                    padded: bool = False, sort_unmerged: bool | None = None, window: int | None = None):
     """ToMe bipartite soft matching on one sample: x (N, C), metric (N, d), size (N, 1); size 0 = padding.
 
     Output order as the published code gives it: protected tokens first in their order (class, distillation,
     registers), then the unmerged A tokens (in position order when anything is protected, else in descending
     score order), then the remaining B tokens in position order.
+
+    ``window`` (tc_export's local-search option, not the paper's): A token i searches only B tokens i-window ..
+    i+window, one A token at a time; the rest is unchanged.
     """
     n = x.shape[0]
     r = min(r, (n - protected) // 2)
@@ -46,7 +49,14 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
             scores[token // 2, :] = float("-inf")
         else:
             scores[:, token // 2] = float("-inf")
-    best, partner = scores.max(dim=-1)
+    if window is None:
+        best, partner = scores.max(dim=-1)
+    else:
+        best, partner = torch.full((len(a_pos),), float("-inf")), torch.zeros(len(a_pos), dtype=torch.long)
+        for i in range(len(a_pos)):
+            for j in range(max(0, i - window), min(len(b_pos), i + window + 1)):
+                if float(scores[i, j]) > float(best[i]):
+                    best[i], partner[i] = scores[i, j], j
     order = torch.argsort(best, descending=True, stable=True).tolist()
     do_sort = protected > 0 if sort_unmerged is None else sort_unmerged
     merged, kept = order[:r], (sorted(order[r:]) if do_sort else order[r:])

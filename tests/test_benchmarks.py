@@ -25,3 +25,18 @@ def test_benchmark_script_runs_in_tiny_mode(script, tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
                             timeout=900, cwd=tmp_path, env=env)
     assert result.returncode == 0, f"{script} failed:\n{result.stderr[-2000:]}"
+
+
+def test_export_memory_smoke_prints_the_table(tmp_path):
+    """benchmarks/export_memory.py --smoke: one vit_t row with a measured peak above the weights."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "export_memory.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("| model | image size | fp32 weights (GB) |")
+    row = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert row[0].startswith("vit_t") and row[1] == "224"
+    weights, seconds, peak = float(row[2]), float(row[3]), float(row[4])
+    assert 0 < weights < peak and seconds > 0
+    assert float(row[5].rstrip("x")) > 1

@@ -234,19 +234,18 @@ def test_no_arguments_prints_help(capsys):
 
 def test_atomic_write_leaves_nothing_when_the_write_fails(tmp_path, monkeypatch):
     """A failure inside the atomic write, after the temporary file exists, leaves neither file."""
-    import onnx
-
     from tc_export import ExportConfig, export_onnx
+    from tc_export.export import onnx_export
 
     written = []
 
-    def save_then_fail(model, path, *args, **kwargs):
+    def save_then_fail(model, weights, path, *args, **kwargs):
         with open(path, "wb") as handle:
             handle.write(model.SerializeToString()[:100])
         written.append(path)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", save_then_fail)
+    monkeypatch.setattr(onnx_export, "_save_with_weights", save_then_fail)
     with pytest.raises(OSError, match="No space left"):
         export_onnx(torch.nn.Linear(4, 3), {"input": torch.randn(1, 4)}, tmp_path / "m.onnx", ExportConfig())
     assert written and ".m.onnx.partial-" in str(written[0])  # the temporary file did exist

@@ -175,6 +175,11 @@ def test_plugin_node_conventions():
     assert "plugin-version" in rules(lint_model(plugin_model(plugin_namespace="tc_export")), "warning")
     assert "plugin-version" in rules(lint_model(plugin_model(plugin_namespace="tc_export", plugin_version=1)), "error")
     assert "plugin-aot" in rules(lint_model(plugin_model(plugin_namespace="tc_export", plugin_version="1", aot=2)))
+    shipped = plugin_model(plugin_namespace="tc_export", plugin_version="1", r=2, protected=1, padded=0)
+    assert not lint_model(shipped).problems
+    windowed = lint_model(plugin_model(plugin_namespace="tc_export", plugin_version="1", r=2, window=4))
+    assert rules(windowed, "error") == {"plugin-fields"}
+    assert "setting window" in windowed.errors[0].message
 
 
 def test_function_bodies_are_linted_and_other_domains_need_a_function():

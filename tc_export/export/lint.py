@@ -314,6 +314,14 @@ class _Linter:
         elif version.type != onnx.AttributeProto.STRING:
             yield self.problem("error", node, name, "plugin_version must be a string attribute",
                                "set plugin_version=\"1\"", "plugin-version", plugins)
+        fields = plugins.get("fields", {}).get(node.op_type)
+        conventions = {"plugin_namespace", "plugin_version", "aot"}
+        for extra in sorted(set(attributes) - conventions - set(fields)) if fields is not None else ():
+            yield self.problem("error", node, name, f"setting {extra} is not implemented by the shipped TensorRT "
+                               f"plugin {plugins['domain']}::{node.op_type} (fields: {', '.join(fields)}): a "
+                               "registered plugin would win over the function body and compute something else",
+                               f"build without the {plugins['domain']} plugins (TensorRT runs the function body) "
+                               f"or drop the {extra} option", "plugin-fields", plugins)
         aot = attributes.get("aot")
         if aot is not None:
             if aot.type != onnx.AttributeProto.INT or aot.i not in (0, 1):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -149,7 +152,7 @@ def check_parity(
     input names. The verdict is Polygraphy's (``CompareFunc.simple``); the errors reported are the maxima
     over all samples.
     """
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
     from polygraphy.logger import G_LOGGER
 
@@ -159,7 +162,7 @@ def check_parity(
         inputs = make_inputs(config.seed + i)
         feeds.append(OrderedDict((onnx_names[k], v.numpy()) for k, v in inputs.items()))
     torch_names = {onnx: torch_name for torch_name, onnx in onnx_names.items()}
-    runners = [_torch_runner(module, torch_names, output_names, feeds[0]), OnnxrtRunner(SessionFromOnnx(str(onnx_path)))]
+    runners = [_torch_runner(module, torch_names, output_names, feeds[0]), OnnxrtRunner(lambda: ort_session(onnx_path))]
     results = Comparator.run(runners, data_loader=feeds)
     verdict = Comparator.compare_accuracy(
         results, compare_func=CompareFunc.simple(atol=config.atol, rtol=config.rtol, check_error_stat="elemwise")
@@ -169,6 +172,34 @@ def check_parity(
     if not report.passed:  # tell a flipped near-tie from a numeric bug
         report.decisions = check_decisions(module, onnx_path, make_inputs(config.seed), feeds[0])
     return report
+
+
+def pin_mmap_threshold(threshold: int = 128 * 1024) -> None:
+    """Fix glibc's malloc mmap threshold (at its initial 128 KiB), so freed large blocks go back to the OS.
+
+    glibc raises the threshold to the size of each freed mmap-ed block (up to 32 MiB); after the export has
+    freed many blocks of a few MiB, ONNX Runtime's copies of the weights while it builds a session come from the
+    heap, and the transient ones stay resident. Measured on ViT-L/14 at 336 px: the session peaked at +2.0 GB
+    resident (and 1.2 GB stayed after it was freed); with the threshold fixed, +1.25 GB (nothing stayed).
+    A no-op without glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # -3: M_MMAP_THRESHOLD (malloc.h)
+
+
+def ort_session(onnx_path: Path):
+    """An ONNX Runtime CPU session as Polygraphy's ``SessionFromOnnx`` makes it, without the CPU memory arena.
+
+    Measured on ViT-L/14 at 336 px (1.2 GB of fp32 weights): creating the session with the arena adds 1.9 GB
+    resident, without it 1.2 GB. The outputs are bit-identical (unlike disabling prepacking, which changes them).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    options.intra_op_num_threads = options.inter_op_num_threads = threads  # as Polygraphy sets them
+    options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def _report(results, passed: bool, per_iteration, output_names: Sequence[str]) -> ParityReport:

@@ -36,14 +36,20 @@ def one_hot_columns(columns: Tensor, num_columns: int, dtype: torch.dtype) -> Te
     return (columns.unsqueeze(1) == positions).to(dtype)
 
 
-def pad_aware_scores(scores: Tensor, pad_first: Tensor, pad_second: Tensor) -> Tensor:
+def pad_aware_scores(
+    scores: Tensor, pad_first: Tensor, pad_second: Tensor, positions: Tensor | None = None, pairs: int | None = None
+) -> Tensor:
     """Cosine scores of token pairs with padding kept out of real tokens' choices (masks broadcast to ``scores``).
 
     Pad-to-pad pairs score above any cosine (2 to 2.5), so merges use up padding first; pad-to-real pairs score
     below any cosine (-2.5 to -2), so a real token never picks a pad and a pad's content never moves a real
     token's choice. The fraction orders these otherwise equal scores by position (earlier pairs first), so every
-    runtime breaks the ties the same way.
+    runtime breaks the ties the same way. ``positions`` / ``pairs``: when ``scores`` holds only some of the pairs
+    (a band), each entry's row-major index in the full (rows, columns) matrix (float) and that matrix's size;
+    default: ``scores`` is the full matrix.
     """
-    positions = torch.arange(scores[0].numel(), device=scores.device, dtype=scores.dtype).reshape(scores.shape[1:])
-    order = 0.5 * (1.0 - positions / scores[0].numel())
+    if positions is None:
+        pairs = scores[0].numel()
+        positions = torch.arange(pairs, device=scores.device, dtype=scores.dtype).reshape(scores.shape[1:])
+    order = 0.5 * (1.0 - positions / pairs)
     return torch.where(pad_first & pad_second, 2.0 + order, torch.where(pad_first | pad_second, -2.0 - order, scores))

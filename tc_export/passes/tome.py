@@ -39,6 +39,17 @@ def parse_r(text: str) -> int | tuple[int, ...]:
     return values[0] if len(values) == 1 and "," not in text else tuple(values)
 
 
+def parse_window(text: str) -> int:
+    """``16`` -> 16; rejects non-integers and values below 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"--window must be a whole number of tokens >= 1, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"--window must be >= 1 (B tokens searched each side), got {value}")
+    return value
+
+
 @register_method("tome", "ToMe bipartite token merging (--r, --inflect)")
 @dataclass(frozen=True)
 class ToMeConfig:
@@ -50,6 +61,11 @@ class ToMeConfig:
     ``layers``: merge only at these layer indices (None: every layer the schedule gives an r).
     ``sort_unmerged``: keep the unmerged tokens in their original order even without a protected prefix (the
     published code sorts them only when there is a class token).
+    ``window``: an option that departs from the published method, meant for long 1-D sequences (audio frames): each
+    A token (A-index i) is matched only with the B tokens at B-index i - window .. i + window instead of all of
+    them, so the similarity costs O(N * window) instead of O(N^2). On a 2-D patch grid the window follows the
+    row-major order, not the image neighbourhood. None (default): the global search, unchanged. At a site whose
+    tokens all lie within the window (window >= ceil(N/2) - 1) the global search is used: the same matches.
     """
 
     method: ClassVar[str] = "tome"
@@ -65,6 +81,8 @@ class ToMeConfig:
     layers: tuple[int, ...] | None = setting(None, "layers to act on, e.g. 3,6,9 or 0-5 (zero-indexed)",
                                              parse_layers_flag)
     sort_unmerged: bool = setting(False, "tome: keep unmerged tokens in their order without a class token too")
+    window: int | None = setting(None, "tome: match each token only within this many neighbours (long 1-D "
+                                       "sequences; not the published global search)", parse_window, metavar="W")
 
     def __post_init__(self) -> None:
         values = self.r if isinstance(self.r, tuple) else (self.r,)
@@ -78,6 +96,9 @@ class ToMeConfig:
                 raise ConfigError("inflection goes with a single r, not a per-layer list")
             if not -1.0 <= self.inflection <= 1.0:
                 raise ConfigError(f"inflection must be in [-1, 1], got {self.inflection}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
+                                        or self.window < 1):
+            raise ConfigError(f"window must be a whole number >= 1 (B tokens searched each side), got {self.window!r}")
         validate_placement(self.method, self.layers, self.protected)
 
     def insertion_point(self) -> Point:
@@ -111,4 +132,8 @@ class ToMeConfig:
         r = self.schedule(site.num_layers)[site.layer]
         if effective_r(site.tokens, r, site.protected) == 0:
             return None
-        return ToMeMerge(r, site.protected, site.padded, sort_unmerged=True if self.sort_unmerged else None)
+        window = self.window
+        if window is not None and window >= (site.tokens + 1) // 2 - 1:  # the band holds every B token
+            window = None
+        return ToMeMerge(r, site.protected, site.padded, sort_unmerged=True if self.sort_unmerged else None,
+                         window=window)
