@@ -12,9 +12,12 @@ one ``tc-export.bench/1`` JSON per section and the plots of the MNIST sweep. Sec
   with an int8 row on top of the compressed models, and per method the fastest configuration within 1 point.
 
 - ``floor``: ``token_count_floor.py`` (ToMe against a model with its token counts and no merge work);
-- ``long``: ``long_sequences.py`` at 1,500 frames (Whisper encoder: ToMe, windowed ToMe, adjacent merging).
-``--smoke`` runs the sections on tiny settings so the script cannot rot (its numbers mean nothing; it writes into
-``./readme-tables-smoke`` and leaves out ``floor`` and ``long``, whose scripts have smoke modes of their own).
+- ``long``: ``long_sequences.py`` at 1,500 frames (Whisper encoder: ToMe, windowed ToMe, adjacent merging);
+- ``projectors``: ``projector_recipes.py`` (each vision-language recipe: tower alone against tower + projector);
+- ``memory``: ``export_memory.py`` (export wall time and peak resident memory, vit_b and vit_l at 336 px).
+``--smoke`` runs the sections on tiny settings so the script cannot rot (its numbers mean nothing; it writes
+into ``./readme-tables-smoke`` and leaves out ``floor``, ``long``, ``projectors`` and ``memory``, which have smoke modes of their
+own).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ MNIST_SWEEPS = {  # method -> (config spec, sweep); every one reaches the method
 }
 
 
+SCRIPTS = ("floor", "long", "projectors", "memory")  # sections that run another script of this folder
 LAST_DOC: dict[str, Any] = {}  # the most recent section's document: its machine and versions close the tables
 
 
@@ -115,13 +119,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--repeats", type=int, default=3, help="independent vit_b runs (the spread)")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model (interleaved)")
-    parser.add_argument("--sections", default="vit_b,stack,deit_s,mnist,floor,long")
+    parser.add_argument("--sections", default="vit_b,stack,deit_s,mnist,floor,long,projectors,memory")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, numbers mean nothing")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     args.out = args.out or (Path("readme-tables-smoke") if args.smoke else Path(__file__).parent / "results")
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = [s for s in args.sections.split(",") if not (args.smoke and s in ("floor", "long"))]
+    sections = [s for s in args.sections.split(",") if not (args.smoke and s in SCRIPTS)]
     runs = 3 if args.smoke else args.runs
     vit = "vit_t" if args.smoke else "vit_b"
     small = ModelOptions(img_size=64) if args.smoke else None
@@ -130,7 +134,8 @@ def main() -> None:
 
     if "vit_b" in sections:
         print(f"[vit_b] ToMe r=16, batch 1 and 8, {args.repeats} repeats", flush=True)
-        repeats = [measure(vit, candidates(["tome r=2" if args.smoke else "tome r=16"]), SweepConfig(batches=(1, 8), runs=runs, samples=8),
+        spec, batches = ("tome r=2", (1,)) if args.smoke else ("tome r=16", (1, 8))
+        repeats = [measure(vit, candidates([spec]), SweepConfig(batches=batches, runs=runs, samples=8),
                            args.out, f"vit_b_repeat{i}", small) for i in range(1 if args.smoke else args.repeats)]
         md += ["## vit_b ToMe r=16: the spread over independent runs\n", spread_table(repeats), ""]
     if "stack" in sections:
@@ -158,15 +163,23 @@ def main() -> None:
         write_plots(rows, args.out / "plots")
     if "floor" in sections:
         print("[floor] token-count floor", flush=True)
-        argv = ["--smoke"] if args.smoke else ["--model", "vit_b", "--r", "16", "--batch", "1", "--batch", "8",
+        argv = ["--model", "vit_b", "--r", "16", "--batch", "1", "--batch", "8",
                                                "--runs", str(args.runs)]
         md += ["## vit_b: ToMe against a model with its token counts and no merge work\n",
                script_section("token_count_floor.py", argv), ""]
     if "long" in sections:
         print("[long] Whisper encoder at 1,500 frames", flush=True)
-        argv = ["--smoke"] if args.smoke else ["--frames", "1500", "--runs", "10"]
+        argv = ["--frames", "1500", "--runs", "10", "--window", "16", "--window", "64"]
         md += ["## Long sequences: Whisper tiny encoder at 1,500 frames, about 2x fewer MACs\n",
                script_section("long_sequences.py", argv), ""]
+    if "projectors" in sections:
+        print("[projectors] vision-language recipes", flush=True)
+        md += ["## Vision-language recipes: the tower alone and with its projector (batch 1)\n",
+               script_section("projector_recipes.py", ["--runs", "10"]), ""]
+    if "memory" in sections:
+        print("[memory] export time and peak memory", flush=True)
+        md += ["## Export cost: wall time and peak resident memory of the whole job\n",
+               script_section("export_memory.py", ["--models", "vit_b,vit_l", "--img-size", "336"]), ""]
     if LAST_DOC:
         md.append(footnote(LAST_DOC["config"], LAST_DOC["machine"]).strip()
                   + f" Versions: {', '.join(f'{k} {v}' for k, v in LAST_DOC['versions'].items() if v)}.")
