@@ -16,13 +16,14 @@ one ``tc-export.bench/1`` JSON per section and the plots of the MNIST sweep. Sec
 - ``projectors``: ``projector_recipes.py`` (each vision-language recipe: tower alone against tower + projector);
 - ``memory``: ``export_memory.py`` (export wall time and peak resident memory, vit_b and vit_l at 336 px).
 ``--smoke`` runs the sections on tiny settings so the script cannot rot (its numbers mean nothing; it writes
-into ``./readme-tables-smoke`` and leaves out ``floor``, ``long``, ``projectors`` and ``memory``, which have smoke modes of their
-own).
+into ``./readme-tables-smoke`` and leaves out the sections that run other scripts, which have smoke modes of
+their own). ``--sections`` measures some sections again; ``tables.md`` keeps the others from earlier runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -42,12 +43,12 @@ MNIST_SWEEPS = {  # method -> (config spec, sweep); every one reaches the method
     "tome": ("tome", "r=8,16,24,32,40,48,64,80,98"),
     "adjacent": ("adjacent", "r=8,16,24,32,40,48,64,80,98"),
     "topk": ("topk layers=1,2,3", "keep=0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.25"),
-    "prumerge": ("prumerge layers=1", "tokens=128,96,64,48,32,24,16"),
+    "prumerge": ("prumerge tokens=64 layers=1", "tokens=128,96,64,48,32,24,16"),
 }
 
 
+SECTIONS = ("vit_b", "stack", "deit_s", "mnist", "floor", "long", "projectors", "memory")
 SCRIPTS = ("floor", "long", "projectors", "memory")  # sections that run another script of this folder
-LAST_DOC: dict[str, Any] = {}  # the most recent section's document: its machine and versions close the tables
 
 
 def candidates(specs: Sequence[str], sweeps: Sequence[str] = ()) -> list[Candidate]:
@@ -63,8 +64,6 @@ def measure(model: str, cands: Sequence[Candidate], config: SweepConfig, out: Pa
                           "seconds": round(time.perf_counter() - started, 1), **config.as_dict()})
     doc["machine"]["load_average"] = list(os.getloadavg())
     write_json(doc, out / f"{name}.json")
-    LAST_DOC.clear()
-    LAST_DOC.update(doc)
     return rows
 
 
@@ -119,7 +118,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
     parser.add_argument("--repeats", type=int, default=3, help="independent vit_b runs (the spread)")
     parser.add_argument("--runs", type=int, default=40, help="timed runs per model (interleaved)")
-    parser.add_argument("--sections", default="vit_b,stack,deit_s,mnist,floor,long,projectors,memory")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated; tables.md keeps the "
+                        "sections an earlier run measured")
+    parser.add_argument("--mnist-batch", type=int, default=64, help="batch of the MNIST sweep: the ViT is tiny, "
+                        "at small batches per-op overhead hides what the token counts save")
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the script, numbers mean nothing")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -129,62 +131,75 @@ def main() -> None:
     runs = 3 if args.smoke else args.runs
     vit = "vit_t" if args.smoke else "vit_b"
     small = ModelOptions(img_size=64) if args.smoke else None
-    md = [f"# Benchmark tables (`python benchmarks/readme_tables.py`)\n",
-          f"Load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}.\n"]
+    texts: dict[str, list[str]] = {}
+
+    def section(name: str, title: str) -> list[str]:
+        """Start a section: its Markdown lines (title, load average now), written to ``<name>.md`` at the end."""
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        texts[name] = [f"## {title}\n", f"Load average at the start of this section: {load}.\n"]
+        return texts[name]
 
     if "vit_b" in sections:
         print(f"[vit_b] ToMe r=16, batch 1 and 8, {args.repeats} repeats", flush=True)
+        md = section("vit_b", "vit_b ToMe r=16: the spread over independent runs")
         spec, batches = ("tome r=2", (1,)) if args.smoke else ("tome r=16", (1, 8))
         repeats = [measure(vit, candidates([spec]), SweepConfig(batches=batches, runs=runs, samples=8),
                            args.out, f"vit_b_repeat{i}", small) for i in range(1 if args.smoke else args.repeats)]
-        md += ["## vit_b ToMe r=16: the spread over independent runs\n", spread_table(repeats), ""]
+        md += [spread_table(repeats), ""]
     if "stack" in sections:
         print("[stack] ToMe r=8 / r=16, int8, tuned and eager baselines", flush=True)
+        md = section("stack", "vit_b: int8 on top of ToMe, against the tuned and the eager-reference baselines")
         rows = measure(vit, candidates(["tome r=1", "tome r=2"] if args.smoke else ["tome r=8", "tome r=16"]),
                        SweepConfig(batches=(1,), runs=runs, int8=True, baselines=True, samples=8),
                        args.out, "vit_b_stack", small)
-        md += ["## vit_b: int8 on top of ToMe, against the tuned and the eager-reference baselines\n",
-               markdown_table(rows), ""]
+        md += [markdown_table(rows), ""]
     if "deit_s" in sections:
         print("[deit_s] EViT recipe", flush=True)
+        md = section("deit_s", "DeiT-S Top-K keep 0.7 at blocks 3, 6, 9 (EViT, fused token)")
         rows = measure("vit_t" if args.smoke else "deit_s",
                        candidates(["topk keep=0.7 layers=3,6,9 fuse=true" if not args.smoke else "topk keep=0.7"]),
                        SweepConfig(batches=(1,), runs=runs, samples=8), args.out, "deit_s_topk", small)
-        md += ["## DeiT-S Top-K keep 0.7 at blocks 3, 6, 9 (EViT, fused token)\n", markdown_table(rows), ""]
+        md += [markdown_table(rows), ""]
     if "mnist" in sections:
         print("[mnist] accuracy against speed-up, every method", flush=True)
+        md = section("mnist", f"MNIST ViT: held-out accuracy against measured speed-up (batch {args.mnist_batch})")
         specs = {m: MNIST_SWEEPS[m] for m in (["tome", "topk"] if args.smoke else MNIST_SWEEPS)}
         cands = [c for spec, sweep in specs.values()
                  for c in candidates([spec], [sweep if not args.smoke else sweep.split(",")[0]])]
-        rows = measure("mnist_vit", cands, SweepConfig(batches=(8,), runs=runs, int8=True, samples=64),
+        rows = measure("mnist_vit", cands, SweepConfig(batches=(args.mnist_batch,), runs=runs, int8=True, samples=64),
                        args.out, "mnist_sweep")
-        md += ["## MNIST ViT: held-out accuracy against measured speed-up (batch 8)\n", trade_off(rows), "",
-               markdown_table(rows), ""]
+        md += [trade_off(rows), "", markdown_table(rows), ""]
         write_plots(rows, args.out / "plots")
-    if "floor" in sections:
-        print("[floor] token-count floor", flush=True)
-        argv = ["--model", "vit_b", "--r", "16", "--batch", "1", "--batch", "8",
-                                               "--runs", str(args.runs)]
-        md += ["## vit_b: ToMe against a model with its token counts and no merge work\n",
-               script_section("token_count_floor.py", argv), ""]
-    if "long" in sections:
-        print("[long] Whisper encoder at 1,500 frames", flush=True)
-        argv = ["--frames", "1500", "--runs", "10", "--window", "16", "--window", "64"]
-        md += ["## Long sequences: Whisper tiny encoder at 1,500 frames, about 2x fewer MACs\n",
-               script_section("long_sequences.py", argv), ""]
-    if "projectors" in sections:
-        print("[projectors] vision-language recipes", flush=True)
-        md += ["## Vision-language recipes: the tower alone and with its projector (batch 1)\n",
-               script_section("projector_recipes.py", ["--runs", "10"]), ""]
-    if "memory" in sections:
-        print("[memory] export time and peak memory", flush=True)
-        md += ["## Export cost: wall time and peak resident memory of the whole job\n",
-               script_section("export_memory.py", ["--models", "vit_b,vit_l", "--img-size", "336"]), ""]
-    if LAST_DOC:
-        md.append(footnote(LAST_DOC["config"], LAST_DOC["machine"]).strip()
-                  + f" Versions: {', '.join(f'{k} {v}' for k, v in LAST_DOC['versions'].items() if v)}.")
-    (args.out / "tables.md").write_text("\n".join(md) + "\n")
-    print(f"wrote {args.out / 'tables.md'}")
+    scripts = {
+        "floor": ("vit_b: ToMe against a model with its token counts and no merge work", "token_count_floor.py",
+                  ["--model", "vit_b", "--r", "16", "--batch", "1", "--batch", "8", "--runs", str(args.runs)]),
+        "long": ("Long sequences: Whisper tiny encoder at 1,500 frames, about 2x fewer MACs", "long_sequences.py",
+                 ["--frames", "1500", "--runs", "10", "--window", "16", "--window", "64"]),
+        "projectors": ("Vision-language recipes: the tower alone and with its projector (batch 1)",
+                       "projector_recipes.py", ["--runs", "10"]),
+        "memory": ("Export cost: wall time and peak resident memory of the whole job", "export_memory.py",
+                   ["--models", "vit_b,vit_l", "--img-size", "336"]),
+    }
+    for name, (title, script, argv) in scripts.items():
+        if name in sections:
+            print(f"[{name}] {script}", flush=True)
+            section(name, title).extend([script_section(script, argv), ""])
+    for name, lines in texts.items():
+        (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    write_tables(args.out)
+
+
+def write_tables(out: Path) -> None:
+    """``tables.md``: every section measured so far (this run's or an earlier one's), in a fixed order."""
+    parts = ["# Benchmark tables (`python benchmarks/readme_tables.py`)\n"]
+    parts += [(out / f"{name}.md").read_text() for name in SECTIONS if (out / f"{name}.md").is_file()]
+    documents = sorted(out.glob("*.json"), key=lambda path: path.stat().st_mtime)
+    if documents:
+        doc = json.loads(documents[-1].read_text())
+        parts.append(footnote(doc["config"], doc["machine"]).strip()
+                     + f" Versions: {', '.join(f'{k} {v}' for k, v in doc['versions'].items() if v)}.\n")
+    (out / "tables.md").write_text("\n".join(parts))
+    print(f"wrote {out / 'tables.md'}")
 
 
 if __name__ == "__main__":

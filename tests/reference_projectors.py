@@ -105,6 +105,14 @@ def internvl_pixel_shuffle(x: Tensor, scale: float = 0.5) -> Tensor:
     return x.permute(0, 2, 1, 3).contiguous()
 
 
+def internvl_pixel_shuffle_v1(x: Tensor, scale: float = 0.5) -> Tensor:
+    """InternVL 1.2's published sequence (ps_version v1): the v2 sequence without its last permute."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h, int(w * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    return x.reshape(n, int(w * scale), int(h * scale), int(c / (scale * scale)))
+
+
 def gelu(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
@@ -128,6 +136,19 @@ def reference_unshuffle_projector(x: Tensor, sd: dict, grid: tuple[int, int], pr
     wide = unshuffle_formula(x, grid, prefix, k)
     normed = layer_norm(wide, sd["mlp1.0.weight"], sd["mlp1.0.bias"], 1e-5)
     return mlp2x_gelu(normed, sd, "mlp1.1", "mlp1.3")
+
+
+def reference_patch_merger(x: Tensor, sd: dict, grid: tuple[int, int], prefix: int) -> Tensor:
+    """Qwen2-VL's PatchMerger on a row-major tower: the tokens put in window order (as Qwen2-VL's patch embedding
+    emits them: each 2 x 2 window's four tokens one after another, windows row-major), ln_q on every token, the
+    sequence viewed as (-1, 4C), mlp.0 -> GELU -> mlp.2."""
+    h, w = grid
+    n, _, c = x.shape
+    g = x[:, prefix:].reshape(n, h, w, c)
+    ordered = torch.stack([g[:, 2 * i + di, 2 * j + dj] for i in range(h // 2) for j in range(w // 2)
+                           for di in range(2) for dj in range(2)], dim=1)
+    normed = layer_norm(ordered, sd["ln_q.weight"], sd["ln_q.bias"], 1e-6)
+    return mlp2x_gelu(normed.reshape(n, -1, 4 * c), sd, "mlp.0", "mlp.2")
 
 
 # ---------------------------------------------------------------------------------------------- C-Abstractor

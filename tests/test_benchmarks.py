@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -40,3 +41,16 @@ def test_export_memory_smoke_prints_the_table(tmp_path):
     weights, seconds, peak = float(row[2]), float(row[3]), float(row[4])
     assert 0 < weights < peak and seconds > 0
     assert float(row[5].rstrip("x")) > 1
+
+
+def test_readme_shows_the_measured_tables():
+    """The README's benchmark tables are the ones `python benchmarks/readme_tables.py` wrote (first table of each
+    section file in benchmarks/results), not numbers typed by hand."""
+    readme = (BENCHMARKS.parent / "README.md").read_text()
+    sections = sorted(path for path in (BENCHMARKS / "results").glob("*.md") if path.name != "tables.md")
+    assert sections, "benchmarks/results holds no section tables: run python benchmarks/readme_tables.py"
+    for path in sections:
+        lines = path.read_text().splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+        table = "\n".join(line for line in itertools.takewhile(lambda x: x.startswith("|"), lines[start:]))
+        assert table in readme, f"README does not show the table of {path.name}: copy it from there"

@@ -15,6 +15,7 @@ from tc_export.passes.projectors import (
     CAbstractorConfig,
     LlamaVidConfig,
     MLPConfig,
+    PatchMergerConfig,
     PoolConfig,
     ResamplerConfig,
     UnshuffleConfig,
@@ -40,6 +41,8 @@ CASES = {
     "pool": (PoolConfig(), 49),
     "pool-bilinear": (PoolConfig(mode="bilinear"), 49),
     "unshuffle": (UnshuffleConfig(), 49),
+    "unshuffle-v1": (UnshuffleConfig(ps_version="v1"), 49),
+    "patchmerger": (PatchMergerConfig(out_channels=64), 49),
     "cabstractor": (CAbstractorConfig(tokens=64), 64),
     "resampler": (ResamplerConfig(queries=32), 32),
     "llamavid": (LlamaVidConfig(query_channels=24, queries=4), 2),
@@ -145,6 +148,7 @@ FULL_SIZE = {  # method flags -> output tokens on vit_s (14 x 14 grid + class to
     "resampler": (["--method", "resampler", "--queries", "32"], 32),
     "llamavid": (["--method", "llamavid"], 2),
     "mlp": (["--method", "mlp", "--out-channels", "1024"], 197),
+    "patchmerger": (["--method", "patchmerger", "--out-channels", "1024"], 49),
 }
 
 

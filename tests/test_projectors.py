@@ -18,6 +18,7 @@ from tc_export.ops.projectors import (
     CAbstractor,
     LlamaVidProjector,
     MLPProjector,
+    PatchMergerProjector,
     PoolProjector,
     ResamplerProjector,
     UnshuffleProjector,
@@ -60,6 +61,7 @@ def test_token_counts_on_a_14x14_grid():
     cases = {
         "pool": (PoolProjector(C, (14, 14), 1, stride=2), 49),
         "unshuffle": (UnshuffleProjector(C, (14, 14), 1, scale=0.5), 49),
+        "patchmerger": (PatchMergerProjector(C, (14, 14), 1), 49),
         "cabstractor": (CAbstractor(C, (14, 14), 1, tokens=64), 64),
         "resampler": (ResamplerProjector(C, (14, 14), 1, queries=32), 32),
         "llamavid": (LlamaVidProjector(C, (14, 14), 1), 2),
@@ -73,7 +75,7 @@ def test_token_counts_on_a_14x14_grid():
 
 
 def test_registry_and_width_change():
-    assert set(PROJECTORS) == {"pool", "unshuffle", "cabstractor", "llamavid", "resampler", "mlp"}
+    assert set(PROJECTORS) == {"pool", "unshuffle", "patchmerger", "cabstractor", "llamavid", "resampler", "mlp"}
     from tc_export.passes import METHODS
 
     for name, cls in PROJECTORS.items():  # typed keyword-only settings, exactly the method config's own fields
@@ -171,6 +173,28 @@ def test_unshuffle_projector_matches_reference():
     torch.testing.assert_close(module(x), expected, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("grid", [(14, 14), (8, 12)])
+def test_unshuffle_v1_is_internvl_12s_sequence(grid):
+    h, w = grid
+    x = tokens(grid, 1)
+    module = UnshuffleProjector(C, grid, 1, ps_version="v1")
+    published = ref.internvl_pixel_shuffle_v1(x[:, 1:].reshape(2, h, w, C)).reshape(2, -1, 4 * C)
+    torch.testing.assert_close(module.unshuffle(x), published, atol=0, rtol=0)
+    assert module.output_grid() == (w // 2, h // 2)
+    v2 = UnshuffleProjector(C, grid, 1).unshuffle(x)
+    assert not torch.equal(v2, published) and torch.equal(v2.sort(1).values, published.sort(1).values)
+
+
+def test_patch_merger_matches_qwen2_vl_reference():
+    x = tokens((14, 14), 1)
+    module = randomize(PatchMergerProjector(C, (14, 14), 1, out_channels=40))
+    assert set(state(module)) == {"ln_q.weight", "ln_q.bias", "mlp.0.weight", "mlp.0.bias", "mlp.2.weight",
+                                  "mlp.2.bias"}
+    expected = ref.reference_patch_merger(x, state(module), (14, 14), 1)
+    torch.testing.assert_close(module(x), expected, atol=ATOL, rtol=1e-5)
+    assert module.tokens_out() == 49 and module.channels_out() == 40
+
+
 def test_unshuffle_errors():
     with pytest.raises(ConfigError, match="divisible by 2"):
         UnshuffleProjector(C, (27, 27), 1)
@@ -178,6 +202,8 @@ def test_unshuffle_errors():
         UnshuffleProjector(C, (16,), 0)
     with pytest.raises(ConfigError, match="scale"):
         UnshuffleProjector(C, (16, 16), 0, scale=0.4)
+    with pytest.raises(ConfigError, match="ps_version must be one of v2, v1"):
+        UnshuffleProjector(C, (16, 16), 0, ps_version="v3")
 
 
 # ------------------------------------------------------------------------------------------ C-Abstractor
@@ -332,6 +358,8 @@ EXPORT_CASES = {  # name: (class, grid, prefix, settings, dynamic batch)
     "pool_bilinear_27": (PoolProjector, (27, 27), 0, {"mode": "bilinear"}, False),
     "pool_1d_frames": (PoolProjector, (15,), 0, {"mode": "avg"}, False),
     "unshuffle": (UnshuffleProjector, (14, 14), 1, {"out_channels": 48}, False),
+    "unshuffle_v1": (UnshuffleProjector, (8, 12), 1, {"ps_version": "v1"}, False),
+    "patchmerger": (PatchMergerProjector, (14, 14), 1, {"out_channels": 48}, True),
     "cabstractor_16_to_12": (CAbstractor, (16, 16), 1, {"tokens": 144, "depth": 1, "hidden": 48}, True),
     "llamavid_grid2": (LlamaVidProjector, (14, 14), 1, {"grid_size": 2, "queries": 4, "query_channels": 24}, True),
     "resampler_32_depth2": (ResamplerProjector, (14, 14), 1, {"queries": 32, "depth": 2, "out_channels": 64}, True),

@@ -22,6 +22,7 @@ from ..ops.projectors import (
     CAbstractor,
     LlamaVidProjector,
     MLPProjector,
+    PatchMergerProjector,
     PoolProjector,
     Projector,
     ResamplerProjector,
@@ -131,7 +132,22 @@ class PoolConfig(ProjectorConfig):
 class UnshuffleConfig(ProjectorConfig):
     projector: ClassVar[type[Projector]] = UnshuffleProjector
 
-    scale: float = setting(0.5, "unshuffle: downscale 1/k (each k x k window -> one token of k*k*C channels)")
+    scale: float = setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C "
+                                "channels)")
+    ps_version: str = setting("v2", "unshuffle: InternVL's pixel shuffle v2, or v1 (InternVL 1.2: output grid "
+                                 "transposed)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("patchmerger", "Qwen2-VL PatchMerger: LayerNorm, 2x2 windows -> 4C, MLP (--scale 0.5)")
+@dataclass(frozen=True)
+class PatchMergerConfig(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = PatchMergerProjector
+
+    scale: float = setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C "
+                                "channels)")
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()

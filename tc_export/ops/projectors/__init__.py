@@ -9,6 +9,7 @@ from .base import Projector
 from .cabstractor import CAbstractor, adaptive_pool_matrix
 from .llamavid import LlamaVidProjector
 from .mlp import MLPProjector
+from .patchmerger import PatchMergerProjector
 from .pool import PoolProjector
 from .resampler import ResamplerProjector, sincos_2d
 from .unshuffle import UnshuffleProjector
@@ -16,6 +17,7 @@ from .unshuffle import UnshuffleProjector
 PROJECTORS: dict[str, type[Projector]] = {
     "pool": PoolProjector,
     "unshuffle": UnshuffleProjector,
+    "patchmerger": PatchMergerProjector,
     "cabstractor": CAbstractor,
     "llamavid": LlamaVidProjector,
     "resampler": ResamplerProjector,
@@ -27,6 +29,7 @@ __all__ = [
     "CAbstractor",
     "LlamaVidProjector",
     "MLPProjector",
+    "PatchMergerProjector",
     "PoolProjector",
     "Projector",
     "ResamplerProjector",
