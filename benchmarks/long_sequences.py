@@ -23,11 +23,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from tc_export import compress
 from tc_export.bench import make_session, time_interleaved
+from tc_export.bench_job import compare_outputs
 from tc_export.export.macs import count_macs
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models.hf_models import build_whisper_encoder
@@ -72,21 +72,11 @@ def time_ops(module: torch.nn.Module, example: dict, folder: Path, threads: int,
 
 
 def cosines(sessions: list, feeds: list[dict]) -> list[tuple[float, float]]:
-    """(mean, min) cosine of each session's first output to the first session's, over ``feeds``.
-
-    The encoder outputs frames (1, N', C) with fewer frames when compressed: as ``tc-export``'s fidelity report
-    does, both are averaged over their tokens first (unweighted).
-    """
-    def pooled(session, feed: dict) -> np.ndarray:
-        out = session.run(None, feed)[0].astype(np.float64)
-        return out.reshape(-1, out.shape[-1]).mean(0)
-
-    outputs = [[pooled(s, feed) for feed in feeds] for s in sessions]
-    result = []
-    for runs in outputs:
-        values = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in zip(outputs[0], runs)]
-        result.append((float(np.mean(values)), min(values)))
-    return result
+    """(mean, min) cosine of each session's first output to the first session's, over ``feeds``: the sweep's
+    fidelity measure (outputs with fewer frames are averaged over their frames first)."""
+    outputs = [[session.run(None, feed)[0] for feed in feeds] for session in sessions]
+    scores = [compare_outputs(outputs[0], runs, classes=False, samples=len(feeds)) for runs in outputs]
+    return [(score["cosine"], score["min_cosine"]) for score in scores]
 
 
 def main() -> None:

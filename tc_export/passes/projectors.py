@@ -111,6 +111,10 @@ def _weights() -> Any:
     return setting(None, "projectors: safetensors file with the projector's weights", str)
 
 
+def _scale() -> Any:
+    return setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C channels)")
+
+
 def _out_channels() -> Any:
     return setting(None, "projectors: output width D (default: the input width)", _optional_int)
 
@@ -132,8 +136,7 @@ class PoolConfig(ProjectorConfig):
 class UnshuffleConfig(ProjectorConfig):
     projector: ClassVar[type[Projector]] = UnshuffleProjector
 
-    scale: float = setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C "
-                                "channels)")
+    scale: float = _scale()
     ps_version: str = setting("v2", "unshuffle: InternVL's pixel shuffle v2, or v1 (InternVL 1.2: output grid "
                                  "transposed)")
     out_channels: int | None = _out_channels()
@@ -146,8 +149,7 @@ class UnshuffleConfig(ProjectorConfig):
 class PatchMergerConfig(ProjectorConfig):
     projector: ClassVar[type[Projector]] = PatchMergerProjector
 
-    scale: float = setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C "
-                                "channels)")
+    scale: float = _scale()
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .base import Projector
 from .unshuffle import UnshuffleProjector
 
 
@@ -45,4 +46,4 @@ class PatchMergerProjector(UnshuffleProjector):
         return self.mlp(self.unshuffle(self.ln_q(x)))  # per-token norm: the prefix it also sees is dropped after
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr().replace(', ps_version=v2', '')}"
+        return f"{Projector.extra_repr(self)}, scale={self.scale}, out_channels={self.out_channels}"
