@@ -90,7 +90,7 @@ def reference_tome_timm_vit(model, images: torch.Tensor, schedule: list[int], pr
     def merge(layer, x, size, keys, probs):
         return reference_merge(x, keys.mean(dim=0), size, schedule[layer], protected=1)
 
-    return reference_compressed_timm_vit(model, images, merge, prop_attn)
+    return reference_timm_blocks(model, images, merge, prop_attn)
 
 
 def reference_keep_count(num_tokens: int, keep: float, protected: int) -> int:
@@ -178,47 +178,10 @@ def reference_adjacent(x, metric, size, r: int, protected: int, padded: bool = F
     return torch.stack(rows), torch.stack(sizes)
 
 
-def reference_compressed_timm_vit(model, images: torch.Tensor, step, prop_attn: bool):
-    """A timm ViT run one sample at a time; after each attention residual add, ``step`` may compress.
-
-    ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)``. Returns outputs and token counts.
-    """
-    return reference_timm_blocks(model, images, step, prop_attn)
-
-
-@torch.no_grad()
 def reference_timm_blocks(model, images: torch.Tensor, step, prop_attn: bool):
-    """Any plain timm ViT (class/distillation/register tokens; token, average or distilled heads), one sample at a
-    time, with ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)`` after each attention
-    residual add. Pooling follows the published ToMe: an average over the patch tokens is size-weighted.
-    Returns outputs and token counts."""
-    prefix = model.num_prefix_tokens
-    outputs, counts = [], []
-    for image in images:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
-        size = torch.ones(x.shape[0], 1)
-        counts = []
-        for index, block in enumerate(model.blocks):
-            n, c = x.shape
-            heads = block.attn.num_heads
-            counts.append(n)
-            q, k, v = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, c // heads).permute(1, 2, 0, 3)
-            q, k = block.attn.q_norm(q), block.attn.k_norm(k)
-            logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            if prop_attn:
-                logits = logits + size[:, 0].log()[None, None, :]
-            probs = logits.softmax(dim=-1)
-            attended = block.attn.norm((probs @ v).transpose(0, 1).reshape(n, c))
-            x = x + block.ls1(block.attn.proj(attended))
-            x, size = step(index, x, size, k, probs)
-            x = x + block.ls2(block.mlp(block.norm2(x)))
-        counts.append(x.shape[0])
-        x = model.norm(x)
-        if getattr(model, "head_dist", None) is not None:
-            outputs.append((model.head(x[0]) + model.head_dist(x[1])) / 2)
-        elif model.global_pool == "avg":
-            pooled = (x[prefix:] * size[prefix:]).sum(0) / size[prefix:].sum(0)
-            outputs.append(model.head(model.fc_norm(pooled)))
-        else:
-            outputs.append(model.head(model.fc_norm(x[0])))
-    return torch.stack(outputs), counts
+    """Any plain timm ViT (class/distillation/register tokens; token, average, distilled or attention-pooling
+    heads), one sample at a time, with ``step(layer, x, size, keys (H, N, d), probs (H, N, N)) -> (x, size)`` after
+    each attention residual add (``tests/reference_encoders.py``). Returns outputs and token counts."""
+    from .reference_encoders import Hooks, run, timm_vit
+
+    return run(timm_vit(model), {"x": images}, Hooks(after_attention=step, prop_attn=prop_attn))

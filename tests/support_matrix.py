@@ -18,7 +18,8 @@ from tc_export import ExportConfig, compress, export_onnx
 from tc_export.errors import TCExportError
 from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
-from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_timm_blocks, reference_topk
+from . import reference_encoders as encoders
+from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
 
 METHODS = {
     "tome": lambda: ToMeConfig(r=2),
@@ -47,7 +48,7 @@ class Family:
     label: str
     build: Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]
     refused: dict[str, str]  # method -> cause key of CAUSES; methods not named here must work
-    reference: bool = False  # a plain timm ViT: compare with tests/reference.reference_timm_blocks
+    reference: Callable[[torch.nn.Module], encoders.Encoder] | None = None  # its per-sample forward
 
 
 def _timm(arch: str, size: int | None = None, **overrides):
@@ -77,19 +78,20 @@ def _hf(builder: str, **overrides):
 
 ALL = {"tome", "topk", "prumerge", "adjacent"}
 SMALL = {"embed_dim": 64, "num_heads": 2}
+TIMM = encoders.timm_vit
 FAMILIES = [
-    Family("ViT (class token)", _timm("vit_tiny_patch16_224", img_size=64, depth=3), {}, True),
+    Family("ViT (class token)", _timm("vit_tiny_patch16_224", img_size=64, depth=3), {}, TIMM),
     Family("DeiT distilled (class + distillation)", _timm("deit_tiny_distilled_patch16_224", img_size=64, depth=3),
-           {}, True),
+           {}, TIMM),
     Family("ViT, 4 registers, GAP", _timm("vit_little_patch16_reg4_gap_256", img_size=64, depth=3, **SMALL),
-           {"topk": "no class token", "prumerge": "no class token"}, True),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("ViT, class + 4 registers (DINOv2)", _timm("vit_small_patch14_reg4_dinov2", 56, img_size=56, depth=3,
-                                                      **SMALL), {}, True),
+                                                      **SMALL), {}, TIMM),
     Family("ViT, no class token, GAP", _timm("vit_base_patch16_gap_224", img_size=64, depth=3, **SMALL),
-           {"topk": "no class token", "prumerge": "no class token"}, True),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("SigLIP (attention-pooling head)", _timm("vit_base_patch16_siglip_224", img_size=64, depth=3, **SMALL),
-           {"topk": "no class token", "prumerge": "no class token"}),
-    Family("hybrid CNN stem (ResNet stem + ViT)", _timm("vit_tiny_r_s16_p8_224", img_size=128, depth=3), {}),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),
+    Family("hybrid CNN stem (ResNet stem + ViT)", _timm("vit_tiny_r_s16_p8_224", img_size=128, depth=3), {}, TIMM),
     Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, **SMALL),
            {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",
             "prumerge": "no class token"}),  # its head pools the patches: the class token is never read
@@ -110,18 +112,19 @@ FAMILIES = [
     Family("XCiT (cross-covariance)", _timm("xcit_nano_12_p16_224", img_size=64, depth=2),
            {m: "cross-covariance" for m in ALL}),
     Family("transformers ViT", _hf("build_vit", hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                   intermediate_size=128, image_size=64), {}),
+                                   intermediate_size=128, image_size=64), {}, encoders.hf_vit),
     Family("transformers CLIP vision", _hf("build_clip_vision", hidden_size=64, num_hidden_layers=3,
-                                           num_attention_heads=2, intermediate_size=128, image_size=64), {}),
+                                           num_attention_heads=2, intermediate_size=128, image_size=64), {},
+           encoders.hf_clip_vision),
     Family("transformers DINOv2", _hf("build_dinov2", hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
-                                      image_size=56), {}),
+                                      image_size=56), {}, encoders.hf_dinov2),
     Family("transformers Whisper encoder", _hf("build_whisper_encoder", d_model=64, encoder_layers=3,
                                                encoder_attention_heads=2, encoder_ffn_dim=128,
                                                max_source_positions=40),
-           {"topk": "no class token", "prumerge": "no class token"}),
+           {"topk": "no class token", "prumerge": "no class token"}, encoders.hf_whisper_encoder),
     Family("transformers BERT (padded text)", _hf("build_bert", hidden_size=64, num_hidden_layers=3,
                                                   num_attention_heads=2, intermediate_size=128, vocab_size=500),
-           {"topk": "no class token", "prumerge": "no class token"}),
+           {"topk": "no class token", "prumerge": "no class token"}, encoders.hf_bert_sentence),
 ]
 
 
@@ -133,15 +136,19 @@ class Cell:
     detail: str  # the refusal message, or the parity error
 
 
-def _reference_step(method: str, protected: int):
+def reference_hooks(method: str, protected: int, layers: int, padded: bool = False) -> encoders.Hooks:
+    """The matrix's settings of ``method`` (METHODS) as the independent implementation of the published code;
+    ``padded``: size-0 tokens follow the padding rule (tests/reference.pair_score)."""
     if method == "tome":
-        return lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, protected), True
+        return encoders.Hooks(lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, protected, padded))
     if method == "adjacent":
-        return lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 2, protected), True
+        return encoders.Hooks(lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 2, protected, padded))
     if method == "topk":
-        return (lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.7, protected, True, False)
-                if i == 1 else (x, s)), False
-    return None, False
+        return encoders.Hooks(lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.7, protected, True, False)
+                              if i == 1 else (x, s), prop_attn=False)
+    # PruMerge where the stream enters the last layer, scored by that layer's full-width q and k
+    return encoders.Hooks(before_layer=lambda i, x, s, q, k: reference_prumerge(x, s, q, k, 8, protected, True)
+                          if i == layers - 1 else (x, s), prop_attn=False)
 
 
 def run_cell(family: Family, method: str) -> Cell:
@@ -171,42 +178,17 @@ def run_cell(family: Family, method: str) -> Cell:
 
 
 def _against_reference(family: Family, model, inputs, compressed, method: str) -> str:
-    images = torch.cat([inputs["x"], torch.randn_like(inputs["x"])])
-    protected = compressed.protected
-    if method == "prumerge":
-        want = _prumerge_reference(model, images, protected)
-    else:
-        step, prop_attn = _reference_step(method, protected)
-        want, _ = reference_timm_blocks(model, images, step, prop_attn)
+    if "x" in inputs:  # timm graphs take any batch: two samples
+        inputs = {"x": torch.cat([inputs["x"], torch.randn_like(inputs["x"])])}
+    encoder = family.reference(model)
+    hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs)
+    want, _ = encoders.run(encoder, inputs, hooks)
     with torch.no_grad():
-        got = compressed(x=images)
-    if not torch.allclose(got, want, rtol=1e-4, atol=2e-5):
-        return f"DIFFERS from reference by {float((got - want).abs().max()):.2e}"
+        got = compressed(**inputs)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=2e-5):
+        gap = float((got - want).abs().max()) if got.shape == want.shape else f"shape {tuple(got.shape)}"
+        return f"DIFFERS from reference by {gap}"
     return "works, matches reference"
-
-
-def _prumerge_reference(model, images, protected: int) -> torch.Tensor:
-    layer = len(model.blocks) - 1
-
-    def step(i, x, s, k, p):
-        return x, s
-
-    # PruMerge acts where the stream enters the last block: run the blocks before it, merge, then the rest.
-    outputs = []
-    for image in images:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(image[None])))[0]
-        for index, block in enumerate(model.blocks):
-            if index == layer:
-                n, c = x.shape
-                q, k, _ = block.attn.qkv(block.norm1(x)).reshape(n, 3, c).unbind(1)
-                x, _ = reference_prumerge(x, torch.ones(n, 1), q, k, 8, protected, True)
-            x = block(x[None])[0]
-        x = model.norm(x)
-        if getattr(model, "head_dist", None) is not None:
-            outputs.append((model.head(x[0]) + model.head_dist(x[1])) / 2)
-        else:
-            outputs.append(model.head(model.fc_norm(x[0])))
-    return torch.stack(outputs)
 
 
 def matrix() -> list[Cell]:

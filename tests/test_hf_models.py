@@ -1,7 +1,5 @@
 """Hugging Face transformers models: the same passes as for timm, export with parity, and the padding rule."""
 
-import math
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -13,6 +11,7 @@ from tc_export.models import ModelOptions
 from tc_export.models.hf_models import build_bert, build_clip_vision, build_dinov2, build_vit, build_whisper_encoder
 from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
+from . import reference_encoders as encoders
 from .reference import pair_score, reference_adjacent, reference_merge  # noqa: F401 - pair_score documents the rule
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64}
@@ -67,62 +66,6 @@ def test_class_token_methods_refuse_text_and_audio():
             compress(loaded, TopKConfig(), loaded.example_inputs())
 
 
-@torch.no_grad()
-def reference_tome_hf_vit(wrapper, images, r):
-    """ToMe on transformers' ViTForImageClassification, one sample at a time, from its weights."""
-    model = wrapper.model.vit
-    outputs = []
-    for image in images:
-        x = model.embeddings.patch_embeddings.projection(image[None]).flatten(2).transpose(1, 2)[0]
-        x = torch.cat([model.embeddings.cls_token[0], x]) + model.embeddings.position_embeddings[0]
-        size = torch.ones(x.shape[0], 1)
-        for layer in model.layers:
-            attn = layer.attention
-            n, c = x.shape
-            heads = wrapper.model.config.num_attention_heads
-            y = layer.layernorm_before(x)
-            q, k, v = (p(y).view(n, heads, c // heads).transpose(0, 1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-            logits = q @ k.transpose(-1, -2) / math.sqrt(c // heads) + size[:, 0].log()
-            x = x + attn.o_proj((logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c))
-            x, size = reference_merge(x, k.mean(0), size, r, protected=1)
-            x = x + layer.mlp.fc2(layer.mlp.activation_fn(layer.mlp.fc1(layer.layernorm_after(x))))
-        outputs.append(wrapper.model.classifier(model.layernorm(x)[0]))
-    return torch.stack(outputs)
-
-
-def test_hf_vit_tome_matches_reference():
-    loaded = tiny("vit")
-    images = loaded.example_inputs(batch=3)["pixel_values"]
-    compressed = compress(loaded, ToMeConfig(r=3), {"pixel_values": images})  # torch.export fixes the batch
-    with torch.no_grad():
-        torch.testing.assert_close(compressed(pixel_values=images), reference_tome_hf_vit(loaded.module, images, 3),
-                                   rtol=1e-4, atol=2e-5)
-
-
-@torch.no_grad()
-def reference_bert_with_padding(wrapper, input_ids, mask, merge):
-    """A post-norm BERT run per sample with sizes = mask: pads get no attention and no weight; mean pooling."""
-    bert = wrapper.model
-    heads = bert.config.num_attention_heads
-    outputs = []
-    for ids, real in zip(input_ids, mask):
-        x = bert.embeddings(input_ids=ids[None])[0]
-        size = real[:, None].float()
-        for index, layer in enumerate(bert.encoder.layer):
-            attn = layer.attention.self
-            n, c = x.shape
-            q, k, v = (p(x).view(n, heads, c // heads).transpose(0, 1) for p in (attn.query, attn.key, attn.value))
-            logits = q @ k.transpose(-1, -2) / math.sqrt(c // heads) + size[:, 0].log()
-            context = (logits.softmax(-1) @ v).transpose(0, 1).reshape(n, c)
-            x = layer.attention.output.LayerNorm(x + layer.attention.output.dense(context))
-            x, size = merge(index, x, k.mean(0), size)
-            x = layer.output.LayerNorm(x + layer.output.dense(layer.intermediate.intermediate_act_fn(
-                layer.intermediate.dense(x))))
-        pooled = (x * size).sum(0) / size.sum()
-        outputs.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.stack(outputs)
-
-
 def _padded_batch(lengths, length=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]).long()
@@ -138,12 +81,12 @@ def test_bert_padding_matches_reference(method):
     config, r = (ToMeConfig(r=4), 4) if method == "tome" else (AdjacentConfig(r=3), 3)
     compressed = compress(loaded, config, batch)
 
-    def merge(index, x, keys, size):
+    def merge(index, x, size, keys, probs):
         if method == "tome":
-            return reference_merge(x, keys, size, r, protected=0, padded=True)
-        return reference_adjacent(x, keys, size, r, protected=0, padded=True)
+            return reference_merge(x, keys.mean(0), size, r, protected=0, padded=True)
+        return reference_adjacent(x, keys.mean(0), size, r, protected=0, padded=True)
 
-    want = reference_bert_with_padding(loaded.module, batch["input_ids"], batch["attention_mask"], merge)
+    want, _ = encoders.run(encoders.hf_bert_sentence(loaded.module), batch, encoders.Hooks(merge))
     with torch.no_grad():
         torch.testing.assert_close(compressed(**batch), want, rtol=1e-4, atol=2e-5)
 

@@ -1,65 +1,59 @@
-"""Compressed transformers CLIP and DINOv2 towers against an independent per-sample ToMe / Top-K written here from
-the models' weights (not against their own ONNX)."""
+"""Compressed transformers models (ViT, CLIP vision, DINOv2, Whisper encoder) against the independent per-sample
+forwards of tests/reference_encoders.py with the published methods of tests/reference.py, at batch 2 (not against
+their own ONNX). The support matrix checks each family x method at batch 1."""
 
 import pytest
 import torch
 
 from tc_export import compress
-from tc_export.passes import ToMeConfig, TopKConfig
+from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
-from .reference import reference_merge, reference_topk
+from . import reference_encoders as encoders
+from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
 from .test_hf_models import tiny
 
+ENCODERS = {"vit": encoders.hf_vit, "clip": encoders.hf_clip_vision, "dinov2": encoders.hf_dinov2,
+            "whisper": encoders.hf_whisper_encoder}
 
-@torch.no_grad()
-def reference_hf_vision(encoder, images, step, prop_attn: bool):
-    """CLIP vision or DINOv2 (transformers) one image at a time; ``step`` after each attention residual add."""
-    encoder = getattr(encoder, "vision_model", encoder)  # CLIPVisionModel or its CLIPVisionTransformer
-    clip = hasattr(encoder, "pre_layrnorm")
-    outputs = []
-    for image in images:
-        if clip:
-            model = encoder
-            h = model.pre_layrnorm(model.embeddings(image[None]))[0]
-            layers = model.encoder.layers
-        else:
-            h = encoder.embeddings(image[None])[0]
-            layers = encoder.encoder.layer
-        size = torch.ones(h.shape[0], 1)
-        for index, layer in enumerate(layers):
-            attn = layer.self_attn if clip else layer.attention
-            y = (layer.layer_norm1 if clip else layer.norm1)(h)
-            n, c = y.shape
-            heads = c // attn.head_dim
-            q, k, v = (proj(y).view(n, heads, -1).transpose(0, 1) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
-            logits = (q @ k.transpose(-1, -2)) * attn.head_dim ** -0.5
-            if prop_attn:
-                logits = logits + size[:, 0].log()[None, None, :]
-            probs = logits.softmax(-1)
-            out = (probs @ v).transpose(0, 1).reshape(n, -1)
-            out = attn.out_proj(out) if clip else layer.layer_scale1(attn.o_proj(out))
-            h = h + out
-            h, size = step(index, h, size, k, probs)
-            h = h + (layer.mlp(layer.layer_norm2(h)) if clip else layer.layer_scale2(layer.mlp(layer.norm2(h))))
-        outputs.append(model.post_layernorm(h[0]) if clip else encoder.layernorm(h)[0])
-    return torch.stack(outputs)
+
+def _tome(r: int, protected: int) -> encoders.Hooks:
+    return encoders.Hooks(lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, r, protected))
 
 
 CASES = {
-    "clip-tome": ("clip", ToMeConfig(r=3), True, lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 3, 1)),
-    "dinov2-tome": ("dinov2", ToMeConfig(r=2), True, lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, 1)),
-    "clip-topk": ("clip", TopKConfig(keep=0.5, layers=(1,), fuse=True), False,
-                  lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.5, 1, True, False) if i == 1 else (x, s)),
+    "vit-tome": ("vit", ToMeConfig(r=3), _tome(3, 1)),
+    "clip-tome": ("clip", ToMeConfig(r=3), _tome(3, 1)),
+    "dinov2-tome": ("dinov2", ToMeConfig(r=2), _tome(2, 1)),
+    "clip-topk": ("clip", TopKConfig(keep=0.5, layers=(1,), fuse=True), encoders.Hooks(
+        lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.5, 1, True, False) if i == 1 else (x, s),
+        prop_attn=False)),
+    "vit-prumerge": ("vit", PruMergeConfig(tokens=6, layers=(1,), extra=True), encoders.Hooks(
+        before_layer=lambda i, x, s, q, k: reference_prumerge(x, s, q, k, 6, 1, True) if i == 1 else (x, s),
+        prop_attn=False)),
+    # no class token: the unmerged A tokens stay in descending score order, as the published ToMe leaves them
+    "whisper-tome": ("whisper", ToMeConfig(r=5), _tome(5, 0)),
+    "whisper-adjacent": ("whisper", AdjacentConfig(r=8), encoders.Hooks(
+        lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 8, 0))),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_hf_tower_matches_independent_reference(name):
-    kind, config, prop_attn, step = CASES[name]
+def test_hf_model_matches_independent_reference(name):
+    kind, config, hooks = CASES[name]
     loaded = tiny(kind)
     inputs = loaded.example_inputs(batch=2)
-    compressed = compress(loaded, config, inputs)
-    encoder = loaded.module.model
-    want = reference_hf_vision(encoder, inputs["pixel_values"], step, prop_attn)
+    compressed = compress(loaded, config, inputs)  # torch.export fixes the batch
+    want, counts = encoders.run(ENCODERS[kind](loaded.module), inputs, hooks)
+    assert counts == compressed.token_counts()
     with torch.no_grad():
         torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
+
+
+def test_reference_forwards_equal_the_uncompressed_models():
+    """With no method the per-sample forwards reproduce the transformers models (the yardstick itself is right)."""
+    for kind, encoder in {**ENCODERS, "bert": encoders.hf_bert_sentence}.items():
+        loaded = tiny(kind)
+        inputs = loaded.example_inputs(batch=2)
+        want, _ = encoders.run(encoder(loaded.module), inputs, encoders.Hooks())
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module(**inputs), want, rtol=1e-4, atol=2e-5, msg=kind)

@@ -15,7 +15,7 @@ from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKCon
 from .conftest import tiny_timm_vit
 from .reference import (
     reference_adjacent,
-    reference_compressed_timm_vit,
+    reference_timm_blocks,
     reference_keep_count,
     reference_merge,
     reference_prumerge,
@@ -166,7 +166,7 @@ def test_pass_on_timm_vit_matches_reference(name):
     model = tiny_timm_vit()
     images = _images()
     compressed = compress(model, config, {"x": images[:1]})
-    want, counts = reference_compressed_timm_vit(model, images, step, prop_attn)
+    want, counts = reference_timm_blocks(model, images, step, prop_attn)
     with torch.no_grad():
         torch.testing.assert_close(compressed(images), want, rtol=1e-4, atol=2e-5)
     assert compressed.token_counts() == counts
@@ -217,7 +217,7 @@ def test_two_stage_recipe_matches_reference():
             return reference_topk(x, s, _cls(p), 0.7, 1, True, False)
         return x, s
 
-    want, counts = reference_compressed_timm_vit(model, images, step, prop_attn=True)
+    want, counts = reference_timm_blocks(model, images, step, prop_attn=True)
     with torch.no_grad():
         torch.testing.assert_close(compressed(images), want, rtol=1e-4, atol=2e-5)
     assert compressed.token_counts() == counts == [37, 31, 25, 19, 19]  # ceil(0.7 * 24) + class + fused

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ParityError
 from .engine import EngineConfig, get_target, is_function_layer, keep_fp32_layers, package_version
 
 if TYPE_CHECKING:
@@ -102,7 +102,13 @@ def run_bundle_job(config: JobConfig, say: Callable[[str], None] = print,
     final = check_bundle_dir(config.output)
     loaded = loaded or load_model(config.model, config.model_options, warn_random=False)
     with staging_dir(final) as staging:
-        result = run_job(replace(config, output=staging / MODEL, bundle=False), say=say, loaded=loaded)
+        def say_final(text: str) -> None:  # the user sees where the file will be, not the staging name
+            say(text.replace(str(staging), str(final)))
+
+        try:
+            result = run_job(replace(config, output=staging / MODEL, bundle=False), say=say_final, loaded=loaded)
+        except ParityError as error:  # the staging directory goes: the ONNX is not kept, whatever run_job says
+            raise ParityError(str(error).split("; ONNX kept at")[0] + f"; no bundle written to {final}/") from None
         lint = require_lint_clean(staging / MODEL, engine.trt_version, say=say)
         say(lint.summary())
         write_bundle(staging, config, loaded, result, engine)
