@@ -106,7 +106,8 @@ FAMILIES = [
            {m: "parallel" for m in ALL}),
     Family("CaiT (talking heads, class attention)", _timm("cait_xxs24_224", img_size=64, depth=2, depth_token_only=1),
            {m: "talking-heads" for m in ALL}),
-    Family("Swin (windowed)", _timm("swin_tiny_patch4_window7_224", img_size=224, depths=(1, 1, 1, 1)),
+    # two blocks in the first stage: the second shifts its windows and adds a mask to the logits
+    Family("Swin (windowed)", _timm("swin_tiny_patch4_window7_224", img_size=224, depths=(2, 1, 1, 1)),
            {m: "windowed" for m in ALL}),
     Family("PVT v2 (spatial reduction)", _timm("pvt_v2_b0", 64), {m: "spatial-reduction" for m in ALL}),
     Family("XCiT (cross-covariance)", _timm("xcit_nano_12_p16_224", img_size=64, depth=2),

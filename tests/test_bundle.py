@@ -241,3 +241,38 @@ def test_bundle_functions_follow_the_plugin_conventions(bundle):
         pytest.skip("this export has no tc_export functions (flat graph)")
     assert {n.op_type for n in calls} <= {f.name for f in proto.functions if f.domain == "tc_export"}
     assert all(any(a.name == "plugin_namespace" for a in n.attribute) for n in calls)
+
+
+def test_bundle_names_its_final_path_and_a_parity_failure_writes_nothing(tmp_path):
+    from tc_export.errors import ParityError
+    from tc_export.export.parity import ParityConfig
+
+    lines = []
+    config = JobConfig(model="tiny_vit", output=tmp_path / "b", methods=(ToMeConfig(r=1),), fidelity_samples=0,
+                       engine=EngineConfig.for_target("jetson-orin-nano"), bundle=True)
+    run_job(config, say=lines.append, loaded=tiny_loaded())
+    exported = next(line for line in lines if line.startswith("exported "))
+    assert exported.startswith(f"exported {tmp_path / 'b' / 'model.onnx'} "), exported  # not the staging name
+    strict = JobConfig(model="tiny_vit", output=tmp_path / "c", methods=(ToMeConfig(r=1),), fidelity_samples=0,
+                       engine=EngineConfig.for_target("jetson-orin-nano"), bundle=True,
+                       parity=ParityConfig(atol=0.0, rtol=0.0))  # float rounding differs between the runtimes
+    with pytest.raises(ParityError) as failure:
+        run_job(strict, say=lambda _: None, loaded=tiny_loaded())
+    assert "kept" not in str(failure.value) and "no bundle written" in str(failure.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_verify_of_a_model_that_cannot_run_is_one_line(bundle, tmp_path, capsys):
+    from tc_export import ExportConfig, export_onnx
+
+    directory, _, _ = bundle
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf")
+    code, out, err = run_cli(["verify", garbage, "--against", directory], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "cannot run" in err
+    other = tmp_path / "other.onnx"  # takes 48 px images; the bundle holds 32 px ones
+    export_onnx(tiny_timm_vit(img_size=48, depth=1), {"x": torch.randn(1, 3, 48, 48)}, other, ExportConfig(),
+                input_names=[input_name(directory)])
+    code, out, err = run_cli(["verify", other, "--against", directory], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "incompatible shape" in err
+    assert "[!]" not in out + err  # no Polygraphy log lines around it

@@ -219,6 +219,10 @@ def test_build_needs_a_profile_shape_compatible_onnx(tmp_path, capsys):
     assert code == 2 and "no such file" in err
     code, _, err = run_cli(["build", onnx_path, "-o", tmp_path / "m.bin"], capsys)
     assert code == 2 and ".engine" in err
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a protobuf")
+    code, _, err = run_cli(["build", garbage], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "not a readable ONNX model" in err
 
 
 @pytest.mark.tensorrt

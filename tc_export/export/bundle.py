@@ -144,9 +144,10 @@ def reference_outputs(onnx_path: Path, feeds: Sequence[Mapping[str, Any]]):
     """ONNX Runtime's outputs on ``feeds`` as Polygraphy ``RunResults`` (what ``--load-outputs`` reads)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    from .parity import quiet_polygraphy
+
+    quiet_polygraphy()
     runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name=REFERENCE_RUNNER)
     return Comparator.run([runner], data_loader=list(feeds))
 
@@ -360,9 +361,10 @@ class Bundle:
     def load(cls, directory: Path) -> Bundle:
         from polygraphy.comparator import RunResults
         from polygraphy.json import load_json
-        from polygraphy.logger import G_LOGGER
 
-        G_LOGGER.module_severity = G_LOGGER.ERROR
+        from .parity import quiet_polygraphy
+
+        quiet_polygraphy()
         if not directory.is_dir():
             raise ConfigError(f"--against {directory}: no such directory (a bundle from tc-export ... -o DIR/)")
         missing = [name for name in (MANIFEST, INPUTS, OUTPUTS) if not (directory / name).is_file()]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError
-from .files import atomic_output
+from .files import atomic_output, read_onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FUNCTION_DOMAIN = "tc_export"
@@ -162,9 +162,7 @@ class OnnxInput:
 
 
 def onnx_inputs(onnx_path: Path) -> list[OnnxInput]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx(onnx_path, "build an engine from")
     initializers = {init.name for init in model.graph.initializer}
     return [
         OnnxInput(value.name, tuple(d.dim_param if d.HasField("dim_param") else d.dim_value
@@ -232,9 +230,7 @@ def tensorrt_missing_reason() -> str | None:
 
 def function_node_names(onnx_path: Path) -> tuple[set[str], set[str]]:
     """Names and op types of the ``tc_export`` function calls: how their layers are recognised after parsing."""
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
+    model = read_onnx(onnx_path, "build an engine from")
     nodes = [n for n in model.graph.node if n.domain == FUNCTION_DOMAIN]
     return {n.name for n in nodes if n.name}, {n.op_type for n in nodes}
 

@@ -1,4 +1,5 @@
-"""Output paths: checked before work starts, written under a temporary name and renamed when complete."""
+"""Files: output paths checked before work starts, written under a temporary name and renamed when complete;
+ONNX files the user names, read with a one-line error when they are not ONNX."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    import onnx
 
 OUTPUT_SUFFIXES = (".onnx", ".engine", ".plan")
 
@@ -40,3 +45,16 @@ def atomic_output(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def read_onnx(path: str | Path, action: str) -> onnx.ModelProto:
+    """The ONNX model at ``path`` without external weights; ``action`` names what the user asked for ("lint")."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"cannot {action} {path}: no such file")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - any parse failure means: not an ONNX file
+        raise ConfigError(f"cannot {action} {path}: not a readable ONNX model ({type(error).__name__})") from None

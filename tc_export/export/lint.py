@@ -20,6 +20,7 @@ import yaml
 from onnx import numpy_helper
 
 from ..errors import ConfigError, TCExportError
+from .files import read_onnx
 
 TABLE_PATH = Path(__file__).with_name("trt_support.yaml")
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -116,13 +117,7 @@ def lint_model(model_or_path: onnx.ModelProto | str | Path, trt_version: str = "
     if isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
     else:
-        path = Path(model_or_path)
-        if not path.is_file():
-            raise ConfigError(f"cannot lint {path}: no such file")
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as error:  # noqa: BLE001 - any parse failure means: not an ONNX file
-            raise ConfigError(f"cannot lint {path}: not a readable ONNX model ({type(error).__name__})") from None
+        model = read_onnx(model_or_path, "lint")
     linter = _Linter(model, version)
     report = LintReport(trt_version=str(trt_version))
     report.problems.extend(linter.check_opset())

@@ -138,6 +138,15 @@ def _torch_runner(
     return TorchRunner()
 
 
+def quiet_polygraphy(silent: bool = False) -> None:
+    """Polygraphy logs errors only (nothing when ``silent``: the caller reports the failure itself), without
+    colours (its warning about the missing ``colored`` module would otherwise reach the user's terminal)."""
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.colors = False
+    G_LOGGER.module_severity = G_LOGGER.CRITICAL + 1 if silent else G_LOGGER.ERROR
+
+
 def check_parity(
     module: torch.nn.Module,
     onnx_path: Path,
@@ -154,9 +163,8 @@ def check_parity(
     """
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
-    from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    quiet_polygraphy()
     feeds = []
     for i in range(config.samples):
         inputs = make_inputs(config.seed + i)

@@ -120,9 +120,10 @@ def _runner(model: Path, engine: bool, against: Path):
 
 def _run(runner, feeds) -> list:
     from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
 
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    from .parity import quiet_polygraphy
+
+    quiet_polygraphy(silent=True)  # a failure to run is reported below, in one line
     try:
         results = Comparator.run([runner], data_loader=list(feeds))
     except Exception as error:  # noqa: BLE001 - wrong input names/shapes surface here

@@ -99,6 +99,33 @@ def _logits_matmul(softmax: fx.Node) -> fx.Node | None:
     return None
 
 
+def _mixed_logits(softmax: fx.Node, modules: dict) -> tuple[fx.Node | None, str]:
+    """For a softmax whose input is not a scaled or biased q @ k^T: the nearest matmul behind it and what lies in
+    between (the refusal names a linear layer there as talking-heads attention)."""
+    frontier, seen, between = [softmax.args[0]], set(), []
+    for _ in range(12):
+        next_frontier = []
+        for node in frontier:
+            if not isinstance(node, fx.Node) or node in seen:
+                continue
+            seen.add(node)
+            if is_matmul(node):
+                return node, _mixing_reason(between, modules)
+            between.append(node)
+            next_frontier += [n for n in node.all_input_nodes if n.op not in ("get_attr", "placeholder")]
+        frontier = next_frontier
+    return None, _mixing_reason(between, modules)
+
+
+def _mixing_reason(between: list[fx.Node], modules: dict) -> str:
+    linear = any((n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Linear))
+                 or getattr(n.target, "__name__", "") == "linear" for n in between)
+    if linear:
+        return "talking-heads attention, as in CaiT, mixes heads with a linear layer"
+    ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in between})[:4]
+    return f"it passes through {', '.join(ops)}"
+
+
 def _probs_matmul(softmax: fx.Node, modules: dict) -> fx.Node | None:
     """Follow the softmax (through dropout-like single-input ops) to the probs @ v matmul."""
     frontier = [softmax]
@@ -151,8 +178,10 @@ def _stream_after(residual_add: fx.Node, modules: dict) -> fx.Node | None:
     return None
 
 
-def _attention_candidates(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Node, fx.Node, fx.Node | None]]:
-    """Every attention op in graph order: (kind, attention node, query, key, softmax)."""
+def _attention_candidates(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Node, fx.Node, fx.Node | None, str | None]]:
+    """Every attention op in graph order: (kind, attention node, query, key, softmax, why its logits cannot be
+    followed or None). Mixed logits are refused after the shape checks, so windowed attention with a shift mask
+    is named as windowed."""
     modules = dict(gm.named_modules())
     found = []
     for node in gm.graph.nodes:
@@ -161,19 +190,21 @@ def _attention_candidates(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Nod
                 raise StructureNotFoundError(
                     f"attention {node.name} is causal; token compression needs bidirectional attention"
                 )
-            found.append(("sdpa", node, node.args[0], node.args[1], None))
+            found.append(("sdpa", node, node.args[0], node.args[1], None, None))
         elif is_softmax(node, modules):
             attention = _probs_matmul(node, modules)
             if attention is None:
                 continue
             logits = _logits_matmul(node)
+            mixed = None
             if logits is None:
-                raise StructureNotFoundError(
-                    f"attention {attention.name}: its softmax {node.name} does not take q @ k^T (scaled or biased) "
-                    "directly; something mixes the logits in between (talking-heads attention, as in CaiT, mixes "
-                    "heads with a linear layer), which the token passes do not follow"
-                )
-            found.append(("explicit", attention, logits.args[0], logits.args[1], node))
+                logits, how = _mixed_logits(node, modules)
+                mixed = (f"attention {attention.name}: its softmax {node.name} does not take q @ k^T (scaled or "
+                         f"biased) directly; something changes the logits in between ({how}), which the token "
+                         "passes do not follow")
+                if logits is None:
+                    raise StructureNotFoundError(mixed)
+            found.append(("explicit", attention, logits.args[0], logits.args[1], node, mixed))
     return found
 
 
@@ -235,16 +266,19 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     skipped: list[str] = []
     others: list[AttentionSite] = []
     residuals: dict[fx.Node, fx.Node] = {}
-    for kind, attention, query, key, softmax in _attention_candidates(gm):
+    for kind, attention, query, key, softmax, mixed in _attention_candidates(gm):
         found = _residual_add(attention, order)
         tokens = _attention_tokens(kind, query, key)
+        # raises for windowed, spatial-reduction and cross-covariance attention, before mixed logits are refused
+        note = _classify(attention.name, tokens, found[1]) if found is not None else None
+        if mixed is not None:
+            raise StructureNotFoundError(mixed)
         if found is None:
             queries = f"{tokens[1]} queries over {tokens[2]} keys" if tokens else "no residual"
             skipped.append(f"{attention.name} ({queries}, no residual add: an attention-pooling head, left uncompressed)")
             others.append(AttentionSite(-1, kind, attention, query, key, softmax, attention, attention))  # type: ignore[arg-type]
             continue
         residual, skip = found
-        note = _classify(attention.name, tokens, skip)
         if note is not None:
             skipped.append(note)
             others.append(AttentionSite(-1, kind, attention, query, key, softmax, residual, attention))  # type: ignore[arg-type]
