@@ -113,10 +113,13 @@ def follow_pooling(gm: fx.GraphModule, last_op: fx.Node, size: fx.Node, protecte
         if access[0] in ("index", "slice"):
             if not _positional_ok(access, tokens, protected):
                 what = f"token {access[1]}" if access[0] == "index" else f"tokens {access[1]}:{access[2]}"
+                leading = access[0] == "index" and 0 <= access[1] < tokens
+                hint = (f"--protected {access[1] + 1} keeps the first {access[1] + 1} in place (a [CLS] from the "
+                        "input ids, say)" if leading else "protect it with --protected N")
                 raise StructureNotFoundError(
                     f"the model reads {what} of the sequence at {node.name} (pooling by position), but the methods "
-                    f"move tokens: only the {protected} protected leading tokens keep their place. Protect it with "
-                    f"--protected N, or export without compression after that layer"
+                    f"move tokens: only the {protected} protected leading tokens keep their place. {hint[0].upper()}"
+                    f"{hint[1:]}, or export without compression after that layer"
                 )
             continue
         if access[0] == "other":
