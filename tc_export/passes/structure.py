@@ -178,7 +178,10 @@ def _stream_after(residual_add: fx.Node, modules: dict) -> fx.Node | None:
     return None
 
 
-def _attention_candidates(gm: fx.GraphModule) -> list[tuple[str, fx.Node, fx.Node, fx.Node, fx.Node | None, str | None]]:
+Candidate = tuple[str, fx.Node, fx.Node, fx.Node, fx.Node | None, str | None]
+
+
+def _attention_candidates(gm: fx.GraphModule) -> list[Candidate]:
     """Every attention op in graph order: (kind, attention node, query, key, softmax, why its logits cannot be
     followed or None). Mixed logits are refused after the shape checks, so windowed attention with a shift mask
     is named as windowed."""
