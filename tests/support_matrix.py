@@ -91,6 +91,8 @@ FAMILIES = [
            {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("SigLIP (attention-pooling head)", _timm("vit_base_patch16_siglip_224", img_size=64, depth=3, **SMALL),
            {"topk": "no class token", "prumerge": "no class token"}, TIMM),
+    Family("ViT, class token + MAP head", _timm("vit_tiny_patch16_224", img_size=64, depth=3, global_pool="map"),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),  # the head pools x[:, 1:]
     Family("hybrid CNN stem (ResNet stem + ViT)", _timm("vit_tiny_r_s16_p8_224", img_size=128, depth=3), {}, TIMM),
     Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, **SMALL),
            {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",

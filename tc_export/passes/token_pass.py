@@ -23,6 +23,7 @@ from ..ops.base import TokenOp
 from .base import PassResult
 from .graph import copy_subgraph, descendants, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
+from .opaque import check_opaque_token_mixers
 from .outputs import block_output, cut_output, encoder_output
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
@@ -143,7 +144,7 @@ class TokenPass:
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
 
         if size is not None and (prop_attn or padded):
-            self._bias_other_attention(gm, structure, ops, size, first.tokens,
+            self._bias_other_attention(gm, structure, ops, size, first.tokens, protected,
                                        proportional_bias if prop_attn else presence_bias)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
         channels = _channels(end)
@@ -168,6 +169,7 @@ class TokenPass:
         stable_toposort(graph)
         if ops:
             check_foreign_token_tensors(gm, ops, structure, first.tokens)
+            check_opaque_token_mixers(gm, ops)
             if size is not None and not self.report.output_is_tokens:
                 follow_pooling(gm, ops[-1], size, protected, initial, first.tokens)
         if self.report.extra_inputs:
@@ -178,16 +180,29 @@ class TokenPass:
 
     @staticmethod
     def _bias_other_attention(gm: fx.GraphModule, structure: Structure, ops: list[fx.Node], size: fx.Node,
-                              tokens: int, bias_fn: object) -> None:
+                              tokens: int, protected: int, bias_fn: object) -> None:
         """Attention left uncompressed (a pooling head) whose keys are the compressed tokens gets their size bias
-        too: proportional attention (or padding) applies wherever merged tokens are attended to."""
+        too: proportional attention (or padding) applies wherever merged tokens are attended to. Keys that are the
+        tokens after the protected prefix (a head that pools ``x[:, prefix:]``; the pooling checks refuse any other
+        slice) get the sizes of those tokens; keys of any other count are refused."""
         below = set().union(*(descendants(op) for op in ops)) if ops else set()
         for other in structure.others:
             key_tokens = (tensor_meta_shape(other.key) or (0, 0))[-2 if other.kind == "sdpa" else -1]
-            if other.attention not in below or key_tokens != tokens or key_tokens == (tensor_meta_shape(other.query) or (0, 0))[-2]:
+            query_tokens = (tensor_meta_shape(other.query) or (0, 0))[-2]
+            if other.attention not in below or key_tokens == query_tokens:
                 continue
+            if key_tokens not in (tokens, tokens - protected):
+                raise StructureNotFoundError(
+                    f"attention {other.attention.name} is left uncompressed and attends over {key_tokens} keys "
+                    f"where the stream has {tokens} tokens ({protected} protected): the size bias of merged tokens "
+                    "(proportional attention, padding) cannot be placed on its keys, and without it the merged "
+                    "tokens would count as one token each"
+                )
             with gm.graph.inserting_before(other.attention if other.softmax is None else other.softmax):
-                bias = gm.graph.call_function(bias_fn, (size,))
+                sizes = size
+                if key_tokens != tokens:
+                    sizes = gm.graph.call_function(operator.getitem, (size, (slice(None), slice(protected, None))))
+                bias = gm.graph.call_function(bias_fn, (sizes,))
             add_attention_bias(other, bias)
 
     def _last_layer(self, num_layers: int) -> int:
