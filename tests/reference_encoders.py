@@ -58,6 +58,10 @@ class Encoder:
     head: Callable[[Tensor, Tensor, bool], Tensor]
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _heads(t: Tensor, heads: int) -> Tensor:
     n, c = t.shape
     return t.view(n, heads, c // heads).transpose(0, 1)
@@ -106,12 +110,16 @@ def size_weighted_mean(x: Tensor, size: Tensor) -> Tensor:
 # --- timm -------------------------------------------------------------------------------------------------------
 
 def timm_vit(model: torch.nn.Module) -> Encoder:
-    """A timm VisionTransformer: class/distillation/register tokens, hybrid stems; token, average (size-weighted,
-    as the published ToMe pools its MAE models), distilled or attention-pooling (MAP) heads."""
+    """A timm VisionTransformer: class/distillation/register tokens, hybrid stems, pre-norm or residual-post-norm
+    blocks; token, average (size-weighted, as the published ToMe pools its MAE models), distilled or
+    attention-pooling (MAP) heads."""
     prefix = model.num_prefix_tokens
 
     def embed(sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        x = model.norm_pre(model._pos_embed(model.patch_embed(sample["x"])))[0]
+        if hasattr(model, "_forward_embeds"):  # NaFlexVit (fixed-size images: no patch coordinates)
+            x = model._forward_embeds(sample["x"], None, None, None)["patches"][0]
+        else:
+            x = model.norm_pre(model._pos_embed(model.patch_embed(sample["x"])))[0]
         return x, torch.ones(x.shape[0], 1)
 
     def layer(block) -> Layer:
@@ -120,6 +128,9 @@ def timm_vit(model: torch.nn.Module) -> Encoder:
         def project(y: Tensor):
             return attn.qkv(y).chunk(3, dim=-1)
 
+        if type(block).__name__ == "ResPostBlock":  # x + norm1(attn(x)), then x + norm2(mlp(x))
+            return Layer(attn.num_heads, project, lambda a: block.norm1(attn.proj(attn.norm(a))),
+                         lambda t: block.norm2(block.mlp(t)), _same, _same, q_norm=attn.q_norm, k_norm=attn.k_norm)
         return Layer(attn.num_heads, project, lambda a: block.ls1(attn.proj(attn.norm(a))),
                      lambda t: block.ls2(block.mlp(t)), block.norm1, block.norm2,
                      q_norm=attn.q_norm, k_norm=attn.k_norm)
@@ -259,3 +270,28 @@ def hf_bert_sentence(wrapper: torch.nn.Module) -> Encoder:
         return torch.nn.functional.normalize(pooled, dim=-1) if getattr(wrapper, "normalize", True) else pooled
 
     return Encoder(embed, [layer(b) for b in bert.encoder.layer], head)
+
+
+def hf_data2vec_vision(wrapper: torch.nn.Module) -> Encoder:
+    """transformers Data2VecVisionModel (BEiT layout without relative positions: layer scale lambda_1/lambda_2),
+    output chosen by the wrapper's pooling: the class token (``cls``) or the size-weighted mean of all tokens."""
+    model = wrapper.model
+    heads = model.config.num_attention_heads
+
+    def layer(block) -> Layer:
+        a = block.attention.attention
+        scale1 = block.lambda_1 if block.lambda_1 is not None else 1.0
+        scale2 = block.lambda_2 if block.lambda_2 is not None else 1.0
+        return _pre_norm(heads, a, "query", "key", "value", lambda t: scale1 * block.attention.output.dense(t),
+                         lambda t: scale2 * block.output.dense(block.intermediate.intermediate_act_fn(
+                             block.intermediate.dense(t))), block.layernorm_before, block.layernorm_after)
+
+    def embed(sample):
+        x = model.embeddings(sample["pixel_values"])[0][0]
+        return x, torch.ones(x.shape[0], 1)
+
+    def head(x, size, prop_attn):
+        x = model.layernorm(x)
+        return x[0] if wrapper.pooling == "cls" else size_weighted_mean(x, size)
+
+    return Encoder(embed, [layer(b) for b in model.encoder.layer], head)

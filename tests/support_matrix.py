@@ -37,6 +37,8 @@ CAUSES = {
     "relative position": "relative position bias",
     "talking-heads": "talking-heads attention",
     "parallel": "parallel attention branches",
+    "differential": "differential attention",
+    "two streams": "two token streams",
     "no class token": "no class token",
 }
 
@@ -93,6 +95,10 @@ FAMILIES = [
            {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("ViT, class token + MAP head", _timm("vit_tiny_patch16_224", img_size=64, depth=3, global_pool="map"),
            {"topk": "no class token", "prumerge": "no class token"}, TIMM),  # the head pools x[:, 1:]
+    Family("ViT, residual post-norm blocks, GAP", _timm("vit_base_patch16_rpn_224", img_size=64, depth=3, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),
+    Family("NaFlexViT (4 registers, GAP)", _timm("naflexvit_base_patch16_gap", img_size=64, depth=3, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("hybrid CNN stem (ResNet stem + ViT)", _timm("vit_tiny_r_s16_p8_224", img_size=128, depth=3), {}, TIMM),
     Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, **SMALL),
            {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",
@@ -106,6 +112,12 @@ FAMILIES = [
            {m: "rotary" for m in ALL}),
     Family("parallel blocks", _timm("vit_small_patch16_18x2_224", img_size=64, depth=2, **SMALL),
            {m: "parallel" for m in ALL}),
+    Family("parallel-scaling blocks (ViT-22B style)", _timm("vit_base_patch16_xp_224", img_size=64, depth=2, **SMALL),
+           {m: "parallel" for m in ALL}),
+    Family("differential attention", _timm("vit_dlittle_patch16_reg1_gap_256", img_size=64, depth=2, **SMALL),
+           {m: "differential" for m in ALL}),
+    Family("TNT (transformer in transformer)", _timm("tnt_s_patch16_224", img_size=224, depth=2),
+           {m: "two streams" for m in ALL}),
     Family("CaiT (talking heads, class attention)", _timm("cait_xxs24_224", img_size=64, depth=2, depth_token_only=1),
            {m: "talking-heads" for m in ALL}),
     # two blocks in the first stage: the second shifts its windows and adds a mask to the logits

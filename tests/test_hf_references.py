@@ -57,3 +57,23 @@ def test_reference_forwards_equal_the_uncompressed_models():
         want, _ = encoders.run(encoder(loaded.module), inputs, encoders.Hooks())
         with torch.no_grad():
             torch.testing.assert_close(loaded.module(**inputs), want, rtol=1e-4, atol=2e-5, msg=kind)
+
+
+def test_data2vec_vision_directory_matches_reference(tmp_path):
+    """A BEiT-layout tower from a local directory (hf:DIR, mean pooled): its SDPA takes the size bias from the
+    second layer on and returns another memory layout, which the graph's permute + view must survive."""
+    import transformers
+
+    from tc_export.models import load_model
+
+    torch.manual_seed(0)
+    config = transformers.Data2VecVisionConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                               intermediate_size=128, image_size=64)
+    transformers.Data2VecVisionModel(config).save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}", warn_random=False)
+    inputs = loaded.example_inputs(batch=2)
+    compressed = compress(loaded, ToMeConfig(r=2), inputs)
+    want, counts = encoders.run(encoders.hf_data2vec_vision(loaded.module), inputs, _tome(2, 1))
+    assert counts == compressed.token_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)

@@ -4,7 +4,7 @@
 of 197, every later shape argument that spelled 197 must spell 181. This walks the graph with real tensors;
 wherever a shape op's input no longer has the shape recorded before the pass, its shape argument is re-derived
 from the new input shape. ``torch.fx.symbolic_trace`` graphs read shapes from
-tensors at run time and pass through untouched.
+tensors at run time and pass through untouched. A view whose input is no longer contiguous becomes a reshape.
 
 The map is positional, not by value (a head dimension of 32 and 32 tokens must not be confused): a view's input
 and output dims are paired into runs of equal product, and a changed input dim changes the output dim of its run.
@@ -86,7 +86,19 @@ class _Retargeter(fx.Interpreter):
     def run_node(self, node: fx.Node) -> Any:
         if node.op == "call_function" and node.target in _SHAPE_OPS and len(node.args) >= 2:
             self._retarget(node)
+            self._view_to_reshape(node)
         return super().run_node(node)
+
+    def _view_to_reshape(self, node: fx.Node) -> None:
+        """A view whose input lost the memory layout it relied on becomes a reshape (same values; it may copy).
+
+        An attention that now takes a bias may run another SDPA kernel whose output has other strides, so a
+        ``permute`` + ``view`` the original trace could do without ``contiguous`` no longer can."""
+        value = self.env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        if node.target is torch.ops.aten.view.default and isinstance(value, torch.Tensor) \
+                and not value.is_contiguous():
+            node.target = torch.ops.aten.reshape.default
+            self.changed += 1
 
     def _retarget(self, node: fx.Node) -> None:
         source, shape = node.args[0], node.args[1]

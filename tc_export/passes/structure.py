@@ -118,9 +118,9 @@ def _mixed_logits(softmax: fx.Node, modules: dict) -> tuple[fx.Node | None, str]
 
 
 def _mixing_reason(between: list[fx.Node], modules: dict) -> str:
-    linear = any((n.op == "call_module" and isinstance(modules.get(str(n.target)), nn.Linear))
-                 or getattr(n.target, "__name__", "") == "linear" for n in between)
-    if linear:
+    """Talking heads when a small square linear layer (heads -> heads, as CaiT's) acts on the logits."""
+    mixers = [modules.get(str(n.target)) for n in between if n.op == "call_module"]
+    if any(isinstance(m, nn.Linear) and m.in_features == m.out_features <= 64 for m in mixers):
         return "talking-heads attention, as in CaiT, mixes heads with a linear layer"
     ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in between})[:4]
     return f"it passes through {', '.join(ops)}"
@@ -287,13 +287,26 @@ def find_structure(gm: fx.GraphModule) -> Structure:
             others.append(AttentionSite(-1, kind, attention, query, key, softmax, residual, attention))  # type: ignore[arg-type]
             continue
         if residual in residuals:
+            first = residuals[residual]
+            if _shared_projection(first, attention, skip, modules):
+                raise StructureNotFoundError(
+                    f"attentions {first.name} and {attention.name} take q and k from one projection and join in "
+                    f"one residual add ({residual.name}): differential attention (two softmax maps subtracted, as in "
+                    "DiffAttention) is not supported"
+                )
             raise StructureNotFoundError(
-                f"attentions {residuals[residual].name} and {attention.name} share one residual add "
+                f"attentions {first.name} and {attention.name} share one residual add "
                 f"({residual.name}): parallel attention branches (as in parallel-block ViTs) are not supported"
             )
         residuals[residual] = attention
         stream = _stream_after(residual, modules)
         if stream is None:
+            if _parallel_branch(attention, residual, skip, modules):
+                raise StructureNotFoundError(
+                    f"attention {attention.name} and an MLP read one input and join in one residual add "
+                    f"({residual.name}): a parallel block (as in ViT-22B); there is no stream between attention and "
+                    "MLP to compress, so parallel attention branches are not supported"
+                )
             raise StructureNotFoundError(
                 f"found attention {attention.name} and its residual add {residual.name}, but not where the "
                 "residual stream feeds the MLP branch"
@@ -306,8 +319,47 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 "need residual transformer blocks"
             )
         raise StructureNotFoundError(f"no attention found in the traced graph: {_ATTENTION_HELP}")
+    _refuse_second_stream(sites)
     prefix = detect_prefix_tokens(gm, sites[0])
     return Structure(sites, prefix, skipped, others, find_patch_grid(gm, sites[0], prefix))
+
+
+def _parallel_branch(attention: fx.Node, residual: fx.Node, skip: fx.Node, modules: dict) -> bool:
+    """Whether a linear layer off the attention path also reads the block's input and feeds its residual add."""
+    on_path = ancestors(attention) | descendants(attention) | {attention}
+    for node in ancestors(residual) & descendants(skip):
+        if node in on_path:
+            continue
+        linear = (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Linear)) or \
+            getattr(node.target, "__name__", "") == "linear"
+        if linear:
+            return True
+    return False
+
+
+def _shared_projection(first: fx.Node, second: fx.Node, skip: fx.Node, modules: dict) -> bool:
+    """Whether two attentions of one block read one linear projection of the block's input (differential
+    attention) rather than each its own (parallel branches)."""
+    def projections(attention: fx.Node) -> set[fx.Node]:
+        return {n for n in ancestors(attention) - ancestors(skip) if (n.op == "call_module" and isinstance(
+            modules.get(str(n.target)), nn.Linear)) or getattr(n.target, "__name__", "") == "linear"}
+
+    return bool(projections(first) & projections(second))
+
+
+def _refuse_second_stream(sites: list[AttentionSite]) -> None:
+    """Self-attention sites whose streams differ in batch belong to two token streams (TNT's inner transformer
+    runs over the pixels of every patch, batch x patches wide); a token op on one would misalign the other."""
+    first = tensor_meta_shape(sites[0].stream)
+    for site in sites[1:]:
+        shape = tensor_meta_shape(site.stream)
+        if first is not None and shape is not None and shape[0] != first[0]:
+            raise StructureNotFoundError(
+                f"attentions {sites[0].name} and {site.name} run on two token streams (batch {first[0]} x "
+                f"{first[1]} tokens and batch {shape[0]} x {shape[1]} tokens), as in a transformer-in-transformer "
+                "(TNT) whose inner stream attends within each patch; compressing one stream would misalign the "
+                "other, so two-stream models are not supported"
+            )
 
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
