@@ -327,22 +327,19 @@ def find_structure(gm: fx.GraphModule) -> Structure:
 def _parallel_branch(attention: fx.Node, residual: fx.Node, skip: fx.Node, modules: dict) -> bool:
     """Whether a linear layer off the attention path also reads the block's input and feeds its residual add."""
     on_path = ancestors(attention) | descendants(attention) | {attention}
-    for node in ancestors(residual) & descendants(skip):
-        if node in on_path:
-            continue
-        linear = (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Linear)) or \
-            getattr(node.target, "__name__", "") == "linear"
-        if linear:
-            return True
-    return False
+    return any(_is_linear(node, modules) for node in (ancestors(residual) & descendants(skip)) - on_path)
+
+
+def _is_linear(node: fx.Node, modules: dict) -> bool:
+    return (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.Linear)) \
+        or getattr(node.target, "__name__", "") == "linear"
 
 
 def _shared_projection(first: fx.Node, second: fx.Node, skip: fx.Node, modules: dict) -> bool:
     """Whether two attentions of one block read one linear projection of the block's input (differential
     attention) rather than each its own (parallel branches)."""
     def projections(attention: fx.Node) -> set[fx.Node]:
-        return {n for n in ancestors(attention) - ancestors(skip) if (n.op == "call_module" and isinstance(
-            modules.get(str(n.target)), nn.Linear)) or getattr(n.target, "__name__", "") == "linear"}
+        return {n for n in ancestors(attention) - ancestors(skip) if _is_linear(n, modules)}
 
     return bool(projections(first) & projections(second))
 
