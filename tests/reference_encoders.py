@@ -295,3 +295,22 @@ def hf_data2vec_vision(wrapper: torch.nn.Module) -> Encoder:
         return x[0] if wrapper.pooling == "cls" else size_weighted_mean(x, size)
 
     return Encoder(embed, [layer(b) for b in model.encoder.layer], head)
+
+
+def hf_distilbert_mean(wrapper: torch.nn.Module) -> Encoder:
+    """transformers DistilBertModel from hf:DIR, mean pooled: post-norm layers, sizes from the attention mask."""
+    model = wrapper.model
+    heads = model.config.n_heads
+
+    def layer(block) -> Layer:
+        a, ffn = block.attention, block.ffn
+        return Layer(heads, lambda y: (a.q_lin(y), a.k_lin(y), a.v_lin(y)), a.out_lin,
+                     lambda t: ffn.lin2(ffn.activation(ffn.lin1(t))), block.sa_layer_norm, block.output_layer_norm,
+                     post_norm=True)
+
+    def embed(sample):
+        x = model.embeddings(sample["input_ids"])[0]
+        return x, sample["attention_mask"][0][:, None].float()
+
+    assert wrapper.pooling == "mean"
+    return Encoder(embed, [layer(b) for b in model.transformer.layer], lambda x, s, p: size_weighted_mean(x, s))

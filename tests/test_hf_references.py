@@ -1,6 +1,7 @@
-"""Compressed transformers models (ViT, CLIP vision, DINOv2, Whisper encoder) against the independent per-sample
-forwards of tests/reference_encoders.py with the published methods of tests/reference.py, at batch 2 (not against
-their own ONNX). The support matrix checks each family x method at batch 1."""
+"""Compressed transformers models (ViT, CLIP vision, DINOv2, Whisper encoder; Data2VecVision and DistilBERT from
+hf:DIR directories) against the independent per-sample forwards of tests/reference_encoders.py with the published
+methods of tests/reference.py, at batch 2 (not against their own ONNX). The support matrix checks each family x
+method at batch 1."""
 
 import pytest
 import torch
@@ -59,21 +60,41 @@ def test_reference_forwards_equal_the_uncompressed_models():
             torch.testing.assert_close(loaded.module(**inputs), want, rtol=1e-4, atol=2e-5, msg=kind)
 
 
+def _directory(tmp_path, model):
+    from tc_export.models import load_model
+
+    model.save_pretrained(tmp_path)
+    return load_model(f"hf:{tmp_path}", warn_random=False)
+
+
 def test_data2vec_vision_directory_matches_reference(tmp_path):
     """A BEiT-layout tower from a local directory (hf:DIR, mean pooled): its SDPA takes the size bias from the
     second layer on and returns another memory layout, which the graph's permute + view must survive."""
     import transformers
 
-    from tc_export.models import load_model
-
     torch.manual_seed(0)
     config = transformers.Data2VecVisionConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
                                                intermediate_size=128, image_size=64)
-    transformers.Data2VecVisionModel(config).save_pretrained(tmp_path)
-    loaded = load_model(f"hf:{tmp_path}", warn_random=False)
+    loaded = _directory(tmp_path, transformers.Data2VecVisionModel(config))
     inputs = loaded.example_inputs(batch=2)
     compressed = compress(loaded, ToMeConfig(r=2), inputs)
     want, counts = encoders.run(encoders.hf_data2vec_vision(loaded.module), inputs, _tome(2, 1))
     assert counts == compressed.token_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
+
+
+def test_distilbert_directory_matches_padded_reference(tmp_path):
+    """A text encoder the presets do not name (hf:DIR, mean pooled), padded: pads merge among themselves."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(dim=64, n_layers=2, n_heads=2, hidden_dim=128, vocab_size=500)
+    loaded = _directory(tmp_path, transformers.DistilBertModel(config))
+    inputs = loaded.example_inputs(batch=2)
+    assert (inputs["attention_mask"] == 0).any()  # the example sentences are padded
+    compressed = compress(loaded, ToMeConfig(r=4), inputs)
+    hooks = encoders.Hooks(lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 4, 0, padded=True))
+    want, _ = encoders.run(encoders.hf_distilbert_mean(loaded.module), inputs, hooks)
     with torch.no_grad():
         torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
