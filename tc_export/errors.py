@@ -6,6 +6,8 @@ Every error the user can cause (bad flags, missing files, a model whose structur
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TCExportError(Exception):
     """An error with a one-line message that says what is wrong and how to fix it."""
@@ -22,9 +24,14 @@ class StructureNotFoundError(TCExportError):
 
 
 class ParityError(TCExportError):
-    """Two runtimes disagree beyond the tolerances."""
+    """Two runtimes disagree beyond the tolerances. ``failure`` says which output and by how much; ``kept`` is
+    the ONNX file left for inspection (None: none was kept)."""
 
     exit_code = 1
+
+    def __init__(self, failure: str, kept: Path | None = None) -> None:
+        super().__init__(failure if kept is None else f"{failure}; ONNX kept at {kept}")
+        self.failure = failure
 
 
 class BackendUnavailableError(TCExportError):

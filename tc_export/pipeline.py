@@ -132,7 +132,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         say(f"fidelity vs uncompressed: {fidelity.describe()}")
     result = JobResult(onnx_path, compressed, macs_original, macs_compressed, parity, fidelity, seconds)
     if not parity:
-        raise ParityError(f"{parity.failure_message(config.parity.atol, config.parity.rtol)}; ONNX kept at {onnx_path}")
+        raise ParityError(parity.failure_message(config.parity.atol, config.parity.rtol), kept=onnx_path)
     if wants_engine:
         # --- TensorRT engine (export/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates on
         # the model's seeded example inputs ---

@@ -19,6 +19,10 @@ from torch import Tensor
 Step = Callable[[int, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
 def _unchanged(index: int, x: Tensor, size: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     return x, size
 
@@ -44,8 +48,8 @@ class Layer:
     norm1: Callable[[Tensor], Tensor]
     norm2: Callable[[Tensor], Tensor]
     post_norm: bool = False  # BERT: norms after each residual add instead of before each branch
-    q_norm: Callable[[Tensor], Tensor] = lambda t: t  # on (H, N, d), as timm's qk-norm
-    k_norm: Callable[[Tensor], Tensor] = lambda t: t
+    q_norm: Callable[[Tensor], Tensor] = _same  # on (H, N, d), as timm's qk-norm
+    k_norm: Callable[[Tensor], Tensor] = _same
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,6 @@ class Encoder:
     embed: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
     layers: list[Layer]
     head: Callable[[Tensor, Tensor, bool], Tensor]
-
-
-def _same(t: Tensor) -> Tensor:
-    return t
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:

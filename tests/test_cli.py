@@ -44,6 +44,7 @@ def test_parity_failure_exits_nonzero_and_names_the_output(tmp_path, capsys):
                               "-o", tmp_path / "m.onnx"], capsys)
     assert code == 1
     assert "parity failed: output 'logits' differs by max abs" in err
+    assert f"ONNX kept at {tmp_path / 'm.onnx'}" in err and (tmp_path / "m.onnx").is_file()
 
 
 @pytest.fixture

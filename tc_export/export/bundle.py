@@ -108,7 +108,7 @@ def run_bundle_job(config: JobConfig, say: Callable[[str], None] = print,
         try:
             result = run_job(replace(config, output=staging / MODEL, bundle=False), say=say_final, loaded=loaded)
         except ParityError as error:  # the staging directory goes: the ONNX is not kept, whatever run_job says
-            raise ParityError(str(error).split("; ONNX kept at")[0] + f"; no bundle written to {final}/") from None
+            raise ParityError(f"{error.failure}; no bundle written to {final}/") from None
         lint = require_lint_clean(staging / MODEL, engine.trt_version, say=say)
         say(lint.summary())
         write_bundle(staging, config, loaded, result, engine)

@@ -89,6 +89,14 @@ def descendants(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def descendants_of_all(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """Every node computed from any of ``nodes`` (the nodes themselves excluded unless one feeds another)."""
+    below: set[fx.Node] = set()
+    for node in nodes:
+        below |= descendants(node)
+    return below
+
+
 def ancestors(node: fx.Node, through_shape_queries: bool = True) -> set[fx.Node]:
     """Every node ``node`` depends on; with ``through_shape_queries=False`` a shape read cuts the path."""
     seen: set[fx.Node] = set()

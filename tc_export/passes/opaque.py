@@ -11,14 +11,13 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ..errors import StructureNotFoundError
-from .graph import descendants
 
 TOKEN_MIXERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                 nn.TransformerDecoder, nn.Transformer, nn.RNNBase)
 
 
-def check_opaque_token_mixers(gm: fx.GraphModule, ops: list[fx.Node]) -> None:
-    below: set[fx.Node] = set().union(*(descendants(op) for op in ops)) if ops else set()
+def check_opaque_token_mixers(gm: fx.GraphModule, below: set[fx.Node]) -> None:
+    """``below``: every node computed from the token ops."""
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op != "call_module" or node not in below:

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from .graph import ancestors, descendants, is_shape_query, is_sdpa, tensor_meta_shape
+from .graph import ancestors, is_shape_query, is_sdpa, tensor_meta_shape
 from .structure import Structure
 
 _PRODUCTS = {"bmm", "matmul", "mm", "baddbmm", "__matmul__", "einsum"}
@@ -45,12 +45,10 @@ def _sources(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     return sorted(set(names))[:3]
 
 
-def check_foreign_token_tensors(gm: fx.GraphModule, ops: list[fx.Node], structure: Structure, tokens: int) -> None:
-    """Refuse when a fixed token-sized tensor (position table) meets a tensor computed from compressed tokens."""
+def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structure: Structure, tokens: int) -> None:
+    """Refuse when a fixed token-sized tensor (position table) meets a tensor computed from compressed tokens
+    (``below``: every node computed from the token ops)."""
     sizes = {tokens, tokens - structure.prefix}
-    below: set[fx.Node] = set()
-    for op in ops:
-        below |= descendants(op)
     for node in gm.graph.nodes:
         if node not in below or node.op not in ("call_function", "call_method") or is_shape_query(node):
             continue

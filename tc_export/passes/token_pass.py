@@ -21,7 +21,7 @@ from ..errors import ConfigError, StructureNotFoundError
 from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
 from .base import PassResult
-from .graph import copy_subgraph, descendants, stable_toposort, tensor_meta_shape
+from .graph import copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
 from .opaque import check_opaque_token_mixers
 from .outputs import block_output, cut_output, encoder_output
@@ -168,8 +168,9 @@ class TokenPass:
             repoint_pooling(gm, initial, size)
         stable_toposort(graph)
         if ops:
-            check_foreign_token_tensors(gm, ops, structure, first.tokens)
-            check_opaque_token_mixers(gm, ops)
+            below = descendants_of_all(ops)
+            check_foreign_token_tensors(gm, below, structure, first.tokens)
+            check_opaque_token_mixers(gm, below)
             if size is not None and not self.report.output_is_tokens:
                 follow_pooling(gm, ops[-1], size, protected, initial, first.tokens)
         if self.report.extra_inputs:
@@ -185,7 +186,7 @@ class TokenPass:
         too: proportional attention (or padding) applies wherever merged tokens are attended to. Keys that are the
         tokens after the protected prefix (a head that pools ``x[:, prefix:]``; the pooling checks refuse any other
         slice) get the sizes of those tokens; keys of any other count are refused."""
-        below = set().union(*(descendants(op) for op in ops)) if ops else set()
+        below = descendants_of_all(ops)
         for other in structure.others:
             key_tokens = (tensor_meta_shape(other.key) or (0, 0))[-2 if other.kind == "sdpa" else -1]
             query_tokens = (tensor_meta_shape(other.query) or (0, 0))[-2]
