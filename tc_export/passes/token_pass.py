@@ -152,8 +152,8 @@ class TokenPass:
                     table.rewire(gm, positions, protected, suffix)
                     rewired |= set(table.nodes)
                     self.report.rewired.append(f"layer {site.index}: {table.kind}")
-            size = self._view(graph, size_column, state)
-            if size is not None and (prop_attn or padded):
+            if state is not None and (padded or (prop_attn and ops)):  # all sizes are 1 before the first op
+                size = self._view(graph, size_column, state)
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
                     bias = graph.call_function(bias_fn, (size,))
                 add_attention_bias(site, bias)
@@ -175,8 +175,8 @@ class TokenPass:
                                                   suffix=suffix)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
 
-        size = self._view(graph, size_column, state)
-        if size is not None and (prop_attn or padded):
+        if state is not None and (padded or (prop_attn and ops)):
+            size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
         channels = _channels(end)
@@ -199,7 +199,7 @@ class TokenPass:
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 
-        size = self._view(graph, size_column, state)
+        size = self._view(graph, size_column, state) if ops or padded else None
         if padded and size is not initial:
             repoint_pooling(gm, initial, size)
         stable_toposort(graph)
