@@ -66,6 +66,16 @@ class PassReport:
     positions: int | None = None  # coordinates carried per token (None: positions not carried)
     rewired: list[str] = field(default_factory=list)  # position tables now computed from the carried positions
     emitted_after: int | None = None  # with --emit-positions: the model's own outputs, before positions and sizes
+    emitted_grid: str = "the original patch grid"  # the grid whose coordinates the emitted positions are in
+
+    def emitted_positions(self) -> dict[str, object] | None:
+        """What --emit-positions added, for the ONNX metadata and a bundle's manifest (None: nothing)."""
+        if self.emitted_after is None or self.positions is None:
+            return None
+        axes = {1: "index", 2: "row, column", 3: "frame, row, column"}[self.positions]
+        return {"outputs": {"positions": "(B, N, P) float32", "sizes": "(B, N, 1) float32"},
+                "coordinates": f"{axes} in {self.emitted_grid}; protected tokens -1",
+                "merged_tokens": "size-weighted mean of their members' positions (pruned tokens: exact)"}
     skipped: list[str] = field(default_factory=list)
     grid: tuple[int, ...] | None = None
     extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
@@ -235,8 +245,9 @@ class TokenPass:
                 )
             covered = math.prod(module.grid) / math.prod(grid)
             with graph.inserting_after(end):
-                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered))
-            self.report.positions = len(grid) if len(grid) >= 2 else 1
+                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self.frames))
+            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self.frames else 0)
+            self.report.emitted_grid = f"{type(module).__name__}'s output grid {'x'.join(map(str, grid))}"
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
         output = next(n for n in graph.nodes if n.op == "output")
