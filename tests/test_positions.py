@@ -318,3 +318,18 @@ def test_emit_positions_through_the_cli_records_them(tmp_path, capsys):
     assert [o.name for o in model.graph.output] == ["logits", "positions", "sizes"]
     meta = json.loads({p.key: p.value for p in model.metadata_props}["tc_export.positions"])
     assert meta["coordinates"].startswith("row, column in the original patch grid")
+
+
+def test_initial_positions_of_video_frames_and_sequences():
+    from tc_export.ops.state import initial_state
+
+    x = torch.zeros(4, 1 + 6, 8)  # 2 clips of 2 frames, a class token and a 2x3 grid per frame
+    state = initial_state(x, None, 1, 0, (2, 3), frames=2)
+    positions = positions_of(state)
+    assert positions.shape == (4, 7, 3)
+    assert torch.equal(positions[:, 0], torch.full((4, 3), -1.0))
+    assert positions[:, 1:, 0].tolist() == [[0.0] * 6, [1.0] * 6, [0.0] * 6, [1.0] * 6]  # frame within the clip
+    assert positions[0, 1:, 1:].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    sizes = torch.tensor([[[1.0], [1.0], [1.0], [0.0], [1.0]]])  # token 3 is padding
+    sequence = positions_of(initial_state(torch.zeros(1, 5, 8), sizes, 0, 1, None))
+    assert sequence[0, :, 0].tolist() == [0.0, 1.0, 2.0, 0.0, -1.0]  # a 1-D index, padding 0, the suffix row -1
