@@ -44,6 +44,21 @@ def parse_protected(text: str) -> int:
         raise ConfigError(f"--protected must be a whole number of leading tokens, got {text!r}") from None
 
 
+PREFIX_MODES = ("drop", "keep")
+PREFIX_MODE_HELP = ("prumerge / projectors: drop or keep the class/register tokens in the output (LLaVA's 'patch' "
+                    "vs 'cls_patch'; default: as the published model does)")
+
+
+def parse_prefix_mode(text: str) -> str | None:
+    """``drop`` / ``keep``, or ``auto`` (None: the method's published default)."""
+    return None if text.lower() in ("none", "auto") else text
+
+
+def check_prefix_mode(method: str, value: str | None) -> None:
+    if value is not None and value not in PREFIX_MODES:
+        raise ConfigError(f"{method}: prefix_mode must be drop, keep or auto, got {value!r}")
+
+
 def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None) -> None:
     """Config-time checks every method shares: the layer list (whole numbers >= 0, no repeats), ``protected``."""
     if protected is not None and (isinstance(protected, bool) or not isinstance(protected, int) or protected < 0):

@@ -83,10 +83,14 @@ class TokenPass:
         plan = layer_plan(self.configs, num_layers)
         last_layer = self._last_layer(num_layers)
         for (point, layer), config in plan.items():
+            if point == "block_input" and layer == last_layer + 1:
+                continue  # scores the --features output with the next layer's q/k: a tower-output method
             if point != "encoder" and layer > last_layer:
+                hint = (f" (a block-input method such as prumerge may score it with layer {last_layer + 1}, the one "
+                        "after the cut)" if point == "block_input" else "")
                 raise ConfigError(
                     f"{config.method}: layer {layer} comes after the --features layer {last_layer}, whose output "
-                    "the model now ends with"
+                    f"the model now ends with{hint}"
                 )
         self.report.skipped, self.report.grid = structure.skipped, structure.grid
         protected = self._protected(structure)
@@ -143,11 +147,25 @@ class TokenPass:
                     size, call = self._insert_op(gm, anchor, op, size, self._signals(graph, site, op), site.index)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
 
+        channels = _channels(end)  # a tower-output op keeps the width
+        config = plan.get(("block_input", last_layer + 1))
+        if config is not None:  # at the tower output: the op's tokens are the output, the scoring layer is cut
+            site = sites[last_layer + 1]
+            if site.block_input is not end:
+                raise StructureNotFoundError(
+                    f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
+                    f"{config.method} cannot score that output with layer {site.index}'s queries and keys"
+                )
+            op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid,
+                                           at_output=True))
+            size, call = self._insert_block_input_op(gm, site, op, size)
+            tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+            end = next(u for u in call.users if u.args[1] == 0)
+            protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
         if size is not None and (prop_attn or padded):
             self._bias_other_attention(gm, structure, ops, size, first.tokens, protected,
                                        proportional_bias if prop_attn else presence_bias)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
-        channels = _channels(end)
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
             site = Site("encoder", None, num_layers, tokens, protected, channels, None, grid, padded)
             op = config.make_op(site)
@@ -234,11 +252,12 @@ class TokenPass:
 
     @staticmethod
     def _site(structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
-              grid: tuple[int, ...] | None) -> Site:
+              grid: tuple[int, ...] | None, at_output: bool = False) -> Site:
         layout = tensor_meta_shape(site.query) or ()
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
-        return Site(point, site.index, len(structure.sites), tokens, protected, channels, heads, grid, padded)
+        return Site(point, site.index, len(structure.sites), tokens, protected, channels, heads, grid, padded,
+                    at_output)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
                config: TokenMethod, layer: int | None) -> tuple[int, tuple[int, ...] | None]:
