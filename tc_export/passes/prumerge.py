@@ -34,6 +34,7 @@ class PruMergeConfig:
     method: ClassVar[str] = "prumerge"
     point: ClassVar[Point] = "block_input"
     needs_class_token: ClassVar[bool] = True
+    acts_at_output: ClassVar[bool] = True  # with --features N, at layer N + 1: on the tower output
 
     tokens: int = setting(help="prumerge: token budget K kept", metavar="K")
     extra: bool = setting(True, "prumerge: the extra token holding the pruned tokens' weighted sum")

@@ -82,12 +82,17 @@ class TokenPass:
         sites, num_layers = structure.sites, len(structure.sites)
         plan = layer_plan(self.configs, num_layers)
         last_layer = self._last_layer(num_layers)
+        at_output = [key for key, config in plan.items()
+                     if key[1] == last_layer + 1 and key[0] != "encoder" and getattr(config, "acts_at_output", False)]
+        if len(at_output) > 1:
+            raise ConfigError(f"{' and '.join(plan[k].method for k in at_output)} both act on the tower output (layer "
+                              f"{last_layer + 1} scoring the --features output): give one")
         for (point, layer), config in plan.items():
-            if point == "block_input" and layer == last_layer + 1:
+            if (point, layer) in at_output:
                 continue  # scores the --features output with the next layer's q/k: a tower-output method
             if point != "encoder" and layer > last_layer:
-                hint = (f" (a block-input method such as prumerge may score it with layer {last_layer + 1}, the one "
-                        "after the cut)" if point == "block_input" else "")
+                hint = (f"; {config.method} can score that output with the next layer: --layers {last_layer + 1}"
+                        if getattr(config, "acts_at_output", False) else "")
                 raise ConfigError(
                     f"{config.method}: layer {layer} comes after the --features layer {last_layer}, whose output "
                     f"the model now ends with{hint}"
@@ -148,9 +153,8 @@ class TokenPass:
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
 
         channels = _channels(end)  # a tower-output op keeps the width
-        config = plan.get(("block_input", last_layer + 1))
-        if config is not None:  # at the tower output: the op's tokens are the output, the scoring layer is cut
-            site = sites[last_layer + 1]
+        if at_output:  # the op's tokens are the output; the layer scoring them is cut, but for its norm and q/k
+            config, site = plan[at_output[0]], sites[last_layer + 1]
             if site.block_input is not end:
                 raise StructureNotFoundError(
                     f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
@@ -159,7 +163,8 @@ class TokenPass:
             op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid,
                                            at_output=True))
             size, call = self._insert_block_input_op(gm, site, op, size)
-            tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+            tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index,
+                                       f"the tower output (scored by layer {site.index})")
             end = next(u for u in call.users if u.args[1] == 0)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
         if size is not None and (prop_attn or padded):
@@ -260,10 +265,10 @@ class TokenPass:
                     at_output)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
-               config: TokenMethod, layer: int | None) -> tuple[int, tuple[int, ...] | None]:
+               config: TokenMethod, layer: int | None, where: str | None = None) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
         new_tokens = op.tokens_out(tokens) if isinstance(op, TokenOp) else op.tokens_out()
-        where = "the encoder output" if layer is None else f"layer {layer}"
+        where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
         new_grid = op.output_grid() if hasattr(op, "output_grid") else None
         return new_tokens, new_grid
