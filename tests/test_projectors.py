@@ -82,8 +82,10 @@ def test_registry_and_width_change():
     for name, cls in PROJECTORS.items():  # typed keyword-only settings, exactly the method config's own fields
         params = inspect.signature(cls.__init__).parameters.values()
         settings = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-        fields = {f.name for f in dataclasses.fields(METHODS.get(name).config_type)}
-        assert settings == fields - {"at", "projector_weights"}, name
+        config = METHODS.get(name).config_type
+        fields = {f.name for f in dataclasses.fields(config)}
+        always_dropped = set() if config.can_keep_prefix else {"prefix_mode"}  # drops the prefix: no setting
+        assert settings == fields - {"at", "projector_weights"} - always_dropped, name
         assert settings <= set(typing.get_type_hints(cls.__init__)), name
     x = tokens((8, 8), 1)
     for name, cls in PROJECTORS.items():
