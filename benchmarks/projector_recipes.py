@@ -21,7 +21,8 @@ from tc_export.models import ModelOptions, load_model
 from tc_export.passes.projectors import PoolConfig
 from tc_export.recipes import load_recipe
 
-RECIPES = ["llava_clip_l336_pool_mlp", "internvl_clip_l336_unshuffle", "honeybee_clip_l336_cabstractor",
+RECIPES = ["llava15_clip_l336", "llava15_prumerge", "llava_next_video_clip_l336", "llava_onevision_video_siglip",
+           "internvl_clip_l336_unshuffle", "honeybee_clip_l336_cabstractor", "llava_clip_l336_pool_mlp",
            "video_clip_b_8frames_pool"]
 
 

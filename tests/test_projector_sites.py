@@ -46,7 +46,8 @@ CASES = {
     "cabstractor": (CAbstractorConfig(tokens=64), 64),
     "resampler": (ResamplerConfig(queries=32), 32),
     "llamavid": (LlamaVidConfig(query_channels=24, queries=4), 2),
-    "mlp": (MLPConfig(out_channels=96), 197),
+    "mlp": (MLPConfig(out_channels=96), 196),
+    "mlp-keep": (MLPConfig(out_channels=96, prefix_mode="keep"), 197),
 }
 
 
@@ -117,10 +118,20 @@ def test_pool_inside_the_tower_keeps_the_class_token():
     ([ToMeConfig(r=4), PoolConfig()], "pool needs the patch grid"),
     ([PoolConfig(at="0")], "would drop the 1 class/register tokens"),
     ([MLPConfig(out_channels=64, at="0")], "changes the width"),
+    ([MLPConfig(at="0")], "would drop the 1 class/register tokens"),
 ])
 def test_projector_placement_errors(configs, message):
     with pytest.raises(ConfigError, match=message):
         compress(_vit(), configs, {"x": _images()})
+
+
+@pytest.mark.parametrize("config", [UnshuffleConfig, PatchMergerConfig, CAbstractorConfig, ResamplerConfig,
+                                    LlamaVidConfig])
+def test_grid_projectors_drop_the_prefix_and_refuse_to_keep_it(config):
+    with pytest.raises(ConfigError, match="drops the class/register tokens, as its published model does"):
+        config(prefix_mode="keep")
+    with pytest.raises(ConfigError, match="prefix_mode must be drop, keep or auto"):
+        config(prefix_mode="cls")
 
 
 def test_projector_weights_are_loaded_and_checked(tmp_path):
@@ -147,7 +158,7 @@ FULL_SIZE = {  # method flags -> output tokens on vit_s (14 x 14 grid + class to
     "cabstractor": (["--method", "cabstractor", "--tokens", "64"], 64),
     "resampler": (["--method", "resampler", "--queries", "32"], 32),
     "llamavid": (["--method", "llamavid"], 2),
-    "mlp": (["--method", "mlp", "--out-channels", "1024"], 197),
+    "mlp": (["--method", "mlp", "--out-channels", "1024"], 196),
     "patchmerger": (["--method", "patchmerger", "--out-channels", "1024"], 49),
 }
 

@@ -65,7 +65,8 @@ def test_token_counts_on_a_14x14_grid():
         "cabstractor": (CAbstractor(C, (14, 14), 1, tokens=64), 64),
         "resampler": (ResamplerProjector(C, (14, 14), 1, queries=32), 32),
         "llamavid": (LlamaVidProjector(C, (14, 14), 1), 2),
-        "mlp": (MLPProjector(C, (14, 14), 1), 197),
+        "mlp": (MLPProjector(C, (14, 14), 1), 196),
+        "mlp-keep": (MLPProjector(C, (14, 14), 1, prefix_mode="keep"), 197),
     }
     for name, (module, count) in cases.items():
         with torch.no_grad():
@@ -81,8 +82,10 @@ def test_registry_and_width_change():
     for name, cls in PROJECTORS.items():  # typed keyword-only settings, exactly the method config's own fields
         params = inspect.signature(cls.__init__).parameters.values()
         settings = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
-        fields = {f.name for f in dataclasses.fields(METHODS.get(name).config_type)}
-        assert settings == fields - {"at", "projector_weights"}, name
+        config = METHODS.get(name).config_type
+        fields = {f.name for f in dataclasses.fields(config)}
+        always_dropped = set() if config.can_keep_prefix else {"prefix_mode"}  # drops the prefix: no setting
+        assert settings == fields - {"at", "projector_weights"} - always_dropped, name
         assert settings <= set(typing.get_type_hints(cls.__init__)), name
     x = tokens((8, 8), 1)
     for name, cls in PROJECTORS.items():
@@ -325,11 +328,17 @@ def test_resampler_names_init_and_rules():
 # --------------------------------------------------------------------------------------------------- mlp
 
 
-def test_mlp_matches_reference_and_keeps_prefix():
+def test_mlp_matches_reference_and_drops_or_keeps_prefix():
+    """LLaVA's ``patch`` (default: class/register tokens dropped) and ``cls_patch`` (kept, projected in front)."""
     x = tokens((7, 7), 2)
     module = randomize(MLPProjector(C, (7, 7), 2, out_channels=48))
-    torch.testing.assert_close(module(x), ref.mlp2x_gelu(x, state(module), "net.0", "net.2"), atol=ATOL, rtol=1e-5)
-    assert module.prefix_out() == 2 and module.output_grid() == (7, 7) and module.tokens_out() == 51
+    torch.testing.assert_close(module(x), ref.mlp2x_gelu(x[:, 2:], state(module), "net.0", "net.2"), atol=ATOL,
+                               rtol=1e-5)
+    assert module.prefix_out() == 0 and module.output_grid() == (7, 7) and module.tokens_out() == 49
+    keep = MLPProjector(C, (7, 7), 2, out_channels=48, prefix_mode="keep")
+    keep.load_state_dict(module.state_dict())
+    torch.testing.assert_close(keep(x), ref.mlp2x_gelu(x, state(module), "net.0", "net.2"), atol=ATOL, rtol=1e-5)
+    assert keep.prefix_out() == 2 and keep.tokens_out() == 51
 
 
 def test_common_constructor_errors():
@@ -364,6 +373,7 @@ EXPORT_CASES = {  # name: (class, grid, prefix, settings, dynamic batch)
     "llamavid_grid2": (LlamaVidProjector, (14, 14), 1, {"grid_size": 2, "queries": 4, "query_channels": 24}, True),
     "resampler_32_depth2": (ResamplerProjector, (14, 14), 1, {"queries": 32, "depth": 2, "out_channels": 64}, True),
     "mlp": (MLPProjector, (14, 14), 1, {"out_channels": 48}, False),
+    "mlp_keep": (MLPProjector, (14, 14), 1, {"out_channels": 48, "prefix_mode": "keep"}, False),
 }
 
 

@@ -1,7 +1,9 @@
 """Vision towers of vision-language models, built from their configs (random weights unless ``--weights``).
 
 ``clip_vit_l_336`` is LLaVA-1.5's tower (CLIP ViT-L/14 at 336 px: a 24 x 24 grid + class token = 577 tokens);
-``siglip_b`` is the transformers SigLIP base vision tower (16 x 16 patches at 224 px, attention-pooling head).
+``siglip_b`` is the transformers SigLIP base vision tower (16 x 16 patches at 224 px, attention-pooling head);
+``siglip_so400m_384`` is SigLIP so400m/14 at 384 px (27 x 27 = 729 tokens, no class token, 27 layers), the tower of
+LLaVA-OneVision (which drops its last layer: ``--features -2``).
 Use them with ``--features -2`` (LLaVA takes the second-to-last layer) and a projector.
 """
 
@@ -29,3 +31,10 @@ def build_siglip_b(options: ModelOptions, name: str = "siglip_b", **overrides: A
                 "patch_size": 16} | overrides
     config = tf.SiglipVisionConfig(image_size=size, **settings)
     return _preset(name, tf.SiglipVisionModel, config, options, "pooler")
+
+
+@register_model("siglip_so400m_384", "transformers SigLIP so400m/14 vision tower, 384 px, 729 tokens (LLaVA-OneVision)")
+def build_siglip_so400m_384(options: ModelOptions, **overrides: Any) -> LoadedModel:
+    settings = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                "patch_size": 14, "image_size": 384} | overrides
+    return build_siglip_b(options, name="siglip_so400m_384", **settings)

@@ -9,7 +9,8 @@ Behaviour of the published code, generalised to a protected prefix:
   unprotected tokens by key cosine, kept and pruned alike (candidates in the published order: the other kept
   tokens in rank order, then the pruned ones by position);
 - ``extra``: one more token, the class-attention-weighted sum of the pruned tokens.
-The protected prefix (the published code drops the class token; a classifier needs it) stays first, unchanged.
+The protected prefix stays first, unchanged (a classifier needs it), or is dropped (``drop_prefix``) as the
+published code drops the class token from what it hands to the projector.
 The published budget is the IQR outlier count of the class attention, which is data-dependent: here it is fixed.
 Sizes: a kept token keeps its size (the published update adds weighted tokens without a count), the extra
 token carries the pruned tokens' total size.
@@ -35,9 +36,10 @@ def full_width_class_attention(query: Tensor, key: Tensor, protected: int) -> Te
 
 def prumerge(
     x: Tensor, size: Tensor | None, query: Tensor, key: Tensor, tokens: int, protected: int, extra: bool = True,
-    neighbours: int = NEIGHBOURS,
+    neighbours: int = NEIGHBOURS, drop_prefix: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Keep ``tokens`` of the unprotected tokens of ``x`` (B, N, C); ``query``/``key`` (B, N, C') full width."""
+    """Keep ``tokens`` of the unprotected tokens of ``x`` (B, N, C); ``query``/``key`` (B, N, C') full width.
+    ``drop_prefix``: leave the protected tokens out of the output (``[kept, extra]``, the published output)."""
     batch, num_tokens, _ = x.shape
     unprotected = num_tokens - protected
     if size is None:
@@ -59,8 +61,9 @@ def prumerge(
     weights = scores.gather(-1, order).unsqueeze(1)  # (B, 1, M)
     rows = gather_rows(x, order, 1, protected)
     updated = rows[:, :tokens] + (chosen * weights) @ rows
-    parts = [x[:, :protected], updated]
-    sizes = [size[:, :protected], gather_rows(size, order[:, :tokens], 1, protected)]
+    kept = protected if not drop_prefix else 0
+    parts = [x[:, :kept], updated]
+    sizes = [size[:, :kept], gather_rows(size, order[:, :tokens], 1, protected)]
     if extra:
         parts.append(weights[..., tokens:] @ rows[:, tokens:])
         sizes.append(gather_rows(size, order[:, tokens:], 1, protected).sum(1, keepdim=True))
@@ -72,17 +75,25 @@ class PruMerge(TokenOp):
 
     signals = ("query_full", "key_full")
 
-    def __init__(self, tokens: int, protected: int, extra: bool = True, neighbours: int = NEIGHBOURS) -> None:
+    def __init__(self, tokens: int, protected: int, extra: bool = True, neighbours: int = NEIGHBOURS,
+                 drop_prefix: bool = False) -> None:
         super().__init__()
         if tokens < 1 or protected < 0 or neighbours < 1:
             raise ValueError("tokens and neighbours must be >= 1 and protected >= 0")
         self.tokens, self.protected, self.extra, self.neighbours = tokens, protected, extra, neighbours
+        self.drop_prefix = drop_prefix
 
     def forward(self, x: Tensor, size: Tensor | None, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        return prumerge(x, size, query, key, self.tokens, self.protected, self.extra, self.neighbours)
+        return prumerge(x, size, query, key, self.tokens, self.protected, self.extra, self.neighbours,
+                        self.drop_prefix)
+
+    def prefix_out(self) -> int:
+        """Protected tokens left in front of the output."""
+        return 0 if self.drop_prefix else self.protected
 
     def tokens_out(self, tokens_in: int) -> int:
-        return self.protected + self.tokens + int(self.extra)
+        return self.prefix_out() + self.tokens + int(self.extra)
 
     def extra_repr(self) -> str:
-        return f"tokens={self.tokens}, protected={self.protected}, extra={self.extra}, neighbours={self.neighbours}"
+        drop = ", drop_prefix" if self.drop_prefix else ""
+        return f"tokens={self.tokens}, protected={self.protected}, extra={self.extra}, neighbours={self.neighbours}{drop}"

@@ -5,6 +5,10 @@ over heads; the ``keep`` highest survive, after the protected prefix (class, dis
 descending score order (EViT's), or in their original order with ``keep_order``. With ``fuse``, one extra token
 is appended at the end: the class-attention-weighted *sum* of the pruned tokens, sum_i a_i x_i, not normalised by
 sum_i a_i (the published EViT code; its size is the pruned tokens' total size).
+
+``TopKAtOutput`` is the same selection on the tower's output (``--features N``), scored by layer N + 1's class
+attention (its norm and q/k projections on layer N's output, heads averaged), the class/register tokens dropped
+from the output unless kept: the placement of PruMerge's scoring, for VisionZip-style dominant-token selection.
 """
 
 from __future__ import annotations
@@ -71,3 +75,43 @@ class TopKPrune(TokenOp):
 
     def extra_repr(self) -> str:
         return f"keep={self.keep}, protected={self.protected}, fuse={self.fuse}, keep_order={self.keep_order}"
+
+
+def head_averaged_class_attention(query: Tensor, key: Tensor, heads: int) -> Tensor:
+    """(B, N): softmax(q_0 k^T / sqrt(d)) per head, averaged over heads; ``query``/``key`` (B, N, C) full width."""
+    batch, tokens, width = key.shape
+    dim = width // heads
+    q = query[:, :1].reshape(batch, 1, heads, dim).transpose(1, 2)
+    k = key.reshape(batch, tokens, heads, dim).transpose(1, 2)
+    return torch.softmax((q @ k.transpose(-1, -2)) * dim**-0.5, dim=-1).mean(1)[:, 0]
+
+
+class TopKAtOutput(TokenOp):
+    """Top-K on the tower's output: ``(x, size, query, key) -> (x, size)``, scored by the next layer's q and k."""
+
+    signals = ("query_full", "key_full")
+
+    def __init__(self, keep: int, protected: int, heads: int, fuse: bool = False, keep_order: bool = False,
+                 drop_prefix: bool = True) -> None:
+        super().__init__()
+        if keep < 1 or protected < 0 or heads < 1:
+            raise ValueError("keep and heads must be >= 1 and protected >= 0")
+        self.keep, self.protected, self.heads, self.fuse, self.keep_order = keep, protected, heads, fuse, keep_order
+        self.drop_prefix = drop_prefix
+        self.creates_size = fuse
+
+    def forward(self, x: Tensor, size: Tensor | None, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor | None]:
+        scores = head_averaged_class_attention(query, key, self.heads)
+        x, size = topk_prune(x, size, scores, self.keep, self.protected, self.fuse, self.keep_order)
+        start = self.protected - self.prefix_out()
+        return x[:, start:], None if size is None else size[:, start:]
+
+    def prefix_out(self) -> int:
+        return 0 if self.drop_prefix else self.protected
+
+    def tokens_out(self, tokens_in: int) -> int:
+        return self.prefix_out() + self.keep + int(self.fuse)
+
+    def extra_repr(self) -> str:
+        return (f"keep={self.keep}, protected={self.protected}, heads={self.heads}, fuse={self.fuse}, "
+                f"keep_order={self.keep_order}, drop_prefix={self.drop_prefix}")

@@ -1,7 +1,8 @@
 """What every token op promises, checked on a real run after each pass (torch.fx's ``ensures`` idea).
 
 - its output has the token count ``tokens_out`` promised to the pass, and sizes (when any) match it;
-- the protected prefix (class, distillation, register tokens) leaves it unchanged, first and in order.
+- the protected prefix (class, distillation, register tokens) leaves it unchanged, first and in order (unless the
+  op drops it at the tower's output: ``prefix_out()`` is then 0).
 (``compress`` also checks that every self-attention found before the pass is still one after it: its queries and
 keys see the tokens of its stream.)
 A violation is a bug in tc-export, reported as an internal error that names the op.
@@ -35,7 +36,7 @@ def _check(name: str, op: TokenOp, x: torch.Tensor, result: Any) -> None:
         raise InternalError(f"{name} promised {want} tokens and returned {tuple(out.shape)} from {tuple(x.shape)}")
     if size is not None and size.shape[:2] != out.shape[:2]:
         raise InternalError(f"{name} returned sizes {tuple(size.shape)} for tokens {tuple(out.shape)}")
-    protected = getattr(op, "protected", 0)
+    protected = op.prefix_out() if hasattr(op, "prefix_out") else getattr(op, "protected", 0)
     if protected and not torch.equal(out[:, :protected], x[:, :protected]):
         raise InternalError(f"{name} moved or changed the {protected} protected leading tokens")
 

@@ -44,6 +44,21 @@ def parse_protected(text: str) -> int:
         raise ConfigError(f"--protected must be a whole number of leading tokens, got {text!r}") from None
 
 
+PREFIX_MODES = ("drop", "keep")
+PREFIX_MODE_HELP = ("prumerge / topk at the tower output, projectors: drop or keep the class/register tokens in the "
+                    "output (LLaVA's 'patch' vs 'cls_patch'; default: as the published model does)")
+
+
+def parse_prefix_mode(text: str) -> str | None:
+    """``drop`` / ``keep``, or ``auto`` (None: the method's published default)."""
+    return None if text.lower() in ("none", "auto") else text
+
+
+def check_prefix_mode(method: str, value: str | None) -> None:
+    if value is not None and value not in PREFIX_MODES:
+        raise ConfigError(f"{method}: prefix_mode must be drop, keep or auto, got {value!r}")
+
+
 def parse_protected_suffix(text: str) -> int:
     try:
         return int(text)

@@ -2,7 +2,9 @@
 
 Each is a config registered like any method; it acts at the encoder output by default (the model then outputs
 the projected tokens, as a vision-language model's tower + projector does) or, with ``at=N``, after block N
-where the width and the class/register tokens are kept. Projectors need the patch grid where they use it
+where the width and the class/register tokens are kept. Every projector drops the class/register tokens by default
+(as the models they come from do: LLaVA's ``patch`` selection, InternVL, Honeybee, Qwen-VL); ``pool`` and ``mlp``
+can keep them in front (``prefix_mode keep``, LLaVA's ``cls_patch``). Projectors need the patch grid where they use it
 (found from the patch embedding); merging and pruning destroy the grid, so a projector after them is an error
 unless it needs no grid (``mlp``, ``llamavid`` with one content token).
 """
@@ -28,6 +30,7 @@ from ..ops.projectors import (
     ResamplerProjector,
     UnshuffleProjector,
 )
+from .layers import PREFIX_MODE_HELP, check_prefix_mode, parse_prefix_mode
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -61,6 +64,17 @@ class ProjectorConfig:
     needs_class_token: ClassVar[bool] = False
     prop_attn: ClassVar[bool] = False
     protected: ClassVar[None] = None
+    can_keep_prefix: ClassVar[bool] = False  # the projector can pass the class/register tokens through in front
+
+    prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
+
+    def __post_init__(self) -> None:
+        check_prefix_mode(self.method, self.prefix_mode)  # type: ignore[attr-defined]
+        if self.prefix_mode == "keep" and not self.can_keep_prefix:
+            raise ConfigError(
+                f"{self.method} turns the patch grid into new tokens and drops the class/register tokens, as its "  # type: ignore[attr-defined]
+                "published model does; prefix_mode keep is for pool and mlp"
+            )
 
     def insertion_point(self) -> Point:
         return "encoder" if self.at == "encoder" else "block"  # type: ignore[attr-defined]
@@ -79,9 +93,13 @@ class ProjectorConfig:
                               f"{site.num_layers} blocks (0-{site.num_layers - 1})")
 
     def settings(self) -> dict[str, Any]:
-        """The projector's keyword settings: every field but ``at`` and ``projector_weights``."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("at", "projector_weights")}
+        """The projector's keyword settings: every field but ``at`` and ``projector_weights`` (and ``prefix_mode``
+        for a projector that always drops the prefix)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("at", "projector_weights", "prefix_mode")}
+        if self.can_keep_prefix:
+            settings["prefix_mode"] = self.prefix_mode or "drop"
+        return settings
 
     def make_op(self, site: Site) -> nn.Module:
         grid = site.grid
@@ -123,10 +141,10 @@ def _out_channels() -> Any:
 @dataclass(frozen=True)
 class PoolConfig(ProjectorConfig):
     projector: ClassVar[type[Projector]] = PoolProjector
+    can_keep_prefix: ClassVar[bool] = True
 
     stride: int = setting(2, "pool: stride on each grid axis")
     mode: str = setting("avg", "pool: avg | max (floor(H/s)) | bilinear (ceil(H/s), LLaVA-OneVision)")
-    prefix_mode: str = setting("drop", "pool: drop the class/register tokens, or keep them in front")
     at: str = _at()
     projector_weights: str | None = _weights()
 
@@ -203,11 +221,12 @@ class ResamplerConfig(ProjectorConfig):
     projector_weights: str | None = _weights()
 
 
-@register_method("mlp", "LLaVA's two-layer GELU projector (mlp2x_gelu), alone or after pool")
+@register_method("mlp", "LLaVA's two-layer GELU projector (mlp2x_gelu); class token dropped unless --prefix-mode keep")
 @dataclass(frozen=True)
 class MLPConfig(ProjectorConfig):
     projector: ClassVar[type[Projector]] = MLPProjector
     needs_grid: ClassVar[bool] = False
+    can_keep_prefix: ClassVar[bool] = True
 
     out_channels: int | None = _out_channels()
     at: str = _at()

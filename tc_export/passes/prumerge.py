@@ -7,7 +7,15 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.prumerge import NEIGHBOURS, PruMerge
-from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
+from .layers import (
+    PREFIX_MODE_HELP,
+    check_prefix_mode,
+    parse_layers_flag,
+    parse_prefix_mode,
+    parse_protected,
+    protected_suffix_setting,
+    validate_placement,
+)
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -19,12 +27,15 @@ class PruMergeConfig:
     queries and keys of the tokens entering it) scores the tokens entering that layer; default the last, as
     LLaVA-PruMerge scores the second-to-last layer's output with the last layer's attention. ``extra``: the
     published extra token (the pruned tokens' class-attention-weighted sum). ``neighbours``: tokens added into
-    each kept one (32 published).
+    each kept one (32 published). ``prefix_mode``: at the tower output (``--features N`` with the layer N + 1 scoring,
+    the published placement) the class/register tokens are dropped (the published output is ``[kept, extra]``)
+    unless ``keep``; inside the tower they are kept (the later blocks read them) and ``drop`` is an error.
     """
 
     method: ClassVar[str] = "prumerge"
     point: ClassVar[Point] = "block_input"
     needs_class_token: ClassVar[bool] = True
+    acts_at_output: ClassVar[bool] = True  # with --features N, at layer N + 1: on the tower output
 
     tokens: int = setting(help="prumerge: token budget K kept", metavar="K")
     extra: bool = setting(True, "prumerge: the extra token holding the pruned tokens' weighted sum")
@@ -35,8 +46,10 @@ class PruMergeConfig:
                                     parse_protected)
     protected_suffix: int | None = protected_suffix_setting()
     prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
+    prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
 
     def __post_init__(self) -> None:
+        check_prefix_mode(self.method, self.prefix_mode)
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             raise ConfigError(f"tokens must be a whole number >= 1 (the budget of kept tokens), got {self.tokens!r}")
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
@@ -62,4 +75,10 @@ class PruMergeConfig:
                 f"prumerge: tokens={self.tokens} at layer {site.layer}, where only {site.tokens - site.protected} "
                 f"unprotected tokens are left; the budget must be at most {site.tokens - site.protected - 1}"
             )
-        return PruMerge(self.tokens, site.protected, extra=self.extra, neighbours=self.neighbours)
+        if self.prefix_mode == "drop" and not site.at_output:
+            raise ConfigError(
+                f"prumerge at layer {site.layer} would drop the {site.protected} class/register tokens the later "
+                "blocks read; drop them only at the tower output (--features N, PruMerge scoring with layer N + 1)"
+            )
+        drop = site.at_output and self.prefix_mode != "keep"
+        return PruMerge(self.tokens, site.protected, extra=self.extra, neighbours=self.neighbours, drop_prefix=drop)

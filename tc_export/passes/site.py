@@ -5,7 +5,9 @@ Every method config names an insertion point and receives a ``Site`` there:
   adjacent merging);
 - ``block_input``: where the stream enters a block, with that block's attention queries and keys computed on the
   uncompressed stream available as signals (PruMerge: the published code prunes the second-to-last layer's
-  tokens with the last layer's attention);
+  tokens with the last layer's attention). With ``--features N``, the block input of layer N + 1 is the tower's
+  output: the op scores with layer N + 1's norm and q/k projections (kept for that), its output is the model's
+  output (``at_output``), and layer N + 1 itself never runs;
 - ``block``: a block's output (after its MLP residual add);
 - ``encoder``: the tower's output tokens (after the last block and its final norm, before pooling or a head); a
   method acting there replaces the model's output with its own.
@@ -28,7 +30,8 @@ class Site:
     distillation, registers); ``channels``: the token width; ``heads``: attention heads of the layer (None at the
     encoder output); ``grid``: the spatial (H, W) or temporal (T,) grid behind the unprotected tokens while one
     still exists (merging and pruning destroy it); ``padded``: the model has a padding mask (size-0 tokens).
-    ``layer`` is the attention layer index (None at the encoder output) of ``num_layers``.
+    ``layer`` is the attention layer index (None at the encoder output) of ``num_layers``. ``at_output``: the op's
+    output is the tower's output (a ``block_input`` op scoring with the layer after the ``--features`` cut).
     """
 
     point: Point
@@ -40,7 +43,10 @@ class Site:
     heads: int | None = None
     grid: tuple[int, ...] | None = None
     padded: bool = False
+    at_output: bool = False
 
     def describe(self) -> str:
         where = "the encoder output" if self.layer is None else f"layer {self.layer} ({self.point})"
+        if self.at_output:
+            where = f"the tower output (scored by layer {self.layer})"
         return f"{where}: {self.tokens} tokens ({self.protected} protected), {self.channels} channels"

@@ -107,11 +107,20 @@ class TokenPass:
         sites, num_layers = structure.sites, len(structure.sites)
         plan = layer_plan(self.configs, num_layers)
         last_layer = self._last_layer(num_layers)
+        at_output = [key for key, config in plan.items()
+                     if key[1] == last_layer + 1 and key[0] != "encoder" and getattr(config, "acts_at_output", False)]
+        if len(at_output) > 1:
+            raise ConfigError(f"{' and '.join(plan[k].method for k in at_output)} both act on the tower output (layer "
+                              f"{last_layer + 1} scoring the --features output): give one")
         for (point, layer), config in plan.items():
+            if (point, layer) in at_output:
+                continue  # scores the --features output with the next layer's q/k: a tower-output method
             if point != "encoder" and layer > last_layer:
+                hint = (f"; {config.method} can score that output with the next layer: --layers {last_layer + 1}"
+                        if getattr(config, "acts_at_output", False) else "")
                 raise ConfigError(
                     f"{config.method}: layer {layer} comes after the --features layer {last_layer}, whose output "
-                    "the model now ends with"
+                    f"the model now ends with{hint}"
                 )
         self.report.skipped, self.report.grid = structure.skipped, structure.grid
         protected = self._protected(structure)
@@ -193,11 +202,25 @@ class TokenPass:
                                                   suffix=suffix)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
 
+        channels = _channels(end)  # a tower-output op keeps the width
+        if at_output:  # the op's tokens are the output; the layer scoring them is cut, but for its norm and q/k
+            config, site = plan[at_output[0]], sites[last_layer + 1]
+            if site.block_input is not end:
+                raise StructureNotFoundError(
+                    f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
+                    f"{config.method} cannot score that output with layer {site.index}'s queries and keys"
+                )
+            op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix,
+                                           at_output=True))
+            state, call = self._insert_block_input_op(gm, site, op, state, suffix)
+            tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix,
+                                       f"the tower output (scored by layer {site.index})")
+            end = self._tokens_after(call)
+            protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
         if state is not None and (padded or (prop_attn and ops)):
             size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
-        channels = _channels(end)
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
             site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded)
             op = config.make_op(site)
@@ -361,18 +384,20 @@ class TokenPass:
 
     @staticmethod
     def _site(structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
-              grid: tuple[int, ...] | None, suffix: int = 0) -> Site:
+              grid: tuple[int, ...] | None, suffix: int = 0, at_output: bool = False) -> Site:
         """The place as an op sees it: ``tokens`` less the protected suffix, which no op is shown."""
         layout = tensor_meta_shape(site.query) or ()
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
-        return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded)
+        return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded,
+                    at_output)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
-               config: TokenMethod, layer: int | None, suffix: int = 0) -> tuple[int, tuple[int, ...] | None]:
+               config: TokenMethod, layer: int | None, suffix: int = 0,
+               where: str | None = None) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
         new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
-        where = "the encoder output" if layer is None else f"layer {layer}"
+        where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
         new_grid = op.output_grid() if hasattr(op, "output_grid") else None
         return new_tokens, new_grid

@@ -1,7 +1,8 @@
 """LLaVA-1.5's ``mlp2x_gelu`` projector: Linear(C -> D) -> GELU (exact, erf) -> Linear(D -> D), per token.
 
-Acts on every token it is given, prefix included and in place (drop the class token before it, or put it after
-``pool``). State-dict names: LLaVA's ``mm_projector.{0,2}.{weight,bias}`` are ``net.{0,2}.{weight,bias}`` here.
+Per token. ``prefix_mode="drop"`` (the default; LLaVA's ``mm_vision_select_feature = "patch"``) leaves the
+class/register tokens out: CLIP ViT-L/14-336 gives 576 tokens; ``"keep"`` (LLaVA's ``cls_patch``) projects them
+too, in front (577). State-dict names: LLaVA's ``mm_projector.{0,2}.{weight,bias}`` are ``net.{0,2}.{weight,bias}`` here.
 Initialisation: PyTorch's default ``nn.Linear`` init (LLaVA builds plain ``nn.Linear`` layers).
 """
 
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import Grid, Projector, out_channels_or
+from .base import Grid, Projector, check_choice, out_channels_or
+from .pool import PREFIX_MODES, PrefixMode
 
 
 class MLPProjector(Projector):
-    """``mlp``: (B, prefix + H*W, C) -> (B, prefix + H*W, D); the grid and the prefix are kept."""
+    """``mlp``: (B, prefix + H*W, C) -> (B, [prefix +] H*W, D); the grid is kept."""
 
     name = "mlp"
 
@@ -24,9 +26,11 @@ class MLPProjector(Projector):
         prefix: int,
         *,
         out_channels: int | None = None,
+        prefix_mode: PrefixMode = "drop",
     ) -> None:
         super().__init__(channels, grid, prefix)
         self.out_channels = out_channels_or(out_channels, channels, self.name)
+        self.prefix_mode = check_choice(prefix_mode, "prefix_mode", PREFIX_MODES, self.name)
         self.net = nn.Sequential(
             nn.Linear(channels, self.out_channels),
             nn.GELU(approximate="none"),
@@ -40,10 +44,10 @@ class MLPProjector(Projector):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return self.net(x)
+        return self.net(x if self.prefix_mode == "keep" else x[:, self.prefix :])
 
     def tokens_out(self) -> int:
-        return self.tokens_in
+        return self.prefix_out() + self.grid_tokens
 
     def channels_out(self) -> int:
         return self.out_channels
@@ -52,7 +56,7 @@ class MLPProjector(Projector):
         return self.grid
 
     def prefix_out(self) -> int:
-        return self.prefix
+        return self.prefix if self.prefix_mode == "keep" else 0
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, out_channels={self.out_channels}"
+        return f"{super().extra_repr()}, out_channels={self.out_channels}, prefix_mode={self.prefix_mode}"
