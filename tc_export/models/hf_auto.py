@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import BackendUnavailableError, ConfigError
 from ..ops.tokens import pool_mean
 from .base import LoadedModel
-from .hf_inputs import TEXT_LENGTH, model_inputs, text_inputs
+from .hf_inputs import TEXT_LENGTH, ModelInputs, model_inputs, text_inputs
 from .random_ops import refuse_random_ops
 from .registry import ModelOptions
 from .weights import check_finite, first_line, load_weights, read_state_dict
@@ -331,13 +331,14 @@ WRAPPERS: dict[str, type[nn.Module]] = {"image": ImageEncoder, "video": ImageEnc
                                          "text": TextEncoder}
 
 
-def wrap(model: nn.Module, kind: str, pooling: str) -> nn.Module:
-    return WRAPPERS[kind](model, pooling)
+def wrap(model: nn.Module, inputs: ModelInputs, pooling: str) -> nn.Module:
+    return WRAPPERS[inputs.kind](model, pooling)
 
 
-def available_outputs(model: nn.Module, kind: str, example: dict[str, torch.Tensor], name: str) -> set[str]:
+def available_outputs(model: nn.Module, inputs: ModelInputs, example: dict[str, torch.Tensor], name: str) -> set[str]:
     """Run the model once (it must run, drawing no random numbers) and see which of logits / pooler_output /
     last_hidden_state it returns."""
+    kind = inputs.kind
     try:
         with torch.no_grad(), refuse_random_ops(model, name):
             outputs = model(**example)
@@ -388,12 +389,12 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
     kind, specs, make = inputs.kind, inputs.specs, inputs.make
     loaded = LoadedModel(name, model, specs, [], random_init, make)
     example = loaded.example_inputs(batch=1)
-    have = available_outputs(model, kind, example, name)
+    have = available_outputs(model, inputs, example, name)
     requested = options.pooling or default_pooling
     pooling, use_base = choose_pooling(requested, have, model, missing, name, getattr(model, "base_model", None))
     if use_base:
         model = model.base_model
-        pooling, _ = choose_pooling(requested, available_outputs(model, kind, example, name), model, missing, name,
+        pooling, _ = choose_pooling(requested, available_outputs(model, inputs, example, name), model, missing, name,
                                     None)
     if options.weights is not None:
         if options.pretrained:
@@ -404,7 +405,7 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
         raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
     if pooling != "pooler" and isinstance(getattr(model, "pooler", None), nn.Module):
         model.pooler = NoPooler()  # an unused pooler still reads token 0 in the traced graph
-    wrapper = wrap(model, kind, pooling).eval()
+    wrapper = wrap(model, inputs, pooling).eval()
     return LoadedModel(name, wrapper, specs, [OUTPUT_NAMES[pooling]], random_init, make)
 
 

@@ -39,7 +39,10 @@ INFERENCE_DEFAULTS = {
     "bool_masked_pos": "masked-image-modelling corruption (pretraining): no patch is masked",
     "mask_time_indices": "SpecAugment masking (training): no frame is masked",
     "noise": "masking noise (pretraining): the forward draws its own, and random ops are refused",
+    "encoder_hidden_states": "cross-attention inputs of a decoder: the model runs as an encoder",
+    "encoder_attention_mask": "cross-attention inputs of a decoder: the model runs as an encoder",
     "use_cache": "no decoding cache",
+    "cache": "no decoding cache",
     "past_key_values": "no decoding cache",
     "cache_position": "no decoding cache",
 }
@@ -135,6 +138,11 @@ def model_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str
 def _pixel_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str,
                   arguments: dict[str, inspect.Parameter]) -> ModelInputs:
     cls = type(model).__name__
+    if "spatial_shapes" in arguments:  # NaFlex (SigLIP2): patches of a grid the forward is told at run time
+        raise ConfigError(f"{name}: {cls} is a NaFlex tower: it takes flattened patches with pixel_attention_mask "
+                          "and spatial_shapes, and checks the grid inside its forward with a run-time assertion "
+                          "(aten._is_all_true) that ONNX cannot express; tc-export does not export it (timm's "
+                          "NaFlexViT at a fixed image size does export)")
     if not hasattr(config, "image_size"):
         raise ConfigError(f"{name}: {cls} takes pixel_values but its config has no image_size")
     (pixels,) = image_inputs(config, options.img_size)
