@@ -193,3 +193,37 @@ def test_composite_checkpoint_loads_its_vision_tower(tmp_path):
     tower = tf.Aimv2Model.from_pretrained(str(folder)).vision_model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.module(**inputs), tower(**inputs).last_hidden_state.mean(1))
+
+
+def test_an_argument_without_a_builder_is_refused_by_name():
+    """A forward argument tc-export cannot build and whose default is not the inference setting: one line naming
+    it, not an export computing with the default."""
+    from types import SimpleNamespace
+
+    from tc_export.errors import ConfigError
+    from tc_export.models.hf_inputs import model_inputs
+
+    class Tower(torch.nn.Module):
+        def forward(self, pixel_values, region_mask=None, output_attentions=None):
+            return pixel_values
+
+    config = SimpleNamespace(image_size=32, num_channels=3)
+    with pytest.raises(ConfigError, match="forward argument 'region_mask' \\(default None\\)"):
+        model_inputs(Tower(), config, ModelOptions(), "m")
+
+
+def test_random_op_is_named_with_its_module():
+    """Dropout forced into training mode inside an eval model: the op and the module path are named."""
+    from tc_export.errors import ConfigError
+    from tc_export.models.random_ops import refuse_random_ops
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.dropout(x, 0.5, training=True)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Noisy()).eval()
+    with pytest.raises(ConfigError, match=r"aten\.\w+ in 1 \(Noisy\)"):
+        with refuse_random_ops(model, "m"):
+            model(torch.ones(2, 4))
+    with refuse_random_ops(model[0], "m"):  # a deterministic forward passes
+        model[0](torch.ones(2, 4))
