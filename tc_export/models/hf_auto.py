@@ -1,4 +1,5 @@
-"""Any transformers encoder from its config: the Auto classes pick the model, its forward signature the inputs.
+"""Any transformers encoder from its config: the Auto classes pick the model, its forward signature the inputs
+(``hf_inputs``: each argument it reads is built from the config or refused by name).
 
 ``hf:PATH`` reads ``PATH/config.json`` and builds the architecture it names (``ViTForImageClassification``,
 ``RobertaModel``, ...), else the base model (``AutoModel``); a composite config (CLIP, SigLIP) gives its vision
