@@ -1,4 +1,5 @@
-"""Any transformers encoder from its config: the Auto classes pick the model, its forward signature the inputs.
+"""Any transformers encoder from its config: the Auto classes pick the model, its forward signature the inputs
+(``hf_inputs``: each argument it reads is built from the config or refused by name).
 
 ``hf:PATH`` reads ``PATH/config.json`` and builds the architecture it names (``ViTForImageClassification``,
 ``RobertaModel``, ...), else the base model (``AutoModel``); a composite config (CLIP, SigLIP) gives its vision
@@ -14,9 +15,11 @@ model has one, else the mean.
 from __future__ import annotations
 
 import contextlib
-import inspect
+import importlib
 import json
-from collections.abc import Callable, Iterator
+import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +29,13 @@ from torch import nn
 
 from ..errors import BackendUnavailableError, ConfigError
 from ..ops.tokens import pool_mean
-from .base import InputSpec, LoadedModel
+from .base import LoadedModel
+from .hf_inputs import TEXT_LENGTH, ModelInputs, model_inputs, text_inputs
+from .random_ops import refuse_random_ops
 from .registry import ModelOptions
 from .weights import check_finite, first_line, load_weights, read_state_dict
 
-TEXT_LENGTH = 128  # fixed sequence length of the text encoders (static shapes)
+__all__ = ["TEXT_LENGTH", "text_inputs"]  # re-exported for the presets
 OUTPUT_NAMES = {"logits": "logits", "pooler": "pooler_output", "cls": "cls_embedding", "mean": "mean_embedding",
                 "tokens": "last_hidden_state"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -86,15 +91,22 @@ class NoPooler(nn.Module):
         return None
 
 
+def given(**inputs: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The optional inputs a wrapper was called with (an argument that is not a model input stays None)."""
+    return {name: value for name, value in inputs.items() if value is not None}
+
+
 class ImageEncoder(nn.Module):
-    """pixel_values -> one output of a transformers vision model (see ``select_output``)."""
+    """pixel_values (an image or, for a video encoder, a clip) and a pixel_mask where the model reads one ->
+    one output of a transformers vision model (see ``select_output``)."""
 
     def __init__(self, model: nn.Module, pooling: str) -> None:
         super().__init__()
         self.model, self.pooling = model, pooling
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return select_output(self.model(pixel_values=pixel_values), self.pooling, None)
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = self.model(pixel_values=pixel_values, **given(pixel_mask=pixel_mask))
+        return select_output(outputs, self.pooling, None)
 
 
 class AudioEncoder(nn.Module):
@@ -108,43 +120,30 @@ class AudioEncoder(nn.Module):
         return select_output(self.encoder(input_features=input_features), self.pooling, None)
 
 
-class TextEncoder(nn.Module):
-    """(input_ids, attention_mask) -> one output of a transformers text model; ``mean`` skips the pads."""
+class AudioValuesEncoder(nn.Module):
+    """input_values (a raw waveform, or an AST-style spectrogram) -> one output of a transformers audio model."""
 
     def __init__(self, model: nn.Module, pooling: str) -> None:
         super().__init__()
         self.model, self.pooling = model, pooling
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_values: torch.Tensor) -> torch.Tensor:
+        return select_output(self.model(input_values=input_values), self.pooling, None)
+
+
+class TextEncoder(nn.Module):
+    """(input_ids, attention_mask, and token_type_ids / bbox where the model reads them) -> one output of a
+    transformers text or layout model; ``mean`` skips the pads."""
+
+    def __init__(self, model: nn.Module, pooling: str) -> None:
+        super().__init__()
+        self.model, self.pooling = model, pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                bbox: torch.Tensor | None = None) -> torch.Tensor:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                             **given(token_type_ids=token_type_ids, bbox=bbox))
         return select_output(outputs, self.pooling, attention_mask)
-
-
-def image_inputs(config: Any, size: int | None = None) -> list[InputSpec]:
-    size = size or config.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return [InputSpec("pixel_values", (getattr(config, "num_channels", 3), height, width))]
-
-
-def text_inputs(vocab: int, length: int, pad_id: int = 0, special: tuple[int | None, ...] = ()
-                ) -> tuple[list[InputSpec], Callable[[int, int], dict[str, torch.Tensor]]]:
-    """Seeded token ids (no special ids among the real tokens), padded with ``pad_id`` to random lengths."""
-    known = [i for i in (pad_id, *special) if isinstance(i, int)]
-    low = 1000 if vocab > 2000 else max(known, default=0) + 1
-    low = low if low < vocab else 1
-
-    def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed)
-        ids = torch.randint(low, vocab, (batch, length), generator=generator)
-        lengths = torch.randint(length // 4, length + 1, (batch,), generator=generator)
-        mask = (torch.arange(length)[None, :] < lengths[:, None]).long()
-        return {"input_ids": torch.where(mask.bool(), ids, pad_id), "attention_mask": mask}
-
-    specs = [
-        InputSpec("input_ids", (length,), torch.int64, low=low, high=vocab),
-        InputSpec("attention_mask", (length,), torch.int64, high=2),
-    ]
-    return specs, make
 
 
 @dataclass(frozen=True)
@@ -215,32 +214,84 @@ def choose_class(config: Any, name: str) -> Choice:
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:
-    try:
+    """AutoModel's class for ``config``, else the model class its own modeling module declares for it (a
+    vision tower such as BLIP's, which AutoModel does not map)."""
+    with contextlib.suppress(KeyError):
         return tf.AutoModel._model_mapping[type(config)]
-    except KeyError:
-        raise ConfigError(f"{name}: transformers has no base model for {type(config).__name__}") from None
+    module = sys.modules.get(type(config).__module__.replace(".configuration_", ".modeling_"))
+    if module is None:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
+    own = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, nn.Module)
+           and getattr(c, "config_class", None) is type(config) and c.__name__.endswith("Model")] if module else []
+    if len(own) == 1:
+        return own[0]
+    raise ConfigError(f"{name}: transformers has no base model for {type(config).__name__}")
 
 
 def weight_files(folder: Path) -> list[Path]:
     return [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
 
 
+def attention_implementation(cls: Any) -> str:
+    """SDPA where the class has it (the graph passes see one attention op), else the eager matmul-softmax."""
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+def checkpoint_prefix(choice: Choice, files: list[Path]) -> str:
+    """The prefix under which a composite checkpoint holds ``choice``'s weights (AIMv2's ``vision_model.``, where
+    the tower's own keys have none); "" when the keys already match or cannot be read without loading."""
+    stored = set()
+    for path in files:
+        if path.name.endswith(".index.json"):
+            stored |= set(json.loads(path.read_text(encoding="utf-8")).get("weight_map", {}))
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:
+                stored |= set(handle.keys())
+    if not stored:
+        return ""
+    try:
+        with torch.device("meta"):  # called inside quiet_transformers
+            own = list(choice.cls(choice.config).state_dict())
+    except Exception:  # noqa: BLE001 - a class that cannot be built on the meta device: load as saved
+        return ""
+    if not own or own[0] in stored:
+        return ""
+    prefixes = {key[: -len(own[0])] for key in stored if key.endswith("." + own[0])}
+    for prefix in sorted(prefixes, key=len):
+        if all(prefix + key in stored for key in own if "pooler" not in key):
+            return prefix
+    return ""
+
+
+def _build(choice: Choice, folder: Path | None, files: list[Path], attention: str) -> tuple[nn.Module, dict]:
+    choice.config._attn_implementation = attention
+    with quiet_transformers():
+        if not files:
+            return choice.cls(choice.config), {}
+        prefix = checkpoint_prefix(choice, files)
+        mapping = {"key_mapping": {f"^{re.escape(prefix)}": ""}} if prefix else {}
+        return choice.cls.from_pretrained(
+            str(folder), config=choice.config, local_files_only=True, attn_implementation=attention,
+            output_loading_info=True, ignore_mismatched_sizes=True, **mapping)  # mismatches: our message below
+
+
 def instantiate(choice: Choice, folder: Path | None, name: str, hint_size: bool = False) -> tuple[nn.Module, bool]:
     """Build ``choice`` with the directory's weights if it has any (else random); returns (model, random_init)."""
-    tf = transformers_module()
-    choice.config._attn_implementation = "sdpa"
+    attention = attention_implementation(choice.cls)
     files = weight_files(folder) if folder is not None else []
     for path in files:
         if path.stat().st_size == 0:
             raise ConfigError(f"{name}: weights file {path} is empty; remove it (random weights) or replace it")
     try:
-        with quiet_transformers():
-            if files:
-                model, info = choice.cls.from_pretrained(
-                    str(folder), config=choice.config, local_files_only=True, attn_implementation="sdpa",
-                    output_loading_info=True, ignore_mismatched_sizes=True)  # mismatches: our message below
-            else:
-                model, info = choice.cls(choice.config), {}
+        try:
+            model, info = _build(choice, folder, files, attention)
+        except ValueError as error:
+            if attention != "sdpa" or "does not support an attention implementation" not in str(error):
+                raise
+            model, info = _build(choice, folder, files, "eager")  # a sub-model (DPT-hybrid's BiT) has no SDPA
     except ConfigError:
         raise
     except Exception as error:  # noqa: BLE001 - unreadable, mismatched or missing weights all end here
@@ -276,57 +327,24 @@ def _take(model: nn.Module, take: str) -> nn.Module:
     return model
 
 
-def forward_arguments(model: nn.Module) -> list[str]:
-    return list(inspect.signature(model.forward).parameters)
+WRAPPERS: dict[str, type[nn.Module]] = {"image": ImageEncoder, "video": ImageEncoder, "audio": AudioEncoder,
+                                         "waveform": AudioValuesEncoder, "spectrogram": AudioValuesEncoder,
+                                         "text": TextEncoder}
 
 
-def model_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str
-                 ) -> tuple[str, list[InputSpec], Callable[[int, int], dict[str, torch.Tensor]] | None]:
-    """What the forward takes: ``image`` (pixel_values), ``audio`` (input_features) or ``text`` (input_ids)."""
-    arguments = forward_arguments(model)
-    if "pixel_values" in arguments:
-        if not hasattr(config, "image_size"):
-            raise ConfigError(f"{name}: {type(model).__name__} takes pixel_values but its config has no image_size")
-        return "image", image_inputs(config, options.img_size), None
-    if options.img_size is not None:
-        raise ConfigError(f"{name}: --img-size applies to image models; {type(model).__name__} takes "
-                          f"{', '.join(arguments[:3])}")
-    if "input_features" in arguments:
-        mels, positions = getattr(config, "num_mel_bins", None), getattr(config, "max_source_positions", None)
-        if mels is None or positions is None:
-            raise ConfigError(f"{name}: cannot tell the input_features shape of {type(model).__name__} (Whisper-"
-                              "style num_mel_bins and max_source_positions expected)")
-        return "audio", [InputSpec("input_features", (mels, 2 * positions))], None  # two stride-2 convolutions
-    if "input_ids" in arguments:
-        length = min(TEXT_LENGTH, _max_length(model, config))
-        specs, make = text_inputs(config.vocab_size, length, getattr(config, "pad_token_id", None) or 0,
-                                  tuple(getattr(config, f"{t}_token_id", None) for t in ("bos", "eos", "sep", "cls")))
-        return "text", specs, make
-    raise ConfigError(f"{name}: {type(model).__name__} takes {', '.join(arguments[:4])}; tc-export builds inputs for "
-                      "pixel_values (vision), input_ids (text) and Whisper-style input_features (audio)")
+def wrap(model: nn.Module, inputs: ModelInputs, pooling: str) -> nn.Module:
+    return WRAPPERS[inputs.kind](model, pooling)
 
 
-def _max_length(model: nn.Module, config: Any) -> int:
-    """Positions the model can embed; RoBERTa-style embeddings start counting after the padding id."""
-    limit = getattr(config, "max_position_embeddings", None) or TEXT_LENGTH
-    embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
-    padding_idx = getattr(embeddings, "padding_idx", None)
-    return limit - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
-
-
-def wrap(model: nn.Module, kind: str, pooling: str) -> nn.Module:
-    if kind == "image":
-        return ImageEncoder(model, pooling)
-    if kind == "audio":
-        return AudioEncoder(model, pooling)
-    return TextEncoder(model, pooling)
-
-
-def available_outputs(model: nn.Module, kind: str, example: dict[str, torch.Tensor], name: str) -> set[str]:
-    """Run the model once (it must run) and see which of logits / pooler_output / last_hidden_state it returns."""
+def available_outputs(model: nn.Module, inputs: ModelInputs, example: dict[str, torch.Tensor], name: str) -> set[str]:
+    """Run the model once (it must run, drawing no random numbers) and see which of logits / pooler_output /
+    last_hidden_state it returns."""
+    kind = inputs.kind
     try:
-        with torch.no_grad():
+        with torch.no_grad(), refuse_random_ops(model, name):
             outputs = model(**example)
+    except ConfigError:
+        raise
     except Exception as error:  # noqa: BLE001 - a model that does not run on its own inputs is a bad config
         raise ConfigError(f"{name}: {type(model).__name__} does not run on {kind} inputs "
                           f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in example.items())}): "
@@ -368,15 +386,16 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
     missing = list(getattr(model, "_tc_missing", []))
     with contextlib.suppress(AttributeError):
         del model._tc_missing
-    kind, specs, make = model_inputs(model, choice.config, options, name)
+    inputs = model_inputs(model, choice.config, options, name)
+    kind, specs, make = inputs.kind, inputs.specs, inputs.make
     loaded = LoadedModel(name, model, specs, [], random_init, make)
     example = loaded.example_inputs(batch=1)
-    have = available_outputs(model, kind, example, name)
+    have = available_outputs(model, inputs, example, name)
     requested = options.pooling or default_pooling
     pooling, use_base = choose_pooling(requested, have, model, missing, name, getattr(model, "base_model", None))
     if use_base:
         model = model.base_model
-        pooling, _ = choose_pooling(requested, available_outputs(model, kind, example, name), model, missing, name,
+        pooling, _ = choose_pooling(requested, available_outputs(model, inputs, example, name), model, missing, name,
                                     None)
     if options.weights is not None:
         if options.pretrained:
@@ -387,7 +406,7 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
         raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
     if pooling != "pooler" and isinstance(getattr(model, "pooler", None), nn.Module):
         model.pooler = NoPooler()  # an unused pooler still reads token 0 in the traced graph
-    wrapper = wrap(model, kind, pooling).eval()
+    wrapper = wrap(model, inputs, pooling).eval()
     return LoadedModel(name, wrapper, specs, [OUTPUT_NAMES[pooling]], random_init, make)
 
 

@@ -134,6 +134,7 @@ def build_minilm(options: ModelOptions, length: int = TEXT_LENGTH) -> LoadedMode
         if options.pooling is None:
             model = tf.BertModel.from_pretrained(str(folder), attn_implementation="sdpa", add_pooling_layer=False)
     inputs, _ = text_inputs(tokenizer.vocab_size, length)
+    segments = False  # the generic builder (--pooling) takes token_type_ids as an input too
 
     def make(batch: int, seed: int) -> dict[str, torch.Tensor]:
         from ..data import sentences
@@ -141,21 +142,25 @@ def build_minilm(options: ModelOptions, length: int = TEXT_LENGTH) -> LoadedMode
         pool = sentences()
         generator = torch.Generator().manual_seed(seed)
         picks = torch.randint(0, len(pool), (batch,), generator=generator).tolist()
-        return tokenize(tokenizer, [pool[i] for i in picks], length)
+        return tokenize(tokenizer, [pool[i] for i in picks], length, segments)
 
     if options.pooling is None:
         loaded = LoadedModel("minilm", SentenceEncoder(model).eval(), inputs, ["sentence_embedding"], False, make)
     else:
         config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
         loaded = build_auto("minilm", Choice(tf.BertModel, config, label="BertModel"), folder, options)
+        segments = any(spec.name == "token_type_ids" for spec in loaded.inputs)
         loaded.make_inputs = make
     loaded.tokenizer = tokenizer  # type: ignore[attr-defined]
     return loaded
 
 
-def tokenize(tokenizer: Any, texts: list[str], length: int = TEXT_LENGTH) -> dict[str, torch.Tensor]:
+def tokenize(tokenizer: Any, texts: list[str], length: int = TEXT_LENGTH, segments: bool = False
+             ) -> dict[str, torch.Tensor]:
+    """Padded ids and mask (and the tokenizer's token_type_ids with ``segments``) of ``texts``."""
     encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
+    names = ("input_ids", "attention_mask", "token_type_ids") if segments else ("input_ids", "attention_mask")
+    return {name: encoded[name] for name in names}
 
 
 register_model("hf_vit_b", "transformers ViT-B/16, 224 px (classifier)")(build_vit)

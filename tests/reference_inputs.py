@@ -1,0 +1,127 @@
+"""Per-sample forwards of the transformers families whose inputs are more than pixels or padded ids: LayoutLM
+(ids, segments and layout boxes), wav2vec2 / HuBERT (raw waveforms), AST (spectrograms, class and distillation
+tokens), VideoMAE (clips) and BLIP's vision tower.
+
+Like tests/reference_encoders.py (whose ``Encoder``/``Layer``/``run`` they reuse), they read the models' weights
+and small sub-modules (embedding stems, linear layers, norms), never the models' attention or block code, and
+import nothing from tc_export. The wrapper tc-export builds is passed in only to reach the transformers model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .reference_encoders import Encoder, Layer, size_weighted_mean
+
+
+def _ones(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x, torch.ones(x.shape[0], 1)
+
+
+def _post_norm_bert(block, heads: int) -> Layer:
+    """A BERT-layout post-norm layer (attention.self.query/key/value, output.dense, intermediate)."""
+    s, out, inter = block.attention.self, block.attention.output, block.intermediate
+    return Layer(heads, lambda y: (s.query(y), s.key(y), s.value(y)), out.dense,
+                 lambda t: block.output.dense(inter.intermediate_act_fn(inter.dense(t))),
+                 out.LayerNorm, block.output.LayerNorm, post_norm=True)
+
+
+def layoutlm_mean(wrapper: torch.nn.Module) -> Encoder:
+    """LayoutLMModel, mean pooled: word + 1-D position + box (x0, y0, x1, y1, height, width) + segment embeddings,
+    written out from the embedding tables; sizes start from the attention mask (pads: size 0)."""
+    model = wrapper.model
+    e = model.embeddings
+
+    def embed(sample):
+        ids, box = sample["input_ids"][0], sample["bbox"][0]
+        segments = sample.get("token_type_ids", torch.zeros_like(sample["input_ids"]))[0]
+        positions = torch.arange(ids.shape[0])
+        x = (e.word_embeddings(ids) + e.position_embeddings(positions)
+             + e.x_position_embeddings(box[:, 0]) + e.y_position_embeddings(box[:, 1])
+             + e.x_position_embeddings(box[:, 2]) + e.y_position_embeddings(box[:, 3])
+             + e.h_position_embeddings(box[:, 3] - box[:, 1]) + e.w_position_embeddings(box[:, 2] - box[:, 0])
+             + e.token_type_embeddings(segments))
+        return e.LayerNorm(x), sample["attention_mask"][0][:, None].float()
+
+    heads = model.config.num_attention_heads
+    return Encoder(embed, [_post_norm_bert(b, heads) for b in model.encoder.layer],
+                   lambda x, s, p: size_weighted_mean(x, s))
+
+
+def wav2vec2_mean(wrapper: torch.nn.Module) -> Encoder:
+    """Wav2Vec2Model / HubertModel (post-norm layout), mean pooled: the convolutional feature encoder and the
+    feature projection as stems, the convolutional position embedding added and normed before the layers."""
+    model = wrapper.model
+    enc = model.encoder
+
+    def embed(sample):
+        h = model.feature_extractor(sample["input_values"]).transpose(1, 2)
+        projected = model.feature_projection(h)
+        h = projected[0] if isinstance(projected, tuple) else projected
+        return _ones(enc.layer_norm(h + enc.pos_conv_embed(h))[0])
+
+    def layer(block) -> Layer:
+        a = block.attention
+        return Layer(a.num_heads, lambda y: (a.q_proj(y), a.k_proj(y), a.v_proj(y)), a.out_proj,
+                     block.feed_forward, block.layer_norm, block.final_layer_norm, post_norm=True)
+
+    return Encoder(embed, [layer(b) for b in enc.layers], lambda x, s, p: size_weighted_mean(x, s))
+
+
+def _pre_norm_vit(block, heads: int) -> Layer:
+    """transformers' ViT layout: attention.q_proj/k_proj/v_proj/o_proj, mlp.fc1/fc2, layernorm_before/after."""
+    a, mlp = block.attention, block.mlp
+    return Layer(heads, lambda y: (a.q_proj(y), a.k_proj(y), a.v_proj(y)), a.o_proj,
+                 lambda t: mlp.fc2(mlp.activation_fn(mlp.fc1(t))), block.layernorm_before, block.layernorm_after)
+
+
+def ast_logits(wrapper: torch.nn.Module) -> Encoder:
+    """ASTForAudioClassification: class and distillation tokens before the spectrogram patches; the logits read
+    the mean of the two (after the final norm) through the MLP head."""
+    model = wrapper.model
+    ast = model.audio_spectrogram_transformer
+    heads = ast.config.num_attention_heads
+
+    def head(x, size, prop_attn):
+        x = ast.layernorm(x)
+        return model.classifier((x[0] + x[1]) / 2)
+
+    return Encoder(lambda sample: _ones(ast.embeddings(sample["input_values"])[0]),
+                   [_pre_norm_vit(b, heads) for b in ast.layers], head)
+
+
+def videomae_mean(wrapper: torch.nn.Module) -> Encoder:
+    """VideoMAEModel (mean-pooling config: no final norm), mean pooled: tubelet embeddings of the whole clip plus
+    the fixed sinusoidal positions, pre-norm layers with the key unbiased."""
+    model = wrapper.model
+    heads = model.config.num_attention_heads
+
+    def layer(block) -> Layer:
+        a, out, inter = block.attention.attention, block.attention.output, block.intermediate
+        return Layer(heads, lambda y: (a.query(y), a.key(y), a.value(y)), out.dense,
+                     lambda t: block.output.dense(inter.intermediate_act_fn(inter.dense(t))),
+                     block.layernorm_before, block.layernorm_after)
+
+    def embed(sample):
+        patches = model.embeddings.patch_embeddings(sample["pixel_values"])[0]
+        return _ones(patches + model.embeddings.position_embeddings[0])
+
+    assert model.layernorm is None, "the reference covers the mean-pooling VideoMAE layout"
+    return Encoder(embed, [layer(b) for b in model.encoder.layer], lambda x, s, p: size_weighted_mean(x, s))
+
+
+def blip_vision_pooler(wrapper: torch.nn.Module) -> Encoder:
+    """BlipVisionModel (pooler output: the class token post-normed twice, as transformers' BLIP does: once with
+    the last hidden state, once as the pooler); one fused qkv projection per layer."""
+    model = wrapper.model
+    heads = model.config.num_attention_heads
+
+    def layer(block) -> Layer:
+        a = block.self_attn
+        return Layer(heads, lambda y: a.qkv(y).chunk(3, dim=-1), a.projection, block.mlp, block.layer_norm1,
+                     block.layer_norm2)
+
+    return Encoder(lambda sample: _ones(model.embeddings(sample["pixel_values"])[0]),
+                   [layer(b) for b in model.encoder.layers],
+                   lambda x, s, p: model.post_layernorm(model.post_layernorm(x[0])))
