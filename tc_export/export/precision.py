@@ -1,0 +1,44 @@
+"""Half-precision files (``--dtype fp16|bf16``): the model's weights and compute in that dtype, its inputs and
+outputs in fp32, so the file keeps the interface (and the bundles, benchmarks and engines built from it) of the
+fp32 export at half the size. The token ops score and select in fp32 inside their functions (ops/tome.py,
+ops/topk.py cast their scores)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+class InDtype(torch.nn.Module):
+    """``module`` with its floating parameters and buffers cast (in place) to ``dtype``; floating inputs are cast
+    to ``dtype`` on the way in, floating outputs back to fp32 on the way out."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(_cast(a, self.dtype) for a in args)
+        kwargs = {name: _cast(value, self.dtype) for name, value in kwargs.items()}
+        return _cast(self.module(*args, **kwargs), torch.float32)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
