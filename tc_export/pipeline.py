@@ -68,6 +68,14 @@ def compress_for_job(
         raise ConfigError(f"recipe {recipe}: {error}") from None
 
 
+def load_for_job(config: JobConfig) -> LoadedModel:
+    """The job's model, after checking (from its parameter count, before loading) that the export fits here."""
+    from .models.footprint import check_fits
+
+    check_fits(config.model, config.model_options, config.export.dtype)
+    return load_model(config.model, config.model_options, warn_random=False)
+
+
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
     # --- TensorRT parity bundle (export/bundle.py): runs this job into a staging dir, then adds the bundle ---
@@ -79,7 +87,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     output = check_output_path(config.output)
     wants_engine = output.suffix in (".engine", ".plan")
     onnx_path = output.with_suffix(".onnx") if wants_engine else output
-    loaded = loaded or load_model(config.model, config.model_options, warn_random=False)
+    loaded = loaded or load_for_job(config)
     if loaded.random_init:
         say(f"warning: {loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, parity and speed are still real")
 

@@ -15,9 +15,19 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
+# Measured with onnx 1.23 / onnxruntime 1.32: ONNX's Conv (the patch embedding) has no bfloat16 type, so a bf16 ViT
+# fails the checker; and ONNX Runtime's CPU provider has no bf16 kernels for MatMul, Add, Softmax... (for fp16 it
+# inserts Casts to fp32 around the ops it lacks, see README), so no runtime here could check a bf16 file.
+UNSUPPORTED = {"bf16": "ONNX's Conv has no bfloat16 type and ONNX Runtime's CPU provider no bf16 MatMul, so no "
+                       "runtime here can check the file: use --dtype fp16 (half the file too); a TensorRT engine "
+                       "builds bf16 kernels from the fp32 or fp16 file (--precision bf16)"}
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    if name in UNSUPPORTED:
+        raise ConfigError(f"--dtype {name} is not supported: {UNSUPPORTED[name]}")
     return DTYPES[name]
 
 
