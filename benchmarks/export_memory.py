@@ -68,6 +68,9 @@ def measure(model: str, img_size: int | None, r: int, folder: Path, extra: list[
     result = json.loads(lines[-1])
     if result["code"] != 0:
         raise SystemExit(f"{model}: tc-export exited with {result['code']}:\n{done.stderr[-2000:]}")
+    for line in done.stderr.splitlines():  # the job's own report: parity, fidelity
+        if line.startswith(("exported", "parity", "fidelity")):
+            print(f"{model}: {line}", file=sys.stderr, flush=True)
     return seconds, result["maxrss"]
 
 

@@ -15,7 +15,7 @@ from .export.fidelity import Fidelity, measure_fidelity
 from .export.files import check_output_path, external_data_files
 from .export.macs import count_macs
 from .export.onnx_export import ExportConfig, write_onnx
-from .export.precision import InDtype, torch_dtype
+from .export.precision import in_dtype, torch_dtype
 from .export.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from .models import LoadedModel, ModelOptions, load_model
 
@@ -120,7 +120,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     if config.export.dtype != "fp32":
         if wants_fidelity:  # before the cast, which casts the original too (it shares the weights)
             fidelity = _fidelity(config, loaded, compressed, say)
-        module = InDtype(module, torch_dtype(config.export.dtype))
+        module = in_dtype(module, torch_dtype(config.export.dtype))
         say(f"weights and compute in {config.export.dtype} (inputs and outputs fp32; token ops score in fp32)")
 
     start = time.perf_counter()

@@ -31,6 +31,25 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` with its weights cast to ``dtype`` in place (a module sharing them is cast too), taking and
+    giving fp32. A compressed ``GraphModule`` gets the casts in its graph, so its token op sites stay where the
+    ONNX functions plan finds them; any other module is wrapped (``InDtype``)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return InDtype(module, dtype)
+    module.to(dtype)
+    graph = module.graph
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        with graph.inserting_after(node):
+            cast = graph.call_function(_cast, (node, dtype))
+        node.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        output.args = torch.fx.node.map_arg(output.args, lambda n: graph.call_function(_cast, (n, torch.float32)))
+    module.recompile()
+    return module
+
+
 class InDtype(torch.nn.Module):
     """``module`` with its floating parameters and buffers cast (in place) to ``dtype``; floating inputs are cast
     to ``dtype`` on the way in, floating outputs back to fp32 on the way out."""
