@@ -144,3 +144,26 @@ def test_parity_tolerances_follow_the_dtype():
     assert (ParityConfig.for_dtype("fp32").atol, ParityConfig.for_dtype("fp32").rtol) == (1e-4, 1e-3)
     assert ParityConfig.for_dtype("fp16").atol > 1e-3
     assert ParityConfig.for_dtype("fp16", atol=1e-3).atol == 1e-3
+
+
+@pytest.mark.parametrize(("op_type", "tokens", "warned"), [
+    ("ToMeMerge", 512, False), ("ToMeMerge_padded0_protected1", 577, True),
+    ("TopKSelect", 4096, False), ("TopKSelect", 4097, True),
+])
+def test_lint_states_the_plugin_token_limits(op_type, tokens, warned):
+    from onnx import helper
+
+    from tc_export.export.lint import lint_model
+
+    from .test_lint import model, vi
+
+    function = helper.make_function("tc_export", op_type, ["x"], ["y"], [helper.make_node("Identity", ["x"], ["y"])],
+                                    [helper.make_opsetid("", 18)])
+    call = helper.make_node(op_type, ["a"], ["b"], name="op0", domain="tc_export", plugin_namespace="tc_export",
+                            plugin_version="1")
+    report = lint_model(model([call], [vi("a", [1, tokens, 8])], [vi("b", [1, tokens, 8])], functions=[function],
+                              extra_opsets=["tc_export"]))
+    limits = [p for p in report.problems if p.rule == "plugin-token-limit"]
+    assert bool(limits) == warned and report.ok
+    if warned:
+        assert f"{tokens} tokens" in limits[0].message and "--plugins off" in limits[0].suggestion

@@ -323,6 +323,19 @@ class _Linter:
             if aot.type != onnx.AttributeProto.INT or aot.i not in (0, 1):
                 yield self.problem("error", node, name, "aot must be an int attribute, 0 or 1", "set aot=1 or 0",
                                    "plugin-aot", plugins)
+        yield from self.check_plugin_tokens(node, name)
+
+    def check_plugin_tokens(self, node: onnx.NodeProto, name: str) -> Iterator[LintProblem]:
+        """The plugin kernels' token limits (plugins/launch.py): past them a ``--plugins on`` build fails."""
+        from ..plugins.launch import PLUGIN_TOKEN_LIMITS
+
+        plugin = next((p for p in PLUGIN_TOKEN_LIMITS if node.op_type == p or node.op_type.startswith(p + "_")), None)
+        dims = self.shapes.get(node.input[0]) if plugin and node.input else None
+        if dims and len(dims) > 1 and isinstance(dims[1], int) and dims[1] > PLUGIN_TOKEN_LIMITS[plugin]:
+            yield self.problem("warning", node, name, f"{dims[1]} tokens: the {plugin} plugin kernel takes at most "
+                               f"{PLUGIN_TOKEN_LIMITS[plugin]}, so a build with --plugins on fails here",
+                               "build with --plugins off (TensorRT runs the function body)", "plugin-token-limit",
+                               self.table["plugins"])
 
     def check_functions(self) -> Iterator[LintProblem]:
         """Function bodies are what TensorRT builds when no plugin is registered: lint them like the graph."""

@@ -25,6 +25,8 @@ MAX_BLOCK_ROWS = 256
 # Top-K loops over tiles of at most MAX_TOPK_ROWS tokens: up to 4,096 tokens (e.g. an 896 x 896 image at patch 14).
 MAX_TOPK_ROWS = 256
 MAX_TOPK_TOKENS = 4096
+# Tokens each plugin kernel takes (TensorRT plugin name -> limit), as the lint states them.
+PLUGIN_TOKEN_LIMITS = {"ToMeMerge": 2 * MAX_BLOCK_ROWS, "TopKSelect": MAX_TOPK_TOKENS}
 
 
 def next_pow2(value: int) -> int:
