@@ -12,9 +12,10 @@ from .compress import CompressedModel, compress
 from .errors import ConfigError, ParityError
 from .export.engine import EngineConfig, build_engine
 from .export.fidelity import Fidelity, measure_fidelity
-from .export.files import check_output_path
+from .export.files import check_output_path, external_data_files
 from .export.macs import count_macs
 from .export.onnx_export import ExportConfig, write_onnx
+from .export.precision import in_dtype, torch_dtype
 from .export.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from .models import LoadedModel, ModelOptions, load_model
 
@@ -69,6 +70,14 @@ def compress_for_job(
         raise ConfigError(f"recipe {recipe}: {error}") from None
 
 
+def load_for_job(config: JobConfig) -> LoadedModel:
+    """The job's model, after checking (from its parameter count, before loading) that the export fits here."""
+    from .models.footprint import check_fits
+
+    check_fits(config.model, config.model_options, config.export.dtype)
+    return load_model(config.model, config.model_options, warn_random=False)
+
+
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
     # --- TensorRT parity bundle (export/bundle.py): runs this job into a staging dir, then adds the bundle ---
@@ -80,7 +89,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     output = check_output_path(config.output)
     wants_engine = output.suffix in (".engine", ".plan")
     onnx_path = output.with_suffix(".onnx") if wants_engine else output
-    loaded = loaded or load_model(config.model, config.model_options, warn_random=False)
+    loaded = loaded or load_for_job(config)
     if loaded.random_init:
         say(f"warning: {loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, parity and speed are still real")
 
@@ -110,6 +119,14 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     say(f"MACs per image: {macs_original / 1e9:.2f} G -> {macs_compressed / 1e9:.2f} G "
         f"({macs_original / max(macs_compressed, 1):.2f}x fewer)")
 
+    fidelity = None
+    wants_fidelity = compressed and config.fidelity_samples and not compressed.report.output_is_tokens
+    if config.export.dtype != "fp32":
+        if wants_fidelity:  # before the cast, which casts the original too (it shares the weights)
+            fidelity = _fidelity(config, loaded, compressed, say)
+        module = in_dtype(module, torch_dtype(config.export.dtype))
+        say(f"weights and compute in {config.export.dtype} (inputs and outputs fp32; token ops score in fp32)")
+
     start = time.perf_counter()
     onnx_names = {name: name for name in example} | {spec.name: spec.export_name for spec in loaded.inputs}
     # write_onnx, not export_onnx: the returned model would hold a copy of every weight through parity
@@ -119,8 +136,10 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         metadata=_metadata(config, loaded, compressed),
     )
     seconds = time.perf_counter() - start
+    data = external_data_files(onnx_path)
     say(f"exported {onnx_path} (opset {config.export.opset}, {nodes} nodes, "
-        f"batch {'dynamic' if config.export.dynamic_batch else batch}) in {seconds:.1f} s")
+        f"batch {'dynamic' if config.export.dynamic_batch else batch}, {config.export.dtype}"
+        + "".join(f", weights in {path.name}" for path in data) + f") in {seconds:.1f} s")
 
     pin_mmap_threshold()  # from here on, memory freed by ONNX Runtime and the fidelity runs is returned
     parity = check_parity(
@@ -129,11 +148,8 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     say(f"parity PyTorch vs ONNX Runtime ({config.parity.samples} seeded inputs, atol {config.parity.atol:g}, "
         f"rtol {config.parity.rtol:g}): {parity.describe()}")
 
-    fidelity = None
-    if compressed and config.fidelity_samples and not compressed.report.output_is_tokens:
-        inputs = loaded.example_inputs(batch=config.fidelity_samples, seed=config.parity.seed + 1000)
-        fidelity = measure_fidelity(loaded.module, compressed.module, inputs, classes=loaded.output_names[0] == "logits")
-        say(f"fidelity vs uncompressed: {fidelity.describe()}")
+    if wants_fidelity and fidelity is None:
+        fidelity = _fidelity(config, loaded, compressed, say)
     result = JobResult(onnx_path, compressed, macs_original, macs_compressed, parity, fidelity, seconds)
     if not parity:
         raise ParityError(parity.failure_message(config.parity.atol, config.parity.rtol), kept=onnx_path)
@@ -159,6 +175,14 @@ def emitted_output_names(names: Sequence[str], emitted_after: int | None) -> lis
         return list(names)
     own = [*names[:emitted_after], *(f"output_{i}" for i in range(len(names), emitted_after))]
     return [*own, "positions", "sizes"]
+
+
+def _fidelity(config: JobConfig, loaded: LoadedModel, compressed: CompressedModel,
+              say: Callable[[str], None]) -> Fidelity:
+    inputs = loaded.example_inputs(batch=config.fidelity_samples, seed=config.parity.seed + 1000)
+    fidelity = measure_fidelity(loaded.module, compressed.module, inputs, classes=loaded.output_names[0] == "logits")
+    say(f"fidelity vs uncompressed: {fidelity.describe()}")
+    return fidelity
 
 
 def _say_structure(compressed: CompressedModel, say: Callable[[str], None]) -> None:

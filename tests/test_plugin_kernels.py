@@ -320,6 +320,56 @@ def test_kernels_match_pytorch_ops(interpreted: dict, case: Case) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Many tokens: the Top-K kernel loops over 256-row tiles (577: ViT-L/14 at 336 px; 1,025: InternViT at 448 px;
+# 4,096: an 896 x 896 image at patch 14). Narrow rows keep the interpreter's time down; the ranking and the
+# tiles do not depend on C. Random scores (no ties) so the PyTorch op is a reference too; a tie case checks the
+# lower-index rule across tiles against the per-sample reference.
+
+LONG_TOPK_CASES = [
+    _topk(1, 577, 3, 400, 1, True, True),
+    _topk(1, 1025, 2, 700, 1, True, False),
+    _topk(1, 1025, 2, 300, 1, False, True, "ties"),
+    pytest.param(_topk(1, 4096, 2, 2867, 0, True, True), marks=pytest.mark.slow),
+]
+
+
+def _case(case) -> Case:
+    return case.values[0] if hasattr(case, "values") else case
+
+
+@pytest.fixture(scope="module")
+def interpreted_long(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict:
+    """The long cases selected in this run (the 4,096-token one is ``slow``), under TRITON_INTERPRET=1."""
+    folder = tmp_path_factory.mktemp("plugin_kernels_long")
+    wanted = {item.callspec.params["case"].id for item in request.session.items
+              if getattr(item, "callspec", None) and item.originalname == "test_long_topk_kernel"}
+    cases = {case.id: {"op": case.op, "settings": case.settings, **make_inputs(case, 100 + seed)}
+             for seed, case in enumerate(map(_case, LONG_TOPK_CASES)) if case.id in wanted}
+    torch.save(cases, folder / "cases.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(folder / "cases.pt"), str(folder / "results.pt")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"inputs": cases, "results": torch.load(folder / "results.pt")}
+
+
+@pytest.mark.parametrize("case", LONG_TOPK_CASES, ids=lambda c: c.id)
+def test_long_topk_kernel(interpreted_long: dict, case: Case) -> None:
+    from tc_export.ops.topk import topk_prune
+
+    inputs, result = interpreted_long["inputs"][case.id], interpreted_long["results"][case.id]
+    _check_against(case, inputs, result, reference_topk_sample)
+    if case.kind == "random":
+        s = case.settings
+        x_ref, size_ref = topk_prune(inputs["x"], inputs["size"], inputs["signal"], s["keep"], s["protected"],
+                                     s["fuse"], s["keep_order"])
+        torch.testing.assert_close(result[0], x_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result[1], size_ref)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Launch parameters, hand-computed.
 
 
@@ -364,6 +414,10 @@ def test_topk_launch() -> None:
         topk_select_launch(1, 10, 3, 10, 1)
     with pytest.raises(ConfigError, match="protected=11"):
         topk_select_launch(1, 10, 3, 1, 11)
+    long = topk_select_launch(1, 4096, 1536, 2867, 0, fuse=True, keep_order=True)
+    assert (long.constexprs["BLOCK_N"], long.constexprs["BLOCK_K"], long.constexprs["BLOCK_C"]) == (256, 64, 64)
+    with pytest.raises(ConfigError, match="at most 4096 tokens"):
+        topk_select_launch(1, 4097, 3, 2, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -379,6 +433,10 @@ SHAPES = {
         "topk": dict(batch=1, num_tokens=9, channels=16, keep=4, protected=1, fuse=True, keep_order=True, state=3),
     },
     # ViT-B/16 at 224 with r=16 (ToMe), DeiT-S keep 0.7 with the fused token (EViT).
+    # 4,096 tokens (Top-K loops over tiles; ToMe stays at most 512 tokens).
+    "long": {
+        "topk": dict(batch=1, num_tokens=4096, channels=1536, keep=2867, protected=0, fuse=True, keep_order=True),
+    },
     "vit": {
         "tome": dict(batch=1, num_tokens=197, channels=768, metric_dim=64, r=16, protected=1, padded=True),
         "topk": dict(batch=1, num_tokens=197, channels=384, keep=138, protected=1, fuse=True, keep_order=True),
@@ -403,7 +461,9 @@ def _compile(op: str, cc: int, dtype: torch.dtype, shape: str):
     [(op, cc, torch.float32, "tiny") for op in ("tome", "topk") for cc in (87, 89, 90)]
     + [(op, 87, torch.float16, "tiny") for op in ("tome", "topk")]
     + [(op, 87, torch.float32, "tiny_positions") for op in ("tome", "topk")]
-    + [pytest.param(op, 87, torch.float32, "vit", marks=pytest.mark.slow) for op in ("tome", "topk")],
+    + [pytest.param(op, 87, torch.float32, "vit", marks=pytest.mark.slow) for op in ("tome", "topk")]
+    + [("topk", 87, torch.float32, "long")]
+    + [pytest.param("topk", cc, torch.float32, "long", marks=pytest.mark.slow) for cc in (89, 90)],
 )
 def test_aot_compiles(op: str, cc: int, dtype: torch.dtype, shape: str) -> None:
     kernel, params = _compile(op, cc, dtype, shape)

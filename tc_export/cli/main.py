@@ -58,15 +58,21 @@ def cli() -> None:
               help="Add outputs 'positions' (B, N, P) and 'sizes' (B, N, 1) of the output tokens.")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-functions", is_flag=True, help="Flat ONNX: no tc_export function node per token op.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Parity: relative tolerance.")
+@click.option("--external-data", is_flag=True,
+              help="Weights in one data file beside the ONNX (MODEL.onnx.data); automatic over 2 GB.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and compute of the ONNX (inputs and outputs stay fp32); token ops score in fp32.")
+@click.option("--atol", type=float, default=None, help="Parity: absolute tolerance [default: 1e-4; per --dtype].")
+@click.option("--rtol", type=float, default=None, help="Parity: relative tolerance [default: 1e-3; per --dtype].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
 @engine_options
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
                    weights: Path | None, pretrained: bool,
                    img_size: int | None, pooling: str | None, batch: int,
-                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool, opset: int, no_functions: bool, atol: float, rtol: float, seed: int, fp16: bool) -> None:
+                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool, opset: int,
+                   no_functions: bool, external_data: bool, dtype: str, atol: float | None, rtol: float | None,
+                   seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.parity import ParityConfig
@@ -92,8 +98,9 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
                                    frames=frames),
         features=features,
         emit_positions=emit_positions,
-        export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions),
-        parity=ParityConfig(atol=atol, rtol=rtol, seed=seed),
+        export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions,
+                            external_data=external_data, dtype=dtype),
+        parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed),
         fp16=fp16,
         engine=engine,
         bundle=bundle,

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import ConfigError, ParityError
 from .engine import EngineConfig, get_target, is_function_layer, keep_fp32_layers, package_version
+from .files import external_data_files
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -91,8 +92,7 @@ def staging_dir(final: Path):
 def run_bundle_job(config: JobConfig, say: Callable[[str], None] = print,
                    loaded: LoadedModel | None = None) -> JobResult:
     """The export job, then lint, reference I/O, manifest and script, all written into DIR atomically."""
-    from ..models import load_model
-    from ..pipeline import run_job
+    from ..pipeline import load_for_job, run_job
     from .lint import require_lint_clean
 
     engine = config.engine
@@ -100,7 +100,7 @@ def run_bundle_job(config: JobConfig, say: Callable[[str], None] = print,
         raise ConfigError("a parity bundle is built for a device: add --target "
                           "jetson-orin-nano|jetson-agx-orin|datacenter")
     final = check_bundle_dir(config.output)
-    loaded = loaded or load_model(config.model, config.model_options, warn_random=False)
+    loaded = loaded or load_for_job(config)
     with staging_dir(final) as staging:
         def say_final(text: str) -> None:  # the user sees where the file will be, not the staging name
             say(text.replace(str(staging), str(final)))
@@ -165,6 +165,7 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
     results = reference_outputs(onnx_path, feeds)
     results.save(str(directory / OUTPUTS))
     node_names, op_types = function_node_names(onnx_path)
+    data_files = [path.name for path in external_data_files(onnx_path)]
     first = results[0][1][0]
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -203,7 +204,8 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
             if engine.precision != "fp32" and op_types else None,
         },
         "versions": _versions(),
-        "files": [MODEL, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT],
+        "external_data": data_files,  # the weights' file(s) beside model.onnx; [] when it holds them itself
+        "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT],
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

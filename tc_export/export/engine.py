@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailableError, ConfigError
-from .files import atomic_output, read_onnx
+from .files import atomic_output, external_data_files, read_onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FUNCTION_DOMAIN = "tc_export"
@@ -284,6 +284,7 @@ def sidecar_content(config: EngineConfig, onnx_path: Path, engine_path: Path, tr
         "engine": engine_path.name,
         "onnx": onnx_path.name,
         "onnx_sha256": _sha256(onnx_path),
+        "external_data_sha256": {path.name: _sha256(path) for path in external_data_files(onnx_path)},
         "target": config.target,
         "target_description": preset.description if preset else None,
         "precision": config.precision,

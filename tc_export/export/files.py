@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,6 +46,39 @@ def atomic_output(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_outputs(*paths: Path) -> Iterator[tuple[Path, ...]]:
+    """``atomic_output`` for files written together (an ONNX and its data file): yield the same names inside a
+    temporary sibling directory (so the ONNX names its data file by its final name); rename them all into place
+    only if the block succeeds, the first named last (the ONNX appears only once its data file is there)."""
+    parent = paths[0].resolve().parent
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{paths[0].name}.partial-"))
+    try:
+        temporaries = tuple(staging / path.name for path in paths)
+        yield temporaries
+        for tmp, path in reversed(list(zip(temporaries, paths))):
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def data_file_name(onnx_path: Path) -> Path:
+    """The external-data file written beside ``onnx_path`` (``model.onnx`` -> ``model.onnx.data``)."""
+    return onnx_path.with_name(f"{onnx_path.name}.data")
+
+
+def external_data_files(onnx_path: Path) -> list[Path]:
+    """The data files ``onnx_path``'s initializers name (none for an ONNX holding its weights), in order."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations: dict[str, None] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update({entry.value: None for entry in tensor.external_data if entry.key == "location"})
+    return [onnx_path.parent / location for location in locations]
 
 
 def read_onnx(path: str | Path, action: str) -> onnx.ModelProto:

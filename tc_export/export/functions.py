@@ -79,6 +79,7 @@ class _Site:
     spec: FunctionOp
     shapes: list[tuple[int, ...]]  # x, size, then one per signal (size filled in when the site had None)
     op_type: str = ""
+    dtypes: list[torch.dtype] = field(default_factory=list)  # as shapes (a half-precision model: --dtype)
 
     def fixed(self) -> dict[str, int | float | None]:
         """The settings baked into the body: every plain instance attribute that is not carried."""
@@ -198,6 +199,7 @@ def _record_sites(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]
             x, size, *signals = args
             size_shape = (x.shape[0], x.shape[1], 1) if size is None else tuple(size.shape)
             site.shapes = [tuple(x.shape), size_shape, *(tuple(s.shape) for s in signals)]
+            site.dtypes = [x.dtype, x.dtype if size is None else size.dtype, *(s.dtype for s in signals)]
 
         hooks.append(module.register_forward_pre_hook(record))
         sites.append(site)
@@ -239,7 +241,8 @@ def _trace_body(
     from .scatter_free import scatter_free_table
 
     torch.manual_seed(0)
-    x, size, *signals = (torch.rand(shape) + 0.5 for shape in site.shapes)
+    dtypes = site.dtypes or [torch.float32] * len(site.shapes)
+    x, size, *signals = ((torch.rand(shape) + 0.5).to(dtype) for shape, dtype in zip(site.shapes, dtypes))
     carriers = tuple(torch.zeros(max(_setting(site.op, c), 2)) for c in site.spec.carried)
     auto = torch.export.Dim.AUTO
     tokens = {0: auto, 1: auto} if dynamic_batch else {1: auto}

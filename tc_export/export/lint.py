@@ -115,10 +115,10 @@ def lint_model(model_or_path: onnx.ModelProto | str | Path, trt_version: str = "
     """Check every node (function bodies and subgraphs included), the opset and the shapes."""
     version = parse_version(trt_version)
     if isinstance(model_or_path, onnx.ModelProto):
-        model = model_or_path
+        model, folder = model_or_path, None
     else:
-        model = read_onnx(model_or_path, "lint")
-    linter = _Linter(model, version)
+        model, folder = read_onnx(model_or_path, "lint"), Path(model_or_path).resolve().parent
+    linter = _Linter(model, version, folder)
     report = LintReport(trt_version=str(trt_version))
     report.problems.extend(linter.check_opset())
     report.problems.extend(linter.check_graph(model.graph, prefix=""))
@@ -140,8 +140,9 @@ def require_lint_clean(onnx_path: Path, trt_version: str, say=print) -> LintRepo
 
 
 class _Linter:
-    def __init__(self, model: onnx.ModelProto, version: tuple[int, ...]) -> None:
+    def __init__(self, model: onnx.ModelProto, version: tuple[int, ...], folder: Path | None = None) -> None:
         self.model = model
+        self.folder = folder  # where the model's external-data files are (None: a model in memory)
         self.version = version
         self.table = support_table()
         self.functions = {(f.domain, f.name): f for f in model.functions}
@@ -322,6 +323,19 @@ class _Linter:
             if aot.type != onnx.AttributeProto.INT or aot.i not in (0, 1):
                 yield self.problem("error", node, name, "aot must be an int attribute, 0 or 1", "set aot=1 or 0",
                                    "plugin-aot", plugins)
+        yield from self.check_plugin_tokens(node, name)
+
+    def check_plugin_tokens(self, node: onnx.NodeProto, name: str) -> Iterator[LintProblem]:
+        """The plugin kernels' token limits (plugins/launch.py): past them a ``--plugins on`` build fails."""
+        from ..plugins.launch import PLUGIN_TOKEN_LIMITS
+
+        plugin = next((p for p in PLUGIN_TOKEN_LIMITS if node.op_type == p or node.op_type.startswith(p + "_")), None)
+        dims = self.shapes.get(node.input[0]) if plugin and node.input else None
+        if dims and len(dims) > 1 and isinstance(dims[1], int) and dims[1] > PLUGIN_TOKEN_LIMITS[plugin]:
+            yield self.problem("warning", node, name, f"{dims[1]} tokens: the {plugin} plugin kernel takes at most "
+                               f"{PLUGIN_TOKEN_LIMITS[plugin]}, so a build with --plugins on fails here",
+                               "build with --plugins off (TensorRT runs the function body)", "plugin-token-limit",
+                               self.table["plugins"])
 
     def check_functions(self) -> Iterator[LintProblem]:
         """Function bodies are what TensorRT builds when no plugin is registered: lint them like the graph."""
@@ -373,7 +387,7 @@ class _Linter:
         unknown, so does a Range over the batch), so the shapes are observed instead. Data-dependent operators
         are flagged by their own rule.
         """
-        runs = [_observed_shapes(self.model, self.types, self.batch_symbols, batch) for batch in (2, 3)]
+        runs = [_observed_shapes(self.model, self.types, self.batch_symbols, batch, self.folder) for batch in (2, 3)]
         if runs[0] is None or runs[1] is None:
             return None
         merged: dict[str, list] = {}
@@ -445,7 +459,11 @@ def _infer(model: onnx.ModelProto) -> onnx.ModelProto | None:
 
 
 def _observed_shapes(model: onnx.ModelProto, types: dict[str, int], batch_symbols: set[str],
-                     batch: int) -> dict[str, list] | None:
+                     batch: int, folder: Path | None = None) -> dict[str, list] | None:
+    """Every tensor's shape in ONNX Runtime at this batch. A model with external data runs from a temporary file
+    beside its data files (``folder``), so ONNX Runtime finds them without the weights being read here."""
+    import tempfile
+
     import numpy as np
     import onnxruntime as ort
 
@@ -467,13 +485,22 @@ def _observed_shapes(model: onnx.ModelProto, types: dict[str, int], batch_symbol
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3
-        session = ort.InferenceSession(concrete.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        if folder is not None and _has_external_data(concrete):
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".lint-", suffix=".onnx") as file:
+                onnx.save_model(concrete, file.name)
+                session = ort.InferenceSession(file.name, options, providers=["CPUExecutionProvider"])
+        else:
+            session = ort.InferenceSession(concrete.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = session.run(names, feed)
     except Exception:  # noqa: BLE001 - the caller reports that shapes were not checked
         return None
     shapes = {name: list(np.shape(v)) for name, v in zip(names, values)}
     shapes.update({name: list(v.shape) for name, v in feed.items()})
     return shapes
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:

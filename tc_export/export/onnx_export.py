@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigError, TCExportError
 from ..ops.tokens import lower_custom_ops, plain_ops
-from .files import atomic_output
+from .files import atomic_output, atomic_outputs, data_file_name
 from .functions import plan_functions
 
 MIN_OPSET = 17
@@ -31,15 +31,21 @@ class ExportConfig:
     """ONNX export settings: opset, batch size, whether the batch dimension stays symbolic.
 
     ``functions``: each token op site is one ``tc_export`` node calling a model-local function
-    (``export/functions.py``); False exports the flat graph.
+    (``export/functions.py``); False exports the flat graph. ``external_data``: the weights go into one data file
+    beside the ONNX (``files.data_file_name``), as they always do when the model is over protobuf's 2 GB limit.
     """
 
     opset: int = 18
     batch: int = 1
     dynamic_batch: bool = False
     functions: bool = True
+    external_data: bool = False
+    dtype: str = "fp32"  # of the weights and compute (export/precision.py); inputs and outputs stay fp32
 
     def __post_init__(self) -> None:
+        from .precision import torch_dtype
+
+        torch_dtype(self.dtype)  # a one-line error for an unknown dtype
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {self.opset}")
         if self.batch < 1:
@@ -109,16 +115,26 @@ def write_onnx(
         plan.attach(model)
     for key, value in (metadata or {}).items():
         model.metadata_props.add(key=key, value=value)
+    if config.external_data or needs_external_data(model, weights):
+        with atomic_outputs(path, data_file_name(path)) as (tmp, tmp_data):
+            _save_external(model, weights, tmp, tmp_data, data_file_name(path).name)
+            try:  # on the path: the checker reads the graph and checks the data file it names, not the weights
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except Exception as error:
+                raise TCExportError(f"the exported ONNX fails the ONNX checker: {_summary(error)}") from error
+        return len(model.graph.node)
     try:
-        if model.ByteSize() + sum(tensor.nbytes for tensor in weights.values()) > onnx.checker.MAXIMUM_PROTOBUF:
-            # as check_model(model) said, given the whole proto: one file cannot hold it (protobuf's 2 GB limit)
-            raise ValueError("This protobuf of onnx model is too large (>2GB).")
         _check_weightless(model)
     except Exception as error:
         raise TCExportError(f"the exported ONNX fails the ONNX checker: {_summary(error)}") from error
     with atomic_output(path) as tmp:
         _save_with_weights(model, weights, tmp)
     return len(model.graph.node)
+
+
+def needs_external_data(model: onnx.ModelProto, weights: Mapping[str, ir.TensorProtocol]) -> bool:
+    """Whether ``model`` with its held ``weights`` is over protobuf's 2 GB limit for one file."""
+    return model.ByteSize() + sum(tensor.nbytes for tensor in weights.values()) > onnx.checker.MAXIMUM_PROTOBUF
 
 
 # Initializers at least this large stay in the exported program (which shares them with the module's parameters)
@@ -191,6 +207,36 @@ def _save_with_weights(model: onnx.ModelProto, weights: Mapping[str, ir.TensorPr
                 filled.name = tensor.name
                 tensor = filled
             file.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])).SerializeToString())
+
+
+# Offsets in the data file are multiples of this (as onnx's own external-data writer aligns large tensors), so a
+# runtime may memory-map each weight.
+EXTERNAL_ALIGNMENT = 4096
+
+
+def _save_external(model: onnx.ModelProto, weights: Mapping[str, ir.TensorProtocol], path: Path, data_path: Path,
+                   location: str) -> None:
+    """Write ``model`` to ``path`` with its held initializers in ``data_path`` (named ``location`` in the ONNX).
+
+    Each weight is written from its original tensor, one at a time; the ONNX itself holds only the graph and the
+    small initializers (under ``HELD_WEIGHT_BYTES``).
+    """
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    with open(data_path, "wb") as data:
+        for tensor in shell.graph.initializer:
+            if not _is_held(tensor):
+                continue
+            offset = -data.tell() % EXTERNAL_ALIGNMENT
+            data.write(b"\0" * offset)
+            offset = data.tell()
+            data.write(weights[tensor.name].tobytes())
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)),
+                               ("length", str(data.tell() - offset))):
+                tensor.external_data.add(key=key, value=value)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(shell, str(path))
 
 
 def clean_onnx(model: onnx.ModelProto, weights: Mapping[str, ir.TensorProtocol] | None = None) -> onnx.ModelProto:

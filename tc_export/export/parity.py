@@ -27,12 +27,22 @@ class ParityConfig:
     seed: int = 0
     samples: int = 2
 
+    @classmethod
+    def for_dtype(cls, dtype: str, atol: float | None = None, rtol: float | None = None, **kwargs) -> ParityConfig:
+        """The tolerances of a file in ``dtype`` (``DTYPE_TOLERANCES``) where ``atol``/``rtol`` are not given."""
+        default_atol, default_rtol = DTYPE_TOLERANCES.get(dtype, DTYPE_TOLERANCES["fp32"])
+        return cls(atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol, **kwargs)
+
     def __post_init__(self) -> None:
         if self.atol < 0 or self.rtol < 0:
             raise ConfigError(f"--atol and --rtol must be >= 0, got {self.atol} and {self.rtol}")
         if self.samples < 1:
             raise ConfigError(f"parity needs at least one input sample, got {self.samples}")
 
+
+# Parity (PyTorch in the file's dtype vs ONNX Runtime) per --dtype: fp32's defaults; half precision rounds each op
+# to 11 (fp16) or 8 (bf16) significant bits, and the two runtimes round at different places.
+DTYPE_TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (2e-2, 2e-2), "bf16": (1e-1, 5e-2)}
 
 RUNTIME_NAMES = ("PyTorch", "ONNX Runtime")  # reference, candidate
 

@@ -94,6 +94,7 @@ def bipartite_match(
     real tokens (``pad_aware_scores``). ``window``: search only the B columns within ``window`` of each A row's
     index (``banded_scores``; None: all of them, the published method).
     """
+    metric = metric.float()  # scores and ranks in fp32 whatever the model's dtype (a no-op in fp32)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # a zero key scores 0, not NaN
     metric_a, metric_b = metric[:, ::2], metric[:, 1::2]
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]

@@ -32,7 +32,7 @@ def topk_prune(
 ) -> tuple[Tensor, Tensor | None]:
     """Keep ``keep`` of the unprotected tokens of ``x`` (B, N, C) by ``class_attn`` (B, N); returns (x, size)."""
     num_tokens = x.shape[1]
-    scores = class_attn[:, protected:]
+    scores = class_attn[:, protected:].float()  # ranks in fp32 whatever the model's dtype (a no-op in fp32)
     ranked = scores.topk(num_tokens - protected if fuse else keep, dim=-1).indices
     kept = ranked[:, :keep]
     if keep_order:
@@ -41,7 +41,7 @@ def topk_prune(
     sizes = None if size is None else [size[:, :protected], gather_rows(size, kept, 1, protected)]
     if fuse:
         pruned = ranked[:, keep:]
-        weights = scores.gather(-1, pruned).unsqueeze(1)  # (B, 1, M)
+        weights = scores.gather(-1, pruned).unsqueeze(1).to(x.dtype)  # (B, 1, M)
         pruned_x = gather_rows(x, pruned, 1, protected)
         parts.append(weights @ pruned_x)
         pruned_size = (

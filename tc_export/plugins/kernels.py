@@ -198,8 +198,11 @@ def topk_select_kernel(
 ):
     """EViT Top-K selection of one batch item, with the optional fused token sum_i a_i x_i over pruned tokens.
 
-    The S state columns (size, then positions times size) are gathered; the fused token sums them over the
-    pruned tokens."""
+    Tokens are processed in tiles of BLOCK_N rows (N may exceed BLOCK_N). The last kept token (rank KEEP - 1) is
+    the threshold: a token is kept iff it is ahead of it or it, which is all the original-order positions and the
+    fused token need, so a first pass finds it and the later passes compare against it. The S state columns (size,
+    then positions times size) are gathered; the fused token sums them over the pruned tokens.
+    """
     N_OUT: tl.constexpr = PROTECTED + KEEP + FUSE
     b = tl.program_id(0).to(tl.int64)
     live = b < batch
@@ -209,53 +212,88 @@ def topk_select_kernel(
     s_out = size_out_ptr + b * (N_OUT * S)
     a_in = attn_ptr + b * N
 
-    t = tl.arange(0, BLOCK_N)
-    t_ok = (t < N) & live
-    unprot = t_ok & (t >= PROTECTED)
-    score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+    last_score = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+    last_index = tl.max(tl.full([BLOCK_N], -1, tl.int32), axis=0)
+    if KEEP_ORDER or FUSE:
+        for t0 in range(0, N, BLOCK_N):
+            t = t0 + tl.arange(0, BLOCK_N)
+            t_ok = (t < N) & live
+            score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+            last = t_ok & (t >= PROTECTED) & (_topk_rank(a_in, t, score, live, N, PROTECTED, BLOCK_K) == KEEP - 1)
+            last_score = tl.maximum(last_score, tl.max(tl.where(last, score, float("-inf")), axis=0))
+            last_index = tl.maximum(last_index, tl.max(tl.where(last, t, -1), axis=0))
 
-    # Rank among unprotected tokens, counting over blocks of BLOCK_K reloaded scores.
-    rank = tl.zeros([BLOCK_N], tl.int32)
+    for t0 in range(0, N, BLOCK_N):
+        t = t0 + tl.arange(0, BLOCK_N)
+        t_ok = (t < N) & live
+        unprot = t_ok & (t >= PROTECTED)
+        score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+        rank = _topk_rank(a_in, t, score, live, N, PROTECTED, BLOCK_K)
+        kept = unprot & (rank < KEEP)
+        if KEEP_ORDER:
+            before = tl.zeros([BLOCK_N], tl.int32)
+            for k0 in range(PROTECTED, N, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = (k < N) & live
+                other = tl.load(a_in + k, mask=k_ok, other=0.0).to(tl.float32)
+                k_kept = k_ok & ((other > last_score) | ((other == last_score) & (k <= last_index)))
+                before += tl.sum((k_kept[None, :] & (k[None, :] < t[:, None])).to(tl.int32), axis=1)
+            pos = tl.where(t < PROTECTED, t, PROTECTED + before)
+        else:
+            pos = tl.where(t < PROTECTED, t, PROTECTED + rank)
+        out = (t_ok & (t < PROTECTED)) | kept
+        for col in tl.static_range(S):
+            sizes = tl.load(s_in + t * S + col, mask=t_ok, other=0.0)
+            tl.store(s_out + pos * S + col, sizes, mask=out)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cc < C
+            rows = tl.load(x_in + t[:, None] * C + cc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+            tl.store(x_out + pos[:, None] * C + cc[None, :], rows, mask=out[:, None] & c_ok[None, :])
+
+    if FUSE:
+        for col in tl.static_range(S):
+            fused_size = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+            for t0 in range(0, N, BLOCK_N):
+                t = t0 + tl.arange(0, BLOCK_N)
+                t_ok = (t < N) & live
+                score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+                pruned = _topk_pruned(t, t_ok, score, last_score, last_index, PROTECTED)
+                sizes = tl.load(s_in + t * S + col, mask=t_ok, other=0.0).to(tl.float32)
+                fused_size += tl.sum(tl.where(pruned, sizes, 0.0), axis=0)
+            tl.store(s_out + (PROTECTED + KEEP) * S + col, fused_size.to(size_out_ptr.dtype.element_ty), mask=live)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cc < C
+            fused = tl.zeros([BLOCK_C], tl.float32)
+            for t0 in range(0, N, BLOCK_N):
+                t = t0 + tl.arange(0, BLOCK_N)
+                t_ok = (t < N) & live
+                score = tl.load(a_in + t, mask=t_ok, other=0.0).to(tl.float32)
+                weight = tl.where(_topk_pruned(t, t_ok, score, last_score, last_index, PROTECTED), score, 0.0)
+                rows = tl.load(x_in + t[:, None] * C + cc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
+                fused += tl.sum(weight[:, None] * rows.to(tl.float32), axis=0)
+            tl.store(
+                x_out + (PROTECTED + KEEP) * C + cc, fused.to(x_out_ptr.dtype.element_ty), mask=c_ok & live
+            )
+
+
+@triton.jit
+def _topk_rank(a_in, t, score, live, N: tl.constexpr, PROTECTED: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rank of tokens ``t`` among the unprotected tokens: those ahead (higher score, or equal and lower index),
+    counted over blocks of BLOCK_K reloaded scores."""
+    rank = tl.zeros(t.shape, tl.int32)
     for k0 in range(PROTECTED, N, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = (k < N) & live
         other = tl.load(a_in + k, mask=k_ok, other=0.0).to(tl.float32)
         ahead = (other[None, :] > score[:, None]) | ((other[None, :] == score[:, None]) & (k[None, :] < t[:, None]))
         rank += tl.sum((ahead & k_ok[None, :]).to(tl.int32), axis=1)
-    kept = unprot & (rank < KEEP)
-    pruned = unprot & (rank >= KEEP)
+    return rank
 
-    if KEEP_ORDER:
-        # The last kept token (rank KEEP - 1) is the threshold: k is kept iff it is ahead of it or it.
-        last = unprot & (rank == KEEP - 1)
-        last_score = tl.max(tl.where(last, score, float("-inf")), axis=0)
-        last_index = tl.max(tl.where(last, t, -1), axis=0)
-        before = tl.zeros([BLOCK_N], tl.int32)
-        for k0 in range(PROTECTED, N, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = (k < N) & live
-            other = tl.load(a_in + k, mask=k_ok, other=0.0).to(tl.float32)
-            k_kept = k_ok & ((other > last_score) | ((other == last_score) & (k <= last_index)))
-            before += tl.sum((k_kept[None, :] & (k[None, :] < t[:, None])).to(tl.int32), axis=1)
-        pos = tl.where(t < PROTECTED, t, PROTECTED + before)
-    else:
-        pos = tl.where(t < PROTECTED, t, PROTECTED + rank)
 
-    out = (t_ok & (t < PROTECTED)) | kept
-    for col in tl.static_range(S):
-        sizes = tl.load(s_in + t * S + col, mask=t_ok, other=0.0)
-        tl.store(s_out + pos * S + col, sizes, mask=out)
-        if FUSE:
-            fused_size = tl.sum(tl.where(pruned, sizes.to(tl.float32), 0.0), axis=0)
-            tl.store(s_out + (PROTECTED + KEEP) * S + col, fused_size.to(size_out_ptr.dtype.element_ty), mask=live)
-    weight = tl.where(pruned, score, 0.0)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
-        c_ok = cc < C
-        rows = tl.load(x_in + t[:, None] * C + cc[None, :], mask=t_ok[:, None] & c_ok[None, :], other=0.0)
-        tl.store(x_out + pos[:, None] * C + cc[None, :], rows, mask=out[:, None] & c_ok[None, :])
-        if FUSE:
-            fused = tl.sum(weight[:, None] * rows.to(tl.float32), axis=0)
-            tl.store(
-                x_out + (PROTECTED + KEEP) * C + cc, fused.to(x_out_ptr.dtype.element_ty), mask=c_ok & live
-            )
+@triton.jit
+def _topk_pruned(t, t_ok, score, last_score, last_index, PROTECTED: tl.constexpr):
+    """Unprotected tokens behind the last kept one (rank >= KEEP)."""
+    kept = (score > last_score) | ((score == last_score) & (t <= last_index))
+    return t_ok & (t >= PROTECTED) & ~kept

@@ -22,7 +22,11 @@ MAX_TILE = 64
 MAX_BLOCK_C = 64
 # One program holds a (BLOCK_A, BLOCK_A) rank tile: 256 A rows (N <= 512) is the largest that stays sensible.
 MAX_BLOCK_ROWS = 256
-MAX_TOPK_TOKENS = 1024
+# Top-K loops over tiles of at most MAX_TOPK_ROWS tokens: up to 4,096 tokens (e.g. an 896 x 896 image at patch 14).
+MAX_TOPK_ROWS = 256
+MAX_TOPK_TOKENS = 4096
+# Tokens each plugin kernel takes (TensorRT plugin name -> limit), as the lint states them.
+PLUGIN_TOKEN_LIMITS = {"ToMeMerge": 2 * MAX_BLOCK_ROWS, "TopKSelect": MAX_TOPK_TOKENS}
 
 
 def next_pow2(value: int) -> int:
@@ -112,7 +116,7 @@ def topk_select_launch(
         )
     if num_tokens > MAX_TOPK_TOKENS:
         raise ConfigError(f"the TopKSelect kernel takes at most {MAX_TOPK_TOKENS} tokens (got {num_tokens})")
-    block_n = _block(num_tokens)
+    block_n = _block(num_tokens, MAX_TOPK_ROWS)
     block_k = _block(num_tokens, MAX_TILE)
     block_c = _block(channels, MAX_BLOCK_C)
     constexprs = {
