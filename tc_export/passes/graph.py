@@ -111,6 +111,11 @@ def ancestors(node: fx.Node, through_shape_queries: bool = True) -> set[fx.Node]
     return seen
 
 
+def is_input_free(node: fx.Node) -> bool:
+    """Computed from parameters, buffers and constants only (shape reads of the input allowed)."""
+    return not any(n.op == "placeholder" for n in ancestors(node, through_shape_queries=False) | {node})
+
+
 def data_inputs(node: fx.Node) -> list[fx.Node]:
     """Input nodes that carry activations (not parameters or buffers)."""
     return [n for n in node.all_input_nodes if n.op != "get_attr"]

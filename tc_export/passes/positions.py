@@ -15,17 +15,12 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from .graph import ancestors, is_shape_query, is_sdpa, tensor_meta_shape
+from .graph import ancestors, is_input_free, is_shape_query, is_sdpa, tensor_meta_shape
 from .structure import Structure
 
 _PRODUCTS = {"bmm", "matmul", "mm", "baddbmm", "__matmul__", "einsum"}
 _WEIGHTED = {"linear", "addmm", "mm", "conv1d", "conv2d", "convolution", "layer_norm", "native_layer_norm",
              "embedding", "group_norm", "rms_norm", "batch_norm"}
-
-
-def _is_input_free(node: fx.Node) -> bool:
-    """Computed from parameters, buffers and constants only (shape reads of the input allowed)."""
-    return not any(n.op == "placeholder" for n in ancestors(node, through_shape_queries=False) | {node})
 
 
 def _op_name(node: fx.Node) -> str:
@@ -61,7 +56,7 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
             if other in below or is_shape_query(other) or other.op == "placeholder":
                 continue
             shape = tensor_meta_shape(other)
-            if shape is None or not sizes & set(shape) or not _is_input_free(other):
+            if shape is None or not sizes & set(shape) or not is_input_free(other):
                 continue
             if torch.Size(shape).numel() <= max(sizes):
                 continue  # a vector no larger than one row of tokens: a per-channel scale, not a table

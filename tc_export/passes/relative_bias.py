@@ -1,0 +1,146 @@
+"""Relative position biases (BEiT, Data2VecVision, timm relpos ViTs, T5): looked up by the carried positions.
+
+Each of these models adds to its attention logits a fixed, learned (heads, N, N) tensor: entry (i, j) depends only
+on where tokens i and j sat in the original sequence (their offset in the patch grid, an entry of its own for the
+class token, or T5's bucket of the 1-D distance). However the model computes it (a table gathered by an index
+buffer, an MLP over log-spaced offsets, a bucket function over ``arange``), the graph holds it materialised for the
+original tokens. So one rule serves every family: after tokens move, the bias between current tokens i and j is
+the original bias between the original tokens at their positions, ``bias[index(i), index(j)]``.
+
+Pruned tokens carry their exact coordinates, so pruning is exact. A merged token carries the size-weighted mean
+of its members' coordinates; a table has no entry between grid points, so each coordinate is rounded (half up) to
+the nearest grid point: the merged token is looked up where the centre of its members lies. The alternatives
+(the destination token's own position, interpolating the table at the fractional offset, the size-weighted mean
+of the members' biases, no bias) are measured in ``benchmarks/relative_bias_rules.py``.
+Protected tokens (class, registers) are looked up by their index, as the model does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import math
+
+import torch
+from torch import Tensor, fx
+
+from ..errors import StructureNotFoundError
+from .graph import descendants, is_add, node_kwarg, tensor_meta_shape
+from .padding import learned_part
+from .position_tables import PositionTable, register_finder
+from .structure import AttentionSite, Structure
+
+KIND = "relative position bias"
+
+
+@dataclass(eq=False)
+class RelativeBiasTable(PositionTable):
+    """The materialised bias (…, N, N) read by one attention site, for ``tokens`` original tokens laid out as
+    ``grid`` (the unprotected tokens' grid; ``None``: a 1-D sequence)."""
+
+    bias: fx.Node
+    tokens: int
+    grid: tuple[int, ...] | None
+
+    def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:
+        inner = self.tokens - prefix - suffix
+        layout = self.grid or (inner,)
+        if math.prod(layout) != inner:
+            raise StructureNotFoundError(
+                f"{KIND} at attention layer {self.site}: the bias covers {self.tokens} tokens, which are not "
+                f"{prefix} protected + {suffix} trailing + a {'x'.join(map(str, layout))} grid, so the carried "
+                "positions cannot look it up"
+            )
+        users = list(self.bias.users)
+        with gm.graph.inserting_before(users[0]):
+            gathered = gm.graph.call_function(relative_bias_at, (self.bias, positions, prefix, suffix, layout))
+        for user in users:
+            user.replace_input_with(self.bias, gathered)
+
+
+def original_index(positions: Tensor, prefix: int, suffix: int, layout: tuple[int, ...], tokens: int) -> Tensor:
+    """(B, n) index of each current token among the ``tokens`` original ones: protected rows by their place, the
+    others at their carried coordinates rounded half up (merged tokens: the rounded size-weighted mean)."""
+    batch, count, _ = positions.shape
+    inner = positions[:, prefix:count - suffix]
+    flat = torch.zeros(inner.shape[:2], dtype=positions.dtype, device=positions.device)
+    for axis, extent in enumerate(layout):
+        coordinate = torch.floor(inner[..., axis] + 0.5)
+        coordinate = torch.where(coordinate == coordinate, coordinate, 0.0)  # no NaN from a size-0 merge
+        flat = flat * extent + coordinate.clamp(0, extent - 1)
+    head = torch.arange(prefix, device=positions.device).expand(batch, prefix)
+    tail = torch.arange(tokens - suffix, tokens, device=positions.device).expand(batch, suffix)
+    return torch.cat([head, flat.long() + prefix, tail], dim=1)
+
+
+def relative_bias_at(bias: Tensor, positions: Tensor, prefix: int, suffix: int, layout: tuple[int, ...]) -> Tensor:
+    """The model's bias (…, N, N) between the current tokens, (B, heads, n, n), from their carried positions."""
+    tokens = bias.shape[-1]
+    index = original_index(positions, prefix, suffix, layout, tokens)
+    pairs = index[:, :, None] * tokens + index[:, None, :]  # (B, n, n)
+    return bias.reshape(-1, tokens * tokens)[:, pairs].transpose(0, 1)
+
+
+@register_finder
+def find_relative_biases(gm: fx.GraphModule, structure: Structure) -> list[PositionTable]:
+    """A learned bias (…, N, N) computed from parameters alone that reaches a site's logits (its SDPA mask, or
+    an add before its softmax), at every site."""
+    tables: list[PositionTable] = []
+    readers: dict[fx.Node, list[AttentionSite]] = {}
+    for site in structure.sites:
+        bias = _bias_of(gm, site)
+        if bias is not None:
+            readers.setdefault(bias, []).append(site)
+    for bias, sites in readers.items():
+        shape = tensor_meta_shape(bias)
+        for site in sites:
+            own = _own_copy(gm, bias, site, structure) if len(sites) > 1 else bias
+            if own is None:
+                continue  # shared past this site: stays refused by the position check
+            own.meta = dict(bias.meta)
+            tables.append(RelativeBiasTable(site.index, KIND, frozenset({own}), own, shape[-1], structure.grid))
+    return tables
+
+
+def _bias_of(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | None:
+    tokens = (tensor_meta_shape(site.query) or (0, 0))[-2]
+    if site.softmax is None:
+        mask = node_kwarg(site.attention, "attn_mask", 3)
+        candidates = [mask] if isinstance(mask, fx.Node) else []
+    else:
+        candidates = _logit_addends(site.softmax)
+    found = {b for node in candidates if (b := learned_part(gm, node, tokens)) is not None}
+    return found.pop() if len(found) == 1 else None
+
+
+def _logit_addends(softmax: fx.Node) -> list[fx.Node]:
+    """The tensors added to the logits on the way into ``softmax``."""
+    addends, node = [], softmax.args[0]
+    for _ in range(6):
+        if not isinstance(node, fx.Node) or not is_add(node):
+            break
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if len(tensors) != 2:
+            break
+        addends.append(tensors[1])
+        node = tensors[0]
+    return addends
+
+
+def _own_copy(gm: fx.GraphModule, bias: fx.Node, site: AttentionSite, structure: Structure) -> fx.Node | None:
+    """A per-site alias of a bias several sites read (T5 computes it once): this site's reads go through it, so
+    each site can look the bias up at its own tokens."""
+    others = {s.attention for s in structure.sites if s is not site}
+    mine = []
+    for user in bias.users:
+        reach = descendants(user) | {user}
+        if site.attention in reach:
+            if reach & others:
+                return None
+            mine.append(user)
+    if not mine:
+        return None
+    with gm.graph.inserting_after(bias):
+        own = gm.graph.call_function(torch.Tensor.contiguous, (bias,))
+    for user in mine:
+        user.replace_input_with(bias, own)
+    return own
