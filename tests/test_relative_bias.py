@@ -1,0 +1,121 @@
+"""Relative position biases (BEiT, timm relpos ViTs, Data2VecVision, T5's encoder) follow the tokens: found at every
+attention, rewired to look the model's own bias up at the carried positions, and checked against the per-sample
+forwards of tests/reference_relbias.py, which read the bias tables from the weights with the published formulas."""
+
+import pytest
+import torch
+
+from tc_export.passes.graph import stable_toposort
+from tc_export.passes.position_tables import find_position_tables
+from tc_export.passes.relative_bias import RelativeBiasTable, relative_bias_at
+from tc_export.passes.structure import find_structure
+from tc_export.passes.trace import propagate_shapes, trace
+
+from . import reference_relbias as rel
+from .reference_encoders import Hooks
+
+TINY = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
+TIMM = {
+    "beit": ("beit_base_patch16_224", rel.timm_beit),
+    "relpos": ("vit_relpos_base_patch16_224", rel.timm_relpos),
+    "relpos-cls": ("vit_relpos_base_patch16_cls_224", rel.timm_relpos),
+    "relpos-clsgap": ("vit_relpos_base_patch16_clsgap_224", rel.timm_relpos),
+    "relpos-rpn": ("vit_relpos_base_patch16_rpn_224", rel.timm_relpos),
+}
+
+
+def timm_model(arch: str, **overrides) -> torch.nn.Module:
+    """A tiny timm model whose bias tables are far from their zero initialisation (so a wrong lookup shows)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **{**TINY, **overrides}).eval()
+    for name, parameter in model.named_parameters():
+        if "relative_position" in name or "rel_pos" in name:
+            parameter.data.normal_()
+    return model
+
+
+def data2vec_model(**overrides) -> torch.nn.Module:
+    import transformers
+
+    from tc_export.models.hf_auto import ImageEncoder
+
+    torch.manual_seed(0)
+    config = transformers.Data2VecVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=128, image_size=64,
+                                               **{"use_relative_position_bias": True, **overrides})
+    model = transformers.Data2VecVisionModel(config)
+    for name, parameter in model.named_parameters():
+        if "relative_position" in name:
+            parameter.data.normal_()
+    return ImageEncoder(model.eval(), "mean").eval()
+
+
+def identity_positions(x: torch.Tensor, prefix: int, grid: tuple[int, ...]) -> torch.Tensor:
+    """The positions of the uncompressed tokens, as the carry starts them: -1 rows for the protected prefix."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij"), -1)
+    rows = torch.cat([torch.full((prefix, len(grid)), -1.0), coords.reshape(-1, len(grid))])
+    return rows.expand(x.shape[0], -1, -1)
+
+
+def rewired(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.fx.GraphModule, int]:
+    """``model`` with every relative bias looked up at the uncompressed tokens' positions; the number of tables."""
+    gm = trace(model, inputs)
+    propagate_shapes(gm, inputs)
+    structure = find_structure(gm)
+    tables = [t for t in find_position_tables(gm, structure) if isinstance(t, RelativeBiasTable)]
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    with gm.graph.inserting_after(placeholder):
+        positions = gm.graph.call_function(identity_positions, (placeholder, structure.prefix, structure.grid))
+    for table in tables:
+        table.rewire(gm, positions, structure.prefix, 0)
+    stable_toposort(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, len(tables)
+
+
+@pytest.mark.parametrize("name", [*TIMM, "data2vec"])
+def test_bias_looked_up_at_the_uncompressed_positions_is_the_models_own(name):
+    """At every attention a table is found, and reading it at the uncompressed positions changes nothing (bit for
+    bit): the index the rewired graph computes is the model's own."""
+    model = data2vec_model() if name == "data2vec" else timm_model(TIMM[name][0])
+    key = "pixel_values" if name == "data2vec" else "x"
+    inputs = {key: torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    gm, tables = rewired(model, inputs)
+    assert tables == 2
+    with torch.no_grad():
+        assert torch.equal(gm(**inputs), model(**inputs))
+
+
+def test_shared_bias_of_data2vec_gets_a_lookup_per_layer():
+    """Data2VecVision's shared bias (computed once, read by every layer) is looked up at each layer's tokens."""
+    model = data2vec_model(use_relative_position_bias=False, use_shared_relative_position_bias=True)
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64)}
+    gm, tables = rewired(model, inputs)
+    assert tables == 2
+    with torch.no_grad():
+        assert torch.equal(gm(**inputs), model(**inputs))
+
+
+def test_merged_tokens_read_the_bias_at_their_rounded_mean_position():
+    """The documented rule, on a hand-made case: a token at (0.5, 1.4) reads row/column (1, 1) half up; the class
+    row reads its own entries; positions that are not numbers (a size-0 merge) read a valid entry."""
+    tokens, grid = 1 + 3 * 3, (3, 3)
+    bias = torch.randn(2, tokens, tokens)
+    positions = torch.tensor([[[-1.0, -1.0], [0.5, 1.4], [2.0, 0.0], [float("nan"), 0.0]]])
+    got = relative_bias_at(bias, positions, 1, 0, grid)
+    index = torch.tensor([0, 1 + 1 * 3 + 1, 1 + 2 * 3 + 0, 1 + 0 * 3 + 0])
+    torch.testing.assert_close(got[0], bias[:, index][:, :, index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_references_reproduce_the_uncompressed_models(name):
+    """The yardstick: with no method the per-sample forwards equal the models (their bias formulas are right)."""
+    arch, reference = TIMM[name]
+    model = timm_model(arch)
+    inputs = {"x": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))}
+    want, _ = rel.run(reference(model), inputs, Hooks())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs), want, rtol=1e-4, atol=2e-5)
