@@ -52,6 +52,21 @@ def data2vec_model(**overrides) -> torch.nn.Module:
     return ImageEncoder(model.eval(), "mean").eval()
 
 
+def t5_encoder(tmp_path) -> "LoadedModel":
+    """A tiny T5 encoder from a local directory (hf:DIR: mean pooled over the padding mask), its bias table drawn
+    far from zero."""
+    import transformers
+
+    from tc_export.models import load_model
+
+    torch.manual_seed(0)
+    config = transformers.T5Config(d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2, vocab_size=500)
+    model = transformers.T5EncoderModel(config)
+    model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.data.normal_()
+    model.save_pretrained(tmp_path)
+    return load_model(f"hf:{tmp_path}", warn_random=False)
+
+
 def identity_positions(x: torch.Tensor, prefix: int, grid: tuple[int, ...]) -> torch.Tensor:
     """The positions of the uncompressed tokens, as the carry starts them: -1 rows for the protected prefix."""
     coords = torch.stack(torch.meshgrid(*[torch.arange(g, dtype=torch.float32) for g in grid], indexing="ij"), -1)
@@ -66,8 +81,9 @@ def rewired(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[to
     structure = find_structure(gm)
     tables = [t for t in find_position_tables(gm, structure) if isinstance(t, RelativeBiasTable)]
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    grid = structure.grid or (structure.sites[0].num_tokens() - structure.prefix,)
     with gm.graph.inserting_after(placeholder):
-        positions = gm.graph.call_function(identity_positions, (placeholder, structure.prefix, structure.grid))
+        positions = gm.graph.call_function(identity_positions, (placeholder, structure.prefix, grid))
     for table in tables:
         table.rewire(gm, positions, structure.prefix, 0)
     stable_toposort(gm.graph)
@@ -87,6 +103,39 @@ def test_bias_looked_up_at_the_uncompressed_positions_is_the_models_own(name):
     assert tables == 2
     with torch.no_grad():
         assert torch.equal(gm(**inputs), model(**inputs))
+
+
+def test_t5_bias_shared_by_every_layer_is_looked_up_per_layer(tmp_path):
+    """T5 computes its bucketed bias once, inside the padding mask, and every layer reads it: each layer gets a
+    table of its own (1-D positions), and the uncompressed lookup is the model's own bias."""
+    loaded = t5_encoder(tmp_path)
+    inputs = loaded.example_inputs(batch=2)
+    gm, tables = rewired(loaded.module, inputs)
+    assert tables == 2
+    with torch.no_grad():
+        assert torch.equal(gm(**inputs), loaded.module(**inputs))
+
+
+def test_padding_keeps_the_t5_bias_it_was_added_into(tmp_path):
+    """The padding logic replaces T5's mask by the size bias and keeps the relative bias that was built into it
+    (it used to clear both, silently exporting T5 without its bias)."""
+    from tc_export.ops.attention import presence_bias
+    from tc_export.passes.padding import find_initial_sizes
+    from tc_export.passes.rewrite import add_attention_bias
+
+    loaded = t5_encoder(tmp_path)
+    inputs = loaded.example_inputs(batch=2)
+    assert (inputs["attention_mask"] == 0).any()
+    gm = trace(loaded.module, inputs)
+    propagate_shapes(gm, inputs)
+    sites = find_structure(gm).sites
+    sizes = find_initial_sizes(gm, sites, inputs)
+    for site in sites:
+        with gm.graph.inserting_before(site.attention):
+            add_attention_bias(site, gm.graph.call_function(presence_bias, (sizes,)))
+    gm.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(**inputs), loaded.module(**inputs), rtol=1e-5, atol=1e-6)
 
 
 def test_shared_bias_of_data2vec_gets_a_lookup_per_layer():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, fx
 
 from ..errors import StructureNotFoundError
-from .graph import descendants, is_add, node_kwarg, tensor_meta_shape
+from .graph import ancestors, is_add, node_kwarg, tensor_meta_shape
 from .padding import learned_part
 from .position_tables import PositionTable, register_finder
 from .structure import AttentionSite, Structure
@@ -50,7 +50,11 @@ class RelativeBiasTable(PositionTable):
                 f"{prefix} protected + {suffix} trailing + a {'x'.join(map(str, layout))} grid, so the carried "
                 "positions cannot look it up"
             )
-        users = list(self.bias.users)
+        output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        live = ancestors(output)
+        users = [user for user in self.bias.users if user in live]  # not a mask the padding logic replaced
+        if not users:
+            return
         with gm.graph.inserting_before(users[0]):
             gathered = gm.graph.call_function(relative_bias_at, (self.bias, positions, prefix, suffix, layout))
         for user in users:
@@ -85,31 +89,39 @@ def find_relative_biases(gm: fx.GraphModule, structure: Structure) -> list[Posit
     """A learned bias (…, N, N) computed from parameters alone that reaches a site's logits (its SDPA mask, or
     an add before its softmax), at every site."""
     tables: list[PositionTable] = []
+    found = {site.index: _bias_of(gm, site) for site in structure.sites}
     readers: dict[fx.Node, list[AttentionSite]] = {}
     for site in structure.sites:
-        bias = _bias_of(gm, site)
-        if bias is not None:
-            readers.setdefault(bias, []).append(site)
+        if found[site.index] is not None:
+            readers.setdefault(found[site.index][0], []).append(site)
+    paths = {index: _mask_path(site, found[index]) for index, site in enumerate(structure.sites)}
     for bias, sites in readers.items():
         shape = tensor_meta_shape(bias)
         for site in sites:
-            own = _own_copy(gm, bias, site, structure) if len(sites) > 1 else bias
+            own = bias if len(sites) == 1 else _own_copy(gm, bias, site.index, paths)
             if own is None:
                 continue  # shared past this site: stays refused by the position check
-            own.meta = dict(bias.meta)
             tables.append(RelativeBiasTable(site.index, KIND, frozenset({own}), own, shape[-1], structure.grid))
     return tables
 
 
-def _bias_of(gm: fx.GraphModule, site: AttentionSite) -> fx.Node | None:
+def _bias_of(gm: fx.GraphModule, site: AttentionSite) -> tuple[fx.Node, fx.Node] | None:
+    """(the learned bias, the logit addend or mask it reaches the site through)."""
     tokens = (tensor_meta_shape(site.query) or (0, 0))[-2]
     if site.softmax is None:
         mask = node_kwarg(site.attention, "attn_mask", 3)
         candidates = [mask] if isinstance(mask, fx.Node) else []
     else:
         candidates = _logit_addends(site.softmax)
-    found = {b for node in candidates if (b := learned_part(gm, node, tokens)) is not None}
+    found = {(b, node) for node in candidates if (b := learned_part(gm, node, tokens)) is not None}
     return found.pop() if len(found) == 1 else None
+
+
+def _mask_path(site: AttentionSite, found: tuple[fx.Node, fx.Node] | None) -> set[fx.Node]:
+    """The nodes between a site's bias and its logits (the attention itself included)."""
+    if found is None:
+        return {site.attention}
+    return {site.attention, found[1], *ancestors(found[1])}
 
 
 def _logit_addends(softmax: fx.Node) -> list[fx.Node]:
@@ -126,21 +138,15 @@ def _logit_addends(softmax: fx.Node) -> list[fx.Node]:
     return addends
 
 
-def _own_copy(gm: fx.GraphModule, bias: fx.Node, site: AttentionSite, structure: Structure) -> fx.Node | None:
+def _own_copy(gm: fx.GraphModule, bias: fx.Node, site: int, paths: dict[int, set[fx.Node]]) -> fx.Node | None:
     """A per-site alias of a bias several sites read (T5 computes it once): this site's reads go through it, so
     each site can look the bias up at its own tokens."""
-    others = {s.attention for s in structure.sites if s is not site}
-    mine = []
-    for user in bias.users:
-        reach = descendants(user) | {user}
-        if site.attention in reach:
-            if reach & others:
-                return None
-            mine.append(user)
-    if not mine:
+    mine = [user for user in bias.users if user in paths[site]]
+    if not mine or any(user in path for user in mine for other, path in paths.items() if other != site):
         return None
     with gm.graph.inserting_after(bias):
         own = gm.graph.call_function(torch.Tensor.contiguous, (bias,))
+    own.meta = dict(bias.meta)
     for user in mine:
         user.replace_input_with(bias, own)
     return own
