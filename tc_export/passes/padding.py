@@ -82,6 +82,12 @@ def find_initial_sizes(
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
         if not inputs and _is_learned(gm, mask):
             continue  # a learned bias (relative positions): stays; the position check refuses it if tokens move
+        if inputs and _is_learned(gm, mask):
+            raise StructureNotFoundError(
+                f"attention {node.name} takes a learned relative position bias (as in T5) folded into the padding "
+                f"mask built from {', '.join(n.name for n in inputs)}; the token passes replace that mask and would "
+                "drop the bias with it, so a relative position bias in the padding mask is not supported"
+            )
         if not inputs:
             if not _masks_nothing(gm, mask, example_inputs):
                 raise StructureNotFoundError(
