@@ -84,6 +84,13 @@ def find_initial_sizes(
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
         if not inputs and is_learned(gm, mask):
             continue  # a learned bias (relative positions): stays; a position table or the position check takes it
+        keep = learned_part(gm, mask, (tensor_meta_shape(site.query) or (0, 0))[-2]) if inputs else None
+        if inputs and keep is None and is_learned(gm, mask):
+            raise StructureNotFoundError(
+                f"attention {node.name} takes a learned relative position bias folded into the padding mask built "
+                f"from {', '.join(n.name for n in inputs)} in a way that cannot be told apart from the mask; the "
+                "token passes replace that mask and would drop the bias with it, so this is not supported"
+            )
         if not inputs:
             if not _masks_nothing(gm, mask, example_inputs):
                 raise StructureNotFoundError(
@@ -97,7 +104,7 @@ def find_initial_sizes(
                 f"attention {node.name} has a mask built from {', '.join(n.name for n in inputs)}; "
                 "expected one padding-mask input"
             )
-        _clear_mask(node, where, learned_part(gm, mask, (tensor_meta_shape(site.query) or (0, 0))[-2]) if inputs else None)
+        _clear_mask(node, where, keep)
     if padding is None:
         return None
     with gm.graph.inserting_after(padding):

@@ -50,9 +50,12 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
         if _op_name(node) in _PRODUCTS:
             continue  # a fixed query (an attention-pooling head's probe) meets the keys here, legitimately
         weighted = _op_name(node) in _WEIGHTED
+        products = _attention_operands(node)
         for other in node.all_input_nodes:
             if weighted and other.op == "get_attr":
                 continue  # a layer's own weight
+            if other in products:
+                continue  # a fixed query meets the keys in a product: an attention-pooling probe
             if other in below or is_shape_query(other) or other.op == "placeholder":
                 continue
             shape = tensor_meta_shape(other)
@@ -69,6 +72,14 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
                 "export a different model, so this is not supported (compress only layers after the last one that "
                 "uses it, or use a model without it)"
             )
+
+
+def _attention_operands(node: fx.Node) -> set[fx.Node]:
+    """The query, key and value of an attention op (matrix products inside it; only its mask or bias is added
+    elementwise to the logits)."""
+    if is_sdpa(node) or _op_name(node) == "biased_attention":
+        return {a for a in node.args[:3] if isinstance(a, fx.Node)}
+    return set()
 
 
 def _kind(node: fx.Node, table: fx.Node) -> str:
