@@ -46,12 +46,12 @@ def build(seed: int = 0) -> torch.nn.Module:
                              use_abs_pos_emb=False, use_rel_pos_bias=True)
 
 
-def train(model: torch.nn.Module, epochs: int, seed: int) -> None:
+def train(model: torch.nn.Module, epochs: int, seed: int, args_lr: float) -> None:
     images, labels = train_split()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args_lr, weight_decay=0.05)
     steps = epochs * math.ceil(images.shape[0] / 64)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 2e-3, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args_lr, total_steps=steps, pct_start=0.1)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)
@@ -64,7 +64,7 @@ def train(model: torch.nn.Module, epochs: int, seed: int) -> None:
             loss.backward()
             optimizer.step()
             schedule.step()
-        print(f"epoch {epoch + 1}/{epochs}: loss {float(loss):.3f}", flush=True)
+        print(f"epoch {epoch + 1}/{epochs}: last loss {loss.item():.3f}", flush=True)
     model.eval()
 
 
@@ -178,15 +178,16 @@ def forward(model: torch.nn.Module, image: Tensor, r: int, rule: Rule | None) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--r", type=int, nargs="+", default=[6, 10])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--r", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--samples", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = build(args.seed)
     start = time.perf_counter()
-    train(model, args.epochs, args.seed)
+    train(model, args.epochs, args.seed, args.lr)
     print(f"trained in {time.perf_counter() - start:.0f} s")
     images, labels = heldout_split()
     images, labels = images[:args.samples], labels[:args.samples]
