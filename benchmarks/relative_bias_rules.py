@@ -46,12 +46,12 @@ def build(seed: int = 0) -> torch.nn.Module:
                              use_abs_pos_emb=False, use_rel_pos_bias=True)
 
 
-def train(model: torch.nn.Module, epochs: int, seed: int, args_lr: float) -> None:
+def train(model: torch.nn.Module, epochs: int, seed: int, lr: float) -> None:
     images, labels = train_split()
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args_lr, weight_decay=0.05)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * math.ceil(images.shape[0] / 64)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args_lr, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
     model.train()
     for epoch in range(epochs):
         order = torch.randperm(images.shape[0], generator=generator)

@@ -47,8 +47,8 @@ class RelEncoder:
     layers: list[RelLayer]
     head: Callable[[Tensor, Tensor], Tensor]
 
-    def run(self, inputs: dict[str, Tensor], hooks: Hooks) -> tuple[Tensor, list[int]]:
-        return run(self, inputs, hooks)
+    def run(self, inputs: dict[str, Tensor], hooks: Hooks, fused: bool = False) -> tuple[Tensor, list[int]]:
+        return run(self, inputs, hooks, fused)
 
 
 def lookup_coordinates(positions: Tensor) -> Tensor:
@@ -61,14 +61,24 @@ def _heads(t: Tensor, heads: int) -> Tensor:
     return t.view(n, heads, c // heads).transpose(0, 1)
 
 
-def _carry(step, index: int, x: Tensor, positions: Tensor, size: Tensor, a: Tensor, b: Tensor):
-    """A method hook applied to the features with the coordinates as extra columns: they move with the tokens."""
-    out, size = step(index, torch.cat([x, positions], dim=-1), size, a, b)
-    return out[:, :x.shape[1]], out[:, x.shape[1]:], size
+def _carry(step, index: int, x: Tensor, positions: Tensor, size: Tensor, a: Tensor, b: Tensor, fused: bool):
+    """A method hook applied to the features with the coordinates as extra columns: they move with the tokens (a
+    merge gives the size-weighted mean). ``fused``: the hook fuses what it prunes into one last token (EViT) by
+    attention weights; that token's position is the size-weighted mean of the tokens it absorbed (the rule for
+    every token standing for several), i.e. the mass the kept tokens do not hold."""
+    out, new_size = step(index, torch.cat([x, positions], dim=-1), size, a, b)
+    new_positions = out[:, x.shape[1]:]
+    if fused and out.shape[0] < x.shape[0]:
+        body, kept = positions[:, 0] >= 0, new_positions[:-1, 0] >= 0
+        mass = (size[body] * positions[body]).sum(0) - (new_size[:-1][kept] * new_positions[:-1][kept]).sum(0)
+        absorbed = size[body].sum() - new_size[:-1][kept].sum()
+        new_positions = torch.cat([new_positions[:-1], (mass / absorbed)[None]])
+    return out[:, :x.shape[1]], new_positions, new_size
 
 
 @torch.no_grad()
-def run(encoder: RelEncoder, inputs: dict[str, Tensor], hooks: Hooks) -> tuple[Tensor, list[int]]:
+def run(encoder: RelEncoder, inputs: dict[str, Tensor], hooks: Hooks, fused: bool = False) -> tuple[Tensor, list[int]]:
+    """The encoder on each sample; ``fused``: the method fuses pruned tokens into one last token (see ``_carry``)."""
     batch = next(iter(inputs.values())).shape[0]
     outputs, counts = [], []
     for i in range(batch):
@@ -77,7 +87,7 @@ def run(encoder: RelEncoder, inputs: dict[str, Tensor], hooks: Hooks) -> tuple[T
         counts = []
         for index, layer in enumerate(encoder.layers):
             y = x if layer.post_norm else layer.norm1(x)
-            x, positions, size = _carry(hooks.before_layer, index, x, positions, size, *layer.project(y)[:2])
+            x, positions, size = _carry(hooks.before_layer, index, x, positions, size, *layer.project(y)[:2], fused)
             counts.append(x.shape[0])
             y = x if layer.post_norm else layer.norm1(x)
             q, k, v = (_heads(t, layer.heads) for t in layer.project(y))
@@ -87,7 +97,7 @@ def run(encoder: RelEncoder, inputs: dict[str, Tensor], hooks: Hooks) -> tuple[T
             attended = (probs @ v).transpose(0, 1).reshape(x.shape[0], -1)
             branch = layer.attention_out(attended)
             x = x + (layer.norm1(branch) if layer.post_norm else branch)
-            x, positions, size = _carry(hooks.after_attention, index, x, positions, size, k, probs)
+            x, positions, size = _carry(hooks.after_attention, index, x, positions, size, k, probs, fused)
             x = x + (layer.norm2(layer.mlp(x)) if layer.post_norm else layer.mlp(layer.norm2(x)))
         counts.append(x.shape[0])
         outputs.append(encoder.head(x, size))

@@ -14,7 +14,8 @@ from tc_export.passes.trace import propagate_shapes, trace
 from . import reference_relbias as rel
 from .reference_encoders import Hooks
 
-TINY = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2)
+TINY = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_classes=0)  # features: O(1), not a
+# head initialised near zero (BEiT scales its head by 0.001), which any atol would let through
 TIMM = {
     "beit": ("beit_base_patch16_224", rel.timm_beit),
     "relpos": ("vit_relpos_base_patch16_224", rel.timm_relpos),
@@ -31,8 +32,12 @@ def timm_model(arch: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(arch, **{**TINY, **overrides}).eval()
     for name, parameter in model.named_parameters():
-        if "relative_position" in name or "rel_pos" in name:
+        if "relative_position" in name:
             parameter.data.normal_()
+        elif "rel_pos" in name:
+            parameter.data.normal_(std=0.3)
+        elif "gamma" in name:  # layer scale starts near 0 (relpos ViTs: 1e-6): the attention branch would not count
+            parameter.data.fill_(1.0)
     return model
 
 
@@ -42,9 +47,9 @@ def data2vec_model(**overrides) -> torch.nn.Module:
     from tc_export.models.hf_auto import ImageEncoder
 
     torch.manual_seed(0)
-    config = transformers.Data2VecVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=128, image_size=64,
-                                               **{"use_relative_position_bias": True, **overrides})
+    settings = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, image_size=64,
+                    use_relative_position_bias=True)
+    config = transformers.Data2VecVisionConfig(**{**settings, **overrides})
     model = transformers.Data2VecVisionModel(config)
     for name, parameter in model.named_parameters():
         if "relative_position" in name:
@@ -168,3 +173,67 @@ def test_timm_references_reproduce_the_uncompressed_models(name):
     want, _ = rel.run(reference(model), inputs, Hooks())
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs), want, rtol=1e-4, atol=2e-5)
+
+
+def _compressed_and_reference(name: str, method: str, tmp_path):
+    """(compressed output, reference output, token counts of both) of a family under the matrix's ``method``."""
+    from tc_export import compress
+
+    from .support_matrix import METHODS, reference_hooks
+
+    if name == "t5":
+        loaded = t5_encoder(tmp_path)
+        model, inputs = loaded.module, loaded.example_inputs(batch=2)
+        reference = rel.hf_t5_encoder(model, inputs["input_ids"].shape[1])
+    elif name == "data2vec":
+        model, inputs = data2vec_model(num_hidden_layers=3), {"pixel_values": torch.randn(2, 3, 64, 64)}
+        reference = rel.hf_data2vec_vision(model)
+    else:
+        arch, build = TIMM[name.removesuffix("-token")]
+        model = timm_model(arch, depth=3, **({"global_pool": "token"} if name.endswith("-token") else {}))
+        inputs = {"x": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+        reference = build(model)
+    if method == "topk-first":  # Top-K after the first layer: the later layers all run on the kept tokens
+        from tc_export.passes import TopKConfig
+
+        from .reference import reference_topk
+
+        compressed = compress(model, TopKConfig(keep=0.7, layers=(0,), fuse=True), inputs)
+        hooks = Hooks(lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.7, compressed.protected, True,
+                                                           False) if i == 0 else (x, s), prop_attn=False)
+    else:
+        compressed = compress(model, METHODS[method](), inputs)
+        hooks = reference_hooks(method, compressed.protected, len(reference.layers), padded="attention_mask" in inputs)
+    want, counts = rel.run(reference, inputs, hooks, fused=method.startswith("topk"))
+    assert counts == compressed.token_counts()
+    assert compressed.report.rewired, "no position table was rewired: the bias did not meet compressed tokens"
+    with torch.no_grad():
+        return compressed(**inputs), want
+
+
+CASES = [("beit", "tome"), ("beit", "adjacent"), ("beit-token", "topk-first"), ("relpos", "tome"),
+         ("relpos-cls", "tome"), ("relpos-cls", "topk-first"), ("relpos-rpn", "tome"), ("data2vec", "tome"),
+         ("t5", "tome")]
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_compressed_model_matches_the_reference_lookup(name, method, tmp_path):
+    """ToMe (merged tokens at their rounded mean position) and Top-K (kept tokens at their exact positions; the
+    class token by its own entries) against the per-sample forwards that read the tables from the weights."""
+    got, want = _compressed_and_reference(name, method, tmp_path)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name,method", [("beit", "tome"), ("beit-token", "topk-first"), ("relpos", "tome"),
+                                         ("data2vec", "tome"), ("t5", "tome")])
+def test_mutation_bias_read_at_the_original_rows_is_caught(name, method, tmp_path, monkeypatch):
+    """If the lookup ignored the carried positions (row i read as original token i, as a table that does not
+    follow the tokens would), the reference comparison fails."""
+    from tc_export.passes import relative_bias
+
+    def not_carried(positions, prefix, suffix, layout, tokens):
+        return torch.arange(positions.shape[1]).expand(positions.shape[0], -1)
+
+    monkeypatch.setattr(relative_bias, "original_index", not_carried)
+    got, want = _compressed_and_reference(name, method, tmp_path)
+    assert not torch.allclose(got, want, rtol=1e-4, atol=2e-5)
