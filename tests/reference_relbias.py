@@ -40,10 +40,11 @@ class RelLayer:
 
 @dataclass(frozen=True)
 class RelEncoder:
-    """``embed(sample) -> (x, size)``, the start coordinates (N, P) (-1 rows: protected tokens), layers, head."""
+    """``embed(sample) -> (x, size)``, the start coordinates (N, P) (-1 rows: protected tokens; None: the index
+    along a 1-D sequence), layers, head."""
 
     embed: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]]
-    positions: Tensor
+    positions: Tensor | None
     layers: list[RelLayer]
     head: Callable[[Tensor, Tensor], Tensor]
 
@@ -83,7 +84,8 @@ def run(encoder: RelEncoder, inputs: dict[str, Tensor], hooks: Hooks, fused: boo
     outputs, counts = [], []
     for i in range(batch):
         x, size = encoder.embed({name: value[i:i + 1] for name, value in inputs.items()})
-        positions = encoder.positions.clone()
+        positions = torch.arange(x.shape[0], dtype=torch.float32)[:, None] if encoder.positions is None \
+            else encoder.positions.clone()
         counts = []
         for index, layer in enumerate(encoder.layers):
             y = x if layer.post_norm else layer.norm1(x)
@@ -249,7 +251,7 @@ def hf_data2vec_vision(wrapper: torch.nn.Module) -> RelEncoder:
     return RelEncoder(embed, grid_positions(1, *window), [layer(b) for b in model.encoder.layer], head)
 
 
-def hf_t5_encoder(wrapper: torch.nn.Module, length: int) -> RelEncoder:
+def hf_t5_encoder(wrapper: torch.nn.Module) -> RelEncoder:
     """transformers T5EncoderModel (mean pooled over the sizes: pads have size 0): RMS norms without a mean, no
     logit scaling, the first layer's bucketed bias table used by every layer."""
     model = wrapper.model
@@ -277,5 +279,4 @@ def hf_t5_encoder(wrapper: torch.nn.Module, length: int) -> RelEncoder:
     def head(x, size):
         return size_weighted_mean(rms(model.encoder.final_layer_norm)(x), size)
 
-    positions = torch.arange(length, dtype=torch.float32)[:, None]
-    return RelEncoder(embed, positions, [layer(b) for b in blocks], head)
+    return RelEncoder(embed, None, [layer(b) for b in blocks], head)

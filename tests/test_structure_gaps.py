@@ -1,12 +1,10 @@
 """The structure finder on graphs that are not plain ViTs: casts and assertions in the residual stream (an RMS norm
 computing in float32, as T5 and AIMv2 do), and refusals that name the structure they meet."""
 
-import pytest
 import torch
 from torch import nn
 
 from tc_export import compress
-from tc_export.errors import TCExportError
 from tc_export.passes import ToMeConfig
 from tc_export.passes.outputs import block_output
 from tc_export.passes.structure import find_structure

@@ -27,6 +27,7 @@ from ..errors import StructureNotFoundError
 from .graph import ancestors, is_add, node_kwarg, tensor_meta_shape
 from .padding import learned_part
 from .position_tables import PositionTable, register_finder
+from .rewrite import write_out_biased_sdpa
 from .structure import AttentionSite, Structure
 
 KIND = "relative position bias"
@@ -90,6 +91,9 @@ def find_relative_biases(gm: fx.GraphModule, structure: Structure) -> list[Posit
     an add before its softmax), at every site."""
     tables: list[PositionTable] = []
     found = {site.index: _bias_of(gm, site) for site in structure.sites}
+    for site in structure.sites:
+        if found[site.index] is not None and found[site.index][0] is found[site.index][1]:
+            write_out_biased_sdpa(site)  # the mask is the bias alone (T5's joins the padding mask later)
     readers: dict[fx.Node, list[AttentionSite]] = {}
     for site in structure.sites:
         if found[site.index] is not None:
