@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tc_export.data.mnist import heldout_split, train_split
+from tc_export.passes.relative_bias import HALF_UP
 
 Rule = Callable[["State", Tensor, Tensor, Tensor], Tensor]  # (state, bias, positions, table) -> bias
 
@@ -104,7 +105,7 @@ def mean_positions(state: State, positions: Tensor) -> Tensor:
 
 
 def rounded_mean(state: State, bias: Tensor, positions: Tensor, table: Tensor) -> Tensor:
-    mean = torch.floor(mean_positions(state, positions) + 0.5)
+    mean = torch.floor(mean_positions(state, positions) + HALF_UP)
     width = int(positions[:, 1].max()) + 1
     index = torch.where(mean[:, 0] < 0, 0, 1 + mean[:, 0] * width + mean[:, 1]).long()
     return bias[:, index][:, :, index]

@@ -53,8 +53,9 @@ class RelEncoder:
 
 
 def lookup_coordinates(positions: Tensor) -> Tensor:
-    """The documented rule for merged tokens: each carried coordinate rounded half up (pruned tokens are exact)."""
-    return torch.where(positions < 0, positions, torch.floor(positions + 0.5)).long()
+    """The documented rule for merged tokens: each carried coordinate rounded half up (pruned tokens are exact); a
+    mean just below a half (by float rounding: within 1e-3) counts as the half."""
+    return torch.where(positions < 0, positions, torch.floor(positions + 0.5 + 1e-3)).long()
 
 
 def _heads(t: Tensor, heads: int) -> Tensor:

@@ -9,7 +9,7 @@ the original bias between the original tokens at their positions, ``bias[index(i
 
 Pruned tokens carry their exact coordinates, so pruning is exact. A merged token carries the size-weighted mean
 of its members' coordinates; a table has no entry between grid points, so each coordinate is rounded (half up) to
-the nearest grid point: the merged token is looked up where the centre of its members lies. The alternatives
+the nearest grid point (half up): the merged token is looked up where the centre of its members lies. The alternatives
 (the destination token's own position, interpolating the table at the fractional offset, the size-weighted mean
 of the members' biases, no bias) are measured in ``benchmarks/relative_bias_rules.py``.
 Protected tokens (class, registers) are looked up by their index, as the model does.
@@ -31,6 +31,10 @@ from .rewrite import write_out_biased_sdpa
 from .structure import AttentionSite, Structure
 
 KIND = "relative position bias"
+# Round half up, and a mean within 1e-3 below a half counts as the half: a mean of integer positions is a half
+# exactly or at least 1 / (2 * size) away from one, and backends differ in the last bit of mass / size (ONNX
+# Runtime may multiply by the reciprocal), which must not move a token to another table entry.
+HALF_UP = 0.5 + 1e-3
 
 
 @dataclass(eq=False)
@@ -69,7 +73,7 @@ def original_index(positions: Tensor, prefix: int, suffix: int, layout: tuple[in
     inner = positions[:, prefix:count - suffix]
     flat = torch.zeros(inner.shape[:2], dtype=positions.dtype, device=positions.device)
     for axis, extent in enumerate(layout):
-        coordinate = torch.floor(inner[..., axis] + 0.5)
+        coordinate = torch.floor(inner[..., axis] + HALF_UP)
         coordinate = torch.where(coordinate == coordinate, coordinate, 0.0)  # no NaN from a size-0 merge
         flat = flat * extent + coordinate.clamp(0, extent - 1)
     head = torch.arange(prefix, device=positions.device).expand(batch, prefix)
