@@ -74,8 +74,9 @@ def tiny_vit() -> LoadedModel:
     return LoadedModel("tiny_vit", module, [InputSpec("x", (3, 32, 32), onnx_name="pixel_values")])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def tome_timing_setup(description: str) -> tuple[argparse.Namespace, LoadedModel]:
+    """The arguments of a ToMe timing script (model, r, batches, runs, threads, --smoke) and its model."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", default="vit_b")
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--batch", type=int, action="append")
@@ -84,12 +85,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny 2-layer ViT at 32 px, r=1, 3 runs")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-
     if args.smoke:
-        loaded = tiny_vit()
         args.r, args.runs, args.batch = 1, 3, args.batch or [1]
-    else:
-        loaded = load_model(args.model, ModelOptions(), warn_random=False)
+        return args, tiny_vit()
+    return args, load_model(args.model, ModelOptions(), warn_random=False)
+
+
+def main() -> None:
+    args, loaded = tome_timing_setup(__doc__.splitlines()[0])
     names = {spec.name: spec.export_name for spec in loaded.inputs}
     print("| batch | uncompressed (ms) | truncated (ms) | ToMe (ms) | truncated speed-up | ToMe speed-up |")
     print("|---|---|---|---|---|---|")

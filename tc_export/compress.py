@@ -103,17 +103,19 @@ def layer_tokens(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor])
     for site in find_structure(gm).sites:
         tokens_in = tensor_meta_shape(site.key)[-2 if site.kind == "sdpa" else -1]
         tokens_out, action = tokens_in, "-"
-        for user in _readers(site.stream):
+        for user, suffix in _readers(site.stream):
             module = modules.get(str(user.target)) if user.op == "call_module" else None
             if isinstance(module, TokenOp):
                 meta = user.meta.get("tensor_meta")
-                tokens_out = int(meta[0].shape[1])
+                tokens_out = int(meta[0].shape[1]) + suffix
                 action = f"{type(module).__name__}({module.extra_repr()})"
         layers.append(LayerTokens(site.index, site.name, tokens_in, tokens_out, action))
     return layers
 
 
-def _readers(stream: fx.Node) -> list[fx.Node]:
-    """The users of ``stream``, and those of the part of it a token op sees (in front of a protected suffix)."""
+def _readers(stream: fx.Node) -> list[tuple[fx.Node, int]]:
+    """The users of ``stream``, and those of the part of it a token op sees (in front of a protected suffix),
+    each with the number of protected trailing tokens it does not see."""
     users = list(stream.users)
-    return users + [u for user in users if user.target is leading_tokens for u in user.users]
+    return [(user, 0) for user in users] + [(u, user.args[1]) for user in users if user.target is leading_tokens
+                                            for u in user.users]

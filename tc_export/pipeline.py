@@ -181,6 +181,8 @@ def _metadata(config: JobConfig, loaded: LoadedModel, compressed: CompressedMode
             "tc_export.methods": json.dumps([config_to_dict(m) for m in config.methods])}
     if compressed:
         meta["tc_export.tokens_per_layer"] = ",".join(str(n) for n in compressed.token_counts())
+        if compressed.report.emitted_positions():
+            meta["tc_export.positions"] = json.dumps(compressed.report.emitted_positions())
     return meta
 
 

@@ -126,20 +126,23 @@ class Case:
     kind: str = "random"  # random | ties_all | ties_dup | padded | ties
     dtype: torch.dtype = torch.float32
     signal_dim: int = 4
+    state: int = 1  # columns of the token state: the size, then positions times size
 
     @property
     def id(self) -> str:
         flags = "-".join(f"{k}{int(v)}" for k, v in self.settings.items())
         dtype = "fp16" if self.dtype == torch.float16 else "fp32"
-        return f"{self.op}-B{self.batch}-N{self.tokens}-C{self.channels}-{flags}-{self.kind}-{dtype}"
+        state = f"-S{self.state}" if self.state > 1 else ""
+        return f"{self.op}-B{self.batch}-N{self.tokens}-C{self.channels}-{flags}-{self.kind}-{dtype}{state}"
 
 
-def _tome(b, n, c, r, p, kind="random", dtype=torch.float32, d=4, padded=False):
-    return Case("tome", b, n, c, {"r": r, "protected": p, "padded": padded}, kind, dtype, d)
+def _tome(b, n, c, r, p, kind="random", dtype=torch.float32, d=4, padded=False, state=1):
+    return Case("tome", b, n, c, {"r": r, "protected": p, "padded": padded}, kind, dtype, d, state)
 
 
-def _topk(b, n, c, keep, p, fuse, order, kind="random", dtype=torch.float32):
-    return Case("topk", b, n, c, {"keep": keep, "protected": p, "fuse": fuse, "keep_order": order}, kind, dtype)
+def _topk(b, n, c, keep, p, fuse, order, kind="random", dtype=torch.float32, state=1):
+    return Case("topk", b, n, c, {"keep": keep, "protected": p, "fuse": fuse, "keep_order": order}, kind, dtype,
+                state=state)
 
 
 TOME_CASES = [
@@ -166,6 +169,10 @@ TOME_CASES = [
     _tome(3, 9, 6, 3, 1, dtype=torch.float16),
     _tome(3, 14, 6, 5, 0, "ties_dup", dtype=torch.float16),
     _tome(3, 12, 4, 4, 1, "padded", dtype=torch.float16, padded=True),
+    _tome(3, 9, 6, 3, 1, d=5, state=3),  # positions carried: summed like the sizes
+    _tome(3, 16, 4, 2, 0, d=6, state=4),
+    _tome(2, 131, 3, 40, 1, d=3, state=3),
+    _tome(3, 12, 4, 3, 1, "padded", padded=True, state=3),
 ]
 TOPK_CASES = [
     _topk(1, 8, 4, 3, 0, False, False),
@@ -182,6 +189,9 @@ TOPK_CASES = [
     _topk(1, 70, 3, 30, 1, True, True, "ties"),  # ties across ranking blocks
     _topk(3, 9, 5, 4, 1, True, False, dtype=torch.float16),
     _topk(3, 13, 5, 5, 1, True, True, "ties", dtype=torch.float16),
+    _topk(3, 9, 5, 4, 1, True, False, state=3),  # positions carried: gathered, summed into the fused token
+    _topk(3, 10, 3, 1, 2, False, True, state=4),
+    _topk(2, 70, 3, 20, 1, True, True, state=3),
 ]
 ALL_CASES = TOME_CASES + TOPK_CASES
 
@@ -214,6 +224,8 @@ def make_inputs(case: Case, seed: int) -> dict[str, torch.Tensor]:
         signal = torch.rand(b, n, generator=gen)
         if case.kind == "ties":
             signal = torch.randint(0, 3, (b, n), generator=gen).float() / 4
+    if case.state > 1:  # the token state with positions (tc_export.ops.state): [size, size * position]
+        size = torch.cat([size, size * torch.rand(b, n, case.state - 1, generator=gen) * 7], dim=-1)
     return {"x": x.to(case.dtype), "size": size.to(case.dtype), "signal": signal.to(case.dtype)}
 
 
@@ -318,7 +330,7 @@ def test_tome_launch_vit_b() -> None:
     assert params.num_warps == 8 and params.block == (256, 1, 1)
     assert params.out_tokens == 181
     assert dict(params.constexprs) == {
-        "N": 197, "C": 768, "D": 64, "R": 16, "PROTECTED": 1, "PADDED": 0,
+        "N": 197, "C": 768, "D": 64, "R": 16, "PROTECTED": 1, "PADDED": 0, "S": 1,
         "BLOCK_A": 128, "BLOCK_J": 64, "BLOCK_C": 64,
     }
 
@@ -342,7 +354,7 @@ def test_topk_launch() -> None:
     assert params.grid == (4, 1, 1) and params.num_warps == 8 and params.block == (256, 1, 1)
     assert params.out_tokens == 140
     assert dict(params.constexprs) == {
-        "N": 197, "C": 384, "KEEP": 138, "PROTECTED": 1, "FUSE": 1, "KEEP_ORDER": 0,
+        "N": 197, "C": 384, "KEEP": 138, "PROTECTED": 1, "FUSE": 1, "KEEP_ORDER": 0, "S": 1,
         "BLOCK_N": 256, "BLOCK_K": 64, "BLOCK_C": 64,
     }
     small = topk_select_launch(1, 10, 3, 2, 1, keep_order=True)
@@ -361,6 +373,10 @@ SHAPES = {
     "tiny": {
         "tome": dict(batch=1, num_tokens=9, channels=16, metric_dim=8, r=3, protected=1, padded=True),
         "topk": dict(batch=1, num_tokens=9, channels=16, keep=4, protected=1, fuse=True, keep_order=True),
+    },
+    "tiny_positions": {  # a token state with (row, column) positions carried
+        "tome": dict(batch=1, num_tokens=9, channels=16, metric_dim=8, r=3, protected=1, padded=True, state=3),
+        "topk": dict(batch=1, num_tokens=9, channels=16, keep=4, protected=1, fuse=True, keep_order=True, state=3),
     },
     # ViT-B/16 at 224 with r=16 (ToMe), DeiT-S keep 0.7 with the fused token (EViT).
     "vit": {
@@ -386,6 +402,7 @@ def _compile(op: str, cc: int, dtype: torch.dtype, shape: str):
     ("op", "cc", "dtype", "shape"),
     [(op, cc, torch.float32, "tiny") for op in ("tome", "topk") for cc in (87, 89, 90)]
     + [(op, 87, torch.float16, "tiny") for op in ("tome", "topk")]
+    + [(op, 87, torch.float32, "tiny_positions") for op in ("tome", "topk")]
     + [pytest.param(op, 87, torch.float32, "vit", marks=pytest.mark.slow) for op in ("tome", "topk")],
 )
 def test_aot_compiles(op: str, cc: int, dtype: torch.dtype, shape: str) -> None:

@@ -279,3 +279,57 @@ def _reference_topk_table_vit(model: TableViT, images, keep: float):
             h = h + layer.ff(layer.ln_b(h))
         outputs.append(model.classifier(model.final_ln(h)[0]))
     return torch.stack(outputs)
+
+
+# --- --emit-positions after a projector: its output grid --------------------------------------------------------
+
+@pytest.mark.parametrize("config,grid,covered,prefix", [
+    ("pool", (2, 2), 4.0, 1), ("patchmerger", (2, 2), 4.0, 0),
+])
+def test_projectors_emit_their_output_grid(config, grid, covered, prefix):
+    from tc_export.passes import METHODS
+
+    settings = {"pool": {"stride": 2, "prefix_mode": "keep"}, "patchmerger": {"scale": 0.5}}[config]
+    model = tiny_timm_vit(img_size=64, depth=2)
+    images = torch.randn(2, 3, 64, 64)
+    compressed = compress(model, METHODS.get(config).config_type(**settings), {"x": images[:1]}, emit_positions=True)
+    with torch.no_grad():
+        tokens, positions, sizes = compressed(images)
+    assert tokens.shape[1] == prefix + 4
+    want = grid_positions(prefix, grid).expand(2, -1, -1)
+    torch.testing.assert_close(positions, want)
+    assert torch.equal(sizes[:, prefix:], torch.full((2, 4, 1), covered))
+
+
+def test_emit_positions_through_the_cli_records_them(tmp_path, capsys):
+    import json
+
+    import onnx
+
+    from tc_export.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["timm:vit_tiny_patch16_224", "--img-size", "64", "--method", "topk", "--keep", "0.5",
+              "--emit-positions", "-o", str(tmp_path / "m.onnx")])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 0, err
+    assert "positions max abs 0.00e+00" in out and "sizes max abs" in out
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert [o.name for o in model.graph.output] == ["logits", "positions", "sizes"]
+    meta = json.loads({p.key: p.value for p in model.metadata_props}["tc_export.positions"])
+    assert meta["coordinates"].startswith("row, column in the original patch grid")
+
+
+def test_initial_positions_of_video_frames_and_sequences():
+    from tc_export.ops.state import initial_state
+
+    x = torch.zeros(4, 1 + 6, 8)  # 2 clips of 2 frames, a class token and a 2x3 grid per frame
+    state = initial_state(x, None, 1, 0, (2, 3), frames=2)
+    positions = positions_of(state)
+    assert positions.shape == (4, 7, 3)
+    assert torch.equal(positions[:, 0], torch.full((4, 3), -1.0))
+    assert positions[:, 1:, 0].tolist() == [[0.0] * 6, [1.0] * 6, [0.0] * 6, [1.0] * 6]  # frame within the clip
+    assert positions[0, 1:, 1:].tolist() == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    sizes = torch.tensor([[[1.0], [1.0], [1.0], [0.0], [1.0]]])  # token 3 is padding
+    sequence = positions_of(initial_state(torch.zeros(1, 5, 8), sizes, 0, 1, None))
+    assert sequence[0, :, 0].tolist() == [0.0, 1.0, 2.0, 0.0, -1.0]  # a 1-D index, padding 0, the suffix row -1

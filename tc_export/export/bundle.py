@@ -173,6 +173,7 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
         "methods": [repr(m) for m in config.methods],
         "recipe": config.recipe,
         "tokens_per_layer": result.compressed.token_counts() if result.compressed else None,
+        "positions": result.compressed.report.emitted_positions() if result.compressed else None,
         "macs": {"original": result.macs_original, "compressed": result.macs_compressed},
         "inputs": [{"name": name, "shape": list(value.shape), "dtype": str(value.dtype)}
                    for name, value in feeds[0].items()],

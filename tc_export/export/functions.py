@@ -102,8 +102,6 @@ class _Site:
         attrs: dict[str, int | float | str] = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 1}
         attrs.update({name: _setting(self.op, name) for name in self.spec.carried})
         attrs.update({key: value for key, value in self.fixed().items() if value is not None})
-        if self.state_columns() > 1:  # positions carried next to the sizes
-            attrs["state_columns"] = self.state_columns()
         return attrs
 
 
@@ -170,7 +168,7 @@ def plan_functions(
         name = spec.op_type
         if per_type[spec.op_type] > 1:  # e.g. ToMeMerge_padded0_protected1
             name += "".join(f"_{key}{_label(value)}" for key, value in variant[3])
-        if variant[4] > 1:  # a state with positions: the plugin kernels take sizes only, so the body runs
+        if len({v[4] for v in groups if v[1] == spec.op_type}) > 1:  # sites with and without positions
             name += f"_state{variant[4]}"
         function, ranges = _trace_body(members[0], name, opset, dynamic_batch)
         covered = [site for site in members if _in_range(site, ranges)]

@@ -15,10 +15,13 @@ Signal = Literal["metric", "class_attention"]
 class TokenOp(nn.Module):
     """A compressed op inserted by a pass: a leaf unit with a plain tensor interface, exportable on its own.
 
-    ``forward(x, size, *signals) -> (x, size)``: ``x`` (B, N, C) tokens, ``size`` (B, N, 1) the number of
-    original tokens each one stands for (None: all 1), then one tensor per entry of ``signals``. The output
+    ``forward(x, size, *signals) -> (x, size)``: ``x`` (B, N, C) tokens, ``size`` the token state (``ops.state``):
+    (B, N, 1) the number of original tokens each one stands for, or (B, N, 1 + P) with each token's position
+    times its size after it (None: all size 1, no positions), then one tensor per entry of ``signals``. An op maps
+    every column of the state as it maps the size and reads the size itself with ``state.size_column``. The output
     token count is static: ``tokens_out(N)``. The returned size is None only when the input size was None and
-    ``creates_size`` is False.
+    ``creates_size`` is False. Protected trailing tokens are never shown to an op (the pass cuts them off and
+    rejoins them).
     """
 
     signals: ClassVar[tuple[Signal, ...]] = ()

@@ -89,9 +89,7 @@ def rejoin_suffix(body: Tensor, whole: Tensor | None, suffix: int) -> Tensor:
     return torch.cat([body, tail], dim=1)
 
 
-def grid_state(tokens: Tensor, prefix: int, grid: tuple[int, ...], covered: float) -> Tensor:
+def grid_state(tokens: Tensor, prefix: int, grid: tuple[int, ...], covered: float, frames: int | None = None) -> Tensor:
     """The state with positions of a projector's output (B, prefix + prod(grid), C): its grid's coordinates
     (-1 on the prefix rows), each token standing for ``covered`` original patches."""
-    positions = original_positions(tokens.shape[1], prefix, 0, grid).to(tokens.device)
-    mass = torch.cat([torch.ones(positions.shape[0], 1, device=tokens.device), positions], dim=-1) * covered
-    return mass.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+    return initial_state(tokens, None, prefix, 0, grid, frames) * covered

@@ -1,10 +1,12 @@
 """The token pass: one walk over the model's layers that puts every configured method at its insertion point.
 
 Methods differ only in the op they put at a site (``Site``: tokens, protected prefix, channels, heads, grid,
-padding) and the signals it needs. What they share lives here: the token sizes threaded from op to op (and from a
-padding mask, when the model has one), the attention bias those sizes imply at every later site, the layer plan
-of a multi-stage recipe (one method per place), the pooling that must follow the sizes, and the checks that the
-result still computes what the methods claim.
+padding) and the signals it needs. What they share lives here: the token state threaded from op to op (sizes, from
+a padding mask when the model has one, and each token's position when a position table or --emit-positions needs
+it: ``ops.state``), the protected trailing tokens no op sees, the attention bias the sizes imply at every later
+site, the position tables rewired to the carried positions, the layer plan of a multi-stage recipe (one method per
+place), the pooling that must follow the sizes, and the checks that the result still computes what the methods
+claim.
 """
 
 from __future__ import annotations
@@ -66,11 +68,21 @@ class PassReport:
     positions: int | None = None  # coordinates carried per token (None: positions not carried)
     rewired: list[str] = field(default_factory=list)  # position tables now computed from the carried positions
     emitted_after: int | None = None  # with --emit-positions: the model's own outputs, before positions and sizes
+    emitted_grid: str = "the original patch grid"  # the grid whose coordinates the emitted positions are in
     skipped: list[str] = field(default_factory=list)
     grid: tuple[int, ...] | None = None
     extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
     output_is_tokens: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def emitted_positions(self) -> dict[str, object] | None:
+        """What --emit-positions added, for the ONNX metadata and a bundle's manifest (None: nothing)."""
+        if self.emitted_after is None or self.positions is None:
+            return None
+        axes = {1: "index", 2: "row, column", 3: "frame, row, column"}[self.positions]
+        return {"outputs": {"positions": "(B, N, P) float32", "sizes": "(B, N, 1) float32"},
+                "coordinates": f"{axes} in {self.emitted_grid}; protected tokens -1",
+                "merged_tokens": "size-weighted mean of their members' positions (pruned tokens: exact)"}
 
 
 class TokenPass:
@@ -147,6 +159,12 @@ class TokenPass:
                     state, call = self._insert_block_input_op(gm, site, op, state, suffix)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             if ops and site.index in tables:  # this attention runs on compressed tokens
+                if state is None:
+                    raise StructureNotFoundError(
+                        f"{tables[site.index][0].kind} at attention layer {site.index}: the tokens come from a "
+                        "projector inside the tower, which leaves no original positions to compute it from; place "
+                        "the projector after the last layer that uses it"
+                    )
                 positions = self._view(graph, positions_of, state)
                 for table in tables[site.index]:
                     table.rewire(gm, positions, protected, suffix)
@@ -235,8 +253,9 @@ class TokenPass:
                 )
             covered = math.prod(module.grid) / math.prod(grid)
             with graph.inserting_after(end):
-                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered))
-            self.report.positions = len(grid) if len(grid) >= 2 else 1
+                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self.frames))
+            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self.frames else 0)
+            self.report.emitted_grid = f"{type(module).__name__}'s output grid {'x'.join(map(str, grid))}"
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
         output = next(n for n in graph.nodes if n.op == "output")

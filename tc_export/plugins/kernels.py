@@ -35,11 +35,15 @@ def tome_merge_kernel(
     R: tl.constexpr,
     PROTECTED: tl.constexpr,
     PADDED: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """ToMe bipartite soft matching + size-weighted merge of one batch item; R is the effective r (0: copy)."""
+    """ToMe bipartite soft matching + size-weighted merge of one batch item; R is the effective r (0: copy).
+
+    The token state has S columns (``tc_export.ops.state``): the size, then positions times size when carried;
+    every column is copied or summed like the size, and only the size (column 0) weighs the merge."""
     NA: tl.constexpr = (N + 1) // 2
     NB: tl.constexpr = N // 2
     N_OUT: tl.constexpr = N - R
@@ -47,13 +51,13 @@ def tome_merge_kernel(
     live = b < batch
     x_in = x_ptr + b * (N * C)
     x_out = x_out_ptr + b * (N_OUT * C)
-    s_in = size_ptr + b * N
-    s_out = size_out_ptr + b * N_OUT
+    s_in = size_ptr + b * (N * S)
+    s_out = size_out_ptr + b * (N_OUT * S)
     m_in = metric_ptr + b * (N * D)
 
     ia = tl.arange(0, BLOCK_A)
     a_ok = (ia < NA) & live
-    size_a = tl.load(s_in + 2 * ia, mask=a_ok, other=1.0).to(tl.float32)
+    size_a = tl.load(s_in + (2 * ia) * S, mask=a_ok, other=1.0).to(tl.float32)
     pad_a = size_a == 0.0
     prot_a = (2 * ia) < PROTECTED
     norm_a = _row_norms(m_in, 2 * ia, a_ok, D)
@@ -73,7 +77,7 @@ def tome_merge_kernel(
             col_b = tl.load(m_in + (2 * jb + 1) * D + d, mask=j_ok, other=0.0).to(tl.float32)
             scores += tl.math.div_rn(col_a, norm_a)[:, None] * tl.math.div_rn(col_b, norm_b)[None, :]
         if PADDED:
-            size_b = tl.load(s_in + 2 * jb + 1, mask=j_ok, other=1.0).to(tl.float32)
+            size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=1.0).to(tl.float32)
             pad_b = size_b == 0.0
             pair = (ia[:, None] * NB + jb[None, :]).to(tl.float32)
             order = 0.5 * (1.0 - tl.math.div_rn(pair, tl.full([BLOCK_A, BLOCK_J], NA * NB, tl.float32)))
@@ -107,7 +111,8 @@ def tome_merge_kernel(
         pos_a = tl.where(prot_a, 2 * ia, PROTECTED + before)
     else:
         pos_a = rank - R
-    tl.store(s_out + pos_a, tl.load(s_in + 2 * ia, mask=keep_a), mask=keep_a)
+    for col in tl.static_range(S):
+        tl.store(s_out + pos_a * S + col, tl.load(s_in + (2 * ia) * S + col, mask=keep_a), mask=keep_a)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)
         rows = keep_a[:, None] & (cc < C)[None, :]
@@ -119,7 +124,7 @@ def tome_merge_kernel(
     for j0 in range(0, NB, BLOCK_J):
         jb = j0 + tl.arange(0, BLOCK_J)
         j_ok = (jb < NB) & live
-        size_b = tl.load(s_in + 2 * jb + 1, mask=j_ok, other=0.0).to(tl.float32)
+        size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=0.0).to(tl.float32)
         w = tl.zeros([BLOCK_J], tl.float32)
         for k in range(R):
             src = rank == k
@@ -131,7 +136,16 @@ def tome_merge_kernel(
             pos_b = 2 * jb + 1
         else:
             pos_b = tl.where((2 * jb + 1) < PROTECTED, 2 * jb + 1, PROTECTED + UNMERGED + jb - PROTECTED // 2)
-        tl.store(s_out + pos_b, size_new.to(size_out_ptr.dtype.element_ty), mask=j_ok)
+        tl.store(s_out + pos_b * S, size_new.to(size_out_ptr.dtype.element_ty), mask=j_ok)
+        for col in tl.static_range(1, S):  # positions times sizes: summed like the sizes
+            mass = tl.load(s_in + (2 * jb + 1) * S + col, mask=j_ok, other=0.0).to(tl.float32)
+            for k in range(R):
+                src = rank == k
+                row = tl.sum(tl.where(src, ia, 0), axis=0)
+                dst = tl.sum(tl.where(src, best_col, 0), axis=0)
+                moved = tl.load(s_in + (2 * row) * S + col, mask=live, other=0.0).to(tl.float32)
+                mass += tl.where(jb == dst, moved, 0.0)
+            tl.store(s_out + pos_b * S + col, mass.to(size_out_ptr.dtype.element_ty), mask=j_ok)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < C
@@ -177,18 +191,22 @@ def topk_select_kernel(
     PROTECTED: tl.constexpr,
     FUSE: tl.constexpr,
     KEEP_ORDER: tl.constexpr,
+    S: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """EViT Top-K selection of one batch item, with the optional fused token sum_i a_i x_i over pruned tokens."""
+    """EViT Top-K selection of one batch item, with the optional fused token sum_i a_i x_i over pruned tokens.
+
+    The S state columns (size, then positions times size) are gathered; the fused token sums them over the
+    pruned tokens."""
     N_OUT: tl.constexpr = PROTECTED + KEEP + FUSE
     b = tl.program_id(0).to(tl.int64)
     live = b < batch
     x_in = x_ptr + b * (N * C)
     x_out = x_out_ptr + b * (N_OUT * C)
-    s_in = size_ptr + b * N
-    s_out = size_out_ptr + b * N_OUT
+    s_in = size_ptr + b * (N * S)
+    s_out = size_out_ptr + b * (N_OUT * S)
     a_in = attn_ptr + b * N
 
     t = tl.arange(0, BLOCK_N)
@@ -224,11 +242,12 @@ def topk_select_kernel(
         pos = tl.where(t < PROTECTED, t, PROTECTED + rank)
 
     out = (t_ok & (t < PROTECTED)) | kept
-    sizes = tl.load(s_in + t, mask=t_ok, other=0.0)
-    tl.store(s_out + pos, sizes, mask=out)
-    if FUSE:
-        fused_size = tl.sum(tl.where(pruned, sizes.to(tl.float32), 0.0), axis=0)
-        tl.store(s_out + (PROTECTED + KEEP), fused_size.to(size_out_ptr.dtype.element_ty), mask=live)
+    for col in tl.static_range(S):
+        sizes = tl.load(s_in + t * S + col, mask=t_ok, other=0.0)
+        tl.store(s_out + pos * S + col, sizes, mask=out)
+        if FUSE:
+            fused_size = tl.sum(tl.where(pruned, sizes.to(tl.float32), 0.0), axis=0)
+            tl.store(s_out + (PROTECTED + KEEP) * S + col, fused_size.to(size_out_ptr.dtype.element_ty), mask=live)
     weight = tl.where(pruned, score, 0.0)
     for c0 in range(0, C, BLOCK_C):
         cc = c0 + tl.arange(0, BLOCK_C)

@@ -70,9 +70,10 @@ def _check_common(batch: int, num_tokens: int, channels: int, protected: int) ->
 
 
 def tome_merge_launch(
-    batch: int, num_tokens: int, channels: int, metric_dim: int, r: int, protected: int, padded: bool = False
+    batch: int, num_tokens: int, channels: int, metric_dim: int, r: int, protected: int, padded: bool = False,
+    state: int = 1,
 ) -> LaunchParams:
-    """Launch parameters of ``tome_merge_kernel`` for x (B, N, C), metric (B, N, d)."""
+    """Launch parameters of ``tome_merge_kernel`` for x (B, N, C), metric (B, N, d), a state (B, N, ``state``)."""
     _check_common(batch, num_tokens, channels, protected)
     if r < 0 or metric_dim < 1:
         raise ConfigError(f"ToMeMerge needs r >= 0 and a metric width >= 1 (got r={r}, d={metric_dim})")
@@ -91,6 +92,7 @@ def tome_merge_launch(
         "R": merges,
         "PROTECTED": protected,
         "PADDED": int(padded),
+        "S": state,
         "BLOCK_A": block_a,
         "BLOCK_J": block_j,
         "BLOCK_C": _block(channels, MAX_BLOCK_C),
@@ -99,9 +101,10 @@ def tome_merge_launch(
 
 
 def topk_select_launch(
-    batch: int, num_tokens: int, channels: int, keep: int, protected: int, fuse: bool = False, keep_order: bool = False
+    batch: int, num_tokens: int, channels: int, keep: int, protected: int, fuse: bool = False, keep_order: bool = False,
+    state: int = 1,
 ) -> LaunchParams:
-    """Launch parameters of ``topk_select_kernel`` for x (B, N, C), class attention (B, N)."""
+    """Launch parameters of ``topk_select_kernel`` for x (B, N, C), class attention (B, N), a state (B, N, ``state``)."""
     _check_common(batch, num_tokens, channels, protected)
     if not 1 <= keep <= num_tokens - protected:
         raise ConfigError(
@@ -119,6 +122,7 @@ def topk_select_launch(
         "PROTECTED": protected,
         "FUSE": int(fuse),
         "KEEP_ORDER": int(keep_order),
+        "S": state,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
         "BLOCK_C": block_c,
@@ -140,22 +144,22 @@ def _warps(tile_elements: int) -> int:
 def tome_merge_triton(
     x: Tensor, size: Tensor, metric: Tensor, r: int, protected: int, padded: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """(x (B, N, C), size (B, N, 1), metric (B, N, d)) -> (x', size') with ``tome_merge_kernel``."""
+    """(x (B, N, C), state (B, N, S), metric (B, N, d)) -> (x', state') with ``tome_merge_kernel``."""
     from .kernels import tome_merge_kernel
 
     batch, num_tokens, channels = x.shape
-    params = tome_merge_launch(batch, num_tokens, channels, metric.shape[-1], r, protected, padded)
+    params = tome_merge_launch(batch, num_tokens, channels, metric.shape[-1], r, protected, padded, size.shape[-1])
     return _launch(tome_merge_kernel, params, x, size, metric)
 
 
 def topk_select_triton(
     x: Tensor, size: Tensor, class_attn: Tensor, keep: int, protected: int, fuse: bool = False, keep_order: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """(x (B, N, C), size (B, N, 1), class_attn (B, N)) -> (x', size') with ``topk_select_kernel``."""
+    """(x (B, N, C), state (B, N, S), class_attn (B, N)) -> (x', state') with ``topk_select_kernel``."""
     from .kernels import topk_select_kernel
 
     batch, num_tokens, channels = x.shape
-    params = topk_select_launch(batch, num_tokens, channels, keep, protected, fuse, keep_order)
+    params = topk_select_launch(batch, num_tokens, channels, keep, protected, fuse, keep_order, size.shape[-1])
     return _launch(topk_select_kernel, params, x, size, class_attn)
 
 
@@ -164,7 +168,7 @@ def _launch(kernel: Any, params: LaunchParams, x: Tensor, size: Tensor, signal: 
     batch, _, channels = x.shape
     x, size, signal = x.contiguous(), size.contiguous(), signal.contiguous()
     x_out = torch.empty(batch, params.out_tokens, channels, dtype=x.dtype, device=x.device)
-    size_out = torch.empty(batch, params.out_tokens, 1, dtype=size.dtype, device=x.device)
+    size_out = torch.empty(batch, params.out_tokens, size.shape[-1], dtype=size.dtype, device=x.device)
     options = {"num_warps": params.num_warps, "enable_fp_fusion": False}  # as aot.compile_kernel
     kernel[params.grid](x, size, signal, batch, x_out, size_out, **options, **params.constexprs)
     return x_out, size_out

@@ -8,7 +8,8 @@ plugins; it needs ``tensorrt`` and, to build, Triton and a GPU).
 ONNX node contract (attributes other than ``plugin_namespace``/``plugin_version``/``aot`` become plugin fields):
 ``ToMeMerge(x, size, metric) -> (x', size')`` with int attributes ``r``, ``protected``, ``padded``;
 ``TopKSelect(x, size, class_attn) -> (x', size')`` with int attributes ``keep``, ``protected``, ``fuse``,
-``keep_order``. x (B, N, C), size (B, N, 1), metric (B, N, d), class_attn (B, N); N, C, d static, B may vary.
+``keep_order``. x (B, N, C), size (B, N, S) (the token state: S = 1, or 1 + P with positions carried), metric
+(B, N, d), class_attn (B, N); N, C, S, d static, B may vary.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _outputs(x: trtp.TensorDesc, size: trtp.TensorDesc, tokens: int) -> Tuple[tr
     batch = x.shape_expr[0]
     return (
         trtp.from_shape_expr((batch, tokens, x.shape_expr[2]), dtype=x.dtype),
-        trtp.from_shape_expr((batch, tokens, 1), dtype=size.dtype),
+        trtp.from_shape_expr((batch, tokens, size.shape_expr[2]), dtype=size.dtype),
     )
 
 
@@ -105,7 +106,7 @@ def tome_merge_aot(
 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     params = tome_merge_launch(
         1, _static(x, 1, "token count"), _static(x, 2, "width"), _static(metric, 2, "metric width"), r, protected,
-        bool(padded),
+        bool(padded), _static(size, 2, "state width"),
     )
     kernel = compile_tome_merge(params, _compute_capability(), _dtype(x), _dtype(size), _dtype(metric))
     return _aot_result(kernel, x)
@@ -145,7 +146,8 @@ def topk_select_aot(
     tactic: int,
 ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
     params = topk_select_launch(
-        1, _static(x, 1, "token count"), _static(x, 2, "width"), keep, protected, bool(fuse), bool(keep_order)
+        1, _static(x, 1, "token count"), _static(x, 2, "width"), keep, protected, bool(fuse), bool(keep_order),
+        _static(size, 2, "state width"),
     )
     kernel = compile_topk_select(params, _compute_capability(), _dtype(x), _dtype(size), _dtype(class_attn))
     return _aot_result(kernel, x)
