@@ -57,7 +57,7 @@ def data2vec_model(**overrides) -> torch.nn.Module:
     return ImageEncoder(model.eval(), "mean").eval()
 
 
-def t5_encoder(tmp_path) -> "LoadedModel":
+def t5_encoder(tmp_path):
     """A tiny T5 encoder from a local directory (hf:DIR: mean pooled over the padding mask), its bias table drawn
     far from zero."""
     import transformers

@@ -70,7 +70,7 @@ def original_index(positions: Tensor, prefix: int, suffix: int, layout: tuple[in
     """(B, n) index of each current token among the ``tokens`` original ones: protected rows by their place, the
     others at their carried coordinates rounded half up (merged tokens: the rounded size-weighted mean)."""
     batch, count, _ = positions.shape
-    inner = positions[:, prefix:count - suffix]
+    inner = positions[:, prefix:count - suffix, -len(layout):]  # a video tower's frame coordinate: not in the table
     flat = torch.zeros(inner.shape[:2], dtype=positions.dtype, device=positions.device)
     for axis, extent in enumerate(layout):
         coordinate = torch.floor(inner[..., axis] + HALF_UP)
