@@ -314,3 +314,32 @@ def hf_distilbert_mean(wrapper: torch.nn.Module) -> Encoder:
 
     assert wrapper.pooling == "mean"
     return Encoder(embed, [layer(b) for b in model.transformer.layer], lambda x, s, p: size_weighted_mean(x, s))
+
+
+def hf_aimv2_vision(wrapper: torch.nn.Module) -> Encoder:
+    """transformers Aimv2VisionModel (pooler output): RMS norms (in float32), SwiGLU MLPs, a learned position table
+    added before the blocks, and an attention-pooling head whose one learned query attends over the sized tokens."""
+    model = wrapper.model
+    heads = model.config.num_attention_heads
+
+    def layer(block) -> Layer:
+        a, ffn = block.attention, block.ffn
+        return _pre_norm(heads, a, "q_proj", "k_proj", "v_proj", a.out_proj,
+                         lambda t: ffn.down_proj(torch.nn.functional.silu(ffn.gate_proj(t)) * ffn.up_proj(t)),
+                         block.rms_norm1, block.rms_norm2)
+
+    def embed(sample):
+        emb = model.embeddings
+        x = emb.rms_norm(emb.patch_embed(sample["pixel_values"]).flatten(2)[0].T)
+        x = x + emb.position_embedding.weight[: x.shape[0]]
+        return x, torch.ones(x.shape[0], 1)
+
+    def head(x, size, prop_attn):
+        pool = model.head
+        x = model.rms_norm(x)
+        q = _heads(pool.cls_token[0], heads)
+        k, v = _heads(pool.k_proj(x), heads), _heads(pool.v_proj(x), heads)
+        attended, _ = attend(q, k, v, size, prop_attn)
+        return pool.output_proj(attended.mean(0))
+
+    return Encoder(embed, [layer(b) for b in model.encoder.layers], head)

@@ -19,6 +19,7 @@ from tc_export.errors import TCExportError
 from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
 from . import reference_encoders as encoders
+from . import reference_relbias as relbias
 from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
 
 METHODS = {
@@ -50,7 +51,8 @@ class Family:
     label: str
     build: Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]
     refused: dict[str, str]  # method -> cause key of CAUSES; methods not named here must work
-    reference: Callable[[torch.nn.Module], encoders.Encoder] | None = None  # its per-sample forward
+    # its per-sample forward: an Encoder for reference_encoders.run, or an object with its own run (relbias)
+    reference: Callable[[torch.nn.Module], encoders.Encoder | relbias.RelEncoder] | None = None
 
 
 def _timm(arch: str, size: int | None = None, **overrides):
@@ -62,6 +64,23 @@ def _timm(arch: str, size: int | None = None, **overrides):
         torch.manual_seed(0)
         model = timm.create_model(arch, **overrides).eval()
         return model, {"x": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+
+    return build
+
+
+def _hf_directory(config_class: str, model_class: str, **settings):
+    """A transformers model saved to a directory and loaded as ``hf:DIR`` (its own wrapper and example inputs)."""
+    def build():
+        import transformers
+
+        from tc_export.models import load_model
+
+        torch.manual_seed(0)
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            loaded = load_model(f"hf:{folder}", warn_random=False)
+        return loaded.module, loaded.example_inputs(batch=1)
 
     return build
 
@@ -100,12 +119,14 @@ FAMILIES = [
     Family("NaFlexViT (4 registers, GAP)", _timm("naflexvit_base_patch16_gap", img_size=64, depth=3, **SMALL),
            {"topk": "no class token", "prumerge": "no class token"}, TIMM),
     Family("hybrid CNN stem (ResNet stem + ViT)", _timm("vit_tiny_r_s16_p8_224", img_size=128, depth=3), {}, TIMM),
-    Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, **SMALL),
-           {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",
-            "prumerge": "no class token"}),  # its head pools the patches: the class token is never read
-    Family("ViT relpos", _timm("vit_relpos_small_patch16_224", img_size=64, depth=3, **SMALL),
-           {"tome": "relative position", "adjacent": "relative position", "topk": "no class token",
-            "prumerge": "no class token"}),
+    Family("BEiT (relative position bias)", _timm("beit_base_patch16_224", img_size=64, depth=3, num_classes=0,
+                                                  **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"},  # its head pools the patches
+           relbias.timm_beit),
+    Family("ViT relpos", _timm("vit_relpos_small_patch16_224", img_size=64, depth=3, num_classes=0, **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, relbias.timm_relpos),
+    Family("ViT relpos, class token", _timm("vit_relpos_base_patch16_cls_224", img_size=64, depth=3, num_classes=0,
+                                            **SMALL), {}, relbias.timm_relpos),
     Family("EVA-02 (rotary)", _timm("eva02_tiny_patch14_224", 56, img_size=56, depth=3),
            {"tome": "rotary", "adjacent": "rotary", "topk": "no class token", "prumerge": "no class token"}),
     Family("ViT RoPE", _timm("vit_small_patch16_rope_224", img_size=64, depth=3, **SMALL),
@@ -140,6 +161,15 @@ FAMILIES = [
     Family("transformers BERT (padded text)", _hf("build_bert", hidden_size=64, num_hidden_layers=3,
                                                   num_attention_heads=2, intermediate_size=128, vocab_size=500),
            {"topk": "no class token", "prumerge": "no class token"}, encoders.hf_bert_sentence),
+    Family("transformers Data2VecVision (relative bias)",
+           _hf_directory("Data2VecVisionConfig", "Data2VecVisionModel", hidden_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, intermediate_size=128, image_size=64,
+                         use_relative_position_bias=True),
+           {"topk": "no class token", "prumerge": "no class token"}, relbias.hf_data2vec_vision),
+    Family("transformers T5 encoder (padded text, bucketed bias)",
+           _hf_directory("T5Config", "T5EncoderModel", d_model=64, d_kv=32, d_ff=128, num_layers=3, num_heads=2,
+                         vocab_size=500),
+           {"topk": "no class token", "prumerge": "no class token"}, relbias.hf_t5_encoder),
 ]
 
 
@@ -197,7 +227,8 @@ def _against_reference(family: Family, model, inputs, compressed, method: str) -
         inputs = {"x": torch.cat([inputs["x"], torch.randn_like(inputs["x"])])}
     encoder = family.reference(model)
     hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs)
-    want, _ = encoders.run(encoder, inputs, hooks)
+    runner = getattr(encoder, "run", None)  # relbias: fused Top-K tokens sit at their size-weighted mean position
+    want, _ = runner(inputs, hooks, fused=method == "topk") if runner else encoders.run(encoder, inputs, hooks)
     with torch.no_grad():
         got = compressed(**inputs)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=2e-5):

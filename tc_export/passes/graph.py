@@ -23,6 +23,10 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, aten._softmax.default, aten.softmax.
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul.default, aten.bmm.default}
 _ADD_FUNCS = {operator.add, torch.add, aten.add.Tensor}
 _SHAPE_QUERIES = {aten.sym_size.int, torch.ops.aten.sym_size.default} if hasattr(aten, "sym_size") else set()
+_ASSERTIONS = {torch._assert} | {getattr(aten, name).default for name in ("_assert_tensor_metadata", "_assert_scalar",
+                                                                             "_assert_async") if hasattr(aten, name)}
+_CAST_FUNCS = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.type_as.default}
+_CAST_METHODS = {"to", "type", "type_as", "float", "half", "bfloat16", "double"}
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -59,6 +63,37 @@ def is_shape_query(node: fx.Node) -> bool:
     if node.op == "call_function":
         return (node.target is getattr and node.args[1] == "shape") or node.target in _SHAPE_QUERIES
     return node.op == "call_method" and node.target in ("size", "dim")
+
+
+def is_assertion(node: fx.Node) -> bool:
+    """A check torch.export leaves in the graph (``_assert_tensor_metadata`` before a ``.to(dtype)``): it reads
+    its input's metadata and returns nothing."""
+    return node.op == "call_function" and node.target in _ASSERTIONS
+
+
+def reads_no_data(node: fx.Node) -> bool:
+    """A shape query or an assertion: a user that does not consume its input's values."""
+    return is_shape_query(node) or is_assertion(node)
+
+
+def data_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that consume its values (not shape queries or assertions)."""
+    return [user for user in node.users if not reads_no_data(user)]
+
+
+def is_cast(node: fx.Node) -> bool:
+    """A dtype or device conversion (``x.to(torch.float32)``, ``x.float()``, ATen ``to`` / ``_to_copy``): the
+    same tokens, perhaps in another precision."""
+    if node.op == "call_function":
+        return node.target in _CAST_FUNCS
+    return node.op == "call_method" and node.target in _CAST_METHODS
+
+
+def through_casts(node: fx.Node) -> fx.Node:
+    """``node`` with any casts in front of it stripped: ``x.to(float32).float()`` -> ``x``."""
+    while is_cast(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def tensor_meta_shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -109,6 +144,11 @@ def ancestors(node: fx.Node, through_shape_queries: bool = True) -> set[fx.Node]
         if through_shape_queries or not is_shape_query(current):
             stack.extend(current.all_input_nodes)
     return seen
+
+
+def is_input_free(node: fx.Node) -> bool:
+    """Computed from parameters, buffers and constants only (shape reads of the input allowed)."""
+    return not any(n.op == "placeholder" for n in ancestors(node, through_shape_queries=False) | {node})
 
 
 def data_inputs(node: fx.Node) -> list[fx.Node]:

@@ -11,22 +11,20 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from .graph import ancestors, data_inputs, descendants, is_add, is_norm, is_shape_query
+from .graph import ancestors, data_inputs, data_users, descendants, is_add, is_norm, through_casts
 from .structure import Structure
 
 
-def _consumers(node: fx.Node) -> list[fx.Node]:
-    return [user for user in node.users if not is_shape_query(user)]
-
-
 def _mlp_residual_add(gm: fx.GraphModule, stream: fx.Node) -> fx.Node:
-    """The add that joins ``stream`` with a branch computed from it (the MLP residual)."""
+    """The add that joins ``stream`` with a branch computed from it (the MLP residual); either side may reach
+    the add through a cast (``.to(float32)``) of the stream."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     below = descendants(stream)
     for node in sorted(below, key=order.__getitem__):
         tensors = [a for a in node.args if isinstance(a, fx.Node)]
-        if is_add(node) and len(tensors) == 2 and stream in tensors:
-            other = tensors[1] if tensors[0] is stream else tensors[0]
+        joined = [through_casts(t) is through_casts(stream) for t in tensors]
+        if is_add(node) and len(tensors) == 2 and any(joined):
+            other = tensors[1] if joined[0] else tensors[0]
             if other in below:
                 return node
     raise StructureNotFoundError(f"found no MLP residual add after {stream.name} (the last block's output)")
@@ -44,7 +42,7 @@ def block_output(gm: fx.GraphModule, structure: Structure, layer: int) -> fx.Nod
     output = _mlp_residual_add(gm, site.stream)
     post_norm = site.stream is not site.residual_add
     modules = dict(gm.named_modules())
-    consumers = _consumers(output)
+    consumers = data_users(output)
     if post_norm and len(consumers) == 1 and is_norm(consumers[0], modules):
         return consumers[0]
     return output
@@ -55,7 +53,7 @@ def encoder_output(gm: fx.GraphModule, structure: Structure) -> fx.Node:
     node = block_output(gm, structure, len(structure.sites) - 1)
     modules = dict(gm.named_modules())
     for _ in range(3):
-        consumers = _consumers(node)
+        consumers = data_users(node)
         if len(consumers) != 1 or not is_norm(consumers[0], modules) or len(data_inputs(consumers[0])) != 1:
             break
         node = consumers[0]

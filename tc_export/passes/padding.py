@@ -3,7 +3,8 @@
 The token state is a size per token. A model with a padding mask (a text encoder's ``attention_mask``) starts
 from sizes = mask: a pad has size 0, so log(size) = -inf keeps attention off it and every size-weighted merge
 gives it no weight. The model's own mask (built once, for the original token count) is removed from each
-attention; the token pass adds the size bias instead, at every layer. A mask that does not depend on any input
+attention; the token pass adds the size bias instead, at every layer. A learned bias built into that mask (T5's
+relative positions) stays: the mask becomes the bias alone. A mask that does not depend on any input
 (transformers builds an all-true one for vision models) is evaluated and dropped when it masks nothing.
 """
 
@@ -16,7 +17,7 @@ from torch import fx
 
 from ..errors import StructureNotFoundError
 from ..ops.tokens import is_weighted_mean
-from .graph import ancestors, is_sdpa
+from .graph import ancestors, is_input_free, is_sdpa, tensor_meta_shape
 from .structure import AttentionSite
 
 
@@ -31,11 +32,12 @@ def _mask_argument(node: fx.Node) -> tuple[int | str, fx.Node] | None:
     return ("attn_mask", mask) if isinstance(mask, fx.Node) else None
 
 
-def _clear_mask(node: fx.Node, where: int | str) -> None:
+def _clear_mask(node: fx.Node, where: int | str, keep: fx.Node | None = None) -> None:
+    """Drop the mask argument, or replace it by ``keep`` (the learned bias the mask was built around)."""
     if isinstance(where, int):
-        node.args = (*node.args[:3], None, *node.args[4:])
+        node.args = (*node.args[:3], keep, *node.args[4:])
     else:
-        node.kwargs = {**node.kwargs, "attn_mask": None}
+        node.kwargs = {**node.kwargs, "attn_mask": keep}
 
 
 def _masks_nothing(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[str, torch.Tensor]) -> bool:
@@ -80,8 +82,15 @@ def find_initial_sizes(
             continue
         where, mask = found
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
-        if not inputs and _is_learned(gm, mask):
-            continue  # a learned bias (relative positions): stays; the position check refuses it if tokens move
+        if not inputs and is_learned(gm, mask):
+            continue  # a learned bias (relative positions): stays; a position table or the position check takes it
+        keep = learned_part(gm, mask, (tensor_meta_shape(site.query) or (0, 0))[-2]) if inputs else None
+        if inputs and keep is None and is_learned(gm, mask):
+            raise StructureNotFoundError(
+                f"attention {node.name} takes a learned relative position bias folded into the padding mask built "
+                f"from {', '.join(n.name for n in inputs)} in a way that cannot be told apart from the mask; the "
+                "token passes replace that mask and would drop the bias with it, so this is not supported"
+            )
         if not inputs:
             if not _masks_nothing(gm, mask, example_inputs):
                 raise StructureNotFoundError(
@@ -95,14 +104,32 @@ def find_initial_sizes(
                 f"attention {node.name} has a mask built from {', '.join(n.name for n in inputs)}; "
                 "expected one padding-mask input"
             )
-        _clear_mask(node, where)
+        _clear_mask(node, where, keep)
     if padding is None:
         return None
     with gm.graph.inserting_after(padding):
         return gm.graph.call_function(padding_sizes, (padding,))
 
 
-def _is_learned(gm: fx.GraphModule, node: fx.Node) -> bool:
+def learned_part(gm: fx.GraphModule, node: fx.Node, tokens: int) -> fx.Node | None:
+    """``node`` itself when it is a learned (…, N, N) bias computed from parameters alone; else the one such bias
+    it is built from together with the inputs (T5 puts its relative bias into the mask made from
+    ``attention_mask``). A padding mask is replaced by the size bias; the learned bias stays."""
+    if _is_bias(gm, node, tokens):
+        return node
+    inside = [n for n in ancestors(node) if _is_bias(gm, n, tokens)
+              and any(not is_input_free(user) for user in n.users)]
+    return inside[0] if len(inside) == 1 else None
+
+
+def _is_bias(gm: fx.GraphModule, node: fx.Node, tokens: int) -> bool:
+    shape = tensor_meta_shape(node)
+    if shape is None or len(shape) < 2 or shape[-2:] != (tokens, tokens) or any(d != 1 for d in shape[:-3]):
+        return False
+    return is_input_free(node) and is_learned(gm, node)
+
+
+def is_learned(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Computed from a trainable parameter (a learned bias table), not only from buffers and constants."""
     for n in ancestors(node) | {node}:
         if n.op == "get_attr":

@@ -17,17 +17,12 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from .graph import ancestors, is_shape_query, is_sdpa, tensor_meta_shape
+from .graph import ancestors, is_input_free, is_shape_query, is_sdpa, tensor_meta_shape
 from .structure import Structure
 
 _PRODUCTS = {"bmm", "matmul", "mm", "baddbmm", "__matmul__", "einsum"}
 _WEIGHTED = {"linear", "addmm", "mm", "conv1d", "conv2d", "convolution", "layer_norm", "native_layer_norm",
              "embedding", "group_norm", "rms_norm", "batch_norm"}
-
-
-def _is_input_free(node: fx.Node) -> bool:
-    """Computed from parameters, buffers and constants only (shape reads of the input allowed)."""
-    return not any(n.op == "placeholder" for n in ancestors(node, through_shape_queries=False) | {node})
 
 
 def _op_name(node: fx.Node) -> str:
@@ -59,13 +54,16 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
         if _op_name(node) in _PRODUCTS:
             continue  # a fixed query (an attention-pooling head's probe) meets the keys here, legitimately
         weighted = _op_name(node) in _WEIGHTED
+        products = _attention_operands(node)
         for other in node.all_input_nodes:
             if weighted and other.op == "get_attr":
                 continue  # a layer's own weight
+            if other in products:
+                continue  # a fixed query meets the keys in a product: an attention-pooling probe
             if other in below or other in allowed or is_shape_query(other) or other.op == "placeholder":
                 continue
             shape = tensor_meta_shape(other)
-            if shape is None or not sizes & set(shape) or not _is_input_free(other):
+            if shape is None or not sizes & set(shape) or not is_input_free(other):
                 continue
             if torch.Size(shape).numel() <= max(sizes):
                 continue  # a vector no larger than one row of tokens: a per-channel scale, not a table
@@ -78,6 +76,14 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
                 "export a different model, so this is not supported (compress only layers after the last one that "
                 "uses it, or use a model without it)"
             )
+
+
+def _attention_operands(node: fx.Node) -> set[fx.Node]:
+    """The query, key and value of an attention op (matrix products inside it; only its mask or bias is added
+    elementwise to the logits)."""
+    if is_sdpa(node) or _op_name(node) == "biased_attention":
+        return {a for a in node.args[:3] if isinstance(a, fx.Node)}
+    return set()
 
 
 def _kind(node: fx.Node, table: fx.Node) -> str:

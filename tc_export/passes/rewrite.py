@@ -7,7 +7,7 @@ from torch import fx
 
 from ..errors import StructureNotFoundError
 from ..ops.attention import biased_attention, class_attention, class_attention_from_probs
-from .graph import is_biased_attention, node_kwarg
+from .graph import is_biased_attention, is_sdpa, node_kwarg
 from .structure import AttentionSite
 
 
@@ -83,11 +83,21 @@ def add_attention_bias(site: AttentionSite, bias: fx.Node) -> None:
     softmax.args = (biased, *softmax.args[1:])
 
 
-def _replace_sdpa_with_biased(site: AttentionSite, bias: fx.Node) -> fx.Node:
-    """Swap the site's SDPA call for ``biased_attention`` with the same scale (default 1/sqrt(d))."""
+def write_out_biased_sdpa(site: AttentionSite) -> None:
+    """An SDPA whose mask is a float bias (relative positions) as ``biased_attention`` with that bias: the exporter
+    cannot export the SDPA form (see ``ops.attention``), and a bias looked up per sample joins it there."""
+    if is_sdpa(site.attention) and isinstance(node_kwarg(site.attention, "attn_mask", 3), fx.Node):
+        site.attention = _replace_sdpa_with_biased(site, None)
+
+
+def _replace_sdpa_with_biased(site: AttentionSite, bias: fx.Node | None) -> fx.Node:
+    """Swap the site's SDPA call for ``biased_attention`` with the same scale (default 1/sqrt(d)); ``bias`` None:
+    the mask alone is the bias."""
     node = site.attention
     mask = node_kwarg(node, "attn_mask", 3)
-    if isinstance(mask, fx.Node):  # the model's own bias (e.g. relative positions): both apply
+    if isinstance(mask, fx.Node) and bias is None:
+        bias = mask
+    elif isinstance(mask, fx.Node):  # the model's own bias (e.g. relative positions): both apply
         with node.graph.inserting_before(node):
             bias = node.graph.call_function(combine_bias, (mask, bias))
     dropout = node_kwarg(node, "dropout_p", 4)

@@ -20,12 +20,12 @@ from ..ops.base import TokenOp
 from .graph import (
     ancestors,
     data_inputs,
+    data_users,
     descendants,
     is_add,
     is_biased_attention,
     is_matmul,
     is_sdpa,
-    is_shape_query,
     is_softmax,
     node_kwarg,
     tensor_meta_shape,
@@ -166,11 +166,12 @@ def _residual_add(attention: fx.Node, order: dict[fx.Node, int]) -> tuple[fx.Nod
 def _stream_after(residual_add: fx.Node, modules: dict) -> fx.Node | None:
     """From the residual add, follow a single-input chain (a post-norm) to where the stream branches.
 
-    A stream already feeding a compressed op (a graph passes have run on) ends there.
+    A stream already feeding a compressed op (a graph passes have run on) ends there. Assertions and shape
+    queries are not consumers, so a norm's ``.to(float32)`` is followed like any single-input op.
     """
     node = residual_add
     for _ in range(4):
-        consumers = [u for u in node.users if not is_shape_query(u)]
+        consumers = data_users(node)
         if len(consumers) >= 2 or any(_is_token_op(u, modules) for u in consumers):
             return node
         if len(consumers) != 1 or len(data_inputs(consumers[0])) != 1:
