@@ -66,16 +66,19 @@ class SiteDifference:
 class DecisionReport:
     sites: int
     differing: list[SiteDifference] = field(default_factory=list)  # in site order; the first is a decision of its own
+    seed: int | None = None  # the parity input compared (a failing one)
 
     def describe(self) -> str:
         if not self.sites:
             return "decisions not compared (no tc_export function nodes: a flat export)"
         if not self.differing:
-            return (f"all {self.sites} token-op sites made the same decisions, token order included: the difference "
-                    "is numeric")
+            on = f" on the input of seed {self.seed}" if self.seed is not None else ""
+            return (f"all {self.sites} token-op sites made the same decisions{on}, token order included: the "
+                    "difference is numeric")
         first = self.differing[0]
         hint = f"; {first.hint}" if first.hint else ""
-        return (f"{len(self.differing)} of {self.sites} token-op sites decided differently, first at "
+        on = f" on the input of seed {self.seed}" if self.seed is not None else ""
+        return (f"{len(self.differing)} of {self.sites} token-op sites decided differently{on}, first at "
                 f"{first.describe()}; not a numeric bug{hint}")
 
 
