@@ -333,8 +333,10 @@ def _refuse_bottleneck(attention: fx.Node, residual: fx.Node, skip: fx.Node, ord
     tokens = tensor_meta_shape(residual)
     if tokens is None or len(tokens) != 3:
         return
-    between = descendants(attention) & ancestors(residual)
-    inner = sorted((n for n in between if is_add(n) and _joins_token_streams(n, tokens[1])), key=order.__getitem__)
+    below = descendants(attention)
+    between = below & ancestors(residual)
+    # x + f(x) inside the branch (both sides computed from the attention): not a parallel MLP joining it (ViT-22B)
+    inner = sorted((n for n in between if is_add(n) and _joins_token_streams(n, tokens[1], below)), key=order.__getitem__)
     if not inner:
         return
     width = tensor_meta_shape(inner[0])
@@ -348,10 +350,13 @@ def _refuse_bottleneck(attention: fx.Node, residual: fx.Node, skip: fx.Node, ord
     )
 
 
-def _joins_token_streams(node: fx.Node, tokens: int) -> bool:
-    """An add of two (batch, tokens, channels) tensors: a residual add, not a bias or a position table."""
-    shapes = [tensor_meta_shape(a) for a in node.args if isinstance(a, fx.Node)]
-    return len(shapes) == 2 and all(s is not None and len(s) == 3 and s[1] == tokens for s in shapes)
+def _joins_token_streams(node: fx.Node, tokens: int, within: set[fx.Node]) -> bool:
+    """An add of two (batch, tokens, channels) tensors both in ``within``: a residual add inside a branch, not a
+    bias, a position table or a parallel branch joining it."""
+    parts = [a for a in node.args if isinstance(a, fx.Node)]
+    shapes = [tensor_meta_shape(a) for a in parts]
+    return len(parts) == 2 and all(a in within for a in parts) and all(
+        s is not None and len(s) == 3 and s[1] == tokens for s in shapes)
 
 
 def _parallel_branch(attention: fx.Node, residual: fx.Node, skip: fx.Node, modules: dict) -> bool:
