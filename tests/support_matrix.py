@@ -1,7 +1,9 @@
 """The support matrix: small versions of the ViT-family architectures in timm and of transformers encoders, each
 method on each, with what happened: parity (and agreement with the independent reference where one applies) or a
-refusal whose message names the cause. ``tests/test_support_matrix.py`` checks every cell and that the README
-shows exactly this table; ``python -m tests.support_matrix`` prints it.
+refusal whose message names the cause. ToMe on each family runs through the command-line job (passes, MACs,
+export, parity, fidelity), the other methods through ``compress`` and ONNX Runtime, to keep the matrix cheap.
+``tests/test_support_matrix.py`` checks every cell and that the README shows exactly this table;
+``python -m tests.support_matrix`` prints it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 from tc_export import ExportConfig, compress, export_onnx
-from tc_export.errors import TCExportError
+from tc_export.errors import ParityError, TCExportError
+from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
 from . import reference_encoders as encoders
@@ -49,7 +52,7 @@ class Family:
     """One architecture: how to build a small one, its example input, and the causes expected per method."""
 
     label: str
-    build: Callable[[], tuple[torch.nn.Module, dict[str, torch.Tensor]]]
+    build: Callable[[], LoadedModel]
     refused: dict[str, str]  # method -> cause key of CAUSES; methods not named here must work
     # its per-sample forward: an Encoder for reference_encoders.run, or an object with its own run (relbias)
     reference: Callable[[torch.nn.Module], encoders.Encoder | relbias.RelEncoder] | None = None
@@ -63,7 +66,7 @@ def _timm(arch: str, size: int | None = None, **overrides):
 
         torch.manual_seed(0)
         model = timm.create_model(arch, **overrides).eval()
-        return model, {"x": torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))}
+        return LoadedModel(f"timm:{arch}", model, [InputSpec("x", (3, size, size), onnx_name="pixel_values")])
 
     return build
 
@@ -91,8 +94,7 @@ def _hf(builder: str, **overrides):
         from tc_export.models import hf_models
 
         torch.manual_seed(0)
-        loaded = getattr(hf_models, builder)(ModelOptions(), **overrides)
-        return loaded.module, loaded.example_inputs(batch=1)
+        return getattr(hf_models, builder)(ModelOptions(), **overrides)
 
     return build
 
@@ -196,14 +198,43 @@ def reference_hooks(method: str, protected: int, layers: int, padded: bool = Fal
                           if i == layers - 1 else (x, s), prop_attn=False)
 
 
+JOB_METHOD = "tome"  # the method each family runs through the command-line job
+
+
 def run_cell(family: Family, method: str) -> Cell:
-    model, inputs = family.build()
+    loaded = family.build()
+    inputs = loaded.example_inputs(batch=1)
     try:
-        compressed = compress(model, METHODS[method](), inputs)
-    except TCExportError as error:
-        message = str(error)
+        if method == JOB_METHOD:
+            compressed, error = _through_job(loaded, method)
+        else:
+            compressed, error = _through_compress(loaded, inputs, method)
+    except ParityError as failure:
+        return Cell(family.label, method, "parity failed", failure.failure)
+    except TCExportError as failure:
+        message = str(failure)
         cause = next((key for key, words in CAUSES.items() if words in message), "other")
         return Cell(family.label, method, f"refused: {cause}", message)
+    outcome = "works"
+    if family.reference:
+        outcome = _against_reference(family, loaded.module, inputs, compressed, method)
+    return Cell(family.label, method, outcome, f"parity max abs {error:.1e}")
+
+
+def _through_job(loaded: LoadedModel, method: str):
+    """The command-line job without its argument parsing (``run_job``): passes, MACs, export, parity, fidelity."""
+    from tc_export.pipeline import JobConfig, run_job
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = JobConfig(model=loaded.name, output=Path(folder) / "m.onnx", methods=(METHODS[method](),),
+                           fidelity_samples=2)
+        result = run_job(config, say=lambda line: None, loaded=loaded)
+    assert 0 < result.macs_compressed <= result.macs_original and result.fidelity is not None
+    return result.compressed, max(output.max_abs for output in result.parity.outputs)
+
+
+def _through_compress(loaded: LoadedModel, inputs: dict, method: str):
+    compressed = compress(loaded.module, METHODS[method](), inputs)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "m.onnx"
         import onnxruntime as ort
@@ -215,11 +246,8 @@ def run_cell(family: Family, method: str) -> Cell:
         want = compressed(**inputs).numpy()
     error = float(np.abs(got - want).max())
     if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
-        return Cell(family.label, method, "parity failed", f"max abs {error:.2e}")
-    outcome = "works"
-    if family.reference:
-        outcome = _against_reference(family, model, inputs, compressed, method)
-    return Cell(family.label, method, outcome, f"parity max abs {error:.1e}")
+        raise ParityError(f"max abs {error:.2e}")
+    return compressed, error
 
 
 def _against_reference(family: Family, model, inputs, compressed, method: str) -> str:

@@ -198,6 +198,24 @@ def _family(kind: str):
                                   architectures=["WhisperForConditionalGeneration"])
         cls = tf.WhisperForConditionalGeneration
         return config, cls, lambda d, x: cls.from_pretrained(d).model.encoder(**x).last_hidden_state.mean(1)
+    if kind == "data2vec_vision":  # BEiT layout, mean pooled
+        config = tf.Data2VecVisionConfig(**TINY_IMAGE, architectures=["Data2VecVisionModel"])
+        cls = tf.Data2VecVisionModel
+        return config, cls, lambda d, x: cls.from_pretrained(d)(**x).last_hidden_state.mean(1)
+    if kind == "aimv2":  # float32 RMS norms (casts in the stream), an attention-pooling head
+        config = tf.Aimv2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      image_size=32, patch_size=8, architectures=["Aimv2VisionModel"])
+        cls = tf.Aimv2VisionModel
+        return config, cls, lambda d, x: cls.from_pretrained(d)(**x).pooler_output
+    if kind == "t5":  # encoder only: casts in the stream, a relative position bias in the padding mask
+        config = tf.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, vocab_size=100,
+                             architectures=["T5EncoderModel"])
+        return config, tf.T5EncoderModel, None
+    if kind == "mobilebert":  # bottleneck blocks
+        config = tf.MobileBertConfig(hidden_size=32, embedding_size=16, intermediate_size=64, intra_bottleneck_size=16,
+                                     num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
+                                     max_position_embeddings=40, architectures=["MobileBertModel"])
+        return config, tf.MobileBertModel, None
     raise KeyError(kind)
 
 
@@ -220,16 +238,21 @@ FAMILIES = {  # kind -> (class built, output name, tokens the first attention se
     "siglip": ("SiglipVisionModel", "pooler_output", 16, None),
     "dinov2_registers": ("Dinov2WithRegistersModel", "pooler_output", 19, None),
     "whisper": ("WhisperEncoder", "mean_embedding", 24, None),
+    "data2vec_vision": ("Data2VecVisionModel", "mean_embedding", 17, None),
+    "aimv2": ("Aimv2VisionModel", "pooler_output", 16, None),
+    "t5": ("T5EncoderModel", "mean_embedding", 128, None),  # its relative bias read at the carried positions
+    "mobilebert": ("MobileBertModel", "pooler_output", 40, "bottleneck block"),
 }
 
 
 @pytest.mark.parametrize("kind", list(FAMILIES))
-def test_any_encoder_directory_loads_runs_and_exports_or_refuses(kind, tmp_path):
+def test_any_encoder_directory_loads_runs_and_exports_or_refuses(kind, tmp_path, capsys):
     """hf:DIR builds the architecture config.json names (or its base model / vision tower / encoder) with the
-    directory's weights, equals transformers' own output, and ToMe r=2 either exports with parity or is refused
-    with the expected one-line message naming the cause."""
-    from tc_export.errors import TCExportError
+    directory's weights and equals transformers' own output; the command-line job (ToMe r=2: passes, MACs, export,
+    parity, fidelity) either exports with parity or is refused in one line naming the cause."""
     from tc_export.models import load_model
+
+    from .test_cli import run_cli
 
     folder = tmp_path / kind
     reference = _save_family(kind, folder)
@@ -238,7 +261,7 @@ def test_any_encoder_directory_loads_runs_and_exports_or_refuses(kind, tmp_path)
     inner = getattr(loaded.module, "model", None) or loaded.module.encoder
     assert type(inner).__name__ == cls_name
     assert loaded.output_names == [output]
-    assert loaded.random_init == (reference is None)
+    assert loaded.random_init == (_family(kind)[1] is None)
     inputs = loaded.example_inputs(batch=2)
     with torch.no_grad():
         ours = loaded.module(**inputs)
@@ -246,23 +269,20 @@ def test_any_encoder_directory_loads_runs_and_exports_or_refuses(kind, tmp_path)
             torch.testing.assert_close(ours, reference(str(folder), inputs), rtol=1e-5, atol=1e-6)
     assert torch.isfinite(ours).all()
 
+    capsys.readouterr()  # saving printed progress bars
+    job = [f"hf:{folder}", "--method", "tome", "--r", "2", "-o", tmp_path / "m.onnx"]
+    code, out, err = run_cli(job, capsys)
     if refusal is not None:
-        with pytest.raises(TCExportError, match=refusal) as error:
-            compress(loaded, ToMeConfig(r=2), inputs)
-        assert len(str(error.value).splitlines()) == 1 and "--protected 1" in str(error.value)
-        compressed = compress(loaded, ToMeConfig(r=2, protected=1), inputs)  # the hint works: [CLS] stays first
-        assert compressed.protected == 1 and compressed.token_counts()[:2] == [tokens, tokens - 2]
-        return
-    compressed = compress(loaded, ToMeConfig(r=2), inputs)
-    assert compressed.token_counts()[:2] == [tokens, tokens - 2]
-    path = tmp_path / "m.onnx"
-    export_onnx(compressed.module, inputs, path, ExportConfig(batch=2), input_names=list(inputs),
-                output_names=loaded.output_names)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
-    with torch.no_grad():
-        want = compressed(**inputs)
-    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-5)
+        assert code == 2 and refusal in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "m.onnx").exists()
+        if "--protected 1" not in err:
+            return
+        code, out, err = run_cli([*job, "--protected", "1"], capsys)  # the hint works: [CLS] stays first
+        assert "protected tokens: 1 (given with --protected)" in out
+    assert code == 0, err
+    assert f"tokens per layer: {tokens} {tokens - 2}" in out
+    assert "MACs per image" in out and "fidelity vs uncompressed" in out
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and (tmp_path / "m.onnx").is_file()
 
 
 def test_text_encoder_mean_pooling_exports_through_the_cli(tmp_path, capsys):

@@ -93,3 +93,20 @@ def test_aimv2_vision_matches_reference(tmp_path):
         torch.testing.assert_close(loaded.module(**inputs), encoders.run(
             encoders.hf_aimv2_vision(loaded.module), inputs, encoders.Hooks())[0], rtol=1e-4, atol=2e-5)
         torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
+
+
+def test_mobilebert_bottleneck_is_named(tmp_path):
+    """MobileBERT runs attention and a feed-forward stack inside a narrower bottleneck whose adds are residuals
+    of their own; the block's input rejoins after them. Refused as a bottleneck (was: 'not where the residual
+    stream feeds the MLP branch')."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MobileBertConfig(hidden_size=32, embedding_size=16, intermediate_size=64,
+                                           intra_bottleneck_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                           vocab_size=100, max_position_embeddings=40)
+    loaded = _saved(tmp_path, transformers.MobileBertModel(config))
+    with pytest.raises(TCExportError, match="bottleneck block") as error:
+        compress(loaded, ToMeConfig(r=2), loaded.example_inputs(batch=2))
+    assert "16 channels inside a 32-channel block" in str(error.value)
+    assert len(str(error.value).splitlines()) == 1

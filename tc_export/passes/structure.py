@@ -301,6 +301,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 f"({residual.name}): parallel attention branches (as in parallel-block ViTs) are not supported"
             )
         residuals[residual] = attention
+        _refuse_bottleneck(attention, residual, skip, order)
         stream = _stream_after(residual, modules)
         if stream is None:
             if _parallel_branch(attention, residual, skip, modules):
@@ -325,6 +326,39 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     prefix = detect_prefix_tokens(gm, sites[0])
     suffix = detect_prefix_tokens(gm, sites[0], trailing=True)
     return Structure(sites, prefix, skipped, others, find_patch_grid(gm, sites[0], prefix + suffix), suffix)
+
+
+def _refuse_bottleneck(attention: fx.Node, residual: fx.Node, skip: fx.Node, order: dict[fx.Node, int]) -> None:
+    """Refuse a block whose attention branch holds residual adds of its own before it rejoins the block's input:
+    a bottleneck (MobileBERT) runs attention and a feed-forward stack on a narrower projection of the stream, so
+    there is no stream between attention and MLP at the block's width to compress."""
+    tokens = tensor_meta_shape(residual)
+    if tokens is None or len(tokens) != 3:
+        return
+    below = descendants(attention)
+    between = below & ancestors(residual)
+    # x + f(x) inside the branch (both sides computed from the attention): not a parallel MLP joining it (ViT-22B)
+    inner = sorted((n for n in between if is_add(n) and _joins_token_streams(n, tokens[1], below)), key=order.__getitem__)
+    if not inner:
+        return
+    width = tensor_meta_shape(inner[0])
+    inside = f"{width[-1]} channels inside a {tokens[-1]}-channel block" if width and width[-1] != tokens[-1] else (
+        "inside the block")
+    raise StructureNotFoundError(
+        f"attention {attention.name} sits in a bottleneck block (as in MobileBERT): it and a feed-forward stack run "
+        f"at {inside}, with residual adds of their own ({inner[0].name}), and the block's input ({skip.name}) rejoins "
+        f"only at {residual.name}; there is no stream between attention and MLP at the block's width to compress, "
+        "so bottleneck blocks are not supported"
+    )
+
+
+def _joins_token_streams(node: fx.Node, tokens: int, within: set[fx.Node]) -> bool:
+    """An add of two (batch, tokens, channels) tensors both in ``within``: a residual add inside a branch, not a
+    bias, a position table or a parallel branch joining it."""
+    parts = [a for a in node.args if isinstance(a, fx.Node)]
+    shapes = [tensor_meta_shape(a) for a in parts]
+    return len(parts) == 2 and all(a in within for a in parts) and all(
+        s is not None and len(s) == 3 and s[1] == tokens for s in shapes)
 
 
 def _parallel_branch(attention: fx.Node, residual: fx.Node, skip: fx.Node, modules: dict) -> bool:
