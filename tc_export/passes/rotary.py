@@ -69,6 +69,7 @@ class RotaryTable(PositionTable):
 
     cos_node: fx.Node = field(default=None)  # type: ignore[assignment]
     sin_node: fx.Node = field(default=None)  # type: ignore[assignment]
+    products: tuple[fx.Node, fx.Node] = ()  # type: ignore[assignment]  (x * cos, rotate(x) * sin)
     cos_value: torch.Tensor = field(default=None)  # type: ignore[assignment]
     sin_value: torch.Tensor = field(default=None)  # type: ignore[assignment]
     freqs: torch.Tensor = field(default=None)  # type: ignore[assignment]  (P, *table with token axis 1)
@@ -83,8 +84,7 @@ class RotaryTable(PositionTable):
                                    ("cos", self.cos_value), ("sin", self.sin_value)):
             gm.register_buffer(f"{name}_{suffix_name}", value.clone())
         head = max(0, prefix - self.first_row)
-        users = [u for n in (self.cos_node, self.sin_node) for u in n.users]
-        with graph.inserting_before(min(users, key=_order(graph))):
+        with graph.inserting_before(min(self.products, key=_order(graph))):
             freqs, offset, cos_fixed, sin_fixed = (graph.get_attr(f"{name}_{s}") for s in ("freqs", "offset", "cos", "sin"))
             rows = graph.call_function(positions_as_table, (positions, self.first_row + head, suffix,
                                                             self.cos_value.dim(), self.token_axis))
@@ -93,8 +93,8 @@ class RotaryTable(PositionTable):
             for fn, fixed in ((torch.cos, cos_fixed), (torch.sin, sin_fixed)):
                 value = graph.call_function(fn, (angles,))
                 tables.append(graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis)))
-        self.cos_node.replace_all_uses_with(tables[0], delete_user_cb=lambda user: user in users)
-        self.sin_node.replace_all_uses_with(tables[1], delete_user_cb=lambda user: user in users)
+        for product, old, new in zip(self.products, (self.cos_node, self.sin_node), tables):
+            product.replace_input_with(old, new)
 
 
 def _order(graph: fx.Graph):
@@ -125,8 +125,8 @@ def _split(mul: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return None
 
 
-def _rotary_units(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
-    """(add, activation, cos node, sin node) for every ``x * cos + rotate(x) * sin``."""
+def _rotary_units(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node, tuple[fx.Node, fx.Node]]]:
+    """(add, activation, cos node, sin node, the two products) for every ``x * cos + rotate(x) * sin``."""
     units = []
     for node in gm.graph.nodes:
         if not is_add(node) or len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
@@ -137,9 +137,9 @@ def _rotary_units(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, f
         first, second = _split(a), _split(b)
         if first is None or second is None:
             continue
-        for (x, cos), (rotated, sin) in ((first, second), (second, first)):
+        for (x, cos, m1), (rotated, sin, m2) in (((*first, a), (*second, b)), ((*second, b), (*first, a))):
             if x in ancestors(rotated) and x is not rotated:
-                units.append((node, x, cos, sin))
+                units.append((node, x, cos, sin, (m1, m2)))
                 break
     return units
 
@@ -230,15 +230,16 @@ def find_rotary_tables(gm: fx.GraphModule, structure: Structure) -> list[Positio
     units = _rotary_units(gm)
     if not units:
         return []
-    values = _values(gm, [n for unit in units for n in unit[2:]])
+    values = _values(gm, [n for unit in units for n in unit[2:4]])
     tables: list[PositionTable] = []
-    for add, x, cos_node, sin_node in units:
+    for add, x, cos_node, sin_node, products in units:
         site = _site_of(add, structure.sites)
         cos, sin = values.get(cos_node), values.get(sin_node)
         if site is None or cos is None or sin is None or cos.shape != sin.shape:
             continue
         table = _table(site, structure, x, cos_node, sin_node, cos, sin)
         if table is not None:
+            table.products = products
             tables.append(table)
     return tables
 
