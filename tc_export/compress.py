@@ -11,6 +11,7 @@ from torch import fx, nn
 from .errors import ConfigError, InternalError
 from .models.base import LoadedModel
 from .ops.base import TokenOp
+from .ops.state import leading_tokens
 from .passes import LayerTokens, run_passes, token_pass
 from .passes.graph import tensor_meta_shape
 from .passes.structure import find_structure
@@ -51,12 +52,14 @@ def compress(
     example_inputs: Mapping[str, torch.Tensor] | None = None,
     features: int | None = None,
     frames: int | None = None,
+    emit_positions: bool = False,
 ) -> CompressedModel:
     """Trace ``model`` and apply each method config (e.g. ``ToMeConfig(r=16)``) in order.
 
     ``example_inputs`` (forward-argument name -> tensor) fixes the shapes; a ``LoadedModel`` brings its own.
     ``features``: end the model at that block's output tokens (``-2``: the second-to-last, as LLaVA takes them).
     ``frames``: the model is a per-frame tower of a video wrapper; token outputs are joined frame after frame.
+    ``emit_positions``: add outputs with each output token's position and size (``TokenPass``).
     """
     if isinstance(model, LoadedModel):
         example_inputs = example_inputs or model.example_inputs(batch=1)
@@ -73,7 +76,8 @@ def compress(
         cause = str(getattr(error, "__cause__", None) or error).strip().splitlines()[0]
         raise ConfigError(f"the model does not run on its example inputs ({shapes}): {cause}") from None
     sites_before = len(find_structure(gm).sites)
-    passes = [token_pass(configs, features, frames)] if configs or features is not None else []
+    wanted = configs or features is not None or emit_positions
+    passes = [token_pass(configs, features, frames, emit_positions)] if wanted else []
     gm = run_passes(gm, passes, example_inputs)
     report = passes[0].report if passes else PassReport()
     inputs = dict(example_inputs) | {name: seeded_input(next(iter(example_inputs.values())).shape[0], shape)
@@ -99,7 +103,7 @@ def layer_tokens(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor])
     for site in find_structure(gm).sites:
         tokens_in = tensor_meta_shape(site.key)[-2 if site.kind == "sdpa" else -1]
         tokens_out, action = tokens_in, "-"
-        for user in site.stream.users:
+        for user in _readers(site.stream):
             module = modules.get(str(user.target)) if user.op == "call_module" else None
             if isinstance(module, TokenOp):
                 meta = user.meta.get("tensor_meta")
@@ -107,3 +111,9 @@ def layer_tokens(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor])
                 action = f"{type(module).__name__}({module.extra_repr()})"
         layers.append(LayerTokens(site.index, site.name, tokens_in, tokens_out, action))
     return layers
+
+
+def _readers(stream: fx.Node) -> list[fx.Node]:
+    """The users of ``stream``, and those of the part of it a token op sees (in front of a protected suffix)."""
+    users = list(stream.users)
+    return users + [u for user in users if user.target is leading_tokens for u in user.users]

@@ -33,6 +33,7 @@ class JobConfig:
     fp16: bool = False
     fidelity_samples: int = 8
     features: int | None = None  # vision-tower mode: end at this block's output tokens (-2: LLaVA's layer)
+    emit_positions: bool = False  # add outputs: each output token's position and size
     # --- TensorRT (export/engine.py, export/bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
     engine: EngineConfig | None = None
     bundle: bool = False
@@ -56,11 +57,12 @@ class JobResult:
 
 
 def compress_for_job(
-    loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None, features: int | None = None
+    loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None, features: int | None = None,
+    emit_positions: bool = False,
 ) -> CompressedModel:
     """``compress``, with a recipe's errors (a layer out of range, a budget too large) naming the recipe."""
     try:
-        return compress(loaded, list(methods), example, features=features)
+        return compress(loaded, list(methods), example, features=features, emit_positions=emit_positions)
     except ConfigError as error:
         if recipe is None:
             raise
@@ -84,8 +86,9 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     batch = config.export.batch
     example = loaded.example_inputs(batch=max(batch, 2) if config.export.dynamic_batch else batch)
-    wants_compression = bool(config.methods) or config.features is not None
-    compressed = (compress_for_job(loaded, config.methods, example, config.recipe, config.features)
+    wants_compression = bool(config.methods) or config.features is not None or config.emit_positions
+    compressed = (compress_for_job(loaded, config.methods, example, config.recipe, config.features,
+                                   config.emit_positions)
                   if wants_compression else None)
     module = compressed.module if compressed else loaded.module
     output_names = loaded.output_names
@@ -93,6 +96,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         _say_structure(compressed, say)
         if compressed.report.output_is_tokens:
             output_names = ["tokens"]
+        output_names = emitted_output_names(output_names, compressed.report.emitted_after)
 
     def inputs_for(batch: int, seed: int = 0) -> dict:
         """The model's inputs, plus those a method added (e.g. LLaMA-VID's text queries)."""
@@ -149,10 +153,22 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     return result
 
 
+def emitted_output_names(names: Sequence[str], emitted_after: int | None) -> list[str]:
+    """The output names with ``positions`` and ``sizes`` after the model's ``emitted_after`` own outputs."""
+    if emitted_after is None:
+        return list(names)
+    own = [*names[:emitted_after], *(f"output_{i}" for i in range(len(names), emitted_after))]
+    return [*own, "positions", "sizes"]
+
+
 def _say_structure(compressed: CompressedModel, say: Callable[[str], None]) -> None:
     report = compressed.report
     say(f"protected tokens: {report.protected} ({report.protected_source})"
+        + (f", {report.suffix} trailing ({report.suffix_source})" if report.suffix else "")
         + (f"; patch grid {'x'.join(map(str, report.grid))}" if report.grid else ""))
+    if report.positions is not None:
+        say(f"positions carried: {report.positions} coordinate(s) per token"
+            + (f"; rewired {', '.join(report.rewired)}" if report.rewired else ""))
     for note in report.skipped:
         say(f"left uncompressed: attention {note}")
     say("tokens per layer: " + " ".join(str(n) for n in compressed.token_counts()))

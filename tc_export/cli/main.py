@@ -54,6 +54,8 @@ def cli() -> None:
 @click.option("--features", type=int, default=None,
               help="Vision-tower mode: output the tokens of this block (-2: second-to-last, as LLaVA).")
 @click.option("--frames", type=int, default=None, help="Video: input (B, T, 3, H, W); the tower runs per frame.")
+@click.option("--emit-positions", is_flag=True,
+              help="Add outputs 'positions' (B, N, P) and 'sizes' (B, N, 1) of the output tokens.")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-functions", is_flag=True, help="Flat ONNX: no tc_export function node per token op.")
 @click.option("--atol", type=float, default=1e-4, show_default=True, help="Parity: absolute tolerance.")
@@ -64,7 +66,7 @@ def cli() -> None:
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
                    weights: Path | None, pretrained: bool,
                    img_size: int | None, pooling: str | None, batch: int,
-                   dynamic_batch: bool, features: int | None, frames: int | None, opset: int, no_functions: bool, atol: float, rtol: float, seed: int, fp16: bool) -> None:
+                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool, opset: int, no_functions: bool, atol: float, rtol: float, seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.parity import ParityConfig
@@ -89,6 +91,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
         model_options=ModelOptions(img_size=img_size, weights=weights, pretrained=pretrained, pooling=pooling,
                                    frames=frames),
         features=features,
+        emit_positions=emit_positions,
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions),
         parity=ParityConfig(atol=atol, rtol=rtol, seed=seed),
         fp16=fp16,

@@ -89,14 +89,21 @@ class _Site:
             and (value is None or isinstance(value, (bool, int, float)))
         }
 
+    def state_columns(self) -> int:
+        """Columns of the token state: 1 (sizes), or 1 + P with positions carried (``ops.state``)."""
+        return self.shapes[1][-1]
+
     def variant(self) -> tuple:
-        return (type(self.op), self.spec.op_type, len(self.shapes), tuple(sorted(self.fixed().items())))
+        return (type(self.op), self.spec.op_type, len(self.shapes), tuple(sorted(self.fixed().items())),
+                self.state_columns())
 
     def attributes(self) -> dict[str, int | float | str]:
         """The node's attributes: plugin conventions, carried settings, then the fixed ones (None left out)."""
         attrs: dict[str, int | float | str] = {"plugin_namespace": DOMAIN, "plugin_version": PLUGIN_VERSION, "aot": 1}
         attrs.update({name: _setting(self.op, name) for name in self.spec.carried})
         attrs.update({key: value for key, value in self.fixed().items() if value is not None})
+        if self.state_columns() > 1:  # positions carried next to the sizes
+            attrs["state_columns"] = self.state_columns()
         return attrs
 
 
@@ -163,6 +170,8 @@ def plan_functions(
         name = spec.op_type
         if per_type[spec.op_type] > 1:  # e.g. ToMeMerge_padded0_protected1
             name += "".join(f"_{key}{_label(value)}" for key, value in variant[3])
+        if variant[4] > 1:  # a state with positions: the plugin kernels take sizes only, so the body runs
+            name += f"_state{variant[4]}"
         function, ranges = _trace_body(members[0], name, opset, dynamic_batch)
         covered = [site for site in members if _in_range(site, ranges)]
         flat.extend(site.name for site in members if site not in covered)

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .base import CountedMergeOp
 from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores
+from .state import size_column
 
 
 def effective_pairs(num_tokens: int, r: int, protected: int) -> int:
@@ -48,11 +49,11 @@ def adjacent_merge(
     first, second = body[:, ::2], body[:, 1::2]
     first_size, second_size = body_size[:, ::2], body_size[:, 1::2]
     # A merged pair lives on in its second slot: the size-weighted average of both; its first slot is dropped.
-    moved = merge * first_size
+    moved = merge * first_size  # the whole state moves (sizes, and positions times sizes when carried)
     merged_size = second_size + moved
-    second = second + moved * (first - second) / merged_size.clamp_min(WEIGHT_FLOOR)
+    second = second + size_column(moved) * (first - second) / size_column(merged_size).clamp_min(WEIGHT_FLOOR)
     slots = torch.stack([first, second], dim=2).reshape(batch, 2 * pairs, channels)
-    slot_sizes = torch.stack([first_size, merged_size], dim=2).reshape(batch, 2 * pairs, 1)
+    slot_sizes = torch.stack([first_size, merged_size], dim=2).reshape(batch, 2 * pairs, size.shape[-1])
 
     # Surviving slots in order: the r smallest keys among (position, or 2*pairs + position when dropped).
     position = torch.arange(2 * pairs, device=x.device)

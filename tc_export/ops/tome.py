@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .base import CountedMergeOp
 from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
+from .state import size_column
 
 
 def effective_r(num_tokens: int, r: int, protected: int) -> int:
@@ -122,7 +123,9 @@ def tome_merge(
     x: Tensor, metric: Tensor, size: Tensor | None, r: int, protected: int, padded: bool = False,
     sort_unmerged: bool | None = None, window: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their sizes (B, N - r', 1).
+    """Merge ``r`` tokens of ``x`` (B, N, C); returns the merged tokens (B, N - r', C) and their state (B, N - r', K).
+
+    ``size``: the token state (B, N, K) (``ops.state``: the sizes, then positions times sizes when carried).
 
     ``size`` None means every token has size 1 (the first merge), which saves the size products. ``padded``:
     size-0 tokens are padding, matched only with each other (a model with a padding mask). ``window``: the
@@ -142,12 +145,12 @@ def tome_merge(
     if size is None:
         size_b = 1.0 + to_dst.sum(-1, keepdim=True)
         size_unm = x.new_ones(batch, unm_rows.shape[1], 1)
-    else:
+    else:  # the whole state (sizes, and positions times sizes when carried) sums into B
         size_src = gather_rows(size, src_rows, 2)
         size_b = size[:, 1::2] + to_dst @ size_src
         size_unm = gather_rows(size, unm_rows, 2)
-        delta = size_src * delta
-    merged_b = tokens_b + (to_dst / size_b.clamp_min(WEIGHT_FLOOR)) @ delta
+        delta = size_column(size_src) * delta
+    merged_b = tokens_b + (to_dst / size_column(size_b).clamp_min(WEIGHT_FLOOR)) @ delta
     unmerged = gather_rows(x, unm_rows, 2)
     # Protected B tokens (odd positions) receive no merges: their -inf columns are never a best match.
     protected_b = protected // 2

@@ -24,7 +24,8 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 
-def token_pass(configs: Sequence[object], features: int | None = None, frames: int | None = None) -> TokenPass:
+def token_pass(configs: Sequence[object], features: int | None = None, frames: int | None = None,
+               emit_positions: bool = False) -> TokenPass:
     """One pass applying every method config (a multi-stage recipe) in a single walk over the layers."""
     known = tuple(spec.config_type for _, spec in METHODS.items())
     for config in configs:
@@ -32,7 +33,8 @@ def token_pass(configs: Sequence[object], features: int | None = None, frames: i
             raise ConfigError(
                 f"no method takes a {type(config).__name__}: known methods {', '.join(METHODS.names())}"
             )
-    return TokenPass(list(configs), features=features, frames=frames)  # type: ignore[arg-type]
+    return TokenPass(list(configs), features=features, frames=frames,  # type: ignore[arg-type]
+                     emit_positions=emit_positions)
 
 
 __all__ = [

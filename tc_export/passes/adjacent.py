@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.adjacent import AdjacentMerge, effective_pairs
-from .layers import parse_layers_flag, parse_protected, validate_placement
+from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -39,11 +39,12 @@ class AdjacentConfig:
     prop_attn: bool = setting(True, "proportional attention: log(size) added to the attention logits")
     protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
                                     parse_protected)
+    protected_suffix: int | None = protected_suffix_setting()
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ConfigError(f"r must be a whole number >= 0 (pairs merged per layer), got {self.r!r}")
-        validate_placement(self.method, self.layers, self.protected)
+        validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
 
     def insertion_point(self) -> Point:
         return self.point

@@ -44,10 +44,28 @@ def parse_protected(text: str) -> int:
         raise ConfigError(f"--protected must be a whole number of leading tokens, got {text!r}") from None
 
 
-def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None) -> None:
-    """Config-time checks every method shares: the layer list (whole numbers >= 0, no repeats), ``protected``."""
-    if protected is not None and (isinstance(protected, bool) or not isinstance(protected, int) or protected < 0):
-        raise ConfigError(f"{method}: protected must be a whole number >= 0, got {protected!r}")
+def parse_protected_suffix(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"--protected-suffix must be a whole number of trailing tokens, got {text!r}") from None
+
+
+def protected_suffix_setting() -> Any:
+    """The ``protected_suffix`` field every method has (``--protected-suffix N``)."""
+    from .methods import setting
+
+    return setting(None, "trailing tokens that never move, e.g. detection tokens (default: found in the graph)",
+                   parse_protected_suffix)
+
+
+def validate_placement(method: str, layers: tuple[int, ...] | None, protected: int | None,
+                       protected_suffix: int | None = None) -> None:
+    """Config-time checks every method shares: the layer list (whole numbers >= 0, no repeats), ``protected``,
+    ``protected_suffix``."""
+    for name, value in (("protected", protected), ("protected_suffix", protected_suffix)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{method}: {name} must be a whole number >= 0, got {value!r}")
     if layers is None:
         return
     if not layers:

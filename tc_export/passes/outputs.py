@@ -95,3 +95,34 @@ def _set_output(output: fx.Node, node: fx.Node) -> None:
         output.args = (type(current)([node]),)
     else:
         output.args = (node,)
+
+
+def append_outputs(gm: fx.GraphModule, nodes: list[fx.Node]) -> int:
+    """Add ``nodes`` as outputs after the model's own (which become a flat tuple); returns how many it had."""
+    graph = gm.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    current = output.args[0]
+    if isinstance(current, fx.Node):
+        current = [current]
+    if not isinstance(current, (tuple, list)) or not all(isinstance(n, fx.Node) for n in current):
+        raise StructureNotFoundError(
+            f"the model returns a {type(current).__name__} of outputs; positions can only be added to a tensor or a "
+            "tuple of tensors"
+        )
+    output.args = (tuple([*current, *nodes]),)
+    _flat_output_spec(gm, len(current) + len(nodes))
+    return len(current)
+
+
+def _flat_output_spec(gm: fx.GraphModule, count: int) -> None:
+    """A torch.export module rebuilds its output from a pytree spec: make it a flat tuple of ``count``."""
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+    from torch.utils import _pytree
+
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        return
+    spec = _pytree.tree_structure(tuple(range(count)))
+    info = codegen.pytree_info
+    gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo(info.orig_args, info.in_spec, spec))
+    gm._out_spec = spec

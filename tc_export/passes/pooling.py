@@ -79,20 +79,23 @@ def token_access(node: fx.Node) -> tuple | None:
     return None
 
 
-def _positional_ok(access: tuple, tokens: int, protected: int) -> bool:
-    """A read of the protected prefix, or of everything after it, survives any method."""
+def _positional_ok(access: tuple, tokens: int, protected: int, suffix: int = 0) -> bool:
+    """A read of the protected prefix, of the protected suffix, or of everything after the prefix survives any
+    method (every method keeps both protected ends in place)."""
     if access[0] == "index":
         index = access[1] + tokens if access[1] < 0 else access[1]
-        return 0 <= index < protected
+        return 0 <= index < protected or tokens - suffix <= index < tokens
     start = access[1] or 0
     start = start + tokens if start < 0 else start
     stop = tokens if access[2] is None or access[2] >= _BIG else access[2]
     stop = stop + tokens if stop < 0 else stop
-    return (start == 0 and stop <= protected) or (start == protected and stop >= tokens)
+    return (start == 0 and stop <= protected) or (start == protected and stop >= tokens) \
+        or (suffix > 0 and start >= tokens - suffix and stop <= tokens) \
+        or (suffix > 0 and start == protected and stop == tokens - suffix)
 
 
 def follow_pooling(gm: fx.GraphModule, last_op: fx.Node, size: fx.Node, protected: int,
-                   padding: fx.Node | None, tokens_before: int) -> None:
+                   padding: fx.Node | None, tokens_before: int, suffix: int = 0) -> None:
     """Point every mean over tokens after ``last_op`` at the sizes; refuse positional reads that moved.
 
     Only reads of the token stream count: a tensor whose token axis had ``tokens_before`` tokens (or that many
@@ -111,14 +114,16 @@ def follow_pooling(gm: fx.GraphModule, last_op: fx.Node, size: fx.Node, protecte
         if tokens not in (tokens_before, tokens_before - protected):
             continue
         if access[0] in ("index", "slice"):
-            if not _positional_ok(access, tokens, protected):
+            if not _positional_ok(access, tokens, protected, suffix):
                 what = f"token {access[1]}" if access[0] == "index" else f"tokens {access[1]}:{access[2]}"
                 leading = access[0] == "index" and 0 <= access[1] < tokens
                 hint = (f"--protected {access[1] + 1} keeps the first {access[1] + 1} in place (a [CLS] from the "
                         "input ids, say)" if leading else "protect it with --protected N")
                 raise StructureNotFoundError(
                     f"the model reads {what} of the sequence at {node.name} (pooling by position), but the methods "
-                    f"move tokens: only the {protected} protected leading tokens keep their place. {hint[0].upper()}"
+                    f"move tokens: only the {protected} protected leading tokens"
+                    + (f" and the {suffix} protected trailing tokens" if suffix else "")
+                    + f" keep their place. {hint[0].upper()}"
                     f"{hint[1:]}, or export without compression after that layer"
                 )
             continue

@@ -11,6 +11,8 @@ tokens is refused, naming the table.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import fx
 
@@ -45,10 +47,12 @@ def _sources(gm: fx.GraphModule, node: fx.Node) -> list[str]:
     return sorted(set(names))[:3]
 
 
-def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structure: Structure, tokens: int) -> None:
+def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structure: Structure, tokens: int,
+                                allowed: Collection[fx.Node] = frozenset()) -> None:
     """Refuse when a fixed token-sized tensor (position table) meets a tensor computed from compressed tokens
-    (``below``: every node computed from the token ops)."""
-    sizes = {tokens, tokens - structure.prefix}
+    (``below``: every node computed from the token ops). ``allowed``: the nodes of position tables that a finder
+    recognised and rewired to the carried positions (``position_tables``)."""
+    sizes = {tokens, tokens - structure.prefix, tokens - structure.prefix - structure.suffix}
     for node in gm.graph.nodes:
         if node not in below or node.op not in ("call_function", "call_method") or is_shape_query(node):
             continue
@@ -58,7 +62,7 @@ def check_foreign_token_tensors(gm: fx.GraphModule, below: set[fx.Node], structu
         for other in node.all_input_nodes:
             if weighted and other.op == "get_attr":
                 continue  # a layer's own weight
-            if other in below or is_shape_query(other) or other.op == "placeholder":
+            if other in below or other in allowed or is_shape_query(other) or other.op == "placeholder":
                 continue
             shape = tensor_meta_shape(other)
             if shape is None or not sizes & set(shape) or not _is_input_free(other):

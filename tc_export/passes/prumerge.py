@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.prumerge import NEIGHBOURS, PruMerge
-from .layers import parse_layers_flag, parse_protected, validate_placement
+from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -33,6 +33,7 @@ class PruMergeConfig:
                                              parse_layers_flag)
     protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
                                     parse_protected)
+    protected_suffix: int | None = protected_suffix_setting()
     prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
 
     def __post_init__(self) -> None:
@@ -40,7 +41,7 @@ class PruMergeConfig:
             raise ConfigError(f"tokens must be a whole number >= 1 (the budget of kept tokens), got {self.tokens!r}")
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
             raise ConfigError(f"neighbours must be a whole number >= 1, got {self.neighbours!r}")
-        validate_placement(self.method, self.layers, self.protected)
+        validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
 
     def insertion_point(self) -> Point:
         return self.point

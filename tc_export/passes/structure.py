@@ -80,6 +80,7 @@ class Structure:
     skipped: list[str] = field(default_factory=list)  # attention left uncompressed (pooling heads, class attention)
     others: list[AttentionSite] = field(default_factory=list)  # those attentions (index -1), for their key bias
     grid: tuple[int, ...] | None = None  # the patch grid (H, W) or frames (T,) behind the unprotected tokens
+    suffix: int = 0  # learned tokens after the input tokens (YOLOS's detection tokens)
 
 
 def _logits_matmul(softmax: fx.Node) -> fx.Node | None:
@@ -321,7 +322,8 @@ def find_structure(gm: fx.GraphModule) -> Structure:
         raise StructureNotFoundError(f"no attention found in the traced graph: {_ATTENTION_HELP}")
     _refuse_second_stream(sites)
     prefix = detect_prefix_tokens(gm, sites[0])
-    return Structure(sites, prefix, skipped, others, find_patch_grid(gm, sites[0], prefix))
+    suffix = detect_prefix_tokens(gm, sites[0], trailing=True)
+    return Structure(sites, prefix, skipped, others, find_patch_grid(gm, sites[0], prefix + suffix), suffix)
 
 
 def _parallel_branch(attention: fx.Node, residual: fx.Node, skip: fx.Node, modules: dict) -> bool:
@@ -366,6 +368,7 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
 
 def find_patch_grid(gm: fx.GraphModule, first_site: AttentionSite, prefix: int) -> tuple[int, ...] | None:
     """The grid behind the unprotected tokens: the last convolution's output (H, W) or (T,) before the blocks.
+    ``prefix``: the protected tokens (leading and trailing).
 
     Only a grid whose size equals the unprotected token count is returned (a hybrid stem's features qualify).
     """
@@ -389,8 +392,9 @@ def _is_convolution(node: fx.Node, gm: fx.GraphModule) -> bool:
     return False
 
 
-def detect_prefix_tokens(gm: fx.GraphModule, first_site: AttentionSite) -> int:
-    """Count the learned tokens (class, distillation, registers) in front of the input tokens at the first block.
+def detect_prefix_tokens(gm: fx.GraphModule, first_site: AttentionSite, trailing: bool = False) -> int:
+    """Count the learned tokens (class, distillation, registers) in front of the input tokens at the first block;
+    ``trailing``: those after them instead (YOLOS's detection tokens, concatenated after the patches).
 
     Followed back from the first block's input: a ``cat`` along the token axis adds its leading parts that do not
     depend on the model input's data (their batch size may come from its shape: ``cls.expand(B, -1, -1)``), and
@@ -414,13 +418,13 @@ def detect_prefix_tokens(gm: fx.GraphModule, first_site: AttentionSite) -> int:
         count = 0
         name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
         if node.op == "call_function" and name == "cat" and (node_kwarg(node, "dim", 1) or 0) in (1, -2):
-            for part in node.args[0]:
+            for part in reversed(node.args[0]) if trailing else node.args[0]:
                 if not isinstance(part, fx.Node) or tokens(part) is None:
                     break
                 if input_free(part):
                     count += tokens(part) or 0
                     continue
-                leading = _leading_slice(part)
+                leading = None if trailing else _leading_slice(part)
                 if leading is not None and prefix_of(leading[0], depth + 1) >= leading[1]:
                     count += leading[1]
                     continue

@@ -9,6 +9,7 @@ result still computes what the methods claim.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +21,15 @@ from torch import fx, nn
 from ..errors import ConfigError, StructureNotFoundError
 from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
+from ..ops.state import grid_state, initial_state, leading_tokens, positions_of, rejoin_suffix, size_column
 from .base import PassResult
 from .graph import copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
 from .opaque import check_opaque_token_mixers
-from .outputs import block_output, cut_output, encoder_output
+from .outputs import append_outputs, block_output, cut_output, encoder_output, frames_to_sequence
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
+from .position_tables import PositionTable, find_position_tables
 from .positions import check_foreign_token_tensors
 from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
 from .site import Point, Site
@@ -40,6 +43,7 @@ class TokenMethod(Protocol):
     needs_class_token: ClassVar[bool]
     prop_attn: bool
     protected: int | None
+    protected_suffix: int | None
     layers: tuple[int, ...] | None
 
     def insertion_point(self) -> Point: ...
@@ -57,6 +61,11 @@ class PassReport:
 
     protected: int = 0
     protected_source: str = "found in the graph"
+    suffix: int = 0
+    suffix_source: str = "found in the graph"
+    positions: int | None = None  # coordinates carried per token (None: positions not carried)
+    rewired: list[str] = field(default_factory=list)  # position tables now computed from the carried positions
+    emitted_after: int | None = None  # with --emit-positions: the model's own outputs, before positions and sizes
     skipped: list[str] = field(default_factory=list)
     grid: tuple[int, ...] | None = None
     extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
@@ -69,13 +78,17 @@ class TokenPass:
 
     name = "tokens"
 
-    def __init__(self, configs: Sequence[TokenMethod], features: int | None = None, frames: int | None = None) -> None:
-        if not configs and features is None:
+    def __init__(self, configs: Sequence[TokenMethod], features: int | None = None, frames: int | None = None,
+                 emit_positions: bool = False) -> None:
+        if not configs and features is None and not emit_positions:
             raise ConfigError("no compression method given")
         self.configs = list(configs)
         self.features, self.frames = features, frames
+        self.emit_positions = emit_positions
         self.name = "+".join(config.method for config in self.configs) or "features"
         self.report = PassReport()
+        self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
+        self._views: dict[tuple[object, fx.Node], fx.Node] = {}  # (view, state) -> its node: sizes or positions
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
         structure = find_structure(gm)
@@ -90,9 +103,18 @@ class TokenPass:
                 )
         self.report.skipped, self.report.grid = structure.skipped, structure.grid
         protected = self._protected(structure)
-        initial = size = find_initial_sizes(gm, sites, example_inputs)
+        suffix = self._suffix(structure, protected)
+        total = sites[0].num_tokens()
+        # Found before any op goes in: the finders read the uncompressed graph.
+        tables: dict[int, list[PositionTable]] = {}
+        for table in find_position_tables(gm, structure):
+            tables.setdefault(table.site, []).append(table)
+        initial = find_initial_sizes(gm, sites, example_inputs)
         padded = initial is not None
-        first = self._site(structure, sites[0], "attention", sites[0].num_tokens(), protected, padded, structure.grid)
+        state = initial
+        if tables or self.emit_positions:
+            state = self._initial_state(gm, structure, initial, total, protected, suffix)
+        first = self._site(structure, sites[0], "attention", total, protected, padded, structure.grid, suffix)
         for config in self.configs:
             if config.needs_class_token and protected == 0:
                 raise ConfigError(
@@ -113,71 +135,140 @@ class TokenPass:
         end = self._output_node(gm, structure, last_layer)
         block_ends = {layer: block_output(gm, structure, layer) for point, layer in plan if point == "block"}
         prop_attn = any(getattr(config, "prop_attn", False) for config in self.configs)
-        tokens, grid = first.tokens, structure.grid
+        bias_fn = proportional_bias if prop_attn else presence_bias
+        tokens, grid = total, structure.grid
         ops: list[fx.Node] = []
+        rewired: set[fx.Node] = set()
         for site in sites[: last_layer + 1]:
             config = plan.get(("block_input", site.index))
             if config is not None:
-                op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid))
+                op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix))
                 if op is not None:
-                    size, call = self._insert_block_input_op(gm, site, op, size)
-                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+                    state, call = self._insert_block_input_op(gm, site, op, state, suffix)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
+            if ops and site.index in tables:  # this attention runs on compressed tokens
+                positions = self._view(graph, positions_of, state)
+                for table in tables[site.index]:
+                    table.rewire(gm, positions, protected, suffix)
+                    rewired |= set(table.nodes)
+                    self.report.rewired.append(f"layer {site.index}: {table.kind}")
+            size = self._view(graph, size_column, state)
             if size is not None and (prop_attn or padded):
-                bias_fn = proportional_bias if prop_attn else presence_bias
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
                     bias = graph.call_function(bias_fn, (size,))
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
-                op = config.make_op(self._site(structure, site, "attention", tokens, protected, padded, grid))
+                op = config.make_op(self._site(structure, site, "attention", tokens, protected, padded, grid, suffix))
                 if op is not None:
-                    size, call = self._insert_op(gm, site.stream, op, size, self._signals(graph, site, op), site.index)
-                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+                    state, call = self._insert_op(gm, site.stream, op, state, self._signals(graph, site, op),
+                                                  site.index, suffix=suffix)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             config = plan.get(("block", site.index))
             if config is not None:
                 anchor = block_ends[site.index]
-                op = config.make_op(self._site(structure, site, "block", tokens, protected, padded, grid))
+                op = config.make_op(self._site(structure, site, "block", tokens, protected, padded, grid, suffix))
                 if op is not None and not isinstance(op, TokenOp):
                     _check_keeps_stream(op, config, site.index, protected, _channels(anchor))
                 if op is not None:
-                    size, call = self._insert_op(gm, anchor, op, size, self._signals(graph, site, op), site.index)
-                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index)
+                    state, call = self._insert_op(gm, anchor, op, state, self._signals(graph, site, op), site.index,
+                                                  suffix=suffix)
+                    tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
 
+        size = self._view(graph, size_column, state)
         if size is not None and (prop_attn or padded):
-            self._bias_other_attention(gm, structure, ops, size, first.tokens, protected,
-                                       proportional_bias if prop_attn else presence_bias)
+            self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
         channels = _channels(end)
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
-            site = Site("encoder", None, num_layers, tokens, protected, channels, None, grid, padded)
+            site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded)
             op = config.make_op(site)
             if op is None:
                 continue
             # The chain only feeds the new output: whatever else read ``end`` (the rest of a tower cut at
             # --features) keeps reading the tokens it read, and is dead code once the output moves.
-            size, call = self._insert_op(gm, end, op, size, self._signals(graph, None, op), None, take_uses=False)
-            tokens, grid = self._after(op, tokens, grid, call, ops, config, None)
+            state, call = self._insert_op(gm, end, op, state, self._signals(graph, None, op), None,
+                                          take_uses=False, suffix=suffix)
+            tokens, grid = self._after(op, tokens, grid, call, ops, config, None, suffix)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
-            end = call if not isinstance(op, TokenOp) else next(u for u in call.users if u.args[1] == 0)
+            end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
         if self.features is not None or encoder_stages:
             cut_output(gm, end, self.frames)
             self.report.output_is_tokens = True
+        if self.emit_positions:
+            self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 
+        size = self._view(graph, size_column, state)
         if padded and size is not initial:
             repoint_pooling(gm, initial, size)
         stable_toposort(graph)
         if ops:
             below = descendants_of_all(ops)
-            check_foreign_token_tensors(gm, below, structure, first.tokens)
+            check_foreign_token_tensors(gm, below, structure, total, allowed=rewired)
             check_opaque_token_mixers(gm, below)
             if size is not None and not self.report.output_is_tokens:
-                follow_pooling(gm, ops[-1], size, protected, initial, first.tokens)
+                follow_pooling(gm, ops[-1], size, protected, initial, total, suffix)
         if self.report.extra_inputs:
             self.add_to_input_spec(gm, list(self.report.extra_inputs))
         batch = next(iter(example_inputs.values())).shape[0]
         new_inputs = {name: seeded_input(batch, shape) for name, shape in self.report.extra_inputs.items()}
-        return PassResult(gm, bool(ops) or self.report.output_is_tokens, self.report.notes, new_inputs)
+        changed = bool(ops) or self.report.output_is_tokens or self.emit_positions
+        return PassResult(gm, changed, self.report.notes, new_inputs)
+
+    def _emit_positions(self, gm: fx.GraphModule, state: fx.Node | None, end: fx.Node, stages: list[TokenMethod],
+                        ops: list[fx.Node], protected: int) -> None:
+        """Add two model outputs: the position (B, N, P) and size (B, N, 1) of each token leaving the last op (or
+        the tower). A projector that builds a new grid (pool, unshuffle, patchmerger) gives its output grid's
+        coordinates, with the number of patches each output token covers as its size."""
+        graph = gm.graph
+        projector = ops[-1] if ops and stages and not isinstance(gm.get_submodule(str(ops[-1].target)), TokenOp) \
+            else None
+        if projector is not None:
+            module = gm.get_submodule(str(projector.target))
+            grid = module.output_grid()
+            if grid is None:
+                raise ConfigError(
+                    f"--emit-positions: {type(module).__name__} outputs {module.tokens_out()} tokens that are not on "
+                    "a grid, so they have no positions; drop --emit-positions or use a grid projector (pool, "
+                    "unshuffle, patchmerger)"
+                )
+            covered = math.prod(module.grid) / math.prod(grid)
+            with graph.inserting_after(end):
+                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered))
+            self.report.positions = len(grid) if len(grid) >= 2 else 1
+        positions = self._view(graph, positions_of, state)
+        sizes = self._view(graph, size_column, state)
+        output = next(n for n in graph.nodes if n.op == "output")
+        if self.frames:
+            with graph.inserting_before(output):
+                positions = graph.call_function(frames_to_sequence, (positions, self.frames))
+                sizes = graph.call_function(frames_to_sequence, (sizes, self.frames))
+        self.report.emitted_after = append_outputs(gm, [positions, sizes])
+
+    def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
+                       protected: int, suffix: int) -> fx.Node:
+        """The token state with positions (``ops.state``), built where the stream enters the first block."""
+        first = structure.sites[0]
+        source = first.block_input or first.stream
+        grid = structure.grid if structure.grid is not None and math.prod(structure.grid) == tokens - protected - suffix \
+            else None
+        with gm.graph.inserting_after(source):
+            state = gm.graph.call_function(initial_state, (source, initial, protected, suffix, grid, self.frames))
+        self._pinned.add(state)
+        self.report.positions = (len(grid) if grid is not None and len(grid) >= 2 else 1) + (1 if self.frames else 0)
+        return state
+
+    def _view(self, graph: fx.Graph, view: object, state: fx.Node | None) -> fx.Node | None:
+        """``view(state)`` (the sizes or the positions of a state with positions), one node per state; without
+        positions the state is the sizes."""
+        if state is None or self.report.positions is None:
+            return None if view is positions_of else state
+        key = (view, state)
+        if key not in self._views:
+            with graph.inserting_after(state):
+                self._views[key] = graph.call_function(view, (state,))
+        return self._views[key]
 
     @staticmethod
     def _bias_other_attention(gm: fx.GraphModule, structure: Structure, ops: list[fx.Node], size: fx.Node,
@@ -232,18 +323,36 @@ class TokenPass:
             self.report.protected = protected
         return protected
 
+    def _suffix(self, structure: Structure, protected: int) -> int:
+        """Protected tokens at the end (detection tokens): given with --protected-suffix, else found in the graph."""
+        given = {config.protected_suffix for config in self.configs
+                 if getattr(config, "protected_suffix", None) is not None}
+        if len(given) > 1:
+            raise ConfigError(f"the stages give different protected suffix counts {sorted(given)}: give one")
+        if given:
+            suffix = given.pop()
+            tokens = structure.sites[0].num_tokens()
+            if protected + suffix >= tokens:
+                raise ConfigError(f"--protected {protected} and --protected-suffix {suffix} leave none of the "
+                                  f"model's {tokens} tokens to compress")
+            self.report.suffix, self.report.suffix_source = suffix, "given with --protected-suffix"
+            return suffix
+        self.report.suffix = structure.suffix
+        return structure.suffix
+
     @staticmethod
     def _site(structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
-              grid: tuple[int, ...] | None) -> Site:
+              grid: tuple[int, ...] | None, suffix: int = 0) -> Site:
+        """The place as an op sees it: ``tokens`` less the protected suffix, which no op is shown."""
         layout = tensor_meta_shape(site.query) or ()
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
-        return Site(point, site.index, len(structure.sites), tokens, protected, channels, heads, grid, padded)
+        return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
-               config: TokenMethod, layer: int | None) -> tuple[int, tuple[int, ...] | None]:
+               config: TokenMethod, layer: int | None, suffix: int = 0) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
-        new_tokens = op.tokens_out(tokens) if isinstance(op, TokenOp) else op.tokens_out()
+        new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
         where = "the encoder output" if layer is None else f"layer {layer}"
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
         new_grid = op.output_grid() if hasattr(op, "output_grid") else None
@@ -297,32 +406,71 @@ class TokenPass:
         gm.graph._codegen = _PyTreeCodeGen(_PyTreeInfo([*info.orig_args, *names], new_spec, info.out_spec))
         gm._in_spec = new_spec
 
-    @staticmethod
-    def _insert_op(gm: fx.GraphModule, anchor: fx.Node, op: nn.Module, size: fx.Node | None,
-                   signals: list[fx.Node], layer: int | None, take_uses: bool = True) -> tuple[fx.Node | None, fx.Node]:
-        """Call ``op`` on ``anchor``; later users see its tokens (``take_uses``). Returns the sizes after it and
-        the call."""
+    def _insert_op(self, gm: fx.GraphModule, anchor: fx.Node, op: nn.Module, state: fx.Node | None,
+                   signals: list[fx.Node], layer: int | None, take_uses: bool = True,
+                   suffix: int = 0) -> tuple[fx.Node | None, fx.Node]:
+        """Call ``op`` on ``anchor``; later users see its tokens (``take_uses``). Returns the token state after it
+        and the call."""
         graph = gm.graph
         module_name = _unique_name(gm, type(op).__name__.lower(), layer)
-        gm.add_submodule(module_name, op)
-        token_op = isinstance(op, TokenOp)
-        with graph.inserting_after(anchor):
-            call = graph.call_module(module_name, (anchor, size, *signals) if token_op else (anchor, *signals))
-        if not token_op:  # a projector: tokens in, tokens out; sizes start afresh after it
+        if not isinstance(op, TokenOp):  # a projector: tokens in, tokens out; sizes start afresh after it
+            if suffix:
+                raise ConfigError(
+                    f"{type(op).__name__} reads the token grid, and the model has {suffix} protected tokens after "
+                    "it (detection tokens) that it cannot place; use it on a model without them"
+                )
+            gm.add_submodule(module_name, op)
+            with graph.inserting_after(anchor):
+                call = graph.call_module(module_name, (anchor, *signals))
             if take_uses:
-                anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call)
+                anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call
+                                             and user not in self._pinned)
             return None, call
+        return self._call_token_op(gm, module_name, op, anchor, state, signals, suffix, set(), take_uses)
+
+    def _call_token_op(self, gm: fx.GraphModule, module_name: str, op: TokenOp, anchor: fx.Node,
+                       state: fx.Node | None, signals: list[fx.Node], suffix: int, keep: set[fx.Node],
+                       take_uses: bool = True) -> tuple[fx.Node | None, fx.Node]:
+        """Call the token op ``op`` on ``anchor`` (its tokens before the protected suffix, which rejoins after it)
+        and give its tokens to the later users of ``anchor`` (all but ``keep``). Returns (state, call)."""
+        graph = gm.graph
+        gm.add_submodule(module_name, op)
+        with graph.inserting_after(anchor):
+            call = graph.call_module(module_name, (anchor, state, *signals))
+        own = {call}
+        if suffix:  # the op sees the tokens in front of the protected suffix
+            with graph.inserting_before(call):
+                body = [None if arg is None else graph.call_function(leading_tokens, (arg, suffix))
+                        for arg in (anchor, state, *signals)]
+            call.args = tuple(body)
+            own |= {node for node in body if node is not None}
         with graph.inserting_after(call):
             tokens = graph.call_function(operator.getitem, (call, 0))
+        new_state = None
+        if state is not None or op.creates_size:
+            with graph.inserting_after(tokens):
+                new_state = graph.call_function(operator.getitem, (call, 1))
+        if suffix:
+            with graph.inserting_after(tokens):
+                tokens = graph.call_function(rejoin_suffix, (tokens, anchor, suffix))
+            own.add(tokens)
+            if new_state is not None:
+                with graph.inserting_after(new_state):
+                    new_state = graph.call_function(rejoin_suffix, (new_state, state, suffix))
         if take_uses:
-            anchor.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call)
-        if size is None and not op.creates_size:
-            return None, call
-        with graph.inserting_after(tokens):
-            return graph.call_function(operator.getitem, (call, 1)), call
+            skip = own | keep | self._pinned
+            anchor.replace_all_uses_with(tokens, delete_user_cb=lambda user: user not in skip)
+        return new_state, call
+
+    @staticmethod
+    def _tokens_after(call: fx.Node) -> fx.Node:
+        """The tokens a token op's call hands on (after the rejoined suffix, when there is one)."""
+        tokens = next(u for u in call.users if u.args[1] == 0)
+        rejoined = [u for u in tokens.users if u.target is rejoin_suffix]
+        return rejoined[0] if rejoined else tokens
 
     def _insert_block_input_op(self, gm: fx.GraphModule, site: AttentionSite, op: TokenOp,
-                               size: fx.Node | None) -> tuple[fx.Node | None, fx.Node]:
+                               state: fx.Node | None, suffix: int = 0) -> tuple[fx.Node | None, fx.Node]:
         """An op where the stream enters ``site``'s block, fed with that block's full-width queries and keys
         computed on the uncompressed stream (a copy of the projections); the block then runs on its output."""
         graph = gm.graph
@@ -340,16 +488,8 @@ class TokenPass:
             transposed = site.kind == "explicit" and signal == "key_full"
             with graph.inserting_after(node):
                 signals.append(graph.call_function(full_width, (node, transposed)))
-        keep = set(copies.values())
         module_name = _unique_name(gm, type(op).__name__.lower(), site.index)
-        gm.add_submodule(module_name, op)
-        with graph.inserting_after(source):
-            call = graph.call_module(module_name, (source, size, *signals))
-        with graph.inserting_after(call):
-            tokens = graph.call_function(operator.getitem, (call, 0))
-        source.replace_all_uses_with(tokens, delete_user_cb=lambda user: user is not call and user not in keep)
-        with graph.inserting_after(tokens):
-            return graph.call_function(operator.getitem, (call, 1)), call
+        return self._call_token_op(gm, module_name, op, source, state, signals, suffix, set(copies.values()))
 
     def _output_node(self, gm: fx.GraphModule, structure: Structure, last_layer: int) -> fx.Node:
         if self.features is not None:

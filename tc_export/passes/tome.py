@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.tome import ToMeMerge, effective_r
-from .layers import parse_layers_flag, parse_protected, validate_placement
+from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -78,6 +78,7 @@ class ToMeConfig:
     prop_attn: bool = setting(True, "proportional attention: log(size) added to the attention logits")
     protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
                                     parse_protected)
+    protected_suffix: int | None = protected_suffix_setting()
     layers: tuple[int, ...] | None = setting(None, "layers to act on, e.g. 3,6,9 or 0-5 (zero-indexed)",
                                              parse_layers_flag)
     sort_unmerged: bool = setting(False, "tome: keep unmerged tokens in their order without a class token too")
@@ -99,7 +100,7 @@ class ToMeConfig:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ConfigError(f"window must be a whole number >= 1 (B tokens searched each side), got {self.window!r}")
-        validate_placement(self.method, self.layers, self.protected)
+        validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
 
     def insertion_point(self) -> Point:
         return self.point

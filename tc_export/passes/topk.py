@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.topk import TopKPrune, keep_count
-from .layers import parse_layers_flag, parse_protected, validate_placement
+from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
 from .methods import register_method, setting
 from .site import Point, Site
 
@@ -34,12 +34,13 @@ class TopKConfig:
     keep_order: bool = setting(False, "topk: survivors keep their original order")
     protected: int | None = setting(None, "leading tokens that never move (default: found in the graph)",
                                     parse_protected)
+    protected_suffix: int | None = protected_suffix_setting()
     prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
-        validate_placement(self.method, self.layers, self.protected)
+        validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
 
     def insertion_point(self) -> Point:
         return self.point
