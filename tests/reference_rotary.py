@@ -26,11 +26,20 @@ def unchanged(i: int, x: Tensor, size: Tensor, pos: Tensor, keys: Tensor, probs:
 
 
 def with_positions(method: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, size: Tensor,
-                   pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                   pos: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Run a token method on ``x`` with the positions as extra columns: merged rows get their size-weighted mean,
-    gathered rows keep theirs."""
-    out, out_size = method(torch.cat([x, pos], dim=-1), size)
-    return out[:, : x.shape[1]], out_size, out[:, x.shape[1]:]
+    gathered rows keep theirs. ``fused``: the method appends one token summing the pruned ones (EViT), whose
+    position is the size-weighted mean of the pruned tokens' positions."""
+    index = torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+    out, out_size = method(torch.cat([x, pos, index], dim=-1), size)
+    width = x.shape[1]
+    new_x, new_pos = out[:, :width], out[:, width:-1]
+    if fused:
+        kept = {int(i) for i in out[:-1, -1].round()}
+        pruned = [i for i in range(x.shape[0]) if i not in kept]
+        weights = size[pruned]
+        new_pos = torch.cat([new_pos[:-1], (pos[pruned] * weights).sum(0, keepdim=True) / weights.sum()])
+    return new_x, out_size, new_pos
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, size: Tensor, prop_attn: bool, scale: float | None = None,
