@@ -114,9 +114,30 @@ def _heads(t: Tensor, heads: int) -> Tensor:
     return t.view(n, heads, c // heads).transpose(0, 1)
 
 
+def _full(t: Tensor) -> Tensor:
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _eva_attention_inputs(model: torch.nn.Module, block: torch.nn.Module, index: int, x: Tensor, pos: Tensor,
+                          prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(H, N, d) queries and keys rotated at the tokens' positions (the prefix is not rotated), and values."""
+    attn = block.attn
+    embed = timm_rope(model, pos[prefix:])
+    if embed.dim() == 4:
+        embed = embed[index]  # mixed: per layer and head
+    q, k, v = (_heads(t, attn.num_heads) for t in _eva_qkv(attn, block.norm1(x)))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    half = getattr(attn, "rotate_half", False)
+    q = torch.cat([q[:, :prefix], _apply_rope(q[:, prefix:], embed, half)], dim=1)
+    k = torch.cat([k[:, :prefix], _apply_rope(k[:, prefix:], embed, half)], dim=1)
+    return q, k, v
+
+
 @torch.no_grad()
-def run_timm_eva(model: torch.nn.Module, images: Tensor, step: Step, prop_attn: bool) -> tuple[Tensor, list[int]]:
-    """A timm Eva model (any rope type) per sample; ``step`` after each attention residual add."""
+def run_timm_eva(model: torch.nn.Module, images: Tensor, step: Step, prop_attn: bool,
+                 before: Step | None = None) -> tuple[Tensor, list[int]]:
+    """A timm Eva model (any rope type) per sample; ``step`` after each attention residual add, ``before`` where
+    the stream enters each block (with that block's full-width q and k instead of keys and probabilities)."""
     prefix = model.num_prefix_tokens
     h, w = model.patch_embed.grid_size
     r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -129,16 +150,12 @@ def run_timm_eva(model: torch.nn.Module, images: Tensor, step: Step, prop_attn: 
         pos = torch.cat([-torch.ones(prefix, 2), grid])
         counts = []
         for index, block in enumerate(model.blocks):
-            counts.append(x.shape[0])
             attn = block.attn
-            embed = timm_rope(model, pos[prefix:])
-            if embed.dim() == 4:
-                embed = embed[index]  # mixed: per layer and head
-            q, k, v = (_heads(t, attn.num_heads) for t in _eva_qkv(attn, block.norm1(x)))
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            half = getattr(attn, "rotate_half", False)
-            q = torch.cat([q[:, :prefix], _apply_rope(q[:, prefix:], embed, half)], dim=1)
-            k = torch.cat([k[:, :prefix], _apply_rope(k[:, prefix:], embed, half)], dim=1)
+            if before is not None:  # PruMerge: full-width q and k as the attention sees them (normed, rotated)
+                q, k, _ = _eva_attention_inputs(model, block, index, x, pos, prefix)
+                x, size, pos = before(index, x, size, pos, _full(q), _full(k))
+            counts.append(x.shape[0])
+            q, k, v = _eva_attention_inputs(model, block, index, x, pos, prefix)
             attended, probs = attend(q, k, v, size, prop_attn)
             out = attn.proj(attn.norm(attended))
             x = x + (block.gamma_1 * out if block.gamma_1 is not None else out)
