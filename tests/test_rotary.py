@@ -123,3 +123,37 @@ def test_aliased_table_is_refused():
     inputs = _images(model)
     with pytest.raises(TCExportError, match="rotary position embedding"):
         compress(model, ToMeConfig(r=4), inputs)
+
+
+def _saved(config, cls, folder):
+    torch.manual_seed(0)
+    cls(config).save_pretrained(folder) if cls is not None else config.save_pretrained(folder)
+    return f"hf:{folder}"
+
+
+def test_transformers_rotary_stays_refused(tmp_path):
+    """ModernBERT's rotary (a torch.export graph) is not enabled yet: refused, naming the rotary embedding."""
+    import transformers as tf
+
+    from tc_export.models import load_model
+
+    config = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2, cls_token_id=1, sep_token_id=2, architectures=["ModernBertModel"],
+                                 layer_types=["full_attention", "full_attention"])
+    loaded = load_model(_saved(config, tf.ModernBertModel, tmp_path / "mb"), warn_random=False)
+    with pytest.raises(TCExportError, match="rotary position embedding"):
+        compress(loaded, ToMeConfig(r=2), loaded.example_inputs(batch=2))
+
+
+def test_qwen2_vl_vision_tower_is_refused_with_its_cause(tmp_path):
+    import transformers as tf
+
+    from tc_export.models import load_model
+
+    config = tf.Qwen2VLConfig(vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2},
+                              hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                              intermediate_size=64, vocab_size=100)
+    with pytest.raises(TCExportError, match="PatchMerger") as error:
+        load_model(_saved(config, None, tmp_path / "qwen"), warn_random=False)
+    assert len(str(error.value).splitlines()) == 1
