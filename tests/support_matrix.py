@@ -23,6 +23,7 @@ from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKCon
 
 from . import reference_encoders as encoders
 from . import reference_relbias as relbias
+from . import reference_rotary as rotary
 from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
 
 METHODS = {
@@ -56,6 +57,9 @@ class Family:
     refused: dict[str, str]  # method -> cause key of CAUSES; methods not named here must work
     # its per-sample forward: an Encoder for reference_encoders.run, or an object with its own run (relbias)
     reference: Callable[[torch.nn.Module], encoders.Encoder | relbias.RelEncoder] | None = None
+    # a per-sample forward carrying positions (tests/reference_rotary.py): (model, x, step, prop_attn, before)
+    positional: Callable[..., tuple[torch.Tensor, list[int]]] | None = None
+    unreferenced: frozenset[str] = frozenset()  # methods checked for parity only (no reference of their positions)
 
 
 def _timm(arch: str, size: int | None = None, **overrides):
@@ -129,10 +133,21 @@ FAMILIES = [
            {"topk": "no class token", "prumerge": "no class token"}, relbias.timm_relpos),
     Family("ViT relpos, class token", _timm("vit_relpos_base_patch16_cls_224", img_size=64, depth=3, num_classes=0,
                                             **SMALL), {}, relbias.timm_relpos),
-    Family("EVA-02 (rotary)", _timm("eva02_tiny_patch14_224", 56, img_size=56, depth=3),
-           {"tome": "rotary", "adjacent": "rotary", "topk": "no class token", "prumerge": "no class token"}),
-    Family("ViT RoPE", _timm("vit_small_patch16_rope_224", img_size=64, depth=3, **SMALL),
-           {m: "rotary" for m in ALL}),
+    Family("EVA-02 (rotary)", _timm("eva02_tiny_patch14_224", 112, img_size=112, depth=3),
+           {"topk": "no class token", "prumerge": "no class token"}, positional=rotary.run_timm_eva),
+    Family("ViT RoPE (axial)", _timm("vit_small_patch16_rope_224", img_size=80, depth=3, **SMALL),
+           {}, positional=rotary.run_timm_eva, unreferenced=frozenset({"prumerge"})),
+    Family("ViT RoPE-Mixed (learned frequencies)", _timm("vit_small_patch16_rope_mixed_224", img_size=80, depth=3,
+                                                         **SMALL),
+           {}, positional=rotary.run_timm_eva, unreferenced=frozenset({"prumerge"})),
+    Family("ViT RoPE, 1 register, GAP", _timm("vit_medium_patch16_rope_reg1_gap_256", img_size=128, depth=3,
+                                              **SMALL),
+           {"topk": "no class token", "prumerge": "no class token"}, positional=rotary.run_timm_eva),
+    Family("DINOv3 (rotary, class + 4 registers)", _timm("vit_small_patch16_dinov3", img_size=80, depth=3,
+                                                         global_pool="token", **SMALL),
+           {}, positional=rotary.run_timm_eva, unreferenced=frozenset({"prumerge"})),
+    Family("Perception Encoder (rotary, MAP head)", _timm("vit_pe_core_tiny_patch16_384", img_size=80, depth=3),
+           {"topk": "no class token", "prumerge": "no class token"}, positional=rotary.run_timm_eva),
     Family("parallel blocks", _timm("vit_small_patch16_18x2_224", img_size=64, depth=2, **SMALL),
            {m: "parallel" for m in ALL}),
     Family("parallel-scaling blocks (ViT-22B style)", _timm("vit_base_patch16_xp_224", img_size=64, depth=2, **SMALL),
@@ -216,7 +231,7 @@ def run_cell(family: Family, method: str) -> Cell:
         cause = next((key for key, words in CAUSES.items() if words in message), "other")
         return Cell(family.label, method, f"refused: {cause}", message)
     outcome = "works"
-    if family.reference:
+    if (family.reference or family.positional) and method not in family.unreferenced:
         outcome = _against_reference(family, loaded.module, inputs, compressed, method)
     return Cell(family.label, method, outcome, f"parity max abs {error:.1e}")
 
@@ -253,16 +268,32 @@ def _through_compress(loaded: LoadedModel, inputs: dict, method: str):
 def _against_reference(family: Family, model, inputs, compressed, method: str) -> str:
     if "x" in inputs:  # timm graphs take any batch: two samples
         inputs = {"x": torch.cat([inputs["x"], torch.randn_like(inputs["x"])])}
-    encoder = family.reference(model)
-    hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs)
-    runner = getattr(encoder, "run", None)  # relbias: fused Top-K tokens sit at their size-weighted mean position
-    want, _ = runner(inputs, hooks, fused=method == "topk") if runner else encoders.run(encoder, inputs, hooks)
+    if family.positional is not None:
+        want = _positional_reference(family, model, inputs, compressed, method)
+    else:
+        encoder = family.reference(model)
+        hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs)
+        runner = getattr(encoder, "run", None)  # relbias: fused Top-K tokens sit at their size-weighted mean position
+        want, _ = runner(inputs, hooks, fused=method == "topk") if runner else encoders.run(encoder, inputs, hooks)
     with torch.no_grad():
         got = compressed(**inputs)
     if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=2e-5):
         gap = float((got - want).abs().max()) if got.shape == want.shape else f"shape {tuple(got.shape)}"
         return f"DIFFERS from reference by {gap}"
     return "works, matches reference"
+
+
+def _positional_reference(family: Family, model, inputs, compressed, method: str) -> torch.Tensor:
+    """The matrix's method settings in a reference that carries each token's position (merged: size-weighted
+    mean; kept: its own; EViT's fused token: the size-weighted mean of the pruned ones)."""
+    hooks = reference_hooks(method, compressed.protected, len(compressed.token_counts()) - 1)
+
+    def step(i, x, size, pos, keys, probs):
+        fused = method == "topk" and i == 1
+        return rotary.with_positions(lambda t, s: hooks.after_attention(i, t, s, keys, probs), x, size, pos, fused)
+
+    want, _ = family.positional(model, *inputs.values(), step, hooks.prop_attn)
+    return want
 
 
 def matrix() -> list[Cell]:

@@ -213,9 +213,20 @@ def choose_class(config: Any, name: str) -> Choice:
     return Choice(cls, config, label=cls.__name__)
 
 
+# Vision towers that load but cannot be compressed, with the cause (refused before building).
+UNSUPPORTED_TOWERS = {
+    "Qwen2VLVisionConfig": "Qwen2-VL's vision tower is not supported yet: it takes flattened patches and grid_thw "
+                           "(not pixel values), orders its tokens by 2x2 merge windows and ends in a PatchMerger "
+                           "that reads 4 consecutive tokens, so merged or pruned tokens inside it break its windows; "
+                           "compress after the tower (a projector recipe on its output) instead",
+}
+
+
 def _auto_class(tf: Any, config: Any, name: str) -> Any:
     """AutoModel's class for ``config``, else the model class its own modeling module declares for it (a
     vision tower such as BLIP's, which AutoModel does not map)."""
+    if type(config).__name__ in UNSUPPORTED_TOWERS:
+        raise ConfigError(f"{name}: {UNSUPPORTED_TOWERS[type(config).__name__]}")
     with contextlib.suppress(KeyError):
         return tf.AutoModel._model_mapping[type(config)]
     module = sys.modules.get(type(config).__module__.replace(".configuration_", ".modeling_"))

@@ -1,0 +1,213 @@
+"""Rotary encoders rewritten one sample at a time, each token carrying its original position.
+
+The rotary tables are the models' own: timm's rope modules (axial, mixed, EVA-02, DINOv3, PE) build their
+coordinate grid with ``_build_grid`` and the rest from it; here that grid is evaluated at each token's carried
+coordinates (the model's grid is affine in the patch index, so a fractional position is the same affine map), and
+the model's own frequency code turns it into sin/cos. transformers' ModernBERT takes its position ids directly.
+Attention, norms and MLPs are written from the weights. A method enters through ``step(layer, x, size, pos, keys,
+probs)`` after each attention residual add, as tc-export places ToMe and Top-K; a merged token's position is the
+size-weighted mean of its members' (carried as extra columns of ``x`` through the merge), a kept token's is its
+own. Imports nothing from tc_export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+Step = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
+def unchanged(i: int, x: Tensor, size: Tensor, pos: Tensor, keys: Tensor, probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x, size, pos
+
+
+def with_positions(method: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, size: Tensor,
+                   pos: Tensor, fused: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Run a token method on ``x`` with the positions as extra columns: merged rows get their size-weighted mean,
+    gathered rows keep theirs. ``fused``: the method appends one token summing the pruned ones (EViT), whose
+    position is the size-weighted mean of the pruned tokens' positions."""
+    index = torch.arange(x.shape[0], dtype=x.dtype)[:, None]
+    out, out_size = method(torch.cat([x, pos, index], dim=-1), size)
+    width = x.shape[1]
+    new_x, new_pos = out[:, :width], out[:, width:-1]
+    if fused:
+        kept = {int(i) for i in out[:-1, -1].round()}
+        pruned = [i for i in range(x.shape[0]) if i not in kept]
+        weights = size[pruned]
+        new_pos = torch.cat([new_pos[:-1], (pos[pruned] * weights).sum(0, keepdim=True) / weights.sum()])
+    return new_x, out_size, new_pos
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, size: Tensor, prop_attn: bool, scale: float | None = None,
+           mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(H, N, d) queries/keys/values of one sample; log(size) of each key with proportional attention."""
+    logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if prop_attn:
+        logits = logits + size[:, 0].log()
+    if mask is not None:
+        logits = logits + mask
+    probs = logits.softmax(dim=-1)
+    return (probs @ v).transpose(0, 1).reshape(q.shape[1], -1), probs
+
+
+# --- timm (Eva: RoPE ViTs, EVA-02, DINOv3, PE) ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def timm_grid_at(coords: Tensor) -> Iterator[None]:
+    """timm's rope grid evaluated at ``coords`` (n, 2) (row, column) instead of the whole feature map: the model's
+    own grid for its feature shape, extended affinely (it is affine in the patch index by construction)."""
+    import timm.layers.pos_embed_sincos as sincos
+
+    original = sincos._build_grid
+
+    def grid(feat_shape, *args, **kwargs):  # noqa: ANN001, ANN202
+        full = original(list(timm_grid_at.feat_shape), *args, **kwargs)  # (H, W, 2)
+        origin, down, right = full[0, 0], full[1, 0] - full[0, 0], full[0, 1] - full[0, 0]
+        points = origin + coords[:, :1].to(full.dtype) * down + coords[:, 1:2].to(full.dtype) * right
+        return points.reshape(coords.shape[0], 1, 2)
+
+    sincos._build_grid = grid
+    try:
+        yield
+    finally:
+        sincos._build_grid = original
+
+
+def timm_rope(model: torch.nn.Module, coords: Tensor) -> Tensor:
+    """The model's rope embedding ([sin, cos] concatenated) at ``coords``: (n, 2*dim), or (depth, H, n, 2*dim) for
+    mixed ropes."""
+    rope = model.rope
+    timm_grid_at.feat_shape = tuple(model.patch_embed.grid_size)
+    with timm_grid_at(coords):
+        if type(rope).__name__ == "RotaryEmbeddingCat":
+            return rope._build_embed_cat([coords.shape[0], 1], rope.bands)
+        return rope.get_embed(shape=[coords.shape[0], 1])
+
+
+def _rotate(x: Tensor, half: bool) -> Tensor:
+    if half:
+        a, b = x.chunk(2, dim=-1)
+        return torch.cat([-b, a], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape(x.shape)
+
+
+def _apply_rope(x: Tensor, embed: Tensor, half: bool) -> Tensor:
+    sin, cos = embed.chunk(2, dim=-1)
+    return x * cos + _rotate(x, half) * sin
+
+
+def _eva_qkv(attn: torch.nn.Module, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if getattr(attn, "qkv", None) is not None:
+        weight, bias = attn.qkv.weight, attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat([attn.q_bias, attn.k_bias, attn.v_bias])
+        return torch.nn.functional.linear(y, weight, bias).chunk(3, dim=-1)
+    return attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)
+
+
+def _heads(t: Tensor, heads: int) -> Tensor:
+    n, c = t.shape
+    return t.view(n, heads, c // heads).transpose(0, 1)
+
+
+def _full(t: Tensor) -> Tensor:
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _eva_attention_inputs(model: torch.nn.Module, block: torch.nn.Module, index: int, x: Tensor, pos: Tensor,
+                          prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(H, N, d) queries and keys rotated at the tokens' positions (the prefix is not rotated), and values."""
+    attn = block.attn
+    embed = timm_rope(model, pos[prefix:])
+    if embed.dim() == 4:
+        embed = embed[index]  # mixed: per layer and head
+    q, k, v = (_heads(t, attn.num_heads) for t in _eva_qkv(attn, block.norm1(x)))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    half = getattr(attn, "rotate_half", False)
+    q = torch.cat([q[:, :prefix], _apply_rope(q[:, prefix:], embed, half)], dim=1)
+    k = torch.cat([k[:, :prefix], _apply_rope(k[:, prefix:], embed, half)], dim=1)
+    return q, k, v
+
+
+@torch.no_grad()
+def run_timm_eva(model: torch.nn.Module, images: Tensor, step: Step, prop_attn: bool,
+                 before: Step | None = None) -> tuple[Tensor, list[int]]:
+    """A timm Eva model (any rope type) per sample; ``step`` after each attention residual add, ``before`` where
+    the stream enters each block (with that block's full-width q and k instead of keys and probabilities)."""
+    prefix = model.num_prefix_tokens
+    h, w = model.patch_embed.grid_size
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    grid = torch.stack([r.flatten(), c.flatten()], dim=-1).float()
+    outputs, counts = [], []
+    for image in images:
+        x, _ = model._pos_embed(model.patch_embed(image[None]))
+        x = model.norm_pre(x)[0]
+        size = torch.ones(x.shape[0], 1)
+        pos = torch.cat([-torch.ones(prefix, 2), grid])
+        counts = []
+        for index, block in enumerate(model.blocks):
+            attn = block.attn
+            if before is not None:  # PruMerge: full-width q and k as the attention sees them (normed, rotated)
+                q, k, _ = _eva_attention_inputs(model, block, index, x, pos, prefix)
+                x, size, pos = before(index, x, size, pos, _full(q), _full(k))
+            counts.append(x.shape[0])
+            q, k, v = _eva_attention_inputs(model, block, index, x, pos, prefix)
+            attended, probs = attend(q, k, v, size, prop_attn)
+            out = attn.proj(attn.norm(attended))
+            x = x + (block.gamma_1 * out if block.gamma_1 is not None else out)
+            x, size, pos = step(index, x, size, pos, k, probs)
+            out = block.mlp(block.norm2(x))
+            x = x + (block.gamma_2 * out if block.gamma_2 is not None else out)
+        counts.append(x.shape[0])
+        outputs.append(_timm_head(model, x, size, prefix, prop_attn))
+    return torch.stack(outputs), counts
+
+
+def _timm_head(model: torch.nn.Module, x: Tensor, size: Tensor, prefix: int, prop_attn: bool) -> Tensor:
+    x = model.norm(x)
+    if getattr(model, "attn_pool", None) is not None:  # PE: a MAP head over all tokens with their sizes
+        from .reference_encoders import attention_pool
+
+        return model.head(model.fc_norm(attention_pool(model.attn_pool, x, size, prop_attn)))
+    if model.global_pool == "avg":
+        x = (x[prefix:] * size[prefix:]).sum(0) / size[prefix:].sum()
+    else:
+        x = x[0]
+    return model.head(model.fc_norm(x))
+
+
+# --- transformers ModernBERT (1-D) --------------------------------------------------------------------------------
+
+@torch.no_grad()
+def run_modernbert(model: torch.nn.Module, input_ids: Tensor, step: Step, prop_attn: bool) -> tuple[Tensor, list[int]]:
+    """transformers' ModernBertModel (global attention in every layer) per sample; positions are the indices and
+    the model's own rotary module turns (fractional) position ids into cos/sin. Returns the mean of the last
+    hidden state weighted by size."""
+    outputs, counts = [], []
+    for ids in input_ids:
+        x = model.embeddings(input_ids=ids[None])[0]
+        size = torch.ones(x.shape[0], 1)
+        pos = torch.arange(x.shape[0]).float()[:, None]
+        counts = []
+        for index, layer in enumerate(model.layers):
+            counts.append(x.shape[0])
+            attn = layer.attn
+            heads = model.config.num_attention_heads
+            q, k, v = (_heads(t, heads) for t in attn.Wqkv(layer.attn_norm(x)).chunk(3, dim=-1))
+            rotary = model.rotary_emb
+            layer_type = getattr(attn, "layer_type", None) or model.config.layer_types[index]
+            cos, sin = rotary(x[None], pos[:, 0][None], layer_type) if layer_type else rotary(x[None], pos[:, 0][None])
+            q = q * cos + _rotate(q, True) * sin
+            k = k * cos + _rotate(k, True) * sin
+            attended, probs = attend(q, k, v, size, prop_attn)
+            x = x + attn.Wo(attended)
+            x, size, pos = step(index, x, size, pos, k, probs)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        counts.append(x.shape[0])
+        x = model.final_norm(x)
+        outputs.append((x * size).sum(0) / size.sum())
+    return torch.stack(outputs), counts
