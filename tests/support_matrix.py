@@ -87,7 +87,7 @@ def _hf_directory(config_class: str, model_class: str, **settings):
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
             loaded = load_model(f"hf:{folder}", warn_random=False)
-        return loaded.module, loaded.example_inputs(batch=1)
+        return loaded
 
     return build
 

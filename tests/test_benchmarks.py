@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # Tiny arguments per script; a script not listed here is run with --smoke (add that flag to new scripts).
 TINY_ARGS = {
     "minilm_fidelity.py": ["--sentences", "8", "--length", "16", "--r", "2", "--method", "tome"],
+    "relative_bias_rules.py": ["--epochs", "0", "--samples", "8", "--r", "2"],
     "train_mnist_vit.py": ["--low-epochs", "0", "--full-epochs", "0", "-o", "{tmp}/mnist_vit.safetensors"],
 }
 SCRIPTS = sorted(path.name for path in BENCHMARKS.glob("*.py"))

@@ -1,6 +1,7 @@
 """The structure finder on graphs that are not plain ViTs: casts and assertions in the residual stream (an RMS norm
 computing in float32, as T5 and AIMv2 do), and refusals that name the structure they meet."""
 
+import pytest
 import torch
 from torch import nn
 
