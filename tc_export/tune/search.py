@@ -138,6 +138,8 @@ def tune(loaded: Any, scorer: Scorer, config: TuneConfig, shape: Shape | None = 
         if meeting is None:
             unreachable[name] = table.predict(members[-1].stages)
             continue
+        if elapsed() > config.budget_s and family_best:  # out of time: the families scored so far
+            continue
         family_best[name] = evaluate(meeting)
     scored = [s for s in family_best.values() if s.score is not None]
     best = max(scored, key=lambda s: s.score) if scored else None  # type: ignore[arg-type, return-value]
