@@ -142,9 +142,9 @@ def tune(loaded: Any, scorer: Scorer, config: TuneConfig, shape: Shape | None = 
             continue
         family_best[name] = evaluate(meeting)
     scored = [s for s in family_best.values() if s.score is not None]
-    best = max(scored, key=lambda s: s.score) if scored else None  # type: ignore[arg-type, return-value]
-    tome_start = max((s for s in scored if vector_of(s.schedule, shape) is not None),
-                     key=lambda s: s.score, default=None)  # type: ignore[arg-type, return-value]
+    rank = lambda s: (s.score, -s.predicted_ms)  # noqa: E731 - equal scores: the faster one
+    best = max(scored, key=rank) if scored else None
+    tome_start = max((s for s in scored if vector_of(s.schedule, shape) is not None), key=rank, default=None)
     if tome_start is not None:
         best_tome = _refine(tome_start, shape, table, target, evaluate, config, lambda: elapsed() < config.budget_s)
         if best is None or (best_tome.score is not None and best_tome.score > best.score):  # type: ignore[operator]
