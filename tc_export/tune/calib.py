@@ -160,6 +160,7 @@ def _image_transform(loaded: Any, folder: Path) -> Any:
         import timm.data
 
         config = timm.data.resolve_data_config({}, model=loaded.module)
+        config["input_size"] = tuple(loaded.inputs[0].shape)  # the size this model was built at, not its default
         transform = timm.data.create_transform(**config)
     except Exception:  # noqa: BLE001 - not a timm model
         raise ConfigError(f"--calib {folder}: no image preprocessing known for {loaded.name} (timm models and "
