@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import torch
 
@@ -26,44 +24,7 @@ from tc_export.bench import make_session, time_side_by_side
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models import ModelOptions, load_model
 from tc_export.models.base import InputSpec, LoadedModel
-from tc_export.ops.base import TokenOp
-
-
-class Truncate(TokenOp):
-    """Keep the first ``keep`` tokens: ToMe's token count at no cost."""
-
-    creates_size = False
-
-    def __init__(self, keep: int) -> None:
-        super().__init__()
-        self.keep = keep
-
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        return x[:, : self.keep], None
-
-    def tokens_out(self, tokens_in: int) -> int:
-        return self.keep
-
-
-@dataclass(frozen=True)
-class TruncateLikeToMe(ToMeConfig):
-    """ToMe's placement and token counts (inherited, so it follows the method protocol), but a Truncate op."""
-
-    method: ClassVar[str] = "truncate"
-    prop_attn: bool = False
-
-    def make_op(self, *args: Any, **kwargs: Any) -> Truncate | None:
-        merge = super().make_op(*args, **kwargs)
-        if merge is None:
-            return None
-        tokens = _site_tokens(args, kwargs)
-        return Truncate(merge.tokens_out(tokens))
-
-
-def _site_tokens(args: tuple, kwargs: dict) -> int:
-    """Tokens arriving at the site, from either make_op signature (a Site, or (layer, num_tokens, ...))."""
-    site = args[0] if args else kwargs.get("site")
-    return site.tokens if hasattr(site, "tokens") else int(args[1] if len(args) > 1 else kwargs["num_tokens"])
+from tc_export.tune.truncate import TruncateLikeToMe
 
 
 def tiny_vit() -> LoadedModel:

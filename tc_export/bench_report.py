@@ -212,13 +212,21 @@ def write_plots(rows: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
             y = row["accuracy"] if use_accuracy else row["fidelity"]["cosine"]
             if y is None:
                 continue
+            y = 100.0 * y if use_accuracy else y
             name = _curve_name(row)
             curves.setdefault(name, []).append((row["speedup"], y, row["label"]))
         for name, points in sorted(curves.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_ylabel("held-out accuracy (%)" if use_accuracy else "output cosine vs uncompressed")
+        base = next((r for r in rows if r["batch"] == batch and r["method"] == "none"
+                     and r.get("kind", "uncompressed") == "uncompressed"), None)
+        if base is not None:
+            base_y = base["accuracy"] if use_accuracy else base["fidelity"]["cosine"]
+            if base_y is not None:
+                metric_axis(ax, y_key, 100.0 * base_y if use_accuracy else base_y,
+                            [p[1] for points in curves.values() for p in points])
         ax.set_xlabel("speed-up vs uncompressed fp32 (same run)")
-        ax.set_ylabel("held-out accuracy" if use_accuracy else "output cosine vs uncompressed")
         ax.set_title(f"{rows[0]['model']}: speed-up vs {y_key}, batch {batch}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -246,6 +254,20 @@ def write_plots(rows: Sequence[Mapping[str, Any]], folder: Path) -> list[Path]:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def metric_axis(ax: Any, metric: str, baseline: float, values: Sequence[float]) -> None:
+    """Label the y axis in the units people read: accuracy in percent on a range of at least 4 points with the
+    band within 1 point of the uncompressed model shaded (a 0.1-point change must not look like a cliff)."""
+    if metric == "accuracy":
+        low = min([baseline - 4.0, *values]) - 0.5
+        high = max([baseline + 1.0, *values]) + 0.5
+        ax.set_ylim(max(0.0, low), min(100.0, high))
+        ax.axhspan(baseline - 1.0, baseline, color="tab:green", alpha=0.12, label="within 1 point")
+        ax.axhline(baseline, color="grey", linewidth=0.8)
+        ax.set_ylabel("held-out accuracy (%)")
+    else:
+        ax.set_ylabel("output cosine vs uncompressed" if metric == "cosine" else f"{metric} (higher is better)")
 
 
 def require_matplotlib() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from .bench_report import SCHEMA_ID, row_name, validate, write_plots
 from .errors import BackendUnavailableError, ConfigError
 
+TUNE_SCHEMA_ID = "tc-export.tune/1"
 ACCURACY_DROP = 0.01  # "within a point": the summary's tolerance on held-out accuracy
 
 _STYLE = """
@@ -55,9 +56,12 @@ def load_results(path: str | Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConfigError(f"results file {path} is not JSON ({error}): pass the file tc-export bench --json wrote")
     schema = document.get("schema") if isinstance(document, dict) else None
+    if schema == TUNE_SCHEMA_ID and isinstance(document.get("rows"), list) and "table" in document:
+        return document
     if schema != SCHEMA_ID:
         found = "no schema field" if schema is None else f"schema {schema!r}"
-        raise ConfigError(f"results file {path} has {found}; this tc-export reads {SCHEMA_ID!r}: "
+        raise ConfigError(f"results file {path} has {found}; this tc-export reads {SCHEMA_ID!r} (or "
+                          f"{TUNE_SCHEMA_ID!r} from tc-export tune --json): "
                           "rerun tc-export bench --json with this version")
     problems = validate(document)
     if problems:
@@ -66,8 +70,25 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return document
 
 
-def render_report(document: Mapping[str, Any], title: str | None = None) -> str:
-    """The whole page as one HTML string (``document`` already validated)."""
+def render_tune(document: Mapping[str, Any], title: str | None = None) -> str:
+    """A page for a ``tc-export tune --json`` document: its section (summary, table, plot) and configuration."""
+    from .tune.output import html_section
+
+    title = title or f"tc-export tune: {document['model']}"
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_e(title)}</title><style>{_STYLE}</style></head>", '<body data-plots="pending">',
+        f"<h1>{_e(title)}</h1>", html_section(document),
+        "<h2>Configuration</h2>", _key_value_table(document["config"]),
+        "<h2>Latency table</h2>", _key_value_table(document["table"]),
+        f"<script>{_CHECK_IMAGES}</script>", "</body></html>"]) + "\n"
+
+
+def render_report(document: Mapping[str, Any], title: str | None = None,
+                  tune_documents: Sequence[Mapping[str, Any]] = ()) -> str:
+    """The whole page as one HTML string (``document`` already validated); tune results get their section."""
+    if document.get("schema") == TUNE_SCHEMA_ID:
+        return render_tune(document, title)
     rows = list(document["rows"])
     models = sorted({row["model"] for row in rows})
     title = title or f"tc-export bench: {', '.join(models) or 'no rows'}"
@@ -87,6 +108,10 @@ def render_report(document: Mapping[str, Any], title: str | None = None) -> str:
     summary = _summary_table(rows)
     if summary:
         parts += ["<h2>Trade-off: accuracy against speed-up</h2>", summary]
+    if tune_documents:
+        from .tune.output import html_section
+
+        parts += [html_section(tuned) for tuned in tune_documents]
     plots = _plots(rows)
     if plots:
         parts.append("<h2>Plots</h2>")
@@ -102,12 +127,13 @@ def render_report(document: Mapping[str, Any], title: str | None = None) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_report(document: Mapping[str, Any], output: str | Path, title: str | None = None) -> Path:
+def write_report(document: Mapping[str, Any], output: str | Path, title: str | None = None,
+                 tune_documents: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Render and write the page (under a temporary name, renamed when complete)."""
     output = Path(output)
     if not output.resolve().parent.is_dir():
         raise ConfigError(f"cannot write {output}: directory {output.resolve().parent} does not exist")
-    page = render_report(document, title)
+    page = render_report(document, title, tune_documents)
     temporary = output.with_name(output.name + ".tmp")
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(output)

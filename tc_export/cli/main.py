@@ -14,6 +14,7 @@ from ..errors import ConfigError, InternalError, TCExportError
 from .options import MethodFlags, method_configs, method_options
 from .report_command import report_command
 from .trt_commands import EngineFlags, engine_options, export_target, register_trt_commands
+from .tune_command import tune_command
 
 
 class DefaultCommandGroup(click.Group):
@@ -214,6 +215,7 @@ register_trt_commands(cli)  # lint, build, verify (trt_commands.py)
 
 
 cli.add_command(report_command)
+cli.add_command(tune_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,94 @@
+"""The ``tc-export tune`` job: load, calibration data, search with a progress bar, real timing, outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import ConfigError
+from .search import Scored, TuneConfig
+
+
+def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | None = None,
+             calib: Path | None = None, samples: int = 64, json_path: Path | None = None, plot: Path | None = None,
+             candidates: int | None = None, device: str | None = None, say: Callable[[str], None] = print,
+             progress_file: TextIO | None = None) -> dict[str, Any]:
+    """Run the whole job; returns the results document (also written to ``json_path``)."""
+    import click
+
+    from ..bench_job import find_evaluator
+    from ..models import LoadedModel, ModelOptions, load_model
+    from .calib import load_calib, seeded_calib
+    from .fidelity import Scorer
+    from .output import RANDOM_INPUTS_WARNING, markdown, rows, summary, write_json, write_plot, write_text
+    from .schedule import recipe_yaml
+    from .search import comparison_rows, measure, model_shape, tune
+
+    if samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {samples}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, ModelOptions(), warn_random=False)
+    evaluator = find_evaluator(loaded.name)
+    data = load_calib(calib, loaded, samples) if calib is not None else seeded_calib(loaded, samples)
+    metric = metric or ("accuracy" if (evaluator is not None and data.seeded) or data.labels is not None
+                        else "cosine")
+    warning = None
+    if data.seeded and not (metric == "accuracy" and evaluator is not None):
+        warning = RANDOM_INPUTS_WARNING
+        say(f"warning: {warning}")
+    if loaded.random_init:
+        say(f"warning: {loaded.name} has random weights: fidelity is vs the random model")
+    scorer = Scorer(loaded, data, metric, evaluator)
+    shape = model_shape(loaded)
+    say(f"tune {loaded.name}: {shape.tokens} tokens ({shape.protected} protected), {shape.layers} layers, batch "
+        f"{config.batch}; scoring by {scorer.describe}; uncompressed {scorer.show(scorer.baseline)}")
+    budget = int(config.budget_s)
+    with click.progressbar(length=budget, label="tune", file=progress_file, show_percent=False, show_eta=False,
+                           item_show_func=lambda item: item,
+                           bar_template="%(label)s [%(bar)s] %(info)s") as bar:
+        def progress(seconds: float, label: str) -> None:
+            bar.pos = min(int(seconds), budget)
+            bar.current_item = f"{int(seconds) // 60}:{int(seconds) % 60:02d} of {budget // 60}:{budget % 60:02d}  {label[:60]}"
+            bar.render_progress()
+
+        result = tune(loaded, scorer, config, shape, progress)
+    if result.best is None:
+        reachable = min(result.unreachable.values(), default=None)
+        raise ConfigError(f"no schedule of {', '.join(config.methods)} reaches {result.target_ms:.1f} ms at batch "
+                          f"{config.batch} (uncompressed {result.table.baseline_ms:.1f} ms; the fastest predicted: "
+                          f"{reachable:.1f} ms = {result.table.baseline_ms / reachable:.2f}x): lower the target")
+
+    def recipe_text(scored: Scored) -> str:
+        return recipe_yaml(scored.schedule, loaded.name,
+                           f"tc-export tune: {scored.schedule.label}; {scorer.describe} {scorer.show(scored.score)}; "
+                           f"predicted {result.table.baseline_ms / scored.predicted_ms:.2f}x at batch {config.batch}")
+
+    if candidates is not None:
+        from .device import write_bundle
+
+        chosen = sorted([s for s in result.history if s.score is not None and s.predicted_ms <= result.target_ms * 1.3],
+                        key=lambda s: -s.score)[:candidates]  # type: ignore[operator]
+        write_bundle(output, loaded, chosen, config.batch, str(device), metric, recipe_text)
+        say(f"wrote {len(chosen)} candidates to {output}/ (device side untested here: run time_engines.py on the "
+            f"{device}, then tc-export tune {loaded.name} --latencies device.json --speedup X -o tuned.yaml)")
+        return {"candidates": [s.schedule.label for s in chosen]}
+    measured = comparison_rows(result, config.measure)
+    baseline_ms, times = measure(loaded, measured, config)
+    document = {
+        "schema": "tc-export.tune/1", "model": loaded.name, "metric": metric, "calib": data.source,
+        "calib_warning": warning, "target_ms": result.target_ms, "config": {
+            k: v for k, v in vars(config).items()}, "table": result.table.as_dict(), "baseline_ms": baseline_ms,
+        "baseline_score": result.baseline_score, "baseline_shown": scorer.show(result.baseline_score),
+        "evaluations": result.evaluations, "search_seconds": result.search_seconds,
+        "unreachable": result.unreachable,
+        "rows": rows(result, measured, baseline_ms, times, shape, scorer.show),
+    }
+    write_text(output, recipe_text(result.best))
+    say(markdown(document))
+    say(summary(document))
+    say(f"wrote {output} (export it with: tc-export {loaded.name} --recipe {output})")
+    if json_path is not None:
+        write_json(document, json_path)
+    if plot is not None:
+        say(f"wrote {write_plot(document, plot)}")
+    return document
