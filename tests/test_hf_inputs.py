@@ -60,6 +60,10 @@ def _model(kind: str):
         return tf.TimesformerConfig(**SMALL, image_size=32, patch_size=8, num_frames=2), tf.TimesformerModel
     if kind == "mpnet":
         return tf.MPNetConfig(**text), tf.MPNetModel
+    if kind == "mobilevit":
+        config = tf.MobileViTConfig(image_size=64, hidden_sizes=[32, 40, 48], num_attention_heads=2,
+                                    neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64])
+        return config, tf.MobileViTModel
     if kind == "swinv2":
         config = tf.Swinv2Config(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4,
                                  window_size=4)
@@ -155,8 +159,9 @@ REFUSED = {
     "siglip2": "NaFlex",
     "perceiver": "PerceiverModel takes inputs",  # raw Perceiver inputs: no preprocessor says their shape
     "swinv2": "windowed",
-    "timesformer": "",
+    "timesformer": "divided space-time attention",
     "mpnet": "",
+    "mobilevit": "folds another axis into the batch",  # was an internal error after the pass
 }
 
 

@@ -280,7 +280,10 @@ def find_structure(gm: fx.GraphModule) -> Structure:
             raise StructureNotFoundError(mixed)
         if found is None:
             queries = f"{tokens[1]} queries over {tokens[2]} keys" if tokens else "no residual"
-            skipped.append(f"{attention.name} ({queries}, no residual add: an attention-pooling head, left uncompressed)")
+            what = ("self-attention whose output rejoins the stream only after a reshape (e.g. divided space-time "
+                    "attention over frames, then over patches)" if tokens and tokens[1] == tokens[2]
+                    else "an attention-pooling head")
+            skipped.append(f"{attention.name} ({queries}, no residual add: {what}, left uncompressed)")
             others.append(AttentionSite(-1, kind, attention, query, key, softmax, attention, attention))  # type: ignore[arg-type]
             continue
         residual, skip = found

@@ -105,6 +105,7 @@ class TokenPass:
     def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
         structure = find_structure(gm)
         sites, num_layers = structure.sites, len(structure.sites)
+        self._check_sequences_per_sample(sites[0], example_inputs)
         plan = layer_plan(self.configs, num_layers)
         last_layer = self._last_layer(num_layers)
         at_output = [key for key, config in plan.items()
@@ -338,6 +339,21 @@ class TokenPass:
                     sizes = gm.graph.call_function(operator.getitem, (size, (slice(None), slice(protected, None))))
                 bias = gm.graph.call_function(bias_fn, (sizes,))
             add_attention_bias(other, bias)
+
+    def _check_sequences_per_sample(self, site: AttentionSite, example_inputs: Mapping[str, torch.Tensor]) -> None:
+        """One token sequence per sample (per frame with --frames). A model that folds another axis into the batch
+        (MobileViT's unfold into pixel positions within a patch) attends over many short sequences and folds them
+        back into a feature map afterwards, which needs every original token: refused, naming that."""
+        batch = next(iter(example_inputs.values())).shape[0]
+        expected = batch * (self.frames or 1)
+        sequences = (tensor_meta_shape(site.stream) or (expected,))[0]
+        if sequences != expected:
+            raise StructureNotFoundError(
+                f"attention {site.name} runs over {sequences} sequences for a batch of {batch}: the model folds "
+                "another axis into the batch (as MobileViT unfolds a feature map into pixel positions within its "
+                "patches) and folds the sequences back into a map afterwards, which needs every original token; "
+                "token compression would change that layout, so this model is not supported"
+            )
 
     def _last_layer(self, num_layers: int) -> int:
         if self.features is None:
