@@ -17,12 +17,14 @@ from tc_export.export.macs import count_macs
 from tc_export.passes import ToMeConfig, TopKConfig
 
 
-def main(arch: str = "vit_base_patch16_rope_224", rounds: int = 7, batch: int = 8) -> None:
+def main(arch: str = "vit_base_patch16_rope_224", rounds: int = 7, batch: int = 8, smoke: bool = False) -> None:
+    """``smoke``: a 4-layer model at 64 px, one round of batch 1 (the benchmark test's tiny mode)."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(arch).eval()
-    inputs = {"x": torch.randn(batch, 3, 224, 224)}
+    size = 64 if smoke else 224
+    model = timm.create_model(arch, **({"depth": 4, "img_size": size} if smoke else {})).eval()
+    inputs = {"x": torch.randn(batch, 3, size, size)}
     one = {"x": inputs["x"][:1]}
     models = {"uncompressed": model,
               "tome r=8": compress(model, ToMeConfig(r=8), one),
@@ -49,4 +51,7 @@ def main(arch: str = "vit_base_patch16_rope_224", rounds: int = 7, batch: int = 
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    if "--smoke" in sys.argv:
+        main("vit_small_patch16_rope_224", rounds=1, batch=1, smoke=True)
+    else:
+        main(*sys.argv[1:2])

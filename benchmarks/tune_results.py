@@ -54,7 +54,12 @@ def main() -> None:
     parser.add_argument("--models", default="mnist_vit,minilm,vit_b")
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where tune_MODEL.md/.json go")
+    parser.add_argument("--smoke", action="store_true",
+                        help="mnist_vit only, a 5 s budget, three runs, results in ./tune_smoke (the benchmark test)")
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.budget, args.runs, args.out = "mnist_vit", "5s", 3, Path("tune_smoke")
     warnings.filterwarnings("ignore")
     budget = parse_budget(args.budget)
     sections = []
@@ -64,7 +69,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "tuned.yaml"
             if model == "mnist_vit":
-                baseline, rows = constant_r(loaded, (16, 32, 48, 64, 80, 98), 64, args.runs)
+                baseline, rows = constant_r(loaded, (16,) if args.smoke else (16, 32, 48, 64, 80, 98), 64, args.runs)
                 within = [r for r in rows if baseline - r["accuracy"] <= 0.01]
                 best = max(within, key=lambda r: r["speedup"])
                 target = round(best["speedup"] * 1.15, 2)
@@ -102,9 +107,9 @@ def main() -> None:
         sections.append(f"## {model}\n\n{verdict}; search + measurement {minutes:.1f} min\n\n"
                         + (markdown(document) + "\n\n```\n" + summary(document) + "\n```\n" if document else ""))
         print(sections[-1], flush=True)
-        RESULTS.mkdir(exist_ok=True)  # one file per model, so models can be rerun one at a time
-        (RESULTS / f"tune_{model}.md").write_text(sections[-1])
-        (RESULTS / f"tune_{model}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
+        args.out.mkdir(exist_ok=True)  # one file per model, so models can be rerun one at a time
+        (args.out / f"tune_{model}.md").write_text(sections[-1])
+        (args.out / f"tune_{model}.json").write_text(json.dumps(document, indent=2, default=str) + "\n")
 
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from tc_export import compress
+from tc_export.errors import TCExportError
 from tc_export.passes import ToMeConfig
 from tc_export.passes.outputs import block_output
 from tc_export.passes.structure import find_structure
