@@ -160,7 +160,7 @@ REFUSED = {
     "perceiver": "PerceiverModel takes inputs",  # raw Perceiver inputs: no preprocessor says their shape
     "swinv2": "windowed",
     "timesformer": "divided space-time attention",
-    "mpnet": "",
+    "mpnet": "relative position bias",
     "mobilevit": "folds another axis into the batch",  # was an internal error after the pass
 }
 

@@ -111,18 +111,31 @@ def _mixed_logits(softmax: fx.Node, modules: dict) -> tuple[fx.Node | None, str]
                 continue
             seen.add(node)
             if is_matmul(node):
-                return node, _mixing_reason(between, modules)
+                return node, _mixing_reason(between, modules, node)
             between.append(node)
             next_frontier += [n for n in node.all_input_nodes if n.op not in ("get_attr", "placeholder")]
         frontier = next_frontier
     return None, _mixing_reason(between, modules)
 
 
-def _mixing_reason(between: list[fx.Node], modules: dict) -> str:
-    """Talking heads when a small square linear layer (heads -> heads, as CaiT's) acts on the logits."""
+def _is_table_lookup(node: fx.Node, logits: fx.Node | None) -> bool:
+    """An embedding lookup (a learned table indexed by positions or buckets) feeds ``node``, other than the token
+    embedding behind the logits ``q @ k^T``."""
+    behind = ancestors(logits) if logits is not None else set()
+    return any("embedding" in str(n.target) and n not in behind
+               for n in [node, *ancestors(node)] if n.op in ("call_function", "call_module"))
+
+
+def _mixing_reason(between: list[fx.Node], modules: dict, logits: fx.Node | None = None) -> str:
+    """Talking heads when a small square linear layer (heads -> heads, as CaiT's) acts on the logits; a relative
+    position bias when a learned table lookup (other than the tokens' own embedding) is added to them."""
     mixers = [modules.get(str(n.target)) for n in between if n.op == "call_module"]
     if any(isinstance(m, nn.Linear) and m.in_features == m.out_features <= 64 for m in mixers):
         return "talking-heads attention, as in CaiT, mixes heads with a linear layer"
+    if any(_is_table_lookup(other, logits) for n in between for other in n.all_input_nodes
+           if other not in between and other is not logits):
+        return ("a learned table looked up by token positions (a relative position bias, as MPNet's) is added to "
+                "the logits in a form the relative-bias finder does not recognise")
     ops = sorted({getattr(n.target, "__name__", str(n.target)) for n in between})[:4]
     return f"it passes through {', '.join(ops)}"
 
