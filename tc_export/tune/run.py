@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -13,8 +13,12 @@ from .search import Scored, TuneConfig
 def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | None = None,
              calib: Path | None = None, samples: int = 64, json_path: Path | None = None, plot: Path | None = None,
              candidates: int | None = None, device: str | None = None, say: Callable[[str], None] = print,
-             progress_file: TextIO | None = None) -> dict[str, Any]:
-    """Run the whole job; returns the results document (also written to ``json_path``)."""
+             progress_file: TextIO | None = None, table: Any = None,
+             compare: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run the whole job; returns the results document (also written to ``json_path``).
+
+    ``table``: a latency table measured already (skips measuring one); ``compare``: extra schedules scored and
+    timed in the same final loop as the winner (a benchmark's comparison rows)."""
     import click
 
     from ..bench_job import find_evaluator
@@ -51,7 +55,7 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
             bar.current_item = f"{int(seconds) // 60}:{int(seconds) % 60:02d} of {budget // 60}:{budget % 60:02d}  {label[:60]}"
             bar.render_progress()
 
-        result = tune(loaded, scorer, config, shape, progress)
+        result = tune(loaded, scorer, config, shape, progress, table)
     if result.best is None:
         reachable = min(result.unreachable.values(), default=None)
         raise ConfigError(f"no schedule of {', '.join(config.methods)} reaches {result.target_ms:.1f} ms at batch "
@@ -73,6 +77,9 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
             f"{device}, then tc-export tune {loaded.name} --latencies device.json --speedup X -o tuned.yaml)")
         return {"candidates": [s.schedule.label for s in chosen]}
     measured = comparison_rows(result, config.measure)
+    shown = {s.schedule.label for s in measured}
+    measured += [Scored(s, result.table.predict(s.stages), scorer.score(s.stages)) for s in compare
+                 if s.label not in shown]
     baseline_ms, times = measure(loaded, measured, config)
     document = {
         "schema": "tc-export.tune/1", "model": loaded.name, "metric": metric, "calib": data.source,

@@ -94,6 +94,18 @@ def model_shape(loaded: Any) -> Shape:
     return Shape(counts[0], probe.protected, len(counts) - 1)
 
 
+def latency_table(loaded: Any, shape: Shape, config: TuneConfig, progress: Callable[[str], None] = lambda _: None,
+                  pool: dict[str, list[Schedule]] | None = None) -> LatencyTable:
+    """The latency table of ``config``'s grid, with one probe per method (the middle member of its family)."""
+    pool = pool if pool is not None else families(shape, config.methods, config.multiple)
+    probes = [members[len(members) // 2] for name, members in pool.items()
+              if name in ("tome constant r", "topk EViT layers", "adjacent constant r")
+              or name.startswith("prumerge at layer")][:4]
+    probes = list({p.methods[0]: p for p in probes}.values())
+    counts = grid(shape, config.table_points, config.multiple)
+    return measure_table(loaded, shape, config.batch, counts, probes, config.threads, config.runs, progress=progress)
+
+
 def tune(loaded: Any, scorer: Scorer, config: TuneConfig, shape: Shape | None = None,
          progress: Callable[[float, str], None] = lambda seconds, label: None,
          table: LatencyTable | None = None) -> TuneResult:
@@ -106,13 +118,8 @@ def tune(loaded: Any, scorer: Scorer, config: TuneConfig, shape: Shape | None = 
         raise ConfigError(f"--methods {','.join(config.methods)}: none applies to {loaded.name} (Top-K and PruMerge "
                           "need a class token)")
     if table is None:
-        probes = [members[len(members) // 2] for name, members in pool.items()
-                  if name in ("tome constant r", "topk EViT layers", "adjacent constant r")
-                  or name.startswith("prumerge at layer")][:4]
-        probes = list({p.methods[0]: p for p in probes}.values())
-        counts = grid(shape, config.table_points, config.multiple)
-        table = measure_table(loaded, shape, config.batch, counts, probes, config.threads, config.runs,
-                              progress=lambda label: progress(elapsed(), f"latency table: {label}"))
+        table = latency_table(loaded, shape, config, lambda label: progress(elapsed(), f"latency table: {label}"),
+                              pool)
     target = config.target(table.baseline_ms)
     evaluations = 0
     cache: dict[str, Scored] = {}
