@@ -1,6 +1,6 @@
 """Per-sample forwards of the transformers families whose inputs are more than pixels or padded ids: LayoutLM
 (ids, segments and layout boxes), wav2vec2 / HuBERT (raw waveforms), AST (spectrograms, class and distillation
-tokens), VideoMAE (clips) and BLIP's vision tower.
+tokens), VideoMAE (clips), BLIP's vision tower and DPT-hybrid (its BiT backbone as the stem).
 
 Like tests/reference_encoders.py (whose ``Encoder``/``Layer``/``run`` they reuse), they read the models' weights
 and small sub-modules (embedding stems, linear layers, norms), never the models' attention or block code, and
@@ -8,6 +8,8 @@ import nothing from tc_export. The wrapper tc-export builds is passed in only to
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -128,7 +130,7 @@ def blip_vision_pooler(wrapper: torch.nn.Module) -> Encoder:
 
 
 
-def _dpt_hybrid(wrapper: torch.nn.Module, head) -> Encoder:
+def _dpt_hybrid(wrapper: torch.nn.Module, head: Callable[[Tensor, Tensor], Tensor]) -> Encoder:
     """DPTModel with a BiT backbone (DPT-hybrid): the backbone's last feature map as a stem, its 1x1 projection
     flattened to tokens after the class token, plus the stored position table (the grid of the configured image
     size, so no resize); pre-norm layers in the VideoMAE layout; ``head(post-normed x, size)``. The neck that
@@ -138,13 +140,13 @@ def _dpt_hybrid(wrapper: torch.nn.Module, head) -> Encoder:
     e = model.embeddings
     heads = model.config.num_attention_heads
 
-    def layer(block) -> Layer:
+    def layer(block: torch.nn.Module) -> Layer:
         a, out, inter = block.attention.attention, block.attention.output, block.intermediate
         return Layer(heads, lambda y: (a.query(y), a.key(y), a.value(y)), out.dense,
                      lambda t: block.output.dense(inter.intermediate_act_fn(inter.dense(t))),
                      block.layernorm_before, block.layernorm_after)
 
-    def embed(sample):
+    def embed(sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         features = e.backbone(sample["pixel_values"]).feature_maps[-1]
         patches = e.projection(features)[0].flatten(1).T  # (grid cells, C), row-major as the model's flatten
         positions = e.position_embeddings[0]
