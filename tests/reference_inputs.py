@@ -1,6 +1,6 @@
 """Per-sample forwards of the transformers families whose inputs are more than pixels or padded ids: LayoutLM
 (ids, segments and layout boxes), wav2vec2 / HuBERT (raw waveforms), AST (spectrograms, class and distillation
-tokens), VideoMAE (clips) and BLIP's vision tower.
+tokens), VideoMAE (clips), BLIP's vision tower and DPT-hybrid (its BiT backbone as the stem).
 
 Like tests/reference_encoders.py (whose ``Encoder``/``Layer``/``run`` they reuse), they read the models' weights
 and small sub-modules (embedding stems, linear layers, norms), never the models' attention or block code, and
@@ -8,6 +8,8 @@ import nothing from tc_export. The wrapper tc-export builds is passed in only to
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -125,3 +127,44 @@ def blip_vision_pooler(wrapper: torch.nn.Module) -> Encoder:
     return Encoder(lambda sample: _ones(model.embeddings(sample["pixel_values"])[0]),
                    [layer(b) for b in model.encoder.layers],
                    lambda x, s, p: model.post_layernorm(model.post_layernorm(x[0])))
+
+
+
+def _dpt_hybrid(wrapper: torch.nn.Module, head: Callable[[Tensor, Tensor], Tensor]) -> Encoder:
+    """DPTModel with a BiT backbone (DPT-hybrid): the backbone's last feature map as a stem, its 1x1 projection
+    flattened to tokens after the class token, plus the stored position table (the grid of the configured image
+    size, so no resize); pre-norm layers in the VideoMAE layout; ``head(post-normed x, size)``. The neck that
+    reassembles intermediate layers into grids by token position belongs to DPTForDepthEstimation and
+    DPTForSemanticSegmentation, not to DPTModel."""
+    model = wrapper.model
+    e = model.embeddings
+    heads = model.config.num_attention_heads
+
+    def layer(block: torch.nn.Module) -> Layer:
+        a, out, inter = block.attention.attention, block.attention.output, block.intermediate
+        return Layer(heads, lambda y: (a.query(y), a.key(y), a.value(y)), out.dense,
+                     lambda t: block.output.dense(inter.intermediate_act_fn(inter.dense(t))),
+                     block.layernorm_before, block.layernorm_after)
+
+    def embed(sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        features = e.backbone(sample["pixel_values"]).feature_maps[-1]
+        patches = e.projection(features)[0].flatten(1).T  # (grid cells, C), row-major as the model's flatten
+        positions = e.position_embeddings[0]
+        assert positions.shape[0] == patches.shape[0] + 1, "the reference covers the configured image size"
+        return _ones(torch.cat([e.cls_token[0], patches]) + positions)
+
+    assert model.config.is_hybrid, "the reference covers DPT-hybrid (BiT backbone)"
+    return Encoder(embed, [layer(b) for b in model.encoder.layer],
+                   lambda x, s, p: head(model.layernorm(x), s))
+
+
+def dpt_hybrid_pooler(wrapper: torch.nn.Module) -> Encoder:
+    """DPT-hybrid's DPTModel, pooler output: the post-normed class token through the pooler's dense + tanh."""
+    pooler = wrapper.model.pooler
+    return _dpt_hybrid(wrapper, lambda x, size: pooler.activation(pooler.dense(x[0])))
+
+
+def dpt_hybrid_mean(wrapper: torch.nn.Module) -> Encoder:
+    """DPT-hybrid's DPTModel, mean pooled (a depth-estimation checkpoint has no pooler): the size-weighted mean of
+    every post-normed token, class token included, as the uncompressed mean over all tokens."""
+    return _dpt_hybrid(wrapper, size_weighted_mean)

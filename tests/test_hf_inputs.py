@@ -51,6 +51,8 @@ def _model(kind: str):
         config = tf.Siglip2Config(vision_config={**SMALL, "num_patches": 16, "patch_size": 8},
                                   text_config={**text, "max_position_embeddings": 16})
         return config, tf.Siglip2Model
+    if kind == "siglip2_vision":  # the tower saved alone
+        return tf.Siglip2VisionConfig(**SMALL, num_patches=16, patch_size=8), tf.Siglip2VisionModel
     if kind == "perceiver":
         config = tf.PerceiverConfig(num_latents=8, d_latents=32, d_model=32, num_blocks=1,
                                     num_self_attends_per_block=2, num_self_attention_heads=2,
@@ -68,15 +70,17 @@ def _model(kind: str):
         config = tf.Swinv2Config(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=32, patch_size=4,
                                  window_size=4)
         return config, tf.Swinv2Model
-    if kind == "dpt_hybrid":
+    if kind in ("dpt_hybrid", "dpt_hybrid_depth"):
         backbone = {"model_type": "bit", "layer_type": "bottleneck", "depths": [1, 1, 1],
                     "hidden_sizes": [128, 128, 128], "embedding_size": 32,
                     "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True,
                     "global_padding": "same"}
+        # the depth head's neck reads the BiT stages 1-2 (128 channels) and layers 0 and 1 of the ViT
+        neck = [128, 128, 32, 32] if kind == "dpt_hybrid_depth" else [32, 32, 32, 32]
         config = tf.DPTConfig(**SMALL, image_size=64, patch_size=16, is_hybrid=True,
-                              backbone_featmap_shape=[1, 128, 4, 4], neck_hidden_sizes=[32, 32, 32, 32],
-                              fusion_hidden_size=32, backbone_config=backbone)
-        return config, tf.DPTModel
+                              backbone_featmap_shape=[1, 128, 4, 4], neck_hidden_sizes=neck,
+                              backbone_out_indices=[0, 1, 0, 1], fusion_hidden_size=32, backbone_config=backbone)
+        return config, tf.DPTForDepthEstimation if kind == "dpt_hybrid_depth" else tf.DPTModel
     raise KeyError(kind)
 
 
@@ -113,6 +117,9 @@ WORKS = {
     "ast": (references.ast_logits, 2, False, None, ["input_values"]),
     "videomae": (references.videomae_mean, 0, False, None, ["pixel_values"]),
     "blip": (references.blip_vision_pooler, 1, False, None, ["pixel_values"]),
+    "dpt_hybrid": (references.dpt_hybrid_pooler, 1, False, None, ["pixel_values"]),
+    # a depth-estimation checkpoint: its head is per token, so its base DPTModel (no pooler weights: mean)
+    "dpt_hybrid_depth": (references.dpt_hybrid_mean, 1, False, None, ["pixel_values"]),
 }
 SLOW = {"hubert", "blip"}  # the same layouts as wav2vec2 and CLIP: kept out of the default run
 
@@ -120,7 +127,9 @@ SLOW = {"hubert", "blip"}  # the same layouts as wav2vec2 and CLIP: kept out of 
 @pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k in SLOW else k for k in WORKS])
 def test_family_exports_through_the_cli_and_matches_its_reference(kind, tmp_path, capsys):
     """Every argument the forward reads is an ONNX input (LayoutLM's boxes and segments, raw waveforms, AST
-    spectrograms, VideoMAE clips of num_frames); the exported ToMe model equals the per-sample reference."""
+    spectrograms, VideoMAE clips of num_frames); the exported ToMe model equals the per-sample reference (for
+    DPT-hybrid, and not the uncompressed one). DPT-hybrid's BiT backbone has no SDPA: it loads with eager
+    attention."""
     reference, protected, padded, pooling, names = WORKS[kind]
     folder = _save(kind, tmp_path / kind)
     code, out, err = _cli(folder, tmp_path, capsys, *(["--pooling", pooling] if pooling else []))
@@ -137,6 +146,9 @@ def test_family_exports_through_the_cli_and_matches_its_reference(kind, tmp_path
         want, counts = encoders.run(reference(loaded.module), inputs, hooks)
         assert counts[1] == counts[0] - 2
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=2e-5)
+        if kind.startswith("dpt"):  # the merges move the output beyond the tolerance (the comparison can fail)
+            plain = encoders.run(reference(loaded.module), inputs, encoders.Hooks())[0]
+            assert not np.allclose(got, plain.numpy(), rtol=1e-4, atol=2e-5)
     if kind == "layoutlm":  # the boxes matter: the reference without them is far off (the test can fail)
         blank = dict(inputs, bbox=torch.zeros_like(inputs["bbox"]))
         assert not np.allclose(got, encoders.run(reference(loaded.module), blank, hooks)[0].numpy(), atol=1e-3)
@@ -154,9 +166,12 @@ def test_layoutlm_inputs_are_valid_boxes_and_segments(tmp_path):
 
 
 # kind -> words of the one-line refusal (the structure checks' own wording may grow; the cause is what counts)
-REFUSED = {
+NAFLEX = ("NaFlex tower: its pixel_values are flattened patches", "pixel_attention_mask", "spatial_shapes",
+          "resizes its position embeddings to each image's grid")
+REFUSED: dict[str, str | tuple[str, ...]] = {
     "vitmae": "draws random numbers in its forward: aten.rand in embeddings (ViTMAEEmbeddings)",
-    "siglip2": "NaFlex",
+    "siglip2": NAFLEX,  # the input format, not the forward's internal assertion
+    "siglip2_vision": NAFLEX,  # the tower saved alone
     "perceiver": "PerceiverModel takes inputs",  # raw Perceiver inputs: no preprocessor says their shape
     "swinv2": "windowed",
     "timesformer": "divided space-time attention",
@@ -173,17 +188,11 @@ def test_family_is_refused_for_its_real_cause(kind, tmp_path, capsys):
     code, _, err = _cli(_save(kind, tmp_path / kind), tmp_path, capsys)
     assert code == 2, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
-    assert REFUSED[kind] in err
+    words = REFUSED[kind]
+    assert all(w in err for w in ((words,) if isinstance(words, str) else words)), err
+    assert "assertion" not in err and "_is_all_true" not in err  # a cause, not the internal check that caught it
     assert "SDPA" not in err and "cannot build" not in err and "near-tied" not in err
     assert not (tmp_path / "x.onnx").exists()
-
-
-@pytest.mark.slow
-def test_dpt_hybrid_loads_eager_backbone_and_exports(tmp_path, capsys):
-    """DPT-hybrid's BiT backbone has no SDPA: it loads with eager attention and exports with parity."""
-    code, out, err = _cli(_save("dpt_hybrid", tmp_path / "dpt"), tmp_path, capsys)
-    assert code == 0, err
-    assert "passed" in out
 
 
 def test_composite_checkpoint_loads_its_vision_tower(tmp_path):

@@ -138,11 +138,12 @@ def model_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str
 def _pixel_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str,
                   arguments: dict[str, inspect.Parameter]) -> ModelInputs:
     cls = type(model).__name__
-    if "spatial_shapes" in arguments:  # NaFlex (SigLIP2): patches of a grid the forward is told at run time
-        raise ConfigError(f"{name}: {cls} is a NaFlex tower: it takes flattened patches with pixel_attention_mask "
-                          "and spatial_shapes, and checks the grid inside its forward with a run-time assertion "
-                          "(aten._is_all_true) that ONNX cannot express; tc-export does not export it (timm's "
-                          "NaFlexViT at a fixed image size does export)")
+    if "spatial_shapes" in arguments:  # NaFlex (SigLIP2): flattened patches of a grid given per image at run time
+        raise ConfigError(f"{name}: {cls} is a NaFlex tower: its pixel_values are flattened patches (max_num_patches x "
+                          "channels*patch_size^2) with a pixel_attention_mask and each image's spatial_shapes, and it "
+                          "resizes its position embeddings to each image's grid at run time; tc-export builds "
+                          "fixed-size images and does not build NaFlex inputs (timm's NaFlexViT at a fixed image "
+                          "size does export)")
     if not hasattr(config, "image_size"):
         raise ConfigError(f"{name}: {cls} takes pixel_values but its config has no image_size")
     (pixels,) = image_inputs(config, options.img_size)
