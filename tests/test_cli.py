@@ -93,16 +93,40 @@ def test_pretrained_without_cache_is_clear(tmp_path, capsys, monkeypatch):
     assert "no pretrained weights for vit_tiny_patch16_224" in err and "--weights FILE" in err
 
 
-@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
-def test_weights_file_is_loaded(tmp_path, capsys, suffix):
+def save_shards(state: dict, folder) -> None:
+    """``state`` as two safetensors shards with their index file (the Hugging Face sharded layout)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    names = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: state[k] for k in keys}, str(folder / file))
+    weight_map = {k: file for file, keys in shards.items() for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", "shards"])
+def test_weights_file_is_loaded(tmp_path, capsys, suffix, monkeypatch):
     import timm
     from safetensors.torch import save_file
+
+    from tc_export.models import weights as weights_module
 
     torch.manual_seed(7)
     model = timm.create_model("vit_tiny_patch16_224", img_size=64).eval()
     weights = tmp_path / f"w{suffix}"
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(weights)) if suffix == ".safetensors" else torch.save(state, weights)
+    if suffix == "shards":
+        save_shards(state, weights)
+    else:
+        save_file(state, str(weights)) if suffix == ".safetensors" else torch.save(state, weights)
+    if suffix != ".pt":  # safetensors that fit the model exactly are read into it in place, never as a whole dict
+        def whole(path):
+            raise AssertionError(f"{path} was read whole")
+        monkeypatch.setattr(weights_module, "read_state_dict", whole)
     code, out, err = run_cli([*TINY, "--weights", weights, "-o", tmp_path / "m.onnx"], capsys)
     assert code == 0, err
     assert "random weights" not in out
@@ -184,7 +208,7 @@ USER_ERRORS = {
     "Inf in --weights": ([*TINY, "--weights", "IN/inf.pt"],
                          "tensor 'blocks.0.attn.qkv.weight' holds non-finite values (0 NaN, 1 Inf"),
     "empty --weights": ([*TINY, "--weights", "IN/empty.pt"], "is empty"),
-    "--weights a directory": ([*TINY, "--weights", "IN/a_directory"], "is a directory"),
+    "--weights a directory": ([*TINY, "--weights", "IN/a_directory"], "holds no safetensors checkpoint"),
     "--weights a pickled model": ([*TINY, "--weights", "IN/whole_model.pt"], "pickles torch.nn.modules.linear.Linear"),
     "unknown flag": ([*TINY, "--frobnicate"], "No such option '--frobnicate'"),
     "wrong type": ([*TINY, "--batch", "two"], "Invalid value for '--batch': 'two' is not a valid integer"),
