@@ -271,6 +271,23 @@ def test_sliding_window_next_to_protected_tokens_is_refused(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_causal_padding_mask_is_refused(tmp_path, capsys):
+    """A padding mask that is also causal (BERT built as a decoder) hides tokens by position in a way no carried
+    position can keep for a merged token: refused by name, not dropped with the padding mask as before."""
+    import transformers as tf
+
+    from .test_cli import run_cli
+
+    config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=100, max_position_embeddings=32, is_decoder=True)
+    _saved(config, tf.BertModel, tmp_path / "dec")
+    capsys.readouterr()
+    code, _, err = run_cli([f"hf:{tmp_path / 'dec'}", "--pooling", "mean", "--method", "tome", "--r", "2",
+                            "-o", tmp_path / "m.onnx"], capsys)
+    assert code != 0 and "causal attention" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_qwen2_vl_vision_tower_is_refused_with_its_cause(tmp_path):
     import transformers as tf
 

@@ -84,8 +84,11 @@ def _evaluate(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[str, to
 def _window_of(gm: fx.GraphModule, mask: fx.Node, padding: fx.Node,
                example_inputs: Mapping[str, torch.Tensor]) -> int | None | str:
     """What a mask built from the padding input hides besides the pads: None (nothing: a padding mask), the
-    half-width ``w`` of a sliding window ``|i - j| <= w``, or "other" (anything else, e.g. causal)."""
-    unpadded = {**example_inputs, str(padding.target): torch.ones_like(example_inputs[str(padding.target)])}
+    half-width ``w`` of a sliding window ``|i - j| <= w``, "causal" (query i sees keys j <= i) or "other"."""
+    name = str(padding.target)
+    if name not in example_inputs:
+        return None  # not an input given by name: taken as a plain padding mask, as before
+    unpadded = {**example_inputs, name: torch.ones_like(example_inputs[name])}
     value = _evaluate(gm, mask, unpadded)
     allowed = value if value.dtype == torch.bool else value == 0
     if allowed.dim() < 2 or allowed.shape[-1] != allowed.shape[-2]:
@@ -97,6 +100,8 @@ def _window_of(gm: fx.GraphModule, mask: fx.Node, padding: fx.Node,
         return "other"
     n = allowed.shape[-1]
     index = torch.arange(n)
+    if bool((allowed[0] == (index[None, :] <= index[:, None])).all()):
+        return "causal"
     width = int(allowed[0, 0].sum()) - 1
     band = (index[:, None] - index[None, :]).abs() <= width
     return width if width >= 0 and bool((allowed[0] == band).all()) else "other"
@@ -199,11 +204,14 @@ def _keep_window(gm: fx.GraphModule, site: AttentionSite, mask: fx.Node, padding
     if found is None:
         return None
     node = site.attention
+    if found == "causal":
+        raise StructureNotFoundError(
+            f"attention {node.name} has a mask built from {padding.name} that also hides later tokens (causal "
+            "attention); token compression needs bidirectional attention")
     if found == "other" or windows is None:
         raise StructureNotFoundError(
             f"attention {node.name} has a mask built from {padding.name} that also hides tokens by position, and "
-            "not as a sliding window |i - j| <= w (causal attention?); token compression needs bidirectional "
-            "attention")
+            "not as a sliding window |i - j| <= w; token compression needs bidirectional attention")
     assert isinstance(found, int)
     tokens = (tensor_meta_shape(mask) or (0,))[-1]
     name = f"sliding_window_{site.index}"
