@@ -265,7 +265,8 @@ def hf_dinov3_coords_at(coords: Tensor) -> Iterator[None]:
 
 
 @torch.no_grad()
-def run_hf_dinov3(model: torch.nn.Module, pixel_values: Tensor, step: Step, prop_attn: bool) -> tuple[Tensor, list[int]]:
+def run_hf_dinov3(model: torch.nn.Module, pixel_values: Tensor, step: Step,
+                  prop_attn: bool) -> tuple[Tensor, list[int]]:
     """transformers' DINOv3ViTModel (the wrapper's ``.model`` or the model itself) per sample, returning the
     pooler output (the normed class token). The class and register tokens are not rotated; each patch token is
     rotated by the model's own rope module (in eval mode: no coordinate augmentation) at its carried position.

@@ -4,9 +4,10 @@
 of 197, every later shape argument that spelled 197 must spell 181. This walks the graph with real tensors;
 wherever a shape op's input no longer has the shape recorded before the pass, its shape argument is re-derived
 from the new input shape. ``torch.fx.symbolic_trace`` graphs read shapes from
-tensors at run time and pass through untouched. A view whose input is no longer contiguous becomes a reshape. A ``split_with_sizes`` along a changed dim (DINOv3ViT
-splits its class and register tokens off the patches before the rotary) gives the change to its largest part, the
-compressible tokens: the parts it peels off are protected tokens, which no token op adds or removes.
+tensors at run time and pass through untouched. A view whose input is no longer contiguous becomes a reshape.
+A ``split_with_sizes`` along a changed dim (DINOv3ViT splits its class and register tokens off the patches before
+its rotary) gives the change to its largest recorded part, the compressible tokens: the parts it peels off are
+protected tokens, which no token op adds or removes.
 
 The map is positional, not by value (a head dimension of 32 and 32 tokens must not be confused): a view's input
 and output dims are paired into runs of equal product, and a changed input dim changes the output dim of its run.
