@@ -3,7 +3,9 @@
 The rotary tables are the models' own: timm's rope modules (axial, mixed, EVA-02, DINOv3, PE) build their
 coordinate grid with ``_build_grid`` and the rest from it; here that grid is evaluated at each token's carried
 coordinates (the model's grid is affine in the patch index, so a fractional position is the same affine map), and
-the model's own frequency code turns it into sin/cos. transformers' ModernBERT takes its position ids directly.
+the model's own frequency code turns it into sin/cos. transformers' ModernBERT takes its position ids directly
+(and its sliding-window layers count their window in them); transformers' DINOv3ViT's patch-centre grid is evaluated
+at the carried coordinates like timm's.
 Attention, norms and MLPs are written from the weights. A method enters through ``step(layer, x, size, pos, keys,
 probs)`` after each attention residual add, as tc-export places ToMe and Top-K; a merged token's position is the
 size-weighted mean of its members' (carried as extra columns of ``x`` through the merge), a kept token's is its
@@ -180,34 +182,121 @@ def _timm_head(model: torch.nn.Module, x: Tensor, size: Tensor, prefix: int, pro
     return model.head(model.fc_norm(x))
 
 
-# --- transformers ModernBERT (1-D) --------------------------------------------------------------------------------
+# --- transformers ModernBERT (1-D, padded, global and sliding-window layers) ------------------------------------
+
+WINDOW_ROUNDING = 1e-4  # a merged position is a float mean: a key at distance w plus rounding is inside the window
+
+
+def attend_masked(q: Tensor, k: Tensor, v: Tensor, size: Tensor, prop_attn: bool,
+                  allowed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``attend`` with pads (size 0) hidden from every query and ``allowed`` (N, N) the keys each query may see; a
+    pad query that sees no key attends nothing (its row carries no weight anywhere)."""
+    logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    present = size[:, 0] > 0
+    logits = logits + (size[:, 0].log() if prop_attn else torch.where(present, 0.0, float("-inf")))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    blind = torch.isinf(logits).all(dim=-1, keepdim=True)
+    probs = torch.where(blind, 0.0, logits.softmax(dim=-1))
+    return (probs @ v).transpose(0, 1).reshape(q.shape[1], -1), probs
+
 
 @torch.no_grad()
-def run_modernbert(model: torch.nn.Module, input_ids: Tensor, step: Step, prop_attn: bool) -> tuple[Tensor, list[int]]:
-    """transformers' ModernBertModel (global attention in every layer) per sample; positions are the indices and
-    the model's own rotary module turns (fractional) position ids into cos/sin. Returns the mean of the last
-    hidden state weighted by size."""
+def run_modernbert(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, step: Step, prop_attn: bool,
+                   window_at: str = "carried") -> tuple[Tensor, list[int]]:
+    """transformers' ModernBertModel (the wrapper's ``.model`` or the model itself) per sample, mean pooled over the
+    real tokens by size. Sizes start from the attention mask (a pad has size 0: no attention, no weight). Positions
+    are the indices; the model's own rotary module turns the carried (fractional) position ids into cos/sin with
+    each layer's theta. A sliding-window layer (``config.sliding_window`` = local_attention // 2) lets query i see
+    key j when ``|pos_i - pos_j| <= sliding_window``, at the carried positions (``window_at="carried"``); the
+    mutations ``"row"`` (by the current row index) and ``"none"`` (no window) are what a pass that forgot the
+    positions or the window would compute."""
+    model = model if hasattr(model, "layers") else model.model
+    config = model.config
+    heads = config.num_attention_heads
     outputs, counts = [], []
-    for ids in input_ids:
+    for ids, mask in zip(input_ids, attention_mask):
         x = model.embeddings(input_ids=ids[None])[0]
-        size = torch.ones(x.shape[0], 1)
+        size = mask[:, None].float()
         pos = torch.arange(x.shape[0]).float()[:, None]
         counts = []
         for index, layer in enumerate(model.layers):
             counts.append(x.shape[0])
             attn = layer.attn
-            heads = model.config.num_attention_heads
             q, k, v = (_heads(t, heads) for t in attn.Wqkv(layer.attn_norm(x)).chunk(3, dim=-1))
-            rotary = model.rotary_emb
-            layer_type = getattr(attn, "layer_type", None) or model.config.layer_types[index]
-            cos, sin = rotary(x[None], pos[:, 0][None], layer_type) if layer_type else rotary(x[None], pos[:, 0][None])
+            layer_type = config.layer_types[index]
+            cos, sin = model.rotary_emb(x[None], pos[:, 0][None], layer_type)
             q = q * cos + _rotate(q, True) * sin
             k = k * cos + _rotate(k, True) * sin
-            attended, probs = attend(q, k, v, size, prop_attn)
+            allowed = None
+            if layer_type == "sliding_attention" and window_at != "none":
+                where = pos[:, 0] if window_at == "carried" else torch.arange(x.shape[0]).float()
+                allowed = (where[:, None] - where[None, :]).abs() <= config.sliding_window + WINDOW_ROUNDING
+            attended, probs = attend_masked(q, k, v, size, prop_attn, allowed)
             x = x + attn.Wo(attended)
             x, size, pos = step(index, x, size, pos, k, probs)
             x = x + layer.mlp(layer.mlp_norm(x))
         counts.append(x.shape[0])
         x = model.final_norm(x)
         outputs.append((x * size).sum(0) / size.sum())
+    return torch.stack(outputs), counts
+
+
+# --- transformers DINOv3ViT (2-D, class + registers, layer scale) ------------------------------------------------
+
+@contextlib.contextmanager
+def hf_dinov3_coords_at(coords: Tensor) -> Iterator[None]:
+    """transformers' DINOv3ViT patch-centre coordinates (normalised to [-1, 1]) evaluated at ``coords`` (n, 2)
+    (row, column): the model's own grid, extended affinely (it is affine in the patch index by construction)."""
+    import transformers.models.dinov3_vit.modeling_dinov3_vit as dinov3
+
+    original = dinov3.get_patches_center_coordinates
+
+    def at(height: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        full = original(height, width, dtype, device).reshape(height, width, 2)
+        origin, down, right = full[0, 0], full[1, 0] - full[0, 0], full[0, 1] - full[0, 0]
+        return origin + coords[:, :1].to(dtype) * down + coords[:, 1:2].to(dtype) * right
+
+    dinov3.get_patches_center_coordinates = at
+    try:
+        yield
+    finally:
+        dinov3.get_patches_center_coordinates = original
+
+
+@torch.no_grad()
+def run_hf_dinov3(model: torch.nn.Module, pixel_values: Tensor, step: Step,
+                  prop_attn: bool) -> tuple[Tensor, list[int]]:
+    """transformers' DINOv3ViTModel (the wrapper's ``.model`` or the model itself) per sample, returning the
+    pooler output (the normed class token). The class and register tokens are not rotated; each patch token is
+    rotated by the model's own rope module (in eval mode: no coordinate augmentation) at its carried position.
+    Layer scale on both residual branches."""
+    model = model if hasattr(model, "rope_embeddings") else model.model
+    config = model.config
+    prefix = 1 + config.num_register_tokens
+    h, w = pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size
+    r, c = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    grid = torch.stack([r.flatten(), c.flatten()], dim=-1).float()
+    heads = config.num_attention_heads
+    outputs, counts = [], []
+    for image in pixel_values:
+        x = model.embeddings(image[None])[0]
+        size = torch.ones(x.shape[0], 1)
+        pos = torch.cat([-torch.ones(prefix, 2), grid])
+        counts = []
+        for index, layer in enumerate(model.model.layer):
+            counts.append(x.shape[0])
+            attn = layer.attention
+            y = layer.norm1(x)
+            q, k, v = (_heads(t, heads) for t in (attn.q_proj(y), attn.k_proj(y), attn.v_proj(y)))
+            with hf_dinov3_coords_at(pos[prefix:]):
+                cos, sin = model.rope_embeddings(image[None])
+            q = torch.cat([q[:, :prefix], q[:, prefix:] * cos + _rotate(q[:, prefix:], True) * sin], dim=1)
+            k = torch.cat([k[:, :prefix], k[:, prefix:] * cos + _rotate(k[:, prefix:], True) * sin], dim=1)
+            attended, probs = attend(q, k, v, size, prop_attn)
+            x = x + layer.layer_scale1(attn.o_proj(attended))
+            x, size, pos = step(index, x, size, pos, k, probs)
+            x = x + layer.layer_scale2(layer.mlp(layer.norm2(x)))
+        counts.append(x.shape[0])
+        outputs.append(model.norm(x)[0])
     return torch.stack(outputs), counts

@@ -178,6 +178,18 @@ FAMILIES = [
     Family("transformers BERT (padded text)", _hf("build_bert", hidden_size=64, num_hidden_layers=3,
                                                   num_attention_heads=2, intermediate_size=128, vocab_size=500),
            {"topk": "no class token", "prumerge": "no class token"}, encoders.hf_bert_sentence),
+    # rotary with a global and a local theta; the middle layer's sliding window (|i - j| <= 4) follows the carried
+    # positions; sizes from the padding mask
+    Family("transformers ModernBERT (padded text, rotary, sliding window)",
+           _hf_directory("ModernBertConfig", "ModernBertModel", hidden_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, intermediate_size=128, vocab_size=500, max_position_embeddings=64,
+                         local_attention=8, global_attn_every_n_layers=2, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, cls_token_id=1, sep_token_id=2),
+           {"topk": "no class token", "prumerge": "no class token"}, positional=rotary.run_modernbert),
+    Family("transformers DINOv3ViT (rotary, class + 4 registers)",
+           _hf_directory("DINOv3ViTConfig", "DINOv3ViTModel", hidden_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, intermediate_size=128, image_size=80, num_register_tokens=4),
+           {}, positional=rotary.run_hf_dinov3, unreferenced=frozenset({"prumerge"})),
     Family("transformers Data2VecVision (relative bias)",
            _hf_directory("Data2VecVisionConfig", "Data2VecVisionModel", hidden_size=64, num_hidden_layers=3,
                          num_attention_heads=2, intermediate_size=128, image_size=64,
@@ -286,7 +298,8 @@ def _against_reference(family: Family, model, inputs, compressed, method: str) -
 def _positional_reference(family: Family, model, inputs, compressed, method: str) -> torch.Tensor:
     """The matrix's method settings in a reference that carries each token's position (merged: size-weighted
     mean; kept: its own; EViT's fused token: the size-weighted mean of the pruned ones)."""
-    hooks = reference_hooks(method, compressed.protected, len(compressed.token_counts()) - 1)
+    hooks = reference_hooks(method, compressed.protected, len(compressed.token_counts()) - 1,
+                            padded="attention_mask" in inputs)
 
     def step(i, x, size, pos, keys, probs):
         fused = method == "topk" and i == 1

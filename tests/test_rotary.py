@@ -131,19 +131,161 @@ def _saved(config, cls, folder):
     return f"hf:{folder}"
 
 
-def test_transformers_rotary_stays_refused(tmp_path):
-    """ModernBERT's rotary (a torch.export graph) is not enabled yet: refused, naming the rotary embedding."""
+# --- transformers (torch.export graphs) ----------------------------------------------------------------------------
+
+def _modernbert(folder, qk_std: float = 0.5):
+    """A small random ModernBERT saved to ``folder`` and loaded as hf:DIR: layers global, sliding (window |i - j| <=
+    4, its own rope theta), global; 64 padded tokens, so the window hides most of a sample from each token."""
     import transformers as tf
 
     from tc_export.models import load_model
 
-    config = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                 vocab_size=100, max_position_embeddings=32, pad_token_id=0, bos_token_id=1,
-                                 eos_token_id=2, cls_token_id=1, sep_token_id=2, architectures=["ModernBertModel"],
-                                 layer_types=["full_attention", "full_attention"])
-    loaded = load_model(_saved(config, tf.ModernBertModel, tmp_path / "mb"), warn_random=False)
-    with pytest.raises(TCExportError, match="rotary position embedding"):
-        compress(loaded, ToMeConfig(r=2), loaded.example_inputs(batch=2))
+    config = tf.ModernBertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                 vocab_size=100, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=8,
+                                 global_attn_every_n_layers=2, architectures=["ModernBertModel"])
+    assert config.layer_types == ["full_attention", "sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = tf.ModernBertModel(config)
+    for name, parameter in model.named_parameters():
+        if "Wqkv" in name:
+            parameter.data.normal_(0, qk_std)
+    model.save_pretrained(folder)
+    return load_model(f"hf:{folder}", warn_random=False)
+
+
+def _dinov3_vit(folder, qk_std: float = 0.5):
+    """A small random transformers DINOv3ViT (class + 4 registers, layer scale 0.5, a 6x6 grid) as hf:DIR; its
+    default config has coordinate augmentation (pos_embed_rescale 2), which eval mode turns off."""
+    import transformers as tf
+
+    from tc_export.models import load_model
+
+    config = tf.DINOv3ViTConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=2, intermediate_size=128,
+                                image_size=96, patch_size=16, num_register_tokens=4, layerscale_value=0.5)
+    assert config.pos_embed_rescale is not None
+    torch.manual_seed(0)
+    model = tf.DINOv3ViTModel(config)
+    for name, parameter in model.named_parameters():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            parameter.data.normal_(0, qk_std)
+    model.save_pretrained(folder)
+    return load_model(f"hf:{folder}", warn_random=False)
+
+
+def _padded_tome(r: int, carry: bool = True):
+    def step(i, x, size, pos, keys, probs):
+        x, size, new = rotary.with_positions(
+            lambda t, s: reference_merge(t, keys.mean(0), s, r, 0, padded=True), x, size, pos)
+        return x, size, new if carry else pos[: x.shape[0]]
+
+    return step
+
+
+def test_transformers_references_equal_the_uncompressed_models(tmp_path):
+    """The per-sample forwards reproduce the models themselves (the yardstick is right): ModernBERT with its
+    padding, two rope thetas and its sliding window (which hides tokens here: samples are longer than it), and
+    DINOv3ViT with its unrotated prefix, normalised patch coordinates and layer scale."""
+    bert = _modernbert(tmp_path / "mb")
+    inputs = bert.example_inputs(batch=2)
+    assert int(inputs["attention_mask"].sum(1).min()) > 2 * bert.module.model.config.sliding_window + 1
+    want, _ = rotary.run_modernbert(bert.module, *inputs.values(), rotary.unchanged, False)
+    no_window, _ = rotary.run_modernbert(bert.module, *inputs.values(), rotary.unchanged, False, window_at="none")
+    with torch.no_grad():
+        got = bert.module(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(got, no_window, rtol=1e-4, atol=1e-5)  # the window matters in this model
+    dino = _dinov3_vit(tmp_path / "dv")
+    inputs = dino.example_inputs(batch=2)
+    want, _ = rotary.run_hf_dinov3(dino.module, inputs["pixel_values"], rotary.unchanged, False)
+    with torch.no_grad():
+        torch.testing.assert_close(dino.module(**inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_modernbert_tome_matches_reference(tmp_path):
+    """ToMe on ModernBERT: both rope thetas recomputed at the carried positions, and the sliding window counted in
+    them (a merged token at its size-weighted mean position). The same reference with the window by row index,
+    without the window, or with positions not carried is told apart."""
+    loaded = _modernbert(tmp_path / "mb")
+    inputs = loaded.example_inputs(batch=2)
+    compressed = compress(loaded, ToMeConfig(r=2), inputs)
+    assert "layer 1: sliding-window attention" in compressed.report.rewired
+    want, counts = rotary.run_modernbert(loaded.module, *inputs.values(), _padded_tome(2), True)
+    assert counts == compressed.token_counts()
+    with torch.no_grad():
+        got = compressed(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for window_at, carry in (("row", True), ("none", True), ("carried", False)):
+        stale, _ = rotary.run_modernbert(loaded.module, *inputs.values(), _padded_tome(2, carry), True, window_at)
+        assert not torch.allclose(got, stale, rtol=1e-4, atol=1e-5), (window_at, carry)
+
+
+@pytest.mark.parametrize("method", ["tome", "topk"])
+def test_dinov3_vit_matches_reference(tmp_path, method):
+    loaded = _dinov3_vit(tmp_path / "dv")
+    inputs = loaded.example_inputs(batch=2)
+    prefix = 5
+    if method == "tome":
+        config, step, prop_attn = ToMeConfig(r=4), _tome(4, prefix), True
+        stale = _tome(4, prefix, carry=False)
+    else:
+        config, step, prop_attn = TopKConfig(keep=0.5, layers=(0, 1)), _topk(0.5, (0, 1), prefix), False
+        stale = _topk(0.5, (0, 1), prefix, carry=False)
+    compressed = compress(loaded, config, inputs)
+    assert compressed.protected == prefix
+    want, counts = rotary.run_hf_dinov3(loaded.module, inputs["pixel_values"], step, prop_attn)
+    assert counts == compressed.token_counts()
+    with torch.no_grad():
+        got = compressed(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    not_carried, _ = rotary.run_hf_dinov3(loaded.module, inputs["pixel_values"], stale, prop_attn)
+    assert not torch.allclose(got, not_carried, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("job", [
+    ("mb", ["--method", "tome", "--r", "2"], "tokens per layer: 64 62 60 58"),
+    ("dv", ["--method", "tome", "--r", "2"], "tokens per layer: 41 39 37 35"),
+    ("dv", ["--method", "topk", "--keep", "0.5", "--layers", "0,1"], "tokens per layer: 41 23 14 14"),
+], ids=["modernbert-tome", "dinov3vit-tome", "dinov3vit-topk"])
+def test_transformers_rotary_exports_through_the_cli(tmp_path, capsys, job):
+    from .test_cli import run_cli
+
+    kind, method, tokens = job
+    (_modernbert if kind == "mb" else _dinov3_vit)(tmp_path / kind)
+    code, out, err = run_cli([f"hf:{tmp_path / kind}", *method, "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert tokens in out and "rotary position embedding" in out
+    assert ("sliding-window attention" in out) == (kind == "mb")
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and (tmp_path / "m.onnx").is_file()
+
+
+def test_sliding_window_next_to_protected_tokens_is_refused(tmp_path, capsys):
+    """The window is counted in token indices; a protected token carries none: one line naming the cause."""
+    from .test_cli import run_cli
+
+    _modernbert(tmp_path / "mb")
+    capsys.readouterr()  # saving the weights prints a progress bar
+    code, _, err = run_cli([f"hf:{tmp_path / 'mb'}", "--method", "tome", "--r", "2", "--protected", "1",
+                            "-o", tmp_path / "m.onnx"], capsys)
+    assert code != 0 and "sliding-window attention" in err and "protected" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_causal_padding_mask_is_refused(tmp_path, capsys):
+    """A padding mask that is also causal (BERT built as a decoder) hides tokens by position in a way no carried
+    position can keep for a merged token: refused by name, not dropped with the padding mask as before."""
+    import transformers as tf
+
+    from .test_cli import run_cli
+
+    config = tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=100, max_position_embeddings=32, is_decoder=True)
+    _saved(config, tf.BertModel, tmp_path / "dec")
+    capsys.readouterr()
+    code, _, err = run_cli([f"hf:{tmp_path / 'dec'}", "--pooling", "mean", "--method", "tome", "--r", "2",
+                            "-o", tmp_path / "m.onnx"], capsys)
+    assert code != 0 and "causal attention" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_qwen2_vl_vision_tower_is_refused_with_its_cause(tmp_path):

@@ -6,11 +6,19 @@ gives it no weight. The model's own mask (built once, for the original token cou
 attention; the token pass adds the size bias instead, at every layer. A learned bias built into that mask (T5's
 relative positions) stays: the mask becomes the bias alone. A mask that does not depend on any input
 (transformers builds an all-true one for vision models) is evaluated and dropped when it masks nothing.
+
+A padding mask may also hide tokens by position. A sliding window (ModernBERT's local layers: key j is seen by
+query i when ``|i - j| <= w``) is recognised by evaluating the mask with nothing padded: it must be exactly that
+band, the same for every sample and head. The band stays, as a fixed bias (0 inside, ``WINDOW_OUTSIDE`` outside,
+finite so that a pad query whose window holds only pads stays finite; its output has no weight anywhere), and the
+site gets a ``SlidingWindow`` position table, which recomputes the band from the carried positions where the
+site runs on compressed tokens. Any other positional part of a padding mask (causal attention) is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -18,7 +26,11 @@ from torch import fx
 from ..errors import StructureNotFoundError
 from ..ops.tokens import is_weighted_mean
 from .graph import ancestors, is_input_free, is_sdpa, tensor_meta_shape
+from .position_tables import PositionTable
 from .structure import AttentionSite
+
+WINDOW_OUTSIDE = -1e9  # the bias outside a sliding window: exp() of it is 0 in float32 next to any in-window logit
+WINDOW_TOLERANCE = 1e-4  # merged positions are float means: a key at distance w + rounding is still inside
 
 
 def _placeholders(nodes: set[fx.Node]) -> list[fx.Node]:
@@ -42,6 +54,14 @@ def _clear_mask(node: fx.Node, where: int | str, keep: fx.Node | None = None) ->
 
 def _masks_nothing(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[str, torch.Tensor]) -> bool:
     """Evaluate an input-independent mask (it may read the input's shape): does it let every query see every key?"""
+    value = _evaluate(gm, mask, example_inputs)
+    if value.dtype == torch.bool:
+        return bool(value.all())
+    return bool((value == 0).all())
+
+
+def _evaluate(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The value of ``mask`` on ``example_inputs`` (the graph run up to it)."""
     captured: list[torch.Tensor] = []
 
     class Capture(fx.Interpreter):
@@ -58,10 +78,70 @@ def _masks_nothing(gm: fx.GraphModule, mask: fx.Node, example_inputs: Mapping[st
             Capture(gm).run(*[example_inputs.get(str(n.target)) for n in placeholders])
     except _Captured:
         pass
-    value = captured[0]
-    if value.dtype == torch.bool:
-        return bool(value.all())
-    return bool((value == 0).all())
+    return captured[0]
+
+
+def _window_of(gm: fx.GraphModule, mask: fx.Node, padding: fx.Node,
+               example_inputs: Mapping[str, torch.Tensor]) -> int | None | str:
+    """What a mask built from the padding input hides besides the pads: None (nothing: a padding mask), the
+    half-width ``w`` of a sliding window ``|i - j| <= w``, "causal" (query i sees keys j <= i) or "other"."""
+    name = str(padding.target)
+    if name not in example_inputs:
+        return None  # not an input given by name: taken as a plain padding mask, as before
+    unpadded = {**example_inputs, name: torch.ones_like(example_inputs[name])}
+    value = _evaluate(gm, mask, unpadded)
+    allowed = value if value.dtype == torch.bool else value == 0
+    if allowed.dim() < 2 or allowed.shape[-1] != allowed.shape[-2]:
+        return "other"
+    allowed = allowed.reshape(-1, *allowed.shape[-2:])
+    if bool(allowed.all()):
+        return None
+    if not bool((allowed == allowed[:1]).all()):
+        return "other"
+    n = allowed.shape[-1]
+    index = torch.arange(n)
+    if bool((allowed[0] == (index[None, :] <= index[:, None])).all()):
+        return "causal"
+    width = int(allowed[0, 0].sum()) - 1
+    band = (index[:, None] - index[None, :]).abs() <= width
+    return width if width >= 0 and bool((allowed[0] == band).all()) else "other"
+
+
+def window_bias_fixed(tokens: int, width: int) -> torch.Tensor:
+    """The band ``|i - j| <= width`` over the original token indices as a (1, 1, N, N) additive bias."""
+    index = torch.arange(tokens, dtype=torch.float32)
+    return window_bias_at(index[None, :, None], width)
+
+
+def window_bias_at(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """The band ``|p_i - p_j| <= width`` at carried 1-D positions (B, N, 1), as a (B, 1, N, N) additive bias."""
+    p = positions[..., 0]
+    distance = (p[:, :, None] - p[:, None, :]).abs()
+    inside = distance <= width + WINDOW_TOLERANCE
+    return torch.where(inside, 0.0, WINDOW_OUTSIDE).to(positions.dtype)[:, None]
+
+
+@dataclass(eq=False)
+class SlidingWindow(PositionTable):
+    """A sliding-window band kept from a padding mask: recomputed from the carried 1-D positions."""
+
+    band: fx.Node = field(default=None)  # type: ignore[assignment]  (the fixed band it takes as its mask now)
+    width: int = 0
+    dims: int = 1  # coordinates per carried position (the token pass sets it)
+
+    def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:
+        if prefix or suffix:
+            raise StructureNotFoundError(
+                f"sliding-window attention at layer {self.site} next to {prefix + suffix} protected tokens: the "
+                "window is counted in token indices, which protected tokens do not carry; not supported")
+        if self.dims != 1:
+            raise StructureNotFoundError(
+                f"sliding-window attention at layer {self.site} over a {self.dims}-D grid: the window is counted "
+                "in 1-D token indices; not supported")
+        with gm.graph.inserting_after(positions):
+            recomputed = gm.graph.call_function(window_bias_at, (positions, self.width))
+        for user in list(self.band.users):
+            user.replace_input_with(self.band, recomputed)
 
 
 class _Captured(Exception):
@@ -69,9 +149,12 @@ class _Captured(Exception):
 
 
 def find_initial_sizes(
-    gm: fx.GraphModule, sites: list[AttentionSite], example_inputs: Mapping[str, torch.Tensor]
+    gm: fx.GraphModule, sites: list[AttentionSite], example_inputs: Mapping[str, torch.Tensor],
+    windows: list[PositionTable] | None = None,
 ) -> fx.Node | None:
-    """Clear the model's own attention masks; return the initial sizes (B, N, 1) when they come from an input."""
+    """Clear the model's own attention masks; return the initial sizes (B, N, 1) when they come from an input.
+    A sliding window inside a padding mask stays as a fixed band, and its ``SlidingWindow`` goes into ``windows``
+    (refused when ``windows`` is None)."""
     padding: fx.Node | None = None
     for site in sites:
         node = site.attention
@@ -99,6 +182,8 @@ def find_initial_sizes(
                 )
         elif len(inputs) == 1 and (padding is None or padding is inputs[0]):
             padding = inputs[0]
+            if keep is None:
+                keep = _keep_window(gm, site, mask, padding, example_inputs, windows)
         else:
             raise StructureNotFoundError(
                 f"attention {node.name} has a mask built from {', '.join(n.name for n in inputs)}; "
@@ -109,6 +194,33 @@ def find_initial_sizes(
         return None
     with gm.graph.inserting_after(padding):
         return gm.graph.call_function(padding_sizes, (padding,))
+
+
+def _keep_window(gm: fx.GraphModule, site: AttentionSite, mask: fx.Node, padding: fx.Node,
+                 example_inputs: Mapping[str, torch.Tensor], windows: list[PositionTable] | None) -> fx.Node | None:
+    """The fixed band to keep in place of a padding mask that also holds a sliding window (None: a plain padding
+    mask); refused when the mask hides tokens by position in any other way."""
+    found = _window_of(gm, mask, padding, example_inputs)
+    if found is None:
+        return None
+    node = site.attention
+    if found == "causal":
+        raise StructureNotFoundError(
+            f"attention {node.name} has a mask built from {padding.name} that also hides later tokens (causal "
+            "attention); token compression needs bidirectional attention")
+    if found == "other" or windows is None:
+        raise StructureNotFoundError(
+            f"attention {node.name} has a mask built from {padding.name} that also hides tokens by position, and "
+            "not as a sliding window |i - j| <= w; token compression needs bidirectional attention")
+    assert isinstance(found, int)
+    tokens = (tensor_meta_shape(mask) or (0,))[-1]
+    name = f"sliding_window_{site.index}"
+    gm.register_buffer(name, window_bias_fixed(tokens, found))
+    with gm.graph.inserting_before(node):
+        band = gm.graph.get_attr(name)
+    windows.append(SlidingWindow(site=site.index, kind="sliding-window attention", nodes=frozenset({band}),
+                                 band=band, width=found))
+    return band
 
 
 def learned_part(gm: fx.GraphModule, node: fx.Node, tokens: int) -> fx.Node | None:

@@ -131,8 +131,6 @@ def _rotary_units(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node, f
     for node in gm.graph.nodes:
         if not is_add(node) or len(node.args) < 2 or not all(isinstance(a, fx.Node) for a in node.args[:2]):
             continue
-        if isinstance(node.target, torch._ops.OpOverload):
-            continue  # torch.export graphs (transformers): not yet checked against a reference, so left refused
         a, b = node.args[:2]
         if not (_is_mul(a) and _is_mul(b)):
             continue

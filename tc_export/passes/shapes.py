@@ -5,6 +5,9 @@ of 197, every later shape argument that spelled 197 must spell 181. This walks t
 wherever a shape op's input no longer has the shape recorded before the pass, its shape argument is re-derived
 from the new input shape. ``torch.fx.symbolic_trace`` graphs read shapes from
 tensors at run time and pass through untouched. A view whose input is no longer contiguous becomes a reshape.
+A ``split_with_sizes`` along a changed dim (DINOv3ViT splits its class and register tokens off the patches before
+its rotary) gives the change to its largest recorded part, the compressible tokens: the parts it peels off are
+protected tokens, which no token op adds or removes.
 
 The map is positional, not by value (a head dimension of 32 and 32 tokens must not be confused): a view's input
 and output dims are paired into runs of equal product, and a changed input dim changes the output dim of its run.
@@ -87,7 +90,26 @@ class _Retargeter(fx.Interpreter):
         if node.op == "call_function" and node.target in _SHAPE_OPS and len(node.args) >= 2:
             self._retarget(node)
             self._view_to_reshape(node)
+        if node.op == "call_function" and node.target is torch.ops.aten.split_with_sizes.default:
+            self._retarget_split(node)
         return super().run_node(node)
+
+    def _retarget_split(self, node: fx.Node) -> None:
+        """``split_with_sizes(x, sizes, dim)`` on a dim that changed: the largest recorded part takes the change."""
+        source, sizes = node.args[0], node.args[1]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        old = _recorded_shape(source)
+        value = self.env.get(source) if isinstance(source, fx.Node) else None
+        if old is None or not isinstance(value, torch.Tensor) or len(value.shape) != len(old) \
+                or not isinstance(sizes, (list, tuple)) or not all(isinstance(s, int) for s in sizes):
+            return
+        delta = int(value.shape[dim]) - old[dim]
+        largest = max(sizes)
+        if delta == 0 or sum(sizes) != old[dim] or list(sizes).count(largest) != 1 or largest + delta < 0:
+            return
+        updated = [s + delta if s == largest else s for s in sizes]
+        node.args = (source, updated, *node.args[2:])
+        self.changed += 1
 
     def _view_to_reshape(self, node: fx.Node) -> None:
         """A view whose input lost the memory layout it relied on becomes a reshape (same values; it may copy).

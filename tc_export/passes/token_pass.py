@@ -131,11 +131,16 @@ class TokenPass:
         tables: dict[int, list[PositionTable]] = {}
         for table in find_position_tables(gm, structure):
             tables.setdefault(table.site, []).append(table)
-        initial = find_initial_sizes(gm, sites, example_inputs)
+        windows: list[PositionTable] = []  # sliding windows kept from padding masks (``padding.SlidingWindow``)
+        initial = find_initial_sizes(gm, sites, example_inputs, windows)
+        for window in windows:
+            tables.setdefault(window.site, []).append(window)
         padded = initial is not None
         state = initial
         if tables or self.emit_positions:
             state = self._initial_state(gm, structure, initial, total, protected, suffix)
+            for window in windows:
+                window.dims = self.report.positions  # type: ignore[attr-defined]
         first = self._site(structure, sites[0], "attention", total, protected, padded, structure.grid, suffix)
         for config in self.configs:
             if config.needs_class_token and protected == 0:
