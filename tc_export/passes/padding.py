@@ -91,11 +91,11 @@ def _window_of(gm: fx.GraphModule, mask: fx.Node, padding: fx.Node,
     unpadded = {**example_inputs, name: torch.ones_like(example_inputs[name])}
     value = _evaluate(gm, mask, unpadded)
     allowed = value if value.dtype == torch.bool else value == 0
+    if bool(allowed.all()):
+        return None  # a plain padding mask, whatever its broadcast shape ((B, 1, 1, N) or (B, 1, N, N))
     if allowed.dim() < 2 or allowed.shape[-1] != allowed.shape[-2]:
         return "other"
     allowed = allowed.reshape(-1, *allowed.shape[-2:])
-    if bool(allowed.all()):
-        return None
     if not bool((allowed == allowed[:1]).all()):
         return "other"
     n = allowed.shape[-1]
