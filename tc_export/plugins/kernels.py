@@ -135,16 +135,22 @@ def tome_merge_kernel(
         tl.store(x_out + pos_a[:, None] * C + cc[None, :], xa, mask=rows)
 
     # B columns: b + (sum_i s_i a_i - w b) / max(s_b + w, floor), w = sum_i s_i over the rows merged into b,
-    # accumulated over the R merged rows in rank order.
+    # accumulated over the merged rows in rank order. Each tile visits only the rows merging into it (the next
+    # such rank is a masked min), so a tile costs its own merges, not all R; the other rows would add exact zeros.
     for j0 in range(0, NB, BLOCK_B):
         jb = j0 + tl.arange(0, BLOCK_B)
         j_ok = (jb < NB) & live
+        # Ranks of the rows merging into this tile (R for the others).
+        tile_rank = tl.where(merged & (best_col >= j0) & (best_col < j0 + BLOCK_B), rank, R)
+        first = _next_rank(tile_rank, -1, R)
         size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=0.0).to(tl.float32)
         w = tl.zeros([BLOCK_B], tl.float32)
-        for k in range(R):
-            src = rank == k
+        k = first
+        while k < R:
+            src = tile_rank == k
             dst = tl.sum(tl.where(src, best_col, 0), axis=0)
             w += tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
+            k = _next_rank(tile_rank, k, R)
         size_new = size_b + w
         denom = tl.maximum(size_new, WEIGHT_FLOOR)
         if R == 0:
@@ -154,24 +160,28 @@ def tome_merge_kernel(
         tl.store(s_out + pos_b * S, size_new.to(size_out_ptr.dtype.element_ty), mask=j_ok)
         for col in tl.static_range(1, S):  # positions times sizes: summed like the sizes
             mass = tl.load(s_in + (2 * jb + 1) * S + col, mask=j_ok, other=0.0).to(tl.float32)
-            for k in range(R):
-                src = rank == k
+            k = first
+            while k < R:
+                src = tile_rank == k
                 row = tl.sum(tl.where(src, ia, 0), axis=0)
                 dst = tl.sum(tl.where(src, best_col, 0), axis=0)
                 moved = tl.load(s_in + (2 * row) * S + col, mask=live, other=0.0).to(tl.float32)
                 mass += tl.where(jb == dst, moved, 0.0)
+                k = _next_rank(tile_rank, k, R)
             tl.store(s_out + pos_b * S + col, mass.to(size_out_ptr.dtype.element_ty), mask=j_ok)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < C
             pulled = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
-            for k in range(R):
-                src = rank == k
+            k = first
+            while k < R:
+                src = tile_rank == k
                 row = tl.sum(tl.where(src, ia, 0), axis=0)
                 dst = tl.sum(tl.where(src, best_col, 0), axis=0)
                 weight = tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
                 xa = tl.load(x_in + (2 * row) * C + cc, mask=c_ok & live, other=0.0).to(tl.float32)
                 pulled += weight[:, None] * xa[None, :]
+                k = _next_rank(tile_rank, k, R)
             xb = tl.load(x_in + (2 * jb + 1)[:, None] * C + cc[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
             xb = xb.to(tl.float32)
             new_b = xb + tl.math.div_rn(pulled - w[:, None] * xb, tl.broadcast_to(denom[:, None], pulled.shape))
@@ -180,6 +190,12 @@ def tome_merge_kernel(
                 new_b.to(x_out_ptr.dtype.element_ty),
                 mask=j_ok[:, None] & c_ok[None, :],
             )
+
+
+@triton.jit
+def _next_rank(tile_rank, k, R: tl.constexpr):
+    """The lowest rank above ``k`` in ``tile_rank`` (R when none is left)."""
+    return tl.min(tl.where(tile_rank > k, tile_rank, R), axis=0)
 
 
 @triton.jit
