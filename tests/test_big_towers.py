@@ -147,7 +147,7 @@ def test_parity_tolerances_follow_the_dtype():
 
 
 @pytest.mark.parametrize(("op_type", "tokens", "warned"), [
-    ("ToMeMerge", 512, False), ("ToMeMerge_padded0_protected1", 577, True),
+    ("ToMeMerge", 577, False), ("ToMeMerge", 4096, False), ("ToMeMerge_padded0_protected1", 4097, True),
     ("TopKSelect", 4096, False), ("TopKSelect", 4097, True),
 ])
 def test_lint_states_the_plugin_token_limits(op_type, tokens, warned):

@@ -320,10 +320,12 @@ def test_kernels_match_pytorch_ops(interpreted: dict, case: Case) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Many tokens: the Top-K kernel loops over 256-row tiles (577: ViT-L/14 at 336 px; 1,025: InternViT at 448 px;
-# 4,096: an 896 x 896 image at patch 14). Narrow rows keep the interpreter's time down; the ranking and the
-# tiles do not depend on C. Random scores (no ties) so the PyTorch op is a reference too; a tie case checks the
-# lower-index rule across tiles against the per-sample reference.
+# Many tokens (577: ViT-L/14 at 336 px; 1,025: InternViT at 448 px; 4,096: an 896 x 896 image at patch 14). The
+# Top-K kernel loops over 256-row tiles; the ToMe kernel scores, ranks and orders the A rows over (BLOCK_A, 16),
+# (BLOCK_A, 8) and (BLOCK_A, 4) tiles and merges over 64-column B tiles. Narrow rows, a small metric and a
+# moderate r keep the interpreter's time down; the selection and the tiles do not depend on C. Random inputs (no
+# ties) so the PyTorch op is a reference too; tie cases check the lower-index rules across tiles against the
+# per-sample reference (too slow in Python at 4,096 tokens: that case checks against the PyTorch op only).
 
 LONG_TOPK_CASES = [
     _topk(1, 577, 3, 400, 1, True, True),
@@ -331,6 +333,16 @@ LONG_TOPK_CASES = [
     _topk(1, 1025, 2, 300, 1, False, True, "ties"),
     pytest.param(_topk(1, 4096, 2, 2867, 0, True, True), marks=pytest.mark.slow),
 ]
+LONG_TOME_CASES = [
+    _tome(1, 577, 3, 72, 1),  # class token: unmerged A rows in their original order
+    _tome(1, 1025, 2, 300, 0, state=3),  # no protected prefix: unmerged A rows by descending score; positions
+    _tome(1, 577, 2, 100, 1, "padded", padded=True),
+    _tome(1, 1025, 2, 96, 1, "ties_dup"),  # equal best scores across rank tiles, equal columns across B tiles
+    # Padding: the pad-pair order over 2,048 x 2,048 pairs (exact in fp32) and every non-pad score.
+    pytest.param(_tome(1, 4096, 2, 1000, 1, "padded", padded=True), marks=pytest.mark.slow),
+]
+LONG_TESTS = ("test_long_topk_kernel", "test_long_tome_kernel")
+SEEDS_PER_OP = 100  # long Top-K cases are seeded 100.., long ToMe cases 200..
 
 
 def _case(case) -> Case:
@@ -339,12 +351,15 @@ def _case(case) -> Case:
 
 @pytest.fixture(scope="module")
 def interpreted_long(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> dict:
-    """The long cases selected in this run (the 4,096-token one is ``slow``), under TRITON_INTERPRET=1."""
+    """The long cases selected in this run (the 4,096-token ones are ``slow``), under TRITON_INTERPRET=1."""
     folder = tmp_path_factory.mktemp("plugin_kernels_long")
     wanted = {item.callspec.params["case"].id for item in request.session.items
-              if getattr(item, "callspec", None) and item.originalname == "test_long_topk_kernel"}
-    cases = {case.id: {"op": case.op, "settings": case.settings, **make_inputs(case, 100 + seed)}
-             for seed, case in enumerate(map(_case, LONG_TOPK_CASES)) if case.id in wanted}
+              if getattr(item, "callspec", None) and item.originalname in LONG_TESTS}
+    cases = {}
+    for first_seed, group in ((SEEDS_PER_OP, LONG_TOPK_CASES), (2 * SEEDS_PER_OP, LONG_TOME_CASES)):
+        for seed, case in enumerate(map(_case, group), start=first_seed):
+            if case.id in wanted:
+                cases[case.id] = {"op": case.op, "settings": case.settings, **make_inputs(case, seed)}
     torch.save(cases, folder / "cases.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     done = subprocess.run(
@@ -369,6 +384,21 @@ def test_long_topk_kernel(interpreted_long: dict, case: Case) -> None:
         torch.testing.assert_close(result[1], size_ref)
 
 
+@pytest.mark.parametrize("case", LONG_TOME_CASES, ids=lambda c: c.id)
+def test_long_tome_kernel(interpreted_long: dict, case: Case) -> None:
+    from tc_export.ops.tome import tome_merge
+
+    inputs, result = interpreted_long["inputs"][case.id], interpreted_long["results"][case.id]
+    if case.tokens <= 1025:
+        _check_against(case, inputs, result, reference_tome_sample)
+    if case.kind in ("random", "padded"):
+        s = case.settings
+        x_ref, size_ref = tome_merge(inputs["x"], inputs["signal"], inputs["size"], s["r"], s["protected"], s["padded"])
+        assert result[0].shape == x_ref.shape == (case.batch, case.tokens - s["r"], case.channels)
+        torch.testing.assert_close(result[0], x_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result[1], size_ref)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launch parameters, hand-computed.
 
@@ -381,7 +411,7 @@ def test_tome_launch_vit_b() -> None:
     assert params.out_tokens == 181
     assert dict(params.constexprs) == {
         "N": 197, "C": 768, "D": 64, "R": 16, "PROTECTED": 1, "PADDED": 0, "S": 1,
-        "BLOCK_A": 128, "BLOCK_J": 64, "BLOCK_C": 64,
+        "BLOCK_A": 128, "BLOCK_J": 64, "BLOCK_B": 64, "BLOCK_C": 64,
     }
 
 
@@ -389,11 +419,27 @@ def test_tome_launch_small_and_capped() -> None:
     params = tome_merge_launch(batch=1, num_tokens=9, channels=6, metric_dim=5, r=100, protected=2, padded=True)
     assert params.grid == (1, 1, 1) and params.num_warps == 4 and params.block == (128, 1, 1)
     assert params.constexprs["R"] == 3 and params.out_tokens == 6  # (9 - 2) // 2
-    assert (params.constexprs["BLOCK_A"], params.constexprs["BLOCK_J"], params.constexprs["BLOCK_C"]) == (16, 16, 16)
+    blocks = ("BLOCK_A", "BLOCK_J", "BLOCK_B", "BLOCK_C")
+    assert tuple(params.constexprs[k] for k in blocks) == (16, 16, 16, 16)
     assert params.constexprs["PADDED"] == 1
-    # ViT-L/16 at 384 (577 tokens): 289 A rows is past the kernel's 256-row tile.
-    with pytest.raises(ConfigError, match="at most 512 tokens"):
-        tome_merge_launch(1, 577, 1024, 64, 23, 1)
+    with pytest.raises(ConfigError, match="at most 4096 tokens"):
+        tome_merge_launch(1, 4097, 1024, 64, 23, 1)
+
+
+@pytest.mark.parametrize(("tokens", "block_a", "block_j", "warps"), [
+    (257, 256, 32, 16),  # past the old 512-token limit's rows: 129 A rows
+    (577, 512, 16, 16),  # ViT-L/14 at 336 px
+    (1025, 1024, 8, 16),  # InternViT at 448 px
+    (4096, 2048, 4, 16),  # 896 x 896 at patch 14
+])
+def test_tome_launch_long(tokens: int, block_a: int, block_j: int, warps: int) -> None:
+    """All A rows held (BLOCK_A), (BLOCK_A, BLOCK_J) tiles of at most 8,192 elements, 64-column merge tiles."""
+    params = tome_merge_launch(batch=2, num_tokens=tokens, channels=1024, metric_dim=64, r=100, protected=1)
+    assert params.grid == (2, 1, 1) and params.num_warps == warps and params.block == (32 * warps, 1, 1)
+    assert params.out_tokens == tokens - 100 and params.constexprs["R"] == 100
+    blocks = ("BLOCK_A", "BLOCK_J", "BLOCK_B", "BLOCK_C")
+    assert tuple(params.constexprs[k] for k in blocks) == (block_a, block_j, 64, 64)
+    assert params.constexprs["BLOCK_A"] * params.constexprs["BLOCK_J"] <= 8192
 
 
 def test_topk_launch() -> None:
@@ -433,8 +479,9 @@ SHAPES = {
         "topk": dict(batch=1, num_tokens=9, channels=16, keep=4, protected=1, fuse=True, keep_order=True, state=3),
     },
     # ViT-B/16 at 224 with r=16 (ToMe), DeiT-S keep 0.7 with the fused token (EViT).
-    # 4,096 tokens (Top-K loops over tiles; ToMe stays at most 512 tokens).
+    # 4,096 tokens (both kernels loop over tiles): ToMe with the class token, padding and r=512.
     "long": {
+        "tome": dict(batch=1, num_tokens=4096, channels=1536, metric_dim=64, r=512, protected=1, padded=True),
         "topk": dict(batch=1, num_tokens=4096, channels=1536, keep=2867, protected=0, fuse=True, keep_order=True),
     },
     "vit": {
@@ -462,8 +509,8 @@ def _compile(op: str, cc: int, dtype: torch.dtype, shape: str):
     + [(op, 87, torch.float16, "tiny") for op in ("tome", "topk")]
     + [(op, 87, torch.float32, "tiny_positions") for op in ("tome", "topk")]
     + [pytest.param(op, 87, torch.float32, "vit", marks=pytest.mark.slow) for op in ("tome", "topk")]
-    + [("topk", 87, torch.float32, "long")]
-    + [pytest.param("topk", cc, torch.float32, "long", marks=pytest.mark.slow) for cc in (89, 90)],
+    + [(op, 87, torch.float32, "long") for op in ("tome", "topk")]
+    + [pytest.param(op, cc, torch.float32, "long", marks=pytest.mark.slow) for op in ("tome", "topk") for cc in (89, 90)],
 )
 def test_aot_compiles(op: str, cc: int, dtype: torch.dtype, shape: str) -> None:
     kernel, params = _compile(op, cc, dtype, shape)

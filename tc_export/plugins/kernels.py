@@ -38,12 +38,18 @@ def tome_merge_kernel(
     S: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """ToMe bipartite soft matching + size-weighted merge of one batch item; R is the effective r (0: copy).
 
     The token state has S columns (``tc_export.ops.state``): the size, then positions times size when carried;
-    every column is copied or summed like the size, and only the size (column 0) weighs the merge."""
+    every column is copied or summed like the size, and only the size (column 0) weighs the merge.
+
+    The per-A-row values (best score, its column, rank) are register vectors of BLOCK_A (all the A rows); every
+    2-D tile is (BLOCK_A, BLOCK_J): BLOCK_J B columns when scoring, BLOCK_J A rows when ranking (a tile of another
+    vector's entries is picked out by a masked max), BLOCK_J channels when copying the unmerged A rows. The merge
+    into B works on (BLOCK_B, BLOCK_C) tiles."""
     NA: tl.constexpr = (N + 1) // 2
     NB: tl.constexpr = N // 2
     N_OUT: tl.constexpr = N - R
@@ -79,7 +85,7 @@ def tome_merge_kernel(
         if PADDED:
             size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=1.0).to(tl.float32)
             pad_b = size_b == 0.0
-            pair = (ia[:, None] * NB + jb[None, :]).to(tl.float32)
+            pair = (ia[:, None] * NB + jb[None, :]).to(tl.float32)  # < 2**24 for N <= 8192: exact
             order = 0.5 * (1.0 - tl.math.div_rn(pair, tl.full([BLOCK_A, BLOCK_J], NA * NB, tl.float32)))
             both = pad_a[:, None] & pad_b[None, :]
             either = pad_a[:, None] | pad_b[None, :]
@@ -94,9 +100,15 @@ def tome_merge_kernel(
         best_col = tl.where(better, block_col, best_col)
         best = tl.where(better, block_best, best)
 
-    # Rank of each A row: rows ahead of it (higher best score, or equal and lower row).
-    ahead = (best[None, :] > best[:, None]) | ((best[None, :] == best[:, None]) & (ia[None, :] < ia[:, None]))
-    rank = tl.sum((ahead & a_ok[None, :]).to(tl.int32), axis=1)
+    # Rank of each A row: rows ahead of it (higher best score, or equal and lower row), counted over tiles of
+    # BLOCK_J other rows.
+    rank = tl.zeros([BLOCK_A], tl.int32)
+    for k0 in range(0, NA, BLOCK_J):
+        ka = k0 + tl.arange(0, BLOCK_J)
+        k_ok = (ka < NA) & live
+        other = _pick(best, ia, ka, float("-inf"))
+        ahead = (other[None, :] > best[:, None]) | ((other[None, :] == best[:, None]) & (ka[None, :] < ia[:, None]))
+        rank += tl.sum((ahead & k_ok[None, :]).to(tl.int32), axis=1)
     rank = tl.where(a_ok, rank, NA)  # rows past the end never match a rank < NA
     merged = rank < R
     keep_a = a_ok & ~merged
@@ -105,31 +117,40 @@ def tome_merge_kernel(
     UNMERGED: tl.constexpr = NA - (PROTECTED + 1) // 2 - R
     if R == 0:
         pos_a = 2 * ia
-    elif PROTECTED > 0:
-        kept_unprot = keep_a & ~prot_a
-        before = tl.sum((kept_unprot[None, :] & (ia[None, :] < ia[:, None])).to(tl.int32), axis=1)
+    elif PROTECTED > 0:  # unmerged unprotected rows before each row, counted over tiles of BLOCK_J rows
+        before = tl.zeros([BLOCK_A], tl.int32)
+        for k0 in range(0, NA, BLOCK_J):
+            ka = k0 + tl.arange(0, BLOCK_J)
+            k_kept = (ka < NA) & live & (_pick(rank, ia, ka, -1) >= R) & ((2 * ka) >= PROTECTED)
+            before += tl.sum((k_kept[None, :] & (ka[None, :] < ia[:, None])).to(tl.int32), axis=1)
         pos_a = tl.where(prot_a, 2 * ia, PROTECTED + before)
     else:
         pos_a = rank - R
     for col in tl.static_range(S):
         tl.store(s_out + pos_a * S + col, tl.load(s_in + (2 * ia) * S + col, mask=keep_a), mask=keep_a)
-    for c0 in range(0, C, BLOCK_C):
-        cc = c0 + tl.arange(0, BLOCK_C)
+    for c0 in range(0, C, BLOCK_J):
+        cc = c0 + tl.arange(0, BLOCK_J)
         rows = keep_a[:, None] & (cc < C)[None, :]
         xa = tl.load(x_in + (2 * ia)[:, None] * C + cc[None, :], mask=rows)
         tl.store(x_out + pos_a[:, None] * C + cc[None, :], xa, mask=rows)
 
     # B columns: b + (sum_i s_i a_i - w b) / max(s_b + w, floor), w = sum_i s_i over the rows merged into b,
-    # accumulated over the R merged rows in rank order.
-    for j0 in range(0, NB, BLOCK_J):
-        jb = j0 + tl.arange(0, BLOCK_J)
+    # accumulated over the merged rows in rank order. Each tile visits only the rows merging into it (the next
+    # such rank is a masked min), so a tile costs its own merges, not all R; the other rows would add exact zeros.
+    for j0 in range(0, NB, BLOCK_B):
+        jb = j0 + tl.arange(0, BLOCK_B)
         j_ok = (jb < NB) & live
+        # Ranks of the rows merging into this tile (R for the others).
+        tile_rank = tl.where(merged & (best_col >= j0) & (best_col < j0 + BLOCK_B), rank, R)
+        first = _next_rank(tile_rank, -1, R)
         size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=0.0).to(tl.float32)
-        w = tl.zeros([BLOCK_J], tl.float32)
-        for k in range(R):
-            src = rank == k
+        w = tl.zeros([BLOCK_B], tl.float32)
+        k = first
+        while k < R:
+            src = tile_rank == k
             dst = tl.sum(tl.where(src, best_col, 0), axis=0)
             w += tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
+            k = _next_rank(tile_rank, k, R)
         size_new = size_b + w
         denom = tl.maximum(size_new, WEIGHT_FLOOR)
         if R == 0:
@@ -139,24 +160,28 @@ def tome_merge_kernel(
         tl.store(s_out + pos_b * S, size_new.to(size_out_ptr.dtype.element_ty), mask=j_ok)
         for col in tl.static_range(1, S):  # positions times sizes: summed like the sizes
             mass = tl.load(s_in + (2 * jb + 1) * S + col, mask=j_ok, other=0.0).to(tl.float32)
-            for k in range(R):
-                src = rank == k
+            k = first
+            while k < R:
+                src = tile_rank == k
                 row = tl.sum(tl.where(src, ia, 0), axis=0)
                 dst = tl.sum(tl.where(src, best_col, 0), axis=0)
                 moved = tl.load(s_in + (2 * row) * S + col, mask=live, other=0.0).to(tl.float32)
                 mass += tl.where(jb == dst, moved, 0.0)
+                k = _next_rank(tile_rank, k, R)
             tl.store(s_out + pos_b * S + col, mass.to(size_out_ptr.dtype.element_ty), mask=j_ok)
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + tl.arange(0, BLOCK_C)
             c_ok = cc < C
-            pulled = tl.zeros([BLOCK_J, BLOCK_C], tl.float32)
-            for k in range(R):
-                src = rank == k
+            pulled = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)
+            k = first
+            while k < R:
+                src = tile_rank == k
                 row = tl.sum(tl.where(src, ia, 0), axis=0)
                 dst = tl.sum(tl.where(src, best_col, 0), axis=0)
                 weight = tl.where(jb == dst, tl.sum(tl.where(src, size_a, 0.0), axis=0), 0.0)
                 xa = tl.load(x_in + (2 * row) * C + cc, mask=c_ok & live, other=0.0).to(tl.float32)
                 pulled += weight[:, None] * xa[None, :]
+                k = _next_rank(tile_rank, k, R)
             xb = tl.load(x_in + (2 * jb + 1)[:, None] * C + cc[None, :], mask=j_ok[:, None] & c_ok[None, :], other=0.0)
             xb = xb.to(tl.float32)
             new_b = xb + tl.math.div_rn(pulled - w[:, None] * xb, tl.broadcast_to(denom[:, None], pulled.shape))
@@ -165,6 +190,19 @@ def tome_merge_kernel(
                 new_b.to(x_out_ptr.dtype.element_ty),
                 mask=j_ok[:, None] & c_ok[None, :],
             )
+
+
+@triton.jit
+def _next_rank(tile_rank, k, R: tl.constexpr):
+    """The lowest rank above ``k`` in ``tile_rank`` (R when none is left)."""
+    return tl.min(tl.where(tile_rank > k, tile_rank, R), axis=0)
+
+
+@triton.jit
+def _pick(values, index, wanted, fill):
+    """``values`` at the positions ``wanted`` of a register vector whose positions are ``index`` (``fill`` where
+    absent): a masked max over a (len(values), len(wanted)) tile, as registers cannot be indexed."""
+    return tl.max(tl.where(index[:, None] == wanted[None, :], values[:, None], fill), axis=0)
 
 
 @triton.jit

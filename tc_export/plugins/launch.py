@@ -16,17 +16,22 @@ from torch import Tensor
 
 from ..errors import ConfigError
 
-# Blocks are powers of two >= 16; the score/rank tiles are at most MAX_TILE columns wide (looped over the rest).
+# Blocks are powers of two >= 16 (but ToMe's BLOCK_J); the score/rank tiles are at most MAX_TILE columns wide
+# (looped over the rest).
 MIN_BLOCK = 16
 MAX_TILE = 64
 MAX_BLOCK_C = 64
-# One program holds a (BLOCK_A, BLOCK_A) rank tile: 256 A rows (N <= 512) is the largest that stays sensible.
-MAX_BLOCK_ROWS = 256
-# Top-K loops over tiles of at most MAX_TOPK_ROWS tokens: up to 4,096 tokens (e.g. an 896 x 896 image at patch 14).
+# ToMe holds every A row of a sample in registers (BLOCK_A = N/2 rounded up to a power of two, 16 warps from 256
+# rows) and works on (BLOCK_A, BLOCK_J) tiles of at most MAX_TILE_ELEMENTS: BLOCK_J narrows as the rows grow (64
+# up to 128 A rows, 4 at 2,048), which keeps ptxas from spilling registers (a 16,384-element tile spills ~800
+# bytes a thread at 4,096 tokens). Up to 4,096 tokens (e.g. an 896 x 896 image at patch 14).
+MAX_TILE_ELEMENTS = 128 * MAX_TILE
+MAX_TOME_TOKENS = 4096
+# Top-K loops over tiles of at most MAX_TOPK_ROWS tokens: up to 4,096 tokens.
 MAX_TOPK_ROWS = 256
 MAX_TOPK_TOKENS = 4096
 # Tokens each plugin kernel takes (TensorRT plugin name -> limit), as the lint states them.
-PLUGIN_TOKEN_LIMITS = {"ToMeMerge": 2 * MAX_BLOCK_ROWS, "TopKSelect": MAX_TOPK_TOKENS}
+PLUGIN_TOKEN_LIMITS = {"ToMeMerge": MAX_TOME_TOKENS, "TopKSelect": MAX_TOPK_TOKENS}
 
 
 def next_pow2(value: int) -> int:
@@ -81,14 +86,14 @@ def tome_merge_launch(
     _check_common(batch, num_tokens, channels, protected)
     if r < 0 or metric_dim < 1:
         raise ConfigError(f"ToMeMerge needs r >= 0 and a metric width >= 1 (got r={r}, d={metric_dim})")
-    block_a = _block((num_tokens + 1) // 2)
-    if block_a > MAX_BLOCK_ROWS:
+    if num_tokens > MAX_TOME_TOKENS:
         raise ConfigError(
-            f"the ToMeMerge kernel takes at most {2 * MAX_BLOCK_ROWS} tokens (got {num_tokens}); "
+            f"the ToMeMerge kernel takes at most {MAX_TOME_TOKENS} tokens (got {num_tokens}); "
             "use the function body (--plugins off) for this layer"
         )
     merges = effective_r(num_tokens, r, protected)
-    block_j = _block(num_tokens // 2, MAX_TILE)
+    block_a = _block((num_tokens + 1) // 2)
+    block_b = _block(num_tokens // 2, MAX_TILE)
     constexprs = {
         "N": num_tokens,
         "C": channels,
@@ -98,10 +103,12 @@ def tome_merge_launch(
         "PADDED": int(padded),
         "S": state,
         "BLOCK_A": block_a,
-        "BLOCK_J": block_j,
+        "BLOCK_J": min(block_b, MAX_TILE_ELEMENTS // block_a),
+        "BLOCK_B": block_b,
         "BLOCK_C": _block(channels, MAX_BLOCK_C),
     }
-    return LaunchParams((batch, 1, 1), _warps(block_a * max(block_a, block_j)), constexprs, num_tokens - merges)
+    # Warps by the A rows held: 4 up to 64 rows, 8 up to 128, 16 from 256 (at most 4 rows per thread at 2,048).
+    return LaunchParams((batch, 1, 1), _warps(block_a * block_a), constexprs, num_tokens - merges)
 
 
 def topk_select_launch(
