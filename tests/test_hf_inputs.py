@@ -12,7 +12,7 @@ from tc_export.models import ModelOptions, load_model
 
 from . import reference_encoders as encoders
 from . import reference_inputs as references
-from .reference import reference_merge
+from .reference import reference_adjacent, reference_merge
 from .test_cli import run_cli
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
@@ -58,6 +58,12 @@ def _model(kind: str):
                                     num_self_attends_per_block=2, num_self_attention_heads=2,
                                     num_cross_attention_heads=1)
         return config, tf.PerceiverModel
+    if kind == "perceiver_text":  # the text classifier: PerceiverTextPreprocessor + PerceiverClassificationDecoder
+        config = tf.PerceiverConfig(num_latents=16, d_latents=32, d_model=24, num_blocks=2,
+                                    num_self_attends_per_block=2, num_self_attention_heads=2,
+                                    num_cross_attention_heads=2, vocab_size=100, max_position_embeddings=40,
+                                    num_labels=3, initializer_range=0.2)  # 0.02: logits hardly depend on the input
+        return config, tf.PerceiverForSequenceClassification
     if kind == "timesformer":
         return tf.TimesformerConfig(**SMALL, image_size=32, patch_size=8, num_frames=2), tf.TimesformerModel
     if kind == "mpnet":
@@ -152,6 +158,41 @@ def test_family_exports_through_the_cli_and_matches_its_reference(kind, tmp_path
     if kind == "layoutlm":  # the boxes matter: the reference without them is far off (the test can fail)
         blank = dict(inputs, bbox=torch.zeros_like(inputs["bbox"]))
         assert not np.allclose(got, encoders.run(reference(loaded.module), blank, hooks)[0].numpy(), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["tome", "adjacent"])
+def test_perceiver_text_compresses_its_latents_and_matches_its_reference(method, tmp_path, capsys):
+    """PerceiverForSequenceClassification: the latents' input cross-attention over the padded text (16 queries
+    over 40 keys) is left uncompressed; the method runs on the latent stream after it (the shared self-attention
+    block applied num_blocks = 2 times: 16 14 12 10 8 latents, nothing protected) and the classification
+    decoder's cross-attention (1 query over the latents) weighs each merged latent by its size. The exported
+    logits equal the per-sample reference; the uncompressed reference, and one whose decoder reads the merged
+    latents as single tokens, are both off by over 10 times the tolerance (the comparison can fail)."""
+    folder = _save("perceiver_text", tmp_path / "perceiver_text")
+    code, out, err = run_cli([f"hf:{folder}", "--method", method, "--r", "2", "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 0, err
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out
+    assert "tokens per layer: 16 14 12 10 8" in out and "protected tokens: 0" in out
+    assert "16 queries over 40 keys: class or cross attention, left uncompressed" in out
+    assert "1 queries over 16 keys: class or cross attention, left uncompressed" in out
+
+    loaded = load_model(f"hf:{folder}", ModelOptions(), warn_random=False)
+    session = ort.InferenceSession(str(tmp_path / "x.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    merge = reference_merge if method == "tome" else reference_adjacent
+    hooks = encoders.Hooks(lambda i, x, s, k, p: merge(x, k.mean(0), s, 2, 0))
+    for seed in (5, 6, 7):
+        inputs = loaded.example_inputs(batch=1, seed=seed)
+        got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+        want, counts = encoders.run(references.perceiver_text_logits(loaded.module), inputs, hooks)
+        assert counts == [16, 14, 12, 10, 8] and got.shape == (1, 3)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+        plain = encoders.run(references.perceiver_text_logits(loaded.module), inputs, encoders.Hooks())[0]
+        with torch.no_grad():  # the uncompressed reference is transformers' own model
+            torch.testing.assert_close(plain, loaded.module(**inputs), rtol=1e-5, atol=1e-6)
+        unsized = encoders.run(references.perceiver_text_logits(loaded.module, sized_decoder=False), inputs, hooks)[0]
+        for other in (plain, unsized):
+            assert np.abs(got - other.numpy()).max() > 10 * (1e-6 + 1e-4 * np.abs(got).max())
 
 
 def test_layoutlm_inputs_are_valid_boxes_and_segments(tmp_path):
