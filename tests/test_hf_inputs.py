@@ -58,6 +58,11 @@ def _model(kind: str):
                                     num_self_attends_per_block=2, num_self_attention_heads=2,
                                     num_cross_attention_heads=1)
         return config, tf.PerceiverModel
+    if kind == "perceiver_mlm":  # a per-token head: its base PerceiverModel, built without the text preprocessor
+        config = tf.PerceiverConfig(num_latents=8, d_latents=32, d_model=32, num_blocks=1,
+                                    num_self_attends_per_block=2, num_self_attention_heads=2,
+                                    num_cross_attention_heads=1, vocab_size=100, max_position_embeddings=40)
+        return config, tf.PerceiverForMaskedLM
     if kind == "perceiver_text":  # the text classifier: PerceiverTextPreprocessor + PerceiverClassificationDecoder
         config = tf.PerceiverConfig(num_latents=16, d_latents=32, d_model=24, num_blocks=2,
                                     num_self_attends_per_block=2, num_self_attention_heads=2,
@@ -213,7 +218,8 @@ REFUSED: dict[str, str | tuple[str, ...]] = {
     "vitmae": "draws random numbers in its forward: aten.rand in embeddings (ViTMAEEmbeddings)",
     "siglip2": NAFLEX,  # the input format, not the forward's internal assertion
     "siglip2_vision": NAFLEX,  # the tower saved alone
-    "perceiver": "PerceiverModel takes inputs",  # raw Perceiver inputs: no preprocessor says their shape
+    "perceiver": ("PerceiverModel takes inputs", "no input preprocessor"),  # raw inputs: nothing says their shape
+    "perceiver_mlm": ("PerceiverModel takes inputs", "no input preprocessor", "PerceiverForMaskedLM exports its base"),
     "swinv2": "windowed",
     "timesformer": "divided space-time attention",
     "mpnet": "relative position bias",
