@@ -1,6 +1,7 @@
 """Per-sample forwards of the transformers families whose inputs are more than pixels or padded ids: LayoutLM
 (ids, segments and layout boxes), wav2vec2 / HuBERT (raw waveforms), AST (spectrograms, class and distillation
-tokens), VideoMAE (clips), BLIP's vision tower and DPT-hybrid (its BiT backbone as the stem).
+tokens), VideoMAE (clips), BLIP's vision tower, DPT-hybrid (its BiT backbone as the stem) and Perceiver for text
+(latents that cross-attend to the text, a decoder query that cross-attends to the latents).
 
 Like tests/reference_encoders.py (whose ``Encoder``/``Layer``/``run`` they reuse), they read the models' weights
 and small sub-modules (embedding stems, linear layers, norms), never the models' attention or block code, and
