@@ -1,6 +1,7 @@
 """Per-sample forwards of the transformers families whose inputs are more than pixels or padded ids: LayoutLM
 (ids, segments and layout boxes), wav2vec2 / HuBERT (raw waveforms), AST (spectrograms, class and distillation
-tokens), VideoMAE (clips), BLIP's vision tower and DPT-hybrid (its BiT backbone as the stem).
+tokens), VideoMAE (clips), BLIP's vision tower, DPT-hybrid (its BiT backbone as the stem) and Perceiver for text
+(latents that cross-attend to the text, a decoder query that cross-attends to the latents).
 
 Like tests/reference_encoders.py (whose ``Encoder``/``Layer``/``run`` they reuse), they read the models' weights
 and small sub-modules (embedding stems, linear layers, norms), never the models' attention or block code, and
@@ -14,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .reference_encoders import Encoder, Layer, size_weighted_mean
+from .reference_encoders import Encoder, Layer, attend, size_weighted_mean
 
 
 def _ones(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -168,3 +169,53 @@ def dpt_hybrid_mean(wrapper: torch.nn.Module) -> Encoder:
     """DPT-hybrid's DPTModel, mean pooled (a depth-estimation checkpoint has no pooler): the size-weighted mean of
     every post-normed token, class token included, as the uncompressed mean over all tokens."""
     return _dpt_hybrid(wrapper, size_weighted_mean)
+
+
+def _perceiver_cross(layer: torch.nn.Module, queries: Tensor, inputs: Tensor, size: Tensor, sized: bool) -> Tensor:
+    """One Perceiver cross-attention layer per sample: ``queries`` (M, C) attend to ``inputs`` (N, D) (each normed
+    by its own LayerNorm), the output projection plus the query residual where the layer has one, then the pre-norm
+    MLP with its residual. ``size`` (N, 1) weighs the keys: 0 masks a pad, a merged latent counts its size; with
+    ``sized`` False every non-pad key counts once (the mutation that reads merged latents as single tokens)."""
+    a, s, mlp = layer.attention, layer.attention.self, layer.mlp
+    q, kv = s.layernorm1(queries), s.layernorm2(inputs)
+    heads = s.num_heads
+    split = [t.view(t.shape[0], heads, -1).transpose(0, 1) for t in (s.query(q), s.key(kv), s.value(kv))]
+    weights = size if sized else (size > 0).float()
+    attended, _ = attend(*split, weights, prop_attn=True)
+    x = a.output.dense(attended) + (queries if a.use_query_residual else 0)
+    return x + mlp.dense2(mlp.intermediate_act_fn(mlp.dense1(layer.layernorm(x))))
+
+
+def perceiver_text_logits(wrapper: torch.nn.Module, sized_decoder: bool = True) -> Encoder:
+    """PerceiverForSequenceClassification (PerceiverTextPreprocessor, PerceiverClassificationDecoder): token plus
+    position embeddings of the padded ids; the learned latent array cross-attends once to them (pads masked),
+    which makes the per-sample latents the token stream (sizes 1); the self-attention layers (pre-norm,
+    num_blocks times over the shared block) run over the latents; the classification decoder's one learned query
+    cross-attends to the final latents (proportional attention: log size per key) and the final linear layer
+    reads its output. ``sized_decoder`` False drops the sizes in the decoder (a mutated reference)."""
+    model = wrapper.model
+    perceiver = model.perceiver
+    preprocess, encoder = perceiver.input_preprocessor, perceiver.encoder
+    decoder = perceiver.decoder.decoder
+    heads = perceiver.config.num_self_attention_heads
+
+    def layer(block: torch.nn.Module) -> Layer:
+        s, mlp = block.attention.self, block.mlp
+        assert block.attention.use_query_residual, "the reference covers residual self-attention"
+        return Layer(heads, lambda y: (s.query(y), s.key(y), s.value(y)), block.attention.output.dense,
+                     lambda t: mlp.dense2(mlp.intermediate_act_fn(mlp.dense1(t))), s.layernorm1, block.layernorm)
+
+    def embed(sample: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        ids = sample["input_ids"][0]
+        tokens = preprocess.embeddings(ids) + preprocess.position_embeddings(torch.arange(ids.shape[0]))
+        mask = sample["attention_mask"][0][:, None].float()
+        return _ones(_perceiver_cross(encoder.cross_attention, perceiver.embeddings.latents, tokens, mask, True))
+
+    def head(x: Tensor, size: Tensor, prop_attn: bool) -> Tensor:
+        query = decoder.positions_projection(decoder.output_position_encodings.position_embeddings)
+        out = _perceiver_cross(decoder.decoding_cross_attention, query, x, size, sized_decoder and prop_attn)
+        return decoder.final_layer(out)[0]
+
+    assert type(preprocess).__name__ == "PerceiverTextPreprocessor" and not decoder.concat_preprocessed_input
+    layers = [layer(b) for _ in range(perceiver.config.num_blocks) for b in encoder.self_attends]
+    return Encoder(embed, layers, head)

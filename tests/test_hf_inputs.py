@@ -12,9 +12,13 @@ from tc_export.models import ModelOptions, load_model
 
 from . import reference_encoders as encoders
 from . import reference_inputs as references
-from .reference import reference_merge
+from .reference import reference_adjacent, reference_merge
 from .test_cli import run_cli
 
+# kind -> (latents, text length, repeats of the self-attention block): fewer latents than tokens, as many (the
+# input cross-attention then has as many queries as keys) and more (more queries than keys)
+PERCEIVER_TEXT = {"perceiver_text": (16, 40, 2), "perceiver_text_square": (40, 40, 1),
+                  "perceiver_text_wide": (20, 12, 1)}
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
 WAVEFORM = {"conv_dim": (16, 16, 16, 16), "conv_stride": (5, 4, 4, 4), "conv_kernel": (10, 4, 4, 4),
             "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2, "vocab_size": 20}
@@ -58,6 +62,18 @@ def _model(kind: str):
                                     num_self_attends_per_block=2, num_self_attention_heads=2,
                                     num_cross_attention_heads=1)
         return config, tf.PerceiverModel
+    if kind == "perceiver_mlm":  # a per-token head: its base PerceiverModel, built without the text preprocessor
+        config = tf.PerceiverConfig(num_latents=8, d_latents=32, d_model=32, num_blocks=1,
+                                    num_self_attends_per_block=2, num_self_attention_heads=2,
+                                    num_cross_attention_heads=1, vocab_size=100, max_position_embeddings=40)
+        return config, tf.PerceiverForMaskedLM
+    if kind in PERCEIVER_TEXT:  # the text classifier: PerceiverTextPreprocessor + PerceiverClassificationDecoder
+        latents, length, blocks = PERCEIVER_TEXT[kind]
+        config = tf.PerceiverConfig(num_latents=latents, d_latents=32, d_model=24, num_blocks=blocks,
+                                    num_self_attends_per_block=2, num_self_attention_heads=2,
+                                    num_cross_attention_heads=2, vocab_size=100, max_position_embeddings=length,
+                                    num_labels=3, initializer_range=0.2)  # 0.02: logits hardly depend on the input
+        return config, tf.PerceiverForSequenceClassification
     if kind == "timesformer":
         return tf.TimesformerConfig(**SMALL, image_size=32, patch_size=8, num_frames=2), tf.TimesformerModel
     if kind == "mpnet":
@@ -154,6 +170,47 @@ def test_family_exports_through_the_cli_and_matches_its_reference(kind, tmp_path
         assert not np.allclose(got, encoders.run(reference(loaded.module), blank, hooks)[0].numpy(), atol=1e-3)
 
 
+@pytest.mark.parametrize(("kind", "method"), [("perceiver_text", "tome"), ("perceiver_text", "adjacent"),
+                                             ("perceiver_text_square", "tome"), ("perceiver_text_wide", "tome")])
+def test_perceiver_text_compresses_its_latents_and_matches_its_reference(kind, method, tmp_path, capsys):
+    """PerceiverForSequenceClassification: the latents' input cross-attention over the padded text is left
+    uncompressed, recognised by its keys (computed from the text, not from the latents) whether the latents are
+    fewer than the tokens, as many or more; the method runs on the latent stream after it (the shared
+    self-attention block applied num_blocks times, nothing protected) and the classification decoder's
+    cross-attention (1 query over the latents) weighs each merged latent by its size. The exported logits equal
+    the per-sample reference; the uncompressed reference (which is transformers' own model), and one whose decoder
+    reads the merged latents as single tokens, are both off by over 10 times the tolerance (the comparison can
+    fail)."""
+    latents, length, blocks = PERCEIVER_TEXT[kind]
+    counts_wanted = [latents - 2 * i for i in range(2 * blocks + 1)]
+    folder = _save(kind, tmp_path / kind)
+    code, out, err = run_cli([f"hf:{folder}", "--method", method, "--r", "2", "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 0, err
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out
+    assert f"tokens per layer: {' '.join(map(str, counts_wanted))}\n" in out and "protected tokens: 0" in out
+    for queries, keys in ((latents, length), (1, latents)):
+        assert (f"{queries} queries over {keys} keys computed from another sequence than its residual stream: "
+                "cross-attention, left uncompressed") in out
+
+    loaded = load_model(f"hf:{folder}", ModelOptions(), warn_random=False)
+    session = ort.InferenceSession(str(tmp_path / "x.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
+    merge = reference_merge if method == "tome" else reference_adjacent
+    hooks = encoders.Hooks(lambda i, x, s, k, p: merge(x, k.mean(0), s, 2, 0))
+    for seed in (5, 6, 7):
+        inputs = loaded.example_inputs(batch=1, seed=seed)
+        got = session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})[0]
+        want, counts = encoders.run(references.perceiver_text_logits(loaded.module), inputs, hooks)
+        assert counts == counts_wanted and got.shape == (1, 3)
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-6)
+        plain = encoders.run(references.perceiver_text_logits(loaded.module), inputs, encoders.Hooks())[0]
+        with torch.no_grad():  # the uncompressed reference is transformers' own model
+            torch.testing.assert_close(plain, loaded.module(**inputs), rtol=1e-5, atol=1e-6)
+        unsized = encoders.run(references.perceiver_text_logits(loaded.module, sized_decoder=False), inputs, hooks)[0]
+        for other in (plain, unsized):
+            assert np.abs(got - other.numpy()).max() > 10 * (1e-6 + 1e-4 * np.abs(got).max())
+
+
 def test_layoutlm_inputs_are_valid_boxes_and_segments(tmp_path):
     """bbox: x0 <= x1 and y0 <= y1 within 0..1000, zero on the pads; token_type_ids: 0 then 1, 0 on the pads."""
     loaded = load_model(f"hf:{_save('layoutlm', tmp_path / 'l')}", ModelOptions(pooling="mean"), warn_random=False)
@@ -172,7 +229,8 @@ REFUSED: dict[str, str | tuple[str, ...]] = {
     "vitmae": "draws random numbers in its forward: aten.rand in embeddings (ViTMAEEmbeddings)",
     "siglip2": NAFLEX,  # the input format, not the forward's internal assertion
     "siglip2_vision": NAFLEX,  # the tower saved alone
-    "perceiver": "PerceiverModel takes inputs",  # raw Perceiver inputs: no preprocessor says their shape
+    "perceiver": ("PerceiverModel takes inputs", "no input preprocessor"),  # raw inputs: nothing says their shape
+    "perceiver_mlm": ("PerceiverModel takes inputs", "no input preprocessor", "PerceiverForMaskedLM exports its base"),
     "swinv2": "windowed",
     "timesformer": "divided space-time attention",
     "mpnet": "relative position bias",

@@ -116,6 +116,11 @@ def model_inputs(model: nn.Module, config: Any, options: ModelOptions, name: str
     data = [a for a in ("pixel_values", "input_features", "input_values", "input_ids") if a in arguments]
     if len(data) > 1:
         raise ConfigError(f"{name}: {cls} takes {' and '.join(data)}; tc-export exports encoders of one modality")
+    if not data and "inputs" in arguments:  # Perceiver: the preprocessor that reads ids or pixels is the task class's
+        raise ConfigError(f"{name}: {cls} takes inputs already embedded to d_model: it has no input preprocessor (a "
+                          "per-token head such as PerceiverForMaskedLM exports its base model, which keeps none), so "
+                          "tc-export cannot tell what they are; a PerceiverForSequenceClassification checkpoint "
+                          "exports with its text preprocessor")
     if not data:
         listed = ", ".join(list(arguments)[:4])
         raise ConfigError(f"{name}: {cls} takes {listed}; tc-export builds inputs for pixel_values (images, video), "

@@ -234,16 +234,21 @@ def _attention_tokens(kind: str, query: fx.Node, key: fx.Node) -> tuple[int, int
     return q[0], q[-2], k[-2] if kind == "sdpa" else k[-1]
 
 
-def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node) -> str | None:
+def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key: fx.Node) -> str | None:
     """Why an attention with a residual is not a compressible self-attention block (None: it is one).
 
     Raises for structures that cannot be compressed correctly; returns a note for attention that is simply left
-    alone (class attention, cross-attention: its queries are not the token stream).
+    alone (class attention, cross-attention: its queries are not the token stream, or its keys are not computed
+    from it).
     """
     stream = tensor_meta_shape(skip)
     if tokens is None or stream is None:
         raise StructureNotFoundError(f"attention {name}: no shapes recorded for its queries, keys or stream")
     batch, queries, keys = tokens
+    if skip not in ancestors(key, through_shape_queries=False):
+        # Perceiver's latents reading the input, whatever the two counts: not PVT's pooled keys nor a self-attention
+        return (f"{name} ({queries} queries over {keys} keys computed from another sequence than its residual "
+                "stream: cross-attention, left uncompressed)")
     if len(stream) != 3:
         raise StructureNotFoundError(
             f"attention {name} is windowed attention (as in Swin): it attends within windows of {keys} tokens "
@@ -288,7 +293,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
         found = _residual_add(attention, order)
         tokens = _attention_tokens(kind, query, key)
         # raises for windowed, spatial-reduction and cross-covariance attention, before mixed logits are refused
-        note = _classify(attention.name, tokens, found[1]) if found is not None else None
+        note = _classify(attention.name, tokens, found[1], key) if found is not None else None
         if mixed is not None:
             raise StructureNotFoundError(mixed)
         if found is None:
