@@ -12,7 +12,7 @@ from tc_export.errors import TCExportError
 from tc_export.passes import AdjacentConfig, ToMeConfig
 
 from . import reference_rotary as rotary
-from .reference import reference_merge
+from .reference import reference_adjacent, reference_merge
 
 VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 48, "num_heads": 2, "patch_size": 4, "mlp_ratio": 2,
           "spatial_merge_size": 2, "temporal_patch_size": 2}
@@ -118,25 +118,30 @@ def test_uncompressed_positions_are_the_towers_position_ids(tmp_path):
     assert torch.equal(sizes, torch.ones_like(sizes))
 
 
-def _tome(r: int, carry: bool = True):
+def _merge(method: str, r: int, carry: bool = True):
+    merge = reference_merge if method == "tome" else reference_adjacent
+
     def step(i, x, size, pos, keys, probs):
-        x, size, new = rotary.with_positions(lambda t, s: reference_merge(t, keys.mean(0), s, r, 0), x, size, pos)
+        x, size, new = rotary.with_positions(lambda t, s: merge(t, keys.mean(0), s, r, 0), x, size, pos)
         return x, size, new if carry else pos[: x.shape[0]]
 
     return step
 
 
-def test_tome_with_positions_matches_reference(tmp_path):
-    """ToMe r=4 with --emit-positions on the last block's tokens: tokens, positions and sizes equal the per-sample
-    reference (the tower's own rotary module at the carried positions). Every token never merged (size 1) sits at
-    one of the tower's own position ids, distinct; every merged token at the size-weighted mean of its members',
-    which the reference carries through the merge. Positions not carried (the rotary table's first rows) fail."""
+@pytest.mark.parametrize("method", ["tome", "adjacent"])
+def test_merging_with_positions_matches_reference(tmp_path, method):
+    """ToMe / adjacent merging r=4 with --emit-positions on the last block's tokens: tokens, positions and sizes
+    equal the per-sample reference (the tower's own rotary module at the carried positions). Every token never
+    merged (size 1) sits at one of the tower's own position ids, distinct; every merged token at the size-weighted
+    mean of its members', which the reference carries through the merge. Positions not carried (the rotary table's
+    first rows) fail the comparison."""
     tower = _tower(tmp_path / "q")
     loaded = _load(tmp_path / "q", "tokens")
     pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, ToMeConfig(r=4), {"pixel_values": pixels}, emit_positions=True)
+    config = ToMeConfig(r=4) if method == "tome" else AdjacentConfig(r=4)
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
     assert "layer 1: rotary position embedding" in compressed.report.rewired
-    want, want_pos, want_size, counts = rotary.run_qwen2_vl(tower, pixels, _tome(4), True)
+    want, want_pos, want_size, counts = rotary.run_qwen2_vl(tower, pixels, _merge(method, 4), True)
     assert counts == compressed.token_counts() == [100, 96, 92]
     with torch.no_grad():
         got, positions, sizes = compressed(pixel_values=pixels)
@@ -147,21 +152,9 @@ def test_tome_with_positions_matches_reference(tmp_path):
     for b in range(2):
         single = [tuple(p) for p in positions[b][sizes[b, :, 0] == 1].tolist()]
         assert set(single) <= ids and len(set(single)) == len(single)
-        assert float(sizes[b].sum()) == 100
-    stale, _, _, _ = rotary.run_qwen2_vl(tower, pixels, _tome(4, carry=False), True)
+        assert float(sizes[b].sum()) == 100 and bool((sizes[b] > 1).any())
+    stale, _, _, _ = rotary.run_qwen2_vl(tower, pixels, _merge(method, 4, carry=False), True)
     assert not torch.allclose(got, stale, rtol=1e-4, atol=1e-5)
-
-
-def test_adjacent_merging_keeps_positions_in_the_grid(tmp_path):
-    """Adjacent merging on the tower: every token's position is within the grid and the sizes sum to the patches."""
-    _tower(tmp_path / "q")
-    loaded = _load(tmp_path / "q", "tokens")
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, AdjacentConfig(r=4), {"pixel_values": pixels}, emit_positions=True)
-    with torch.no_grad():
-        _, positions, sizes = compressed(pixel_values=pixels)
-    assert positions.shape[1] == 92 and positions.min() >= 0 and positions.max() <= 9
-    torch.testing.assert_close(sizes.sum(1), torch.full((2, 1), 100.0))
 
 
 def test_patch_merger_refuses_compression_and_positions(tmp_path):
