@@ -300,3 +300,50 @@ def run_hf_dinov3(model: torch.nn.Module, pixel_values: Tensor, step: Step,
         counts.append(x.shape[0])
         outputs.append(model.norm(x)[0])
     return torch.stack(outputs), counts
+
+
+# --- transformers Qwen2-VL vision tower (2x2 merge-window order, cu_seqlens attention) ------------------------------
+
+@torch.no_grad()
+def run_qwen2_vl(tower: torch.nn.Module, pixel_values: Tensor, step: Step,
+                 prop_attn: bool) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    """transformers' Qwen2VisionTransformerPretrainedModel per image, ending at its last block (before the
+    PatchMerger): the image processor's own ``patchify`` (the frame repeated over the temporal patch, tokens in
+    2x2 merge-window order), the tower's own ``patch_embed`` and position ids (``get_vision_position_ids``), the
+    tokens then sorted by those ids into row-major order (ToMe's alternating split is taken over that order, as
+    tc-export takes it over the patch grid). Each block: its own norms, qkv, proj and MLP, and its own rotary module
+    and ``apply_rotary_pos_emb_vision`` evaluated at the carried positions (fractional for merged tokens).
+    Returns the last block's tokens, their positions and sizes (B, n, .) and the token counts per layer."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_position_ids
+
+    config = tower.config
+    patches, rows, cols = Qwen2VLImageProcessor().patchify(
+        pixel_values, patch_size=config.patch_size, merge_size=config.spatial_merge_size,
+        temporal_patch_size=config.temporal_patch_size)
+    ids = get_vision_position_ids(torch.tensor([[1, rows, cols]]), config.spatial_merge_size)
+    row_major = torch.argsort(ids[:, 0] * cols + ids[:, 1])
+    heads = config.num_heads
+    outputs, positions, sizes, counts = [], [], [], []
+    for sample in patches:
+        x = tower.patch_embed(sample)[row_major]
+        pos = ids[row_major].float()
+        size = torch.ones(x.shape[0], 1)
+        counts = []
+        for index, block in enumerate(tower.blocks):
+            counts.append(x.shape[0])
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = tower.rotary_pos_emb(x, pos)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (heads, n, head_dim)
+            attended, probs = attend(q, k, v, size, prop_attn, scale=attn.scaling)
+            x = x + attn.proj(attended)
+            x, size, pos = step(index, x, size, pos, k, probs)
+            x = x + block.mlp(block.norm2(x))
+        counts.append(x.shape[0])
+        outputs.append(x)
+        positions.append(pos)
+        sizes.append(size)
+    return torch.stack(outputs), torch.stack(positions), torch.stack(sizes), counts

@@ -287,15 +287,3 @@ def test_causal_padding_mask_is_refused(tmp_path, capsys):
     assert code != 0 and "causal attention" in err
     assert len(err.strip().splitlines()) == 1
 
-
-def test_qwen2_vl_vision_tower_is_refused_with_its_cause(tmp_path):
-    import transformers as tf
-
-    from tc_export.models import load_model
-
-    config = tf.Qwen2VLConfig(vision_config={"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2},
-                              hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                              intermediate_size=64, vocab_size=100)
-    with pytest.raises(TCExportError, match="PatchMerger") as error:
-        load_model(_saved(config, None, tmp_path / "qwen"), warn_random=False)
-    assert len(str(error.value).splitlines()) == 1

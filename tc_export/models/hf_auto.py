@@ -194,6 +194,9 @@ def choose_class(config: Any, name: str) -> Choice:
         vision = config.vision_config
         cls = _auto_class(tf, vision, name)
         return Choice(cls, vision, label=f"{cls.__name__} (vision tower of {config.model_type})")
+    if type(config).__name__ in ADAPTED_TOWERS:  # a tower saved alone names a class transformers does not export
+        cls = _auto_class(tf, config, name)
+        return Choice(cls, config, label=cls.__name__)
     if getattr(config, "is_encoder_decoder", False):
         cls = _auto_class(tf, config, name)
         return Choice(cls, config, "encoder", f"the encoder of {cls.__name__}")
@@ -214,12 +217,9 @@ def choose_class(config: Any, name: str) -> Choice:
 
 
 # Vision towers that load but cannot be compressed, with the cause (refused before building).
-UNSUPPORTED_TOWERS = {
-    "Qwen2VLVisionConfig": "Qwen2-VL's vision tower is not supported yet: it takes flattened patches and grid_thw "
-                           "(not pixel values), orders its tokens by 2x2 merge windows and ends in a PatchMerger "
-                           "that reads 4 consecutive tokens, so merged or pruned tokens inside it break its windows; "
-                           "compress after the tower (a projector recipe on its output) instead",
-}
+UNSUPPORTED_TOWERS: dict[str, str] = {}
+# Vision towers built through an adapter of their own (config class name -> builder module, function).
+ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:
@@ -391,6 +391,10 @@ def choose_pooling(requested: str | None, have: set[str], model: nn.Module, miss
 def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOptions,
                default_pooling: str | None = None) -> LoadedModel:
     """Build ``choice`` (weights from ``folder`` if it has them), find its inputs, wrap it with a pooling."""
+    if type(choice.config).__name__ in ADAPTED_TOWERS:
+        module, function = ADAPTED_TOWERS[type(choice.config).__name__]
+        builder = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        return builder(name, choice, folder, options)
     if options.img_size is not None and hasattr(choice.config, "image_size"):
         choice.config.image_size = options.img_size  # new position embeddings (random) or a clear mismatch
     model, random_init = instantiate(choice, folder, name, hint_size=options.img_size is not None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..errors import StructureNotFoundError
+from ..errors import ConfigError, StructureNotFoundError
 
 TOKEN_MIXERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, nn.TransformerEncoder,
                 nn.TransformerDecoder, nn.Transformer, nn.RNNBase)
@@ -30,3 +30,41 @@ def check_opaque_token_mixers(gm: fx.GraphModule, below: set[fx.Node]) -> None:
                 "token as one; compress only layers after it, or write that attention out (q @ k^T, softmax, @ v) "
                 "or with scaled_dot_product_attention"
             )
+
+
+REFUSAL_ATTRIBUTE = "tc_export_refuses_compression"  # on a module: why it cannot read merged or pruned tokens
+
+
+def marked_reader(gm: fx.GraphModule, nodes: set[fx.Node]) -> tuple[str, str] | None:
+    """(module name, cause) of the first module among ``nodes`` (or holding one of them) that a model adapter marked
+    with ``REFUSAL_ATTRIBUTE``: a layer that reads fixed groups of consecutive tokens (Qwen2-VL's PatchMerger)."""
+    for node in gm.graph.nodes:
+        if node not in nodes or node.op not in ("call_module", "get_attr"):
+            continue
+        parts = str(node.target).split(".")
+        for depth in range(1, len(parts) + 1):
+            name = ".".join(parts[:depth])
+            try:
+                module = gm.get_submodule(name)
+            except AttributeError:
+                break
+            cause = getattr(module, REFUSAL_ATTRIBUTE, None)
+            if isinstance(cause, str):
+                return name, cause
+    return None
+
+
+def check_marked_readers(gm: fx.GraphModule, outputs: set[fx.Node], compressed: bool) -> None:
+    """Refuse a marked module on the way to the outputs (``outputs``: every node they are computed from) when tokens
+    are compressed (it would read merged or pruned tokens) or their positions emitted (its output tokens are not the
+    ones whose positions are carried)."""
+    found = marked_reader(gm, outputs)
+    if found is None:
+        return
+    name, cause = found
+    if compressed:
+        raise StructureNotFoundError(f"{name} cannot read compressed tokens: {cause}; export the last block's tokens "
+                                     "instead (--pooling tokens)")
+    raise ConfigError(f"--emit-positions: the output comes from {name}, which turns fixed windows of the last block's "
+                      "tokens into new tokens, so the carried positions are not its output's; export the last block's "
+                      "tokens (--pooling tokens)")

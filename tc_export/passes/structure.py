@@ -434,6 +434,8 @@ def find_patch_grid(gm: fx.GraphModule, first_site: AttentionSite, prefix: int) 
         if not _is_convolution(node, gm):
             continue
         shape = tensor_meta_shape(node)
+        if shape is not None and len(shape) == 5 and shape[2] == 1:
+            shape = (*shape[:2], *shape[3:])  # a 3-D patch embedding over one frame (Qwen2-VL's): its (H, W)
         if shape is not None and len(shape) in (3, 4) and math.prod(shape[2:]) == tokens:
             grid = tuple(shape[2:])
     return grid
@@ -441,10 +443,10 @@ def find_patch_grid(gm: fx.GraphModule, first_site: AttentionSite, prefix: int) 
 
 def _is_convolution(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(str(node.target)), (nn.Conv1d, nn.Conv2d))
+        return isinstance(gm.get_submodule(str(node.target)), (nn.Conv1d, nn.Conv2d, nn.Conv3d))
     if node.op == "call_function":
         name = getattr(node.target, "__name__", str(node.target))
-        return name.split(".")[0] in ("conv1d", "conv2d", "convolution")
+        return name.split(".")[0] in ("conv1d", "conv2d", "conv3d", "convolution")
     return False
 
 

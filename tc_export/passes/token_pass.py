@@ -25,9 +25,9 @@ from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
 from ..ops.state import grid_state, initial_state, leading_tokens, positions_of, rejoin_suffix, size_column
 from .base import PassResult
-from .graph import copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
+from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
-from .opaque import check_opaque_token_mixers
+from .opaque import check_marked_readers, check_opaque_token_mixers
 from .outputs import append_outputs, block_output, cut_output, encoder_output, frames_to_sequence
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
@@ -243,6 +243,9 @@ class TokenPass:
         if self.features is not None or encoder_stages:
             cut_output(gm, end, self.frames)
             self.report.output_is_tokens = True
+        if ops or self.emit_positions:
+            output = next(n for n in graph.nodes if n.op == "output")
+            check_marked_readers(gm, ancestors(output), compressed=bool(ops))
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 

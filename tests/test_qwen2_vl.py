@@ -1,0 +1,200 @@
+"""Qwen2-VL's vision tower through tc-export's adapter (``tc_export/models/qwen2_vl.py``), against the tower's own
+forward on the image processor's patches and against the per-sample reference ``reference_rotary.run_qwen2_vl``
+(the tower's own modules, rotary module and position ids, ToMe from tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tc_export import compress
+from tc_export.errors import TCExportError
+from tc_export.passes import AdjacentConfig, ToMeConfig
+
+from . import reference_rotary as rotary
+from .reference import reference_adjacent, reference_merge
+
+VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 48, "num_heads": 2, "patch_size": 4, "mlp_ratio": 2,
+          "spatial_merge_size": 2, "temporal_patch_size": 2}
+SIZE = 40  # a 10x10 patch grid, 5x5 merge windows
+
+
+def _tower(folder, qk_std: float = 0.5):
+    """A small random Qwen2-VL vision tower saved alone to ``folder`` (queries and keys large enough that the
+    rotary angles matter)."""
+    import transformers as tf
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    torch.manual_seed(0)
+    tower = Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(**VISION))
+    for name, parameter in tower.named_parameters():
+        if name.endswith("qkv.weight"):
+            parameter.data.normal_(0, qk_std)
+    tower.save_pretrained(folder)
+    return tower.eval()
+
+
+def _load(folder, pooling: str | None = None):
+    from tc_export.models import load_model
+    from tc_export.models.registry import ModelOptions
+
+    return load_model(f"hf:{folder}", ModelOptions(img_size=SIZE, pooling=pooling), warn_random=False)
+
+
+def _own_forward(tower, pixel_values):
+    """The tower's own forward on the image processor's patches of every image (one grid_thw row per image)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    config = tower.config
+    patches, rows, cols = Qwen2VLImageProcessor().patchify(
+        pixel_values, patch_size=config.patch_size, merge_size=config.spatial_merge_size,
+        temporal_patch_size=config.temporal_patch_size)
+    batch = pixel_values.shape[0]
+    with torch.no_grad():
+        out = tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch))
+    return (out.last_hidden_state.reshape(batch, rows * cols, -1),
+            out.pooler_output.reshape(batch, rows * cols // 4, -1), rows, cols)
+
+
+def _own_position_ids(tower, rows: int, cols: int) -> torch.Tensor:
+    from transformers.vision_utils import get_vision_position_ids
+
+    return get_vision_position_ids(torch.tensor([[1, rows, cols]]), tower.config.spatial_merge_size).float()
+
+
+def test_adapter_equals_the_tower(tmp_path):
+    """Uncompressed, the adapter is the tower: its merger output equals the tower's pooler_output on the processor's
+    patches (two images, attention kept within each by cu_seqlens), and ``--pooling tokens`` gives the tower's last
+    hidden state, each token found in it (reordered: the adapter's tokens are row-major)."""
+    tower = _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q")
+    assert loaded.output_names == ["pooler_output"] and not loaded.random_init
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    hidden, merged, rows, cols = _own_forward(tower, pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(pixel_values=pixels), merged, rtol=1e-4, atol=1e-5)
+    tokens = _load(tmp_path / "q", "tokens")
+    with torch.no_grad():
+        got = tokens.module(pixel_values=pixels)
+    assert got.shape == hidden.shape
+    match = torch.cdist(got[0], hidden[0]).argmin(dim=1)
+    assert sorted(match.tolist()) == list(range(rows * cols))
+    torch.testing.assert_close(got, hidden[:, match], rtol=1e-4, atol=1e-5)
+
+
+def test_composite_checkpoint_loads_its_vision_tower(tmp_path):
+    """A whole Qwen2-VL checkpoint (config with a vision_config, weights under the model's prefix) gives the
+    adapter around its vision tower with those weights."""
+    import transformers as tf
+
+    config = tf.Qwen2VLConfig(vision_config=VISION, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=2, intermediate_size=64, vocab_size=100)
+    torch.manual_seed(0)
+    model = tf.Qwen2VLModel(config).eval()
+    model.save_pretrained(tmp_path / "vl")
+    loaded = _load(tmp_path / "vl")
+    assert not loaded.random_init
+    pixels = loaded.example_inputs(batch=1)["pixel_values"]
+    _, merged, _, _ = _own_forward(model.visual, pixels)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.module(pixel_values=pixels), merged, rtol=1e-4, atol=1e-5)
+
+
+def test_uncompressed_positions_are_the_towers_position_ids(tmp_path):
+    """``--emit-positions`` with nothing compressed: each output token (found in the tower's own last hidden state
+    by its values) carries exactly the tower's own (h, w) position id of that token, and size 1."""
+    tower = _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q", "tokens")
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    hidden, _, rows, cols = _own_forward(tower, pixels)
+    ids = _own_position_ids(tower, rows, cols)
+    exported = compress(loaded, [], {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        tokens, positions, sizes = exported(pixel_values=pixels)
+    for b in range(2):
+        match = torch.cdist(tokens[b], hidden[b]).argmin(dim=1)
+        torch.testing.assert_close(tokens[b], hidden[b, match], rtol=1e-4, atol=1e-5)
+        assert torch.equal(positions[b], ids[match])
+    assert torch.equal(sizes, torch.ones_like(sizes))
+
+
+def _merge(method: str, r: int, carry: bool = True):
+    merge = reference_merge if method == "tome" else reference_adjacent
+
+    def step(i, x, size, pos, keys, probs):
+        x, size, new = rotary.with_positions(lambda t, s: merge(t, keys.mean(0), s, r, 0), x, size, pos)
+        return x, size, new if carry else pos[: x.shape[0]]
+
+    return step
+
+
+@pytest.mark.parametrize("method", ["tome", "adjacent"])
+def test_merging_with_positions_matches_reference(tmp_path, method):
+    """ToMe / adjacent merging r=4 with --emit-positions on the last block's tokens: tokens, positions and sizes
+    equal the per-sample reference (the tower's own rotary module at the carried positions). Every token never
+    merged (size 1) sits at one of the tower's own position ids, distinct; every merged token at the size-weighted
+    mean of its members', which the reference carries through the merge. Positions not carried (the rotary table's
+    first rows) fail the comparison."""
+    tower = _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q", "tokens")
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    config = ToMeConfig(r=4) if method == "tome" else AdjacentConfig(r=4)
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
+    assert "layer 1: rotary position embedding" in compressed.report.rewired
+    want, want_pos, want_size, counts = rotary.run_qwen2_vl(tower, pixels, _merge(method, 4), True)
+    assert counts == compressed.token_counts() == [100, 96, 92]
+    with torch.no_grad():
+        got, positions, sizes = compressed(pixel_values=pixels)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sizes, want_size)
+    ids = {tuple(p) for p in _own_position_ids(tower, 10, 10).tolist()}
+    for b in range(2):
+        single = [tuple(p) for p in positions[b][sizes[b, :, 0] == 1].tolist()]
+        assert set(single) <= ids and len(set(single)) == len(single)
+        assert float(sizes[b].sum()) == 100 and bool((sizes[b] > 1).any())
+    stale, _, _, _ = rotary.run_qwen2_vl(tower, pixels, _merge(method, 4, carry=False), True)
+    assert not torch.allclose(got, stale, rtol=1e-4, atol=1e-5)
+
+
+def test_patch_merger_refuses_compression_and_positions(tmp_path):
+    """The PatchMerger reads 2x2 windows of consecutive tokens: compressing before it, or emitting positions of
+    tokens it replaces, is refused naming it."""
+    _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q")
+    with pytest.raises(TCExportError, match="PatchMerger concatenates each 2x2 window") as error:
+        compress(loaded, ToMeConfig(r=2))
+    assert "--pooling tokens" in str(error.value) and len(str(error.value).splitlines()) == 1
+    with pytest.raises(TCExportError, match="--emit-positions") as error:
+        compress(loaded, [], emit_positions=True)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_exports_through_the_cli_with_positions(tmp_path, capsys):
+    from .test_cli import run_cli
+
+    _tower(tmp_path / "q")
+    capsys.readouterr()  # saving the weights prints a progress bar
+    code, out, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", SIZE, "--pooling", "tokens", "--method", "tome",
+                              "--r", "2", "--emit-positions", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert "patch grid 10x10" in out and "tokens per layer: 100 98 96" in out and "rotary position embedding" in out
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and (tmp_path / "m.onnx").is_file()
+    assert "positions max abs" in out
+
+
+@pytest.mark.parametrize("args,cause", [
+    (["--method", "tome", "--r", "2"], "PatchMerger"),
+    (["--emit-positions"], "--emit-positions"),
+    (["--img-size", 42], "multiple of patch_size x spatial_merge_size = 8"),
+    (["--pooling", "mean"], "--pooling mean does not apply"),
+], ids=["merger-compressed", "merger-positions", "size", "pooling"])
+def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
+    from .test_cli import run_cli
+
+    _tower(tmp_path / "q")
+    capsys.readouterr()
+    extra = [] if "--img-size" in args else ["--img-size", SIZE]
+    code, _, err = run_cli([f"hf:{tmp_path / 'q'}", *extra, *args, "-o", tmp_path / "m.onnx"], capsys)
+    assert code != 0 and cause in err, err
+    assert len(err.strip().splitlines()) == 1
