@@ -172,6 +172,22 @@ def test_emitted_positions_match_reference(name):
         assert torch.equal(positions, positions.round())
 
 
+@pytest.mark.parametrize("config", [None, TopKConfig(keep=0.5, layers=(0,))], ids=["uncompressed", "topk"])
+def test_emitted_positions_with_a_features_cut(config):
+    """--features N --emit-positions: the state reaches the new outputs (it was erased with the cut-off blocks)."""
+    model = tiny_timm_vit(img_size=64, depth=3)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    compressed = compress(model, [config] if config else [], {"x": images[:1]}, features=1, emit_positions=True)
+    step = _topk_step(0.5, (0,), False) if config else (lambda layer, x, size, pos, keys, probs: (x, size, pos))
+    carried = CarriedPositions(step, grid_positions(1, (4, 4)))
+    run(timm_vit(model), {"x": images}, Hooks(after_attention=carried, prop_attn=False))
+    with torch.no_grad():
+        tokens, positions, sizes = compressed(images)
+    assert tokens.shape[1] == positions.shape[1] == (9 if config else 17)
+    torch.testing.assert_close(positions, torch.stack(carried.final), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sizes, torch.stack(carried.sizes), rtol=1e-5, atol=1e-5)
+
+
 def test_models_without_positions_are_unchanged():
     """No table and no --emit-positions: the graph has no state with positions (the same export as before)."""
     model = tiny_timm_vit(img_size=64, depth=2)

@@ -210,7 +210,9 @@ def stable_toposort(graph: fx.Graph) -> None:
             if waiting[user] == 0:
                 heapq.heappush(ready, index[user])
     if len(ordered) != len(nodes):
-        raise RuntimeError("the graph has a cycle after a pass")
+        placed = set(ordered)
+        stuck = [n.name for n in nodes if n not in placed]
+        raise RuntimeError(f"the graph has a cycle after a pass (through {', '.join(stuck[:4])})")
     if ordered == nodes:
         return
     anchor = ordered[0]

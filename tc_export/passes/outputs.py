@@ -65,21 +65,26 @@ def frames_to_sequence(tokens: torch.Tensor, frames: int) -> torch.Tensor:
     return tokens.reshape(tokens.shape[0] // frames, frames * tokens.shape[1], tokens.shape[2])
 
 
-def cut_output(gm: fx.GraphModule, node: fx.Node, frames: int | None = None) -> None:
-    """Make ``node`` (tokens) the model's only output; with ``frames``, per-frame tokens become one sequence."""
+def cut_output(gm: fx.GraphModule, node: fx.Node, frames: int | None = None, keep: frozenset[fx.Node] = frozenset()
+               ) -> None:
+    """Make ``node`` (tokens) the model's only output; with ``frames``, per-frame tokens become one sequence.
+    ``keep``: nodes that outputs added later will read (the token state), kept with what they read."""
     graph = gm.graph
     output = next(n for n in graph.nodes if n.op == "output")
     if frames:
         with graph.inserting_before(output):
             node = graph.call_function(frames_to_sequence, (node, frames))
     _set_output(output, node)
-    _drop_unreachable(graph, output)
+    _drop_unreachable(graph, output, keep)
 
 
-def _drop_unreachable(graph: fx.Graph, output: fx.Node) -> None:
-    """Erase what no longer feeds the output: the blocks after a --features cut, the old head, and the shape
-    assertions torch.export left on them (dead code elimination keeps those, as they could have side effects)."""
-    keep = ancestors(output) | {output}
+def _drop_unreachable(graph: fx.Graph, output: fx.Node, extra: frozenset[fx.Node] = frozenset()) -> None:
+    """Erase what no longer feeds the output (or ``extra``): the blocks after a --features cut, the old head, and
+    the shape assertions torch.export left on them (dead code elimination keeps those, as they could have side
+    effects)."""
+    keep = ancestors(output) | {output} | set(extra)
+    for node in extra:
+        keep |= ancestors(node)
     for node in reversed(list(graph.nodes)):
         if node not in keep and node.op != "placeholder" and not node.users:
             graph.erase_node(node)

@@ -241,7 +241,8 @@ class TokenPass:
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
         if self.features is not None or encoder_stages:
-            cut_output(gm, end, self.frames)
+            cut_output(gm, end, self.frames, frozenset({state}) if self.emit_positions and state is not None
+                       else frozenset())
             self.report.output_is_tokens = True
         if ops or self.emit_positions:
             output = next(n for n in graph.nodes if n.op == "output")
