@@ -84,6 +84,14 @@ def main() -> None:
                            f"{best['label']} {best['speedup']:.2f}x ({best['shown']}); tune --speedup {target} (5% "
                            f"above its prediction): {tuned['label']} {tuned['speedup']:.2f}x ({tuned['shown']}, "
                            f"uncompressed {document['baseline_shown']}): " + ("done" if met else "NOT met in this run"))
+                if not met:
+                    faster = [r for r in document["rows"] if r["speedup"] > best["speedup"]]
+                    ceiling = best["label"] == f"tome r={max(values)}"
+                    verdict += ((f". {best['label']} is ToMe's ceiling (every layer merges half its tokens)"
+                                 if ceiling else "")
+                                + ". Faster here: " + ("; ".join(
+                                    f"{r['label']} {r['speedup']:.2f}x at {baseline - r['score']:+.1%} drop"
+                                    for r in faster) if faster else "nothing"))
             elif model == "minilm":
                 from tc_export.data import sentences
 

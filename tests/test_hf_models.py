@@ -91,6 +91,25 @@ def test_bert_padding_matches_reference(method):
         torch.testing.assert_close(compressed(**batch), want, rtol=1e-4, atol=2e-5)
 
 
+def test_truncation_of_padded_text_cuts_its_sizes():
+    """The latency table's truncated models on a padded text model: the padding sizes are cut with the tokens
+    (they were dropped, and the next layer's mask read None)."""
+    from tc_export.tune.truncate import TruncateAt
+
+    loaded = tiny("bert")
+    batch = _padded_batch([24, 5])
+    compressed = compress(loaded, TruncateAt(keep=8), batch)
+    counts = compressed.token_counts()
+    assert counts[0] == 24 and set(counts[1:]) == {8}
+
+    def cut(index, x, size, keys, probs):
+        return (x[:8], size[:8]) if index == 0 else (x, size)  # per sample: (N, C)
+
+    want, _ = encoders.run(encoders.hf_bert_sentence(loaded.module), batch, encoders.Hooks(cut, prop_attn=False))
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**batch), want, rtol=1e-4, atol=2e-5)
+
+
 def test_padding_absorbs_merges_and_never_changes_real_tokens():
     """A short sentence: every merge is spent on padding, so the embedding equals the uncompressed model's,
     whatever the padded positions hold."""

@@ -16,7 +16,7 @@ from ..passes.tome import ToMeConfig
 
 
 class Truncate(TokenOp):
-    """Keep the first ``keep`` tokens (no sizes: nothing downstream is re-weighted)."""
+    """Keep the first ``keep`` tokens; a token state coming in (a padded text's sizes) is cut alike, none is made."""
 
     creates_size = False
 
@@ -24,8 +24,8 @@ class Truncate(TokenOp):
         super().__init__()
         self.keep = keep
 
-    def forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, None]:
-        return x[:, : self.keep], None
+    def forward(self, x: torch.Tensor, size: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return x[:, : self.keep], None if size is None else size[:, : self.keep]
 
     def tokens_out(self, tokens_in: int) -> int:
         return self.keep
