@@ -90,7 +90,7 @@ def main() -> None:
                     verdict += ((f". {best['label']} is ToMe's ceiling (every layer merges half its tokens)"
                                  if ceiling else "")
                                 + ". Faster here: " + ("; ".join(
-                                    f"{r['label']} {r['speedup']:.2f}x at {baseline - r['score']:+.1%} drop"
+                                    f"{r['label']} {r['speedup']:.2f}x, {100 * (baseline - r['score']):.1f} points down"
                                     for r in faster) if faster else "nothing"))
             elif model == "minilm":
                 from tc_export.data import sentences
