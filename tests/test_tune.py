@@ -244,3 +244,36 @@ def test_whole_job_on_a_tiny_model(tmp_path, capsys):
     assert document["calib_warning"] and "rank schedules poorly" in document["calib_warning"]
     page = render_tune(json.loads((tmp_path / "t.json").read_text()))
     assert 'id="tune"' in page and "data:image/png;base64" in page
+
+
+def test_every_method_gets_an_op_cost_probe(loaded, monkeypatch):
+    """The latency table times one real schedule per searched method (adjacent was cut off by a cap of four
+    families, so its op cost was taken as zero)."""
+    from tc_export.tune import search
+
+    seen = {}
+    monkeypatch.setattr(search, "measure_table", lambda loaded, shape, batch, counts, probes, *a, **k: seen.setdefault(
+        "methods", sorted(p.methods[0] for p in probes)))
+    search.latency_table(loaded, model_shape(loaded), TuneConfig(speedup=2.0))
+    assert seen["methods"] == ["adjacent", "prumerge", "tome", "topk"]
+
+
+def test_the_final_pick_is_made_on_the_measurement():
+    """A predicted winner that measures short of the target gives way to the best-scoring schedule that measured
+    at or above it beside it; with none meeting it, the predicted winner stays (and a note says so)."""
+    from tc_export.tune.run import pick_measured
+    from tc_export.tune.search import Scored
+
+    def row(label, score):
+        return Scored(Schedule(label, "f", (ToMeConfig(r=1),)), 50.0, score)
+
+    winner, fast_worse, fast_better, slow_best = row("w", 0.99), row("a", 0.95), row("b", 0.97), row("c", 1.0)
+    rows, notes = [winner, fast_worse, fast_better, slow_best], []
+    config = TuneConfig(speedup=2.0)
+    assert pick_measured(winner, rows, [52.0, 45.0, 49.0, 60.0], 100.0, config, notes.append) is fast_better
+    assert "picked on the measurement" in notes[-1]
+    assert pick_measured(winner, rows, [50.0, 45.0, 49.0, 60.0], 100.0, config, notes.append) is winner
+    assert pick_measured(winner, rows, [52.0, 55.0, 51.0, 60.0], 100.0, config, notes.append) is winner
+    assert "no schedule measured beside it meets the target" in notes[-1]
+    latency = TuneConfig(latency_ms=46.0)
+    assert pick_measured(winner, rows, [52.0, 45.0, 49.0, 60.0], 100.0, latency, notes.append) is fast_worse

@@ -98,12 +98,13 @@ def latency_table(loaded: Any, shape: Shape, config: TuneConfig, progress: Calla
                   pool: dict[str, list[Schedule]] | None = None) -> LatencyTable:
     """The latency table of ``config``'s grid, with one probe per method (the middle member of its family)."""
     pool = pool if pool is not None else families(shape, config.methods, config.multiple)
-    probes = [members[len(members) // 2] for name, members in pool.items()
-              if name in ("tome constant r", "topk EViT layers", "adjacent constant r")
-              or name.startswith("prumerge at layer")][:4]
-    probes = list({p.methods[0]: p for p in probes}.values())
+    probes: dict[str, Schedule] = {}  # one per method (the first family of each; every method gets its op cost)
+    for name, members in pool.items():
+        if name in ("tome constant r", "topk EViT layers", "adjacent constant r") or name.startswith("prumerge at"):
+            probes.setdefault(members[0].methods[0], members[len(members) // 2])
     counts = grid(shape, config.table_points, config.multiple)
-    return measure_table(loaded, shape, config.batch, counts, probes, config.threads, config.runs, progress=progress)
+    return measure_table(loaded, shape, config.batch, counts, list(probes.values()), config.threads, config.runs,
+                         progress=progress)
 
 
 def tune(loaded: Any, scorer: Scorer, config: TuneConfig, shape: Shape | None = None,
