@@ -412,17 +412,27 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
         model = model.base_model
         pooling, _ = choose_pooling(requested, available_outputs(model, inputs, example, name), model, missing, name,
                                     None)
-    if options.weights is not None:
-        if options.pretrained:
-            raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
-        load_weights(model, options.weights, strip_wrapper_prefix)
+    if load_given_weights(model, options, name):
         random_init = False
-    elif options.pretrained:
-        raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
     if pooling != "pooler" and isinstance(getattr(model, "pooler", None), nn.Module):
         model.pooler = NoPooler()  # an unused pooler still reads token 0 in the traced graph
     wrapper = wrap(model, inputs, pooling).eval()
     return LoadedModel(name, wrapper, specs, [OUTPUT_NAMES[pooling]], random_init, make)
+
+
+def refuse_pretrained(options: ModelOptions, name: str) -> None:
+    """A model built from a transformers config has no library weights to fetch: ``--pretrained`` is timm's."""
+    if options.pretrained:
+        raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
+
+
+def load_given_weights(model: nn.Module, options: ModelOptions, name: str) -> bool:
+    """Load ``--weights`` into ``model`` (True when it did); ``--pretrained`` is refused."""
+    refuse_pretrained(options, name)
+    if options.weights is None:
+        return False
+    load_weights(model, options.weights, strip_wrapper_prefix)
+    return True
 
 
 def strip_wrapper_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

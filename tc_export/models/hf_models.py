@@ -25,13 +25,13 @@ from .hf_auto import (
     TextEncoder,
     build_auto,
     build_local,
+    load_given_weights,
     quiet_transformers,
-    strip_wrapper_prefix,
+    refuse_pretrained,
     text_inputs,
 )
 from .hf_auto import transformers_module as _transformers
 from .registry import POOLING_MODELS, PREFIXES, ModelOptions, register_model
-from .weights import load_weights
 
 __all__ = ["AudioEncoder", "ImageEncoder", "SentenceEncoder", "TextEncoder", "build_bert", "build_clip_vision",
            "build_dinov2", "build_local", "build_minilm", "build_vit", "build_whisper_encoder", "tokenize"]
@@ -52,8 +52,7 @@ class SentenceEncoder(nn.Module):
 
 def _preset(name: str, cls: Any, config: Any, options: ModelOptions, pooling: str) -> LoadedModel:
     """A preset: ``cls(config)`` (random) through the generic builder, ``pooling`` unless --pooling says otherwise."""
-    if options.pretrained:
-        raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
+    refuse_pretrained(options, name)
     return build_auto(name, Choice(cls, config, label=cls.__name__), None, options, default_pooling=pooling)
 
 
@@ -102,14 +101,10 @@ def build_bert(options: ModelOptions, name: str = "bert_b", length: int = TEXT_L
     config._attn_implementation = "sdpa"
     if options.pooling is not None:
         return _preset(name, tf.BertModel, config, options, "mean")
-    if options.pretrained:
-        raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
+    refuse_pretrained(options, name)
     inputs, make = text_inputs(config.vocab_size, length)
     model = tf.BertModel(config, add_pooling_layer=False)
-    random_init = True
-    if options.weights is not None:
-        load_weights(model, options.weights, strip_wrapper_prefix)
-        random_init = False
+    random_init = not load_given_weights(model, options, name)
     return LoadedModel(name, SentenceEncoder(model).eval(), inputs, ["sentence_embedding"], random_init, make)
 
 

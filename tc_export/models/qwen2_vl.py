@@ -122,8 +122,7 @@ def image_size(config: Any, options: ModelOptions, name: str) -> int:
 
 def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: ModelOptions) -> LoadedModel:
     """``hf:DIR`` holding a Qwen2-VL config (or its vision config): the adapter around its vision tower."""
-    from .hf_auto import instantiate, strip_wrapper_prefix
-    from .weights import load_weights
+    from .hf_auto import instantiate, load_given_weights, refuse_pretrained
 
     config = choice.config
     pooling = options.pooling or "pooler"
@@ -134,11 +133,9 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     if config.rope_parameters.get("rope_type", "axial") != "axial":
         raise ConfigError(f"{name}: Qwen2-VL's vision rope type {config.rope_parameters['rope_type']!r} is not the "
                           "axial rope the adapter reads")
+    refuse_pretrained(options, name)
     tower, random_init = instantiate(choice, folder, name)
-    if options.pretrained:
-        raise ConfigError(f"{name} is built from its config; --pretrained is for timm models: use --weights FILE")
-    if options.weights is not None:
-        load_weights(tower, options.weights, strip_wrapper_prefix)
+    if load_given_weights(tower, options, name):
         random_init = False
     adapter = Qwen2VLVisionAdapter(tower, size, pooling).eval()
     spec = InputSpec("pixel_values", (config.in_channels, size, size))

@@ -156,6 +156,7 @@ def find_initial_sizes(
     A sliding window inside a padding mask stays as a fixed band, and its ``SlidingWindow`` goes into ``windows``
     (refused when ``windows`` is None)."""
     padding: fx.Node | None = None
+    window_of: dict[fx.Node, int | None | str] = {}  # layers share their mask node: evaluate each once
     for site in sites:
         node = site.attention
         if not is_sdpa(node):
@@ -183,7 +184,9 @@ def find_initial_sizes(
         elif len(inputs) == 1 and (padding is None or padding is inputs[0]):
             padding = inputs[0]
             if keep is None:
-                keep = _keep_window(gm, site, mask, padding, example_inputs, windows)
+                if mask not in window_of:
+                    window_of[mask] = _window_of(gm, mask, padding, example_inputs)
+                keep = _keep_window(gm, site, mask, padding, window_of[mask], windows)
         else:
             raise StructureNotFoundError(
                 f"attention {node.name} has a mask built from {', '.join(n.name for n in inputs)}; "
@@ -196,11 +199,11 @@ def find_initial_sizes(
         return gm.graph.call_function(padding_sizes, (padding,))
 
 
-def _keep_window(gm: fx.GraphModule, site: AttentionSite, mask: fx.Node, padding: fx.Node,
-                 example_inputs: Mapping[str, torch.Tensor], windows: list[PositionTable] | None) -> fx.Node | None:
-    """The fixed band to keep in place of a padding mask that also holds a sliding window (None: a plain padding
-    mask); refused when the mask hides tokens by position in any other way."""
-    found = _window_of(gm, mask, padding, example_inputs)
+def _keep_window(gm: fx.GraphModule, site: AttentionSite, mask: fx.Node, padding: fx.Node, found: int | None | str,
+                 windows: list[PositionTable] | None) -> fx.Node | None:
+    """The fixed band to keep in place of a padding mask that also holds a sliding window (``found``: what
+    ``_window_of`` says the mask hides; None: a plain padding mask); refused when it hides tokens by position in
+    any other way."""
     if found is None:
         return None
     node = site.attention
