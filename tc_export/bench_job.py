@@ -298,17 +298,24 @@ def _reference_group(
         schedule = tome_config.schedule(len(blocks))
         if tome_config.layers is not None:
             schedule = [r if i in tome_config.layers else 0 for i, r in enumerate(schedule)]
+        at_input = tome_config.placement == "input"
+        merges = {"input": schedule if at_input else [], "attention": [] if at_input else schedule}
         try:
-            module = apply_reference_tome(loaded.module, schedule, tome_config.prop_attn)
+            module = apply_reference_tome(loaded.module, merges["attention"], tome_config.prop_attn,
+                                          input_schedule=merges["input"])
         except TCExportError:
             return None
         macs = count_macs(module, one)
         tokens = None
-        if base_tokens:
-            protected = module.blocks.protected
-            tokens = [base_tokens[0]]
-            for r in schedule:
-                tokens.append(tokens[-1] - max(0, min(r, (tokens[-1] - protected) // 2)))
+        if base_tokens:  # as token_counts(): the tokens each attention sees, then the tokens leaving the last layer
+            protected, n, tokens = module.blocks.protected, base_tokens[0], []
+            for layer in range(len(blocks)):
+                for where in ("input", "attention"):
+                    r = merges[where][layer] if layer < len(merges[where]) else 0
+                    n -= max(0, min(r, (n - protected) // 2))
+                    if where == "input":
+                        tokens.append(n)
+            tokens.append(n)
         row = _row(common, dataclasses.replace(candidate, label=f"{candidate.label} (reference eager)"), "torch",
                    "fp32", "reference", tokens, macs, base_macs)
         group.entries.append(Entry(row, _torch_call(module, inputs, config.threads),

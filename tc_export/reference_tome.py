@@ -5,6 +5,9 @@ instead of exporting it. Each block runs attention (with proportional attention:
 the attention residual add, then bipartite soft matching on the keys averaged over heads (alternate A/B split,
 each A token's most similar B token, the r best-matched A tokens averaged into their match, weighted by size),
 then the MLP. Token sizes are threaded from block to block explicitly (no shared mutable state).
+
+``input_schedule`` (the ``placement: input`` option, not the published method): merge that many tokens where the
+stream enters a block, matched on the incoming tokens themselves (no keys exist before the attention).
 """
 
 from __future__ import annotations
@@ -71,16 +74,21 @@ def _attention(attn: nn.Module, x: Tensor, size: Tensor | None, prop_attn: bool)
 class ToMeBlocks(nn.Module):
     """The model's blocks run in order with ToMe after each attention residual add; sizes passed explicitly."""
 
-    def __init__(self, blocks: Sequence[nn.Module], schedule: Sequence[int], protected: int, prop_attn: bool) -> None:
+    def __init__(self, blocks: Sequence[nn.Module], schedule: Sequence[int], protected: int, prop_attn: bool,
+                 input_schedule: Sequence[int] = ()) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.schedule = list(schedule)
+        self.input_schedule = list(input_schedule) + [0] * (len(self.schedule) - len(input_schedule))
         self.protected = protected
         self.prop_attn = prop_attn
 
     def forward(self, x: Tensor) -> Tensor:
         size: Tensor | None = None
-        for block, r in zip(self.blocks, self.schedule):
+        for block, r, r_input in zip(self.blocks, self.schedule, self.input_schedule):
+            if r_input > 0:
+                x, size = merge_tokens(x, size if size is not None else x.new_ones(*x.shape[:2], 1), r_input, x,
+                                       self.protected)
             attended, metric = _attention(block.attn, block.norm1(x), size, self.prop_attn)
             x = x + block.drop_path1(block.ls1(attended))
             if r > 0:
@@ -90,15 +98,18 @@ class ToMeBlocks(nn.Module):
         return x
 
 
-def apply_reference_tome(model: nn.Module, schedule: Sequence[int], prop_attn: bool = True) -> nn.Module:
-    """A copy of timm VisionTransformer ``model`` with ToMe merging ``schedule[i]`` tokens in block i."""
+def apply_reference_tome(model: nn.Module, schedule: Sequence[int], prop_attn: bool = True,
+                         input_schedule: Sequence[int] = ()) -> nn.Module:
+    """A copy of timm VisionTransformer ``model`` with ToMe merging ``schedule[i]`` tokens in block i (and
+    ``input_schedule[i]`` where the stream enters block i, before its attention)."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.Sequential) or not all(hasattr(b, "attn") and hasattr(b.attn, "qkv") for b in blocks):
         raise ConfigError("the reference eager ToMe patches timm VisionTransformer blocks; this model has none")
-    if len(schedule) > len(blocks):
-        raise ConfigError(f"the r schedule has {len(schedule)} entries but the model has {len(blocks)} blocks")
+    for name, values in (("r", schedule), ("input r", input_schedule)):
+        if len(values) > len(blocks):
+            raise ConfigError(f"the {name} schedule has {len(values)} entries but the model has {len(blocks)} blocks")
     patched = copy.deepcopy(model).eval()
     protected = int(getattr(patched, "num_prefix_tokens", 1))
     full = list(schedule) + [0] * (len(blocks) - len(schedule))
-    patched.blocks = ToMeBlocks(list(patched.blocks), full, protected, prop_attn)
+    patched.blocks = ToMeBlocks(list(patched.blocks), full, protected, prop_attn, input_schedule)
     return patched

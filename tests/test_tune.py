@@ -20,7 +20,7 @@ from tc_export.tune.calib import CalibData, load_calib
 from tc_export.tune.families import families, snap, tome_vector
 from tc_export.tune.fidelity import Scorer
 from tc_export.tune.latency import LatencyTable, grid
-from tc_export.tune.schedule import Schedule, Shape, layer_counts, recipe_yaml, token_list
+from tc_export.tune.schedule import Schedule, Shape, layer_counts, op_key, recipe_yaml, token_list
 from tc_export.tune.search import TuneConfig, model_shape, tune
 
 from .conftest import tiny_timm_vit
@@ -44,10 +44,12 @@ SCHEDULES = [
     (AdjacentConfig(r=2, layers=(0, 1)),),
     (PruMergeConfig(tokens=5, layers=(1,)),),
     (ToMeConfig(r=3, layers=(0,)), TopKConfig(keep=0.5, layers=(1,))),
+    (ToMeConfig(r=3, placement="input", layers=(0,)), ToMeConfig(r=2)),
+    (ToMeConfig(r=2, placement="input", layers=(1, 2)), TopKConfig(keep=0.5, layers=(1,))),
 ]
 
 
-@pytest.mark.parametrize("stages", SCHEDULES, ids=lambda s: "+".join(c.method for c in s))
+@pytest.mark.parametrize("stages", SCHEDULES, ids=lambda s: "+".join(op_key(c) for c in s))
 def test_token_counts_match_the_traced_model(loaded, stages):
     shape = model_shape(loaded)
     assert (shape.tokens, shape.protected, shape.layers) == (17, 1, 3)
@@ -253,9 +255,33 @@ def test_every_method_gets_an_op_cost_probe(loaded, monkeypatch):
 
     seen = {}
     monkeypatch.setattr(search, "measure_table", lambda loaded, shape, batch, counts, probes, *a, **k: seen.setdefault(
-        "methods", sorted(p.methods[0] for p in probes)))
+        "ops", [op_key(p.stages[0]) for p in probes]))
     search.latency_table(loaded, model_shape(loaded), TuneConfig(speedup=2.0))
-    assert seen["methods"] == ["adjacent", "prumerge", "tome", "topk"]
+    assert sorted(seen["ops"]) == ["adjacent", "prumerge", "tome", "tome@input", "topk"]
+    assert seen["ops"].index("tome") < seen["ops"].index("tome@input")  # its probe's other op is priced first
+
+
+def test_op_costs_are_fitted_one_probe_at_a_time(loaded, monkeypatch):
+    """A probe with two ops (ToMe at layer 0's input, then ToMe after each attention) is charged only for the
+    op it probes: the other's cost comes from the probe before it. Timings built from known costs come back."""
+    from tc_export.tune import latency
+
+    shape = model_shape(loaded)
+    table, _ = synthetic(shape, w=0.6)
+    counts = [3, 9, 17]
+    k = {"tome": 0.25, "tome@input": 0.75}
+    probes = [Schedule("a", "f", (ToMeConfig(r=4),)),
+              Schedule("b", "g", (ToMeConfig(r=5, placement="input", layers=(0,)), ToMeConfig(r=3)))]
+
+    def fake_times(loaded, modules, *args, **kwargs):
+        base = [table.measured[n] for n in counts]
+        priced = LatencyTable(shape, 1, {n: table.measured[n] for n in counts}, 0.6, k)
+        return base + [priced.predict(p.stages) for p in probes]
+
+    monkeypatch.setattr(latency, "time_models", fake_times)
+    monkeypatch.setattr(latency, "attention_share", lambda *a: 0.6)
+    fitted = latency.measure_table(loaded, shape, 1, counts, probes)
+    assert fitted.op_ms_per_token == pytest.approx(k)
 
 
 def test_the_final_pick_is_made_on_the_measurement():

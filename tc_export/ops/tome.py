@@ -172,23 +172,26 @@ class ToMeMerge(CountedMergeOp):
     sequences, not the published method); None: the global search.
     """
 
-    signals = ("metric",)
+    signals: tuple[str, ...] = ("metric",)
 
     def __init__(
         self, r: int, protected: int, padded: bool = False, sort_unmerged: bool | None = None,
-        window: int | None = None,
+        window: int | None = None, metric_is_tokens: bool = False,
     ) -> None:
         super().__init__(r, protected, padded)
         if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
             raise ValueError(f"window must be a whole number >= 1 or None, got {window!r}")
         self.sort_unmerged = sort_unmerged
         self.window = window
+        if metric_is_tokens:  # at a block input no keys exist yet: the tokens are wired in as the metric too, so
+            self.signals = ("tokens",)  # the node is the plugin's ToMeMerge(x, size, metric) with metric = x
 
     def forward(self, x: Tensor, size: Tensor | None, metric: Tensor) -> tuple[Tensor, Tensor]:
         return tome_merge(x, metric, size, self.r, self.protected, self.padded, self.sort_unmerged, self.window)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.window is None else f", window={self.window}")
+        return (super().extra_repr() + ("" if self.window is None else f", window={self.window}")
+                + (", metric=tokens" if self.signals == ("tokens",) else ""))
 
     def tokens_out(self, tokens_in: int) -> int:
         return tokens_in - effective_r(tokens_in, self.r, self.protected)

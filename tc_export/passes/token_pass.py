@@ -540,15 +540,20 @@ class TokenPass:
 
     def _insert_block_input_op(self, gm: fx.GraphModule, site: AttentionSite, op: TokenOp,
                                state: fx.Node | None, suffix: int = 0) -> tuple[fx.Node | None, fx.Node]:
-        """An op where the stream enters ``site``'s block, fed with that block's full-width queries and keys
-        computed on the uncompressed stream (a copy of the projections); the block then runs on its output."""
+        """An op where the stream enters ``site``'s block, fed with the full-width queries and keys that block
+        computes on the incoming stream (a copy of the projections, made only for an op that reads them) or with
+        the incoming tokens themselves (``tokens``); the block then runs on the op's output."""
         graph = gm.graph
         source = site.block_input
         if source is None:
             raise StructureNotFoundError(f"no block input found for attention {site.name}")
-        copies = copy_subgraph(graph, source, [site.query, site.key])
+        projected = [signal for signal in op.signals if signal != "tokens"]
+        copies = copy_subgraph(graph, source, [site.query, site.key]) if projected else {}
         signals = []
         for signal in op.signals:
+            if signal == "tokens":
+                signals.append(source)
+                continue
             if signal not in ("query_full", "key_full"):
                 raise ConfigError(f"{type(op).__name__} needs {signal!r}, which a block input does not provide")
             node = copies.get(site.query if signal == "query_full" else site.key)

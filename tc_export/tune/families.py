@@ -2,7 +2,8 @@
 
 Each family is one shape of schedule swept by one strength (r, keep, budget): ToMe's constant ``r`` and linear
 (r, inflection) schedules, ToMe on the first layers only, ToMe keeping a fixed fraction per layer (front-heavy in
-tokens), Top-K at EViT's layers or at one layer, PruMerge at one layer, adjacent merging, and ToMe then Top-K.
+tokens), ToMe also merging at layer 0's input (``placement: input``, not the published placement: the only ToMe
+schedule that shortens layer 0's attention), Top-K at EViT's layers or at one layer, PruMerge at one layer, adjacent merging, and ToMe then Top-K.
 The search takes from each the weakest member that meets the latency target, then refines per-layer ``r``.
 """
 
@@ -89,6 +90,11 @@ def families(shape: Shape, methods: Sequence[str], multiple: int | None = None) 
                 geometric.append(Schedule(f"{schedule.label} (keep {keep:.3g}/layer)", "tome fixed fraction per layer",
                                           schedule.stages))
         out["tome fixed fraction per layer"] = geometric
+        # Not the published placement (ToMeConfig.placement): layer 0's attention runs on merged tokens too.
+        name = "tome at layer 0's input + constant r"
+        out[name] = [Schedule(f"tome input r={r} layers=0 + tome r={r}", name,
+                              (ToMeConfig(r=r, placement="input", layers=(0,)), ToMeConfig(r=r)))
+                     for r in range(1, max_r + 1)]
     keeps = [round(1.0 - 0.05 * i, 2) for i in range(1, 20)]
     if "topk" in methods and class_token:
         evit = [layer for layer in TopKConfig().default_layers(L)] or sorted({L // 4, L // 2, (3 * L) // 4})

@@ -9,7 +9,8 @@ and a schedule whose layer l sees ``in_l`` tokens in its attention and ``out_l``
     predicted = U(N) + sum_l [w D(in_l) + (1 - w) D(out_l)] / (L - w) + sum_m k_m * tokens entering m's ops.
 
 ``w`` comes from the MAC counts of two truncated models (exact arithmetic, no timing); ``k_m`` (the token ops'
-own cost per token) from one real schedule per method timed in the same loop as the table. Between measured
+own cost per token) from one real schedule per op timed in the same loop as the table (``op_key``: ToMe at a block
+input is priced apart from ToMe after the attention). Between measured
 counts ``D`` is interpolated linearly. The table is measured once per run: every model in one interleaved loop
 (``bench.time_interleaved``), the same ORT settings as ``tc-export bench`` (spinning off).
 """
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .schedule import Schedule, Shape, layer_counts, op_tokens
+from .schedule import Schedule, Shape, layer_counts, op_key, op_tokens
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,10 @@ def measure_table(loaded: Any, shape: Shape, batch: int, counts: Sequence[int], 
     times = time_models(loaded, modules, batch, threads, runs, progress=progress)
     table = LatencyTable(shape, batch, dict(zip(counts, times[: len(counts)])), w)
     costs: dict[str, float] = {}
-    for probe, ms in zip(probes, times[len(counts):]):
+    for probe, ms in zip(probes, times[len(counts):]):  # a probe's other ops are priced by the earlier probes
         tokens = op_tokens(probe.stages, shape)
-        method = probe.methods[0]
-        if tokens.get(method):
-            costs[method] = max(0.0, (ms - table.predict(probe.stages)) / tokens[method])
+        key = op_key(probe.stages[0])
+        if tokens.get(key):
+            known = LatencyTable(shape, batch, table.measured, w, costs).predict(probe.stages)
+            costs[key] = max(0.0, (ms - known) / tokens[key])
     return LatencyTable(shape, batch, table.measured, w, costs)

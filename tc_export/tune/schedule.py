@@ -47,29 +47,46 @@ def _active(stage: object, layer: int, layers: int) -> bool:
     return layer in chosen
 
 
+def _at_input(stage: object) -> bool:
+    """The stage acts where the stream enters a layer (PruMerge; ToMe with ``placement: input``)."""
+    return stage.insertion_point() == "block_input"  # type: ignore[attr-defined]
+
+
+def op_key(stage: object) -> str:
+    """The latency model's name for a stage's op cost: the method, ``@input`` for ToMe at a block input (its tokens
+    are its metric: no key average, another cost per token)."""
+    return getattr(stage, "method", "?") + ("@input" if getattr(stage, "placement", "attention") == "input" else "")
+
+
+def _tokens_after(stage: object, n: int, layer: int, shape: Shape) -> int:
+    """Tokens leaving ``stage``'s op at ``layer`` when ``n`` enter it, by the op's own rule."""
+    method, p = getattr(stage, "method", ""), shape.protected
+    if method == "prumerge":
+        return p + stage.tokens + int(stage.extra)  # type: ignore[attr-defined]
+    if method == "tome":
+        return n - effective_r(n, stage.schedule(shape.layers)[layer], p)  # type: ignore[attr-defined]
+    if method == "adjacent":
+        return n - effective_pairs(n, stage.r, p)  # type: ignore[attr-defined]
+    if method == "topk":
+        keep = max(1, keep_count(n, stage.keep, p))  # type: ignore[attr-defined]
+        if keep < n - p or stage.fuse:  # type: ignore[attr-defined]
+            return p + keep + int(stage.fuse and keep < n - p)  # type: ignore[attr-defined]
+        return n
+    raise ConfigError(f"tune: no token-count rule for method {method!r}")
+
+
 def layer_counts(stages: Sequence[object], shape: Shape) -> list[tuple[int, int]]:
     """(tokens entering the attention, tokens leaving the layer) for every layer of ``shape``."""
-    n, p = shape.tokens, shape.protected
+    n = shape.tokens
     out = []
     for layer in range(shape.layers):
         for stage in stages:
-            if getattr(stage, "method", "") == "prumerge" and _active(stage, layer, shape.layers):
-                n = p + stage.tokens + int(stage.extra)  # type: ignore[attr-defined]
+            if _at_input(stage) and _active(stage, layer, shape.layers):
+                n = _tokens_after(stage, n, layer, shape)
         tokens_in = n
         for stage in stages:
-            method = getattr(stage, "method", "")
-            if method == "prumerge" or not _active(stage, layer, shape.layers):
-                continue
-            if method == "tome":
-                n -= effective_r(n, stage.schedule(shape.layers)[layer], p)  # type: ignore[attr-defined]
-            elif method == "adjacent":
-                n -= effective_pairs(n, stage.r, p)  # type: ignore[attr-defined]
-            elif method == "topk":
-                keep = max(1, keep_count(n, stage.keep, p))  # type: ignore[attr-defined]
-                if keep < n - p or stage.fuse:  # type: ignore[attr-defined]
-                    n = p + keep + int(stage.fuse and keep < n - p)  # type: ignore[attr-defined]
-            else:
-                raise ConfigError(f"tune: no token-count rule for method {method!r}")
+            if not _at_input(stage) and _active(stage, layer, shape.layers):
+                n = _tokens_after(stage, n, layer, shape)
         out.append((tokens_in, n))
     return out
 
@@ -81,19 +98,18 @@ def token_list(stages: Sequence[object], shape: Shape) -> list[int]:
 
 
 def op_tokens(stages: Sequence[object], shape: Shape) -> dict[str, int]:
-    """Per method: the tokens entering its ops, summed over the layers where it changes the count."""
+    """Per op (``op_key``): the tokens entering its ops, summed over the layers where it changes the count."""
     totals: dict[str, int] = {}
-    previous = shape.tokens
-    for layer, (tokens_in, tokens_out) in enumerate(layer_counts(stages, shape)):
-        for stage in stages:
-            method = getattr(stage, "method", "")
-            if not _active(stage, layer, shape.layers):
-                continue
-            if method == "prumerge" and tokens_in != previous:
-                totals[method] = totals.get(method, 0) + previous
-            elif method != "prumerge" and tokens_out != tokens_in:
-                totals[method] = totals.get(method, 0) + tokens_in
-        previous = tokens_out
+    n = shape.tokens
+    for layer in range(shape.layers):
+        for at_input in (True, False):
+            for stage in stages:
+                if _at_input(stage) != at_input or not _active(stage, layer, shape.layers):
+                    continue
+                after = _tokens_after(stage, n, layer, shape)
+                if after != n or getattr(stage, "method", "") == "prumerge":
+                    totals[op_key(stage)] = totals.get(op_key(stage), 0) + n
+                n = after
     return totals
 
 

@@ -21,7 +21,7 @@ from ..errors import ConfigError, TCExportError
 from .families import METHOD_NAMES, defaults, families, tome_vector, vector_of
 from .fidelity import Scorer
 from .latency import LatencyTable, grid, measure_table
-from .schedule import Schedule, Shape, token_list
+from .schedule import Schedule, Shape, op_key, token_list
 
 
 @dataclass(frozen=True)
@@ -100,8 +100,9 @@ def latency_table(loaded: Any, shape: Shape, config: TuneConfig, progress: Calla
     pool = pool if pool is not None else families(shape, config.methods, config.multiple)
     probes: dict[str, Schedule] = {}  # one per method (the first family of each; every method gets its op cost)
     for name, members in pool.items():
-        if name in ("tome constant r", "topk EViT layers", "adjacent constant r") or name.startswith("prumerge at"):
-            probes.setdefault(members[0].methods[0], members[len(members) // 2])
+        if name in ("tome constant r", "topk EViT layers", "adjacent constant r") or name.startswith("prumerge at") \
+                or "input" in name:
+            probes.setdefault(op_key(members[0].stages[0]), members[len(members) // 2])
     counts = grid(shape, config.table_points, config.multiple)
     return measure_table(loaded, shape, config.batch, counts, list(probes.values()), config.threads, config.runs,
                          progress=progress)
