@@ -85,3 +85,50 @@ def test_command_line_job(tmp_path, capsys):
     code, out, err = run_cli([*TINY, "--method", "tome", "--placement", "nowhere", "-o", tmp_path / "n.onnx"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "placement must be attention or input" in err
     assert not (tmp_path / "n.onnx").exists()
+
+
+def test_rotary_table_follows_an_input_merge():
+    """An input merge at layer 0 hands layer 0's attention merged tokens: its rotary table must be recomputed at
+    their carried positions already there (a timm EVA-02 against the per-sample rope reference)."""
+    from . import reference_rotary as rotary
+    from .test_rotary import _images as rotary_images
+    from .test_rotary import _tome, small_rotary
+
+    model = small_rotary("eva02_base_patch14_224")
+    inputs = rotary_images(model)
+    prefix = model.num_prefix_tokens
+
+    def before(i, x, size, pos, q, k):
+        if i != 0:
+            return x, size, pos
+        return rotary.with_positions(lambda t, s: reference_merge(t, x, s, 8, prefix), x, size, pos)
+
+    want, counts = rotary.run_timm_eva(model, inputs["x"], _tome(3, prefix), True, before=before)
+    compressed = compress(model, [ToMeConfig(r=8, placement="input", layers=(0,)), ToMeConfig(r=3)], inputs)
+    assert counts == compressed.token_counts() and counts[0] == 37 - 8
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=1e-5)
+
+
+def test_relative_bias_follows_an_input_merge():
+    """BEiT's relative position bias at layer 0 looked up at the merged tokens' carried positions."""
+    from . import reference_relbias as rel
+    from .test_relative_bias import timm_model
+
+    model = timm_model("beit_base_patch16_224", depth=2)
+    inputs = {"x": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    width = model.embed_dim
+
+    def before(i, x_and_positions, size, q, k):  # the positions ride along as extra columns; match on the tokens
+        if i != 0:
+            return x_and_positions, size
+        return reference_merge(x_and_positions, x_and_positions[:, :width], size, 5, 1)
+
+    hooks = encoders.Hooks(after_attention=lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, 1),
+                           before_layer=before)
+    want, counts = rel.run(rel.timm_beit(model), inputs, hooks)
+    compressed = compress(model, [ToMeConfig(r=5, placement="input", layers=(0,)), ToMeConfig(r=2)], inputs)
+    assert counts == compressed.token_counts() == [12, 10, 8]
+    assert compressed.report.rewired
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
