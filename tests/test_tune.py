@@ -303,3 +303,39 @@ def test_the_final_pick_is_made_on_the_measurement():
     assert "no schedule measured beside it meets the target" in notes[-1]
     latency = TuneConfig(latency_ms=46.0)
     assert pick_measured(winner, rows, [52.0, 45.0, 49.0, 60.0], 100.0, latency, notes.append) is fast_worse
+
+
+def test_a_winner_that_measures_short_is_refitted_by_its_own_error(loaded, monkeypatch):
+    """The winner measured 10% below its predicted speed-up: the family member predicted to meet the target with
+    that error taken off is scored and timed beside the uncompressed model, and picked when it meets the target."""
+    from tc_export.tune import search
+    from tc_export.tune.run import pick_measured, refit_after_miss
+    from tc_export.tune.search import Scored, TuneResult, refit_member
+
+    shape = model_shape(loaded)
+    table, _ = synthetic(shape, w=0.6)
+    config = TuneConfig(speedup=1.5)
+    target = table.baseline_ms / 1.5
+    members = families(shape, config.methods)["tome constant r"]
+    winner = next(m for m in members if table.predict(m.stages) <= target)  # what the search takes
+    scored = Scored(winner, table.predict(winner.stages), 0.99)
+    measured_speedup = table.baseline_ms / scored.predicted_ms / 1.1
+    want = next(m for m in members if table.predict(m.stages) <= target / 1.1)  # the error taken off
+    assert want.label != winner.label
+    assert refit_member(scored, 1.1, shape, table, target, config).label == want.label
+
+    result = TuneResult(table, target, scored, {}, {}, [], 1, 0.0, 1.0)
+
+    class Scorer:
+        def score(self, stages):
+            return 0.98
+
+    def measure(loaded, rows, config, progress=None):  # its own loop: a 2x slower machine, the speed-up kept
+        return 2 * table.baseline_ms, [2 * row.predicted_ms for row in rows]
+
+    monkeypatch.setattr(search, "measure", measure)
+    fallback = Scored(Schedule("topk", "f", (TopKConfig(keep=0.2, layers=(0,)),)), 1.0, 0.90)
+    rows, times = [scored, fallback], [table.baseline_ms / measured_speedup, table.baseline_ms / 1.8]
+    refit, ms = refit_after_miss(loaded, result, rows, times, table.baseline_ms, shape, config, Scorer())
+    assert refit.schedule.label == want.label and ms == pytest.approx(refit.predicted_ms)
+    assert pick_measured(scored, [*rows, refit], [*times, ms], table.baseline_ms, config, lambda _: None) is refit

@@ -75,9 +75,9 @@ class ToMeConfig:
     incoming tokens themselves (as ToMe for Stable Diffusion matches its tokens); the matching, sizes and order are
     ToMe's. ToMe alone never merges before layer 0's attention, so that full-length attention is a floor no ``r``
     moves; an input merge at layer 0 removes it. Both placements may act on one layer (two stages: ``input``, then
-    ``attention``). On mnist_vit the tokens matched as well as that block's keys (held-out accuracy within 0.4
-    points of each other from r=40 to 98; minilm's cosine the same to 1e-4) at no extra cost, where a copy of the
-    fused qkv projection to get the keys cost more per token than the merge itself.
+    ``attention``). Matching on that block's keys instead (a copy of its norm and fused qkv projection on the
+    incoming tokens) was tried: on mnist_vit held-out accuracy within 0.4 points of the tokens' from r=40 to 98,
+    on minilm the same cosine to 1e-4, and the op cost 0.050 ms per token against 0.039 (mnist_vit, batch 64).
     """
 
     method: ClassVar[str] = "tome"

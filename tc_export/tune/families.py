@@ -3,7 +3,8 @@
 Each family is one shape of schedule swept by one strength (r, keep, budget): ToMe's constant ``r`` and linear
 (r, inflection) schedules, ToMe on the first layers only, ToMe keeping a fixed fraction per layer (front-heavy in
 tokens), ToMe also merging at layer 0's input (``placement: input``, not the published placement: the only ToMe
-schedule that shortens layer 0's attention), Top-K at EViT's layers or at one layer, PruMerge at one layer, adjacent merging, and ToMe then Top-K.
+schedule that shortens layer 0's attention), Top-K at EViT's layers or at one layer, PruMerge at one layer,
+adjacent merging, and ToMe then Top-K.
 The search takes from each the weakest member that meets the latency target, then refines per-layer ``r``.
 """
 

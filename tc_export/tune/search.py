@@ -221,6 +221,18 @@ def comparison_rows(result: TuneResult, limit: int) -> list[Scored]:
     return rows[:limit]
 
 
+def refit_member(missed: Scored, over: float, shape: Shape, table: LatencyTable, target_ms: float,
+                 config: TuneConfig) -> Schedule | None:
+    """The member of ``missed``'s family that the latency table, corrected by ``missed``'s own measured error
+    ``over`` (> 1: the table predicted it that many times too fast), predicts to meet the target: the weakest member
+    predicted at ``target / over``. None when the family is not a swept one (a searched per-layer r) or no stronger
+    member exists."""
+    members = families(shape, config.methods, config.multiple).get(missed.schedule.family, [])
+    corrected = target_ms / max(over, 1.0)
+    return next((m for m in members if table.predict(m.stages) <= corrected and m.label != missed.schedule.label
+                 and table.predict(m.stages) < missed.predicted_ms), None)
+
+
 def tokens_of(scored: Scored, shape: Shape) -> list[int]:
     return token_list(scored.schedule.stages, shape)
 
