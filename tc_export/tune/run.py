@@ -82,11 +82,11 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
                  if s.label not in shown]
     searched = len(measured)
     baseline_ms, times = measure(loaded, measured, config)
-    refit = refit_after_miss(loaded, result, measured, times, baseline_ms, shape, config, scorer)
-    if refit is not None:  # timed in its own loop beside the uncompressed model: scaled to the first loop's
-        (scored, ms), searched = refit, searched + 1
-        measured.insert(searched - 1, scored)
-        times.insert(searched - 1, ms)
+    refit = refit_after_miss(result, measured, times, baseline_ms, shape, config, scorer)
+    if refit is not None:  # every row timed again with it, so that all stay side by side in one loop
+        measured.insert(searched, refit)
+        searched += 1
+        baseline_ms, times = measure(loaded, measured, config)
     result.best = pick_measured(result.best, measured[:searched], times[:searched], baseline_ms, config, say)
     document = {
         "schema": "tc-export.tune/1", "model": loaded.name, "metric": metric, "calib": data.source,
@@ -108,12 +108,12 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
     return document
 
 
-def refit_after_miss(loaded: Any, result: Any, measured: Sequence[Scored], times: Sequence[float],
-                     baseline_ms: float, shape: Any, config: TuneConfig, scorer: Any) -> tuple[Scored, float] | None:
-    """When the predicted winner measures short of the target, the latency model was off for it: take the member
-    of its family that the table corrected by that error predicts to meet the target, score it and time it beside
-    the uncompressed model (one more loop). Returns it with its time scaled to the first loop's baseline."""
-    from .search import measure, refit_member
+def refit_after_miss(result: Any, measured: Sequence[Scored], times: Sequence[float], baseline_ms: float,
+                     shape: Any, config: TuneConfig, scorer: Any) -> Scored | None:
+    """When the predicted winner measures short of the target, the latency model was off for it: the member of its
+    family that the table corrected by that error predicts to meet the target, scored (to be timed with the rest;
+    None when there is none)."""
+    from .search import refit_member
 
     winner = result.best
     if winner is None or all(row is not winner for row in measured):
@@ -131,11 +131,9 @@ def refit_after_miss(loaded: Any, result: Any, measured: Sequence[Scored], times
     if member is None:
         return None
     try:
-        scored = Scored(member, result.table.predict(member.stages), scorer.score(member.stages))
+        return Scored(member, result.table.predict(member.stages), scorer.score(member.stages))
     except TCExportError:  # the passes refused it: nothing to time
         return None
-    base, (time,) = measure(loaded, [scored], config)
-    return scored, time * baseline_ms / base
 
 
 def pick_measured(predicted: Scored | None, rows: Sequence[Scored], times: Sequence[float], baseline_ms: float,
