@@ -338,3 +338,8 @@ def test_a_winner_that_measures_short_is_refitted_by_its_own_error(loaded):
     # timed again with the rest: it meets the target and outscores the pruning that also does
     again = [table.baseline_ms / measured_speedup, table.baseline_ms / 1.8, table.baseline_ms / 1.55]
     assert pick_measured(scored, [*rows, refit], again, table.baseline_ms, config, lambda _: None) is refit
+    # nothing meets the target: the re-fitted member is taken when it came closer, else the winner stays
+    short = [table.baseline_ms / 1.3, table.baseline_ms / 1.2, table.baseline_ms / 1.45]
+    assert pick_measured(scored, [*rows, refit], short, table.baseline_ms, config, lambda _: None, refit) is refit
+    slower = [table.baseline_ms / 1.3, table.baseline_ms / 1.2, table.baseline_ms / 1.25]
+    assert pick_measured(scored, [*rows, refit], slower, table.baseline_ms, config, lambda _: None, refit) is scored

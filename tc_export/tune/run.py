@@ -87,7 +87,7 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
         measured.insert(searched, refit)
         searched += 1
         baseline_ms, times = measure(loaded, measured, config)
-    result.best = pick_measured(result.best, measured[:searched], times[:searched], baseline_ms, config, say)
+    result.best = pick_measured(result.best, measured[:searched], times[:searched], baseline_ms, config, say, refit)
     document = {
         "schema": "tc-export.tune/1", "model": loaded.name, "metric": metric, "calib": data.source,
         "calib_warning": warning, "target_ms": result.target_ms, "config": {
@@ -137,10 +137,11 @@ def refit_after_miss(result: Any, measured: Sequence[Scored], times: Sequence[fl
 
 
 def pick_measured(predicted: Scored | None, rows: Sequence[Scored], times: Sequence[float], baseline_ms: float,
-                  config: TuneConfig, say: Callable[[str], None]) -> Scored | None:
+                  config: TuneConfig, say: Callable[[str], None], refit: Scored | None = None) -> Scored | None:
     """The final pick is made on the real timing: when the predicted winner measures short of the target and
     other schedules measured beside it (the re-fitted member of its family among them, ``refit_after_miss``) meet
-    it, the best-scoring of those wins."""
+    it, the best-scoring of those wins. When none does, the re-fitted member (the winner moved towards the target
+    by its own error) is taken if it measured faster than the winner: the closer of the two to the target."""
     def meets(ms: float) -> bool:
         return ms <= config.latency_ms if config.latency_ms is not None else baseline_ms / ms >= config.speedup
 
@@ -149,6 +150,11 @@ def pick_measured(predicted: Scored | None, rows: Sequence[Scored], times: Seque
         return predicted
     meeting = [r for r, ms in zip(rows, times) if meets(ms) and r.score is not None]
     if not meeting:
+        if refit is not None and id(refit) in measured and measured[id(refit)] < measured[id(predicted)]:
+            say(f"note: nothing measured meets the target; {refit.schedule.label} (re-fitted to the measured error) "
+                f"measured {baseline_ms / measured[id(refit)]:.2f}x, the closest: picked over {predicted.schedule.label}"
+                f" ({baseline_ms / measured[id(predicted)]:.2f}x)")
+            return refit
         say(f"note: {predicted.schedule.label} measured {baseline_ms / measured[id(predicted)]:.2f}x, short of the "
             "target, and no schedule measured beside it meets the target")
         return predicted
