@@ -280,6 +280,7 @@ def _reference_group(
     common: dict[str, Any], base_macs: int, base_tokens: list[int] | None, progress: Callable[[str], None],
 ) -> Group | None:
     """Eager uncompressed vs eager ToMe applied the reference way (``reference_tome``), for each tome candidate."""
+    from .ops.tome import effective_r
     from .reference_tome import apply_reference_tome
 
     tome = [c for c in candidates if len(c.configs) == 1 and getattr(c.configs[0], "method", "") == "tome"]
@@ -312,7 +313,7 @@ def _reference_group(
             for layer in range(len(blocks)):
                 for where in ("input", "attention"):
                     r = merges[where][layer] if layer < len(merges[where]) else 0
-                    n -= max(0, min(r, (n - protected) // 2))
+                    n -= effective_r(n, r, protected)
                     if where == "input":
                         tokens.append(n)
             tokens.append(n)

@@ -116,17 +116,13 @@ def refit_after_miss(result: Any, measured: Sequence[Scored], times: Sequence[fl
     from .search import refit_member
 
     winner = result.best
-    if winner is None or all(row is not winner for row in measured):
+    ms = next((t for row, t in zip(measured, times) if row is winner), None)
+    if winner is None or ms is None or config.met_by(ms, baseline_ms):
         return None
-    ms = times[next(i for i, row in enumerate(measured) if row is winner)]
     if config.latency_ms is not None:
-        if ms <= config.latency_ms:
-            return None
         over = ms / winner.predicted_ms
-    else:
-        if baseline_ms / ms >= config.speedup:  # type: ignore[operator]
-            return None
-        over = (result.table.baseline_ms / winner.predicted_ms) / (baseline_ms / ms)  # predicted / measured
+    else:  # predicted speed-up / measured speed-up
+        over = (result.table.baseline_ms / winner.predicted_ms) / (baseline_ms / ms)
     member = refit_member(winner, over, shape, result.table, result.target_ms, config)
     if member is None:
         return None
@@ -142,13 +138,10 @@ def pick_measured(predicted: Scored | None, rows: Sequence[Scored], times: Seque
     other schedules measured beside it (the re-fitted member of its family among them, ``refit_after_miss``) meet
     it, the best-scoring of those wins. When none does, the re-fitted member (the winner moved towards the target
     by its own error) is taken if it measured faster than the winner: the closer of the two to the target."""
-    def meets(ms: float) -> bool:
-        return ms <= config.latency_ms if config.latency_ms is not None else baseline_ms / ms >= config.speedup
-
     measured = dict(zip((id(r) for r in rows), times))
-    if predicted is None or id(predicted) not in measured or meets(measured[id(predicted)]):
+    if predicted is None or id(predicted) not in measured or config.met_by(measured[id(predicted)], baseline_ms):
         return predicted
-    meeting = [r for r, ms in zip(rows, times) if meets(ms) and r.score is not None]
+    meeting = [r for r, ms in zip(rows, times) if config.met_by(ms, baseline_ms) and r.score is not None]
     if not meeting:
         if refit is not None and id(refit) in measured and measured[id(refit)] < measured[id(predicted)]:
             say(f"note: nothing measured meets the target; {refit.schedule.label} (re-fitted to the measured error) "

@@ -61,6 +61,12 @@ class TuneConfig:
     def target(self, baseline_ms: float) -> float:
         return self.latency_ms if self.latency_ms is not None else baseline_ms / self.speedup  # type: ignore[operator]
 
+    def met_by(self, ms: float, baseline_ms: float) -> bool:
+        """A schedule timed at ``ms`` beside the uncompressed model at ``baseline_ms`` meets the target."""
+        if self.latency_ms is not None:
+            return ms <= self.latency_ms
+        return baseline_ms / ms >= self.speedup  # type: ignore[operator]
+
 
 @dataclass
 class Scored:
@@ -229,8 +235,8 @@ def refit_member(missed: Scored, over: float, shape: Shape, table: LatencyTable,
     member exists."""
     members = families(shape, config.methods, config.multiple).get(missed.schedule.family, [])
     corrected = target_ms / max(over, 1.0)
-    return next((m for m in members if table.predict(m.stages) <= corrected and m.label != missed.schedule.label
-                 and table.predict(m.stages) < missed.predicted_ms), None)
+    predicted = ((m, table.predict(m.stages)) for m in members if m.label != missed.schedule.label)
+    return next((m for m, ms in predicted if ms <= corrected and ms < missed.predicted_ms), None)
 
 
 def tokens_of(scored: Scored, shape: Shape) -> list[int]:
