@@ -132,3 +132,23 @@ def test_relative_bias_follows_an_input_merge():
     assert compressed.report.rewired
     with torch.no_grad():
         torch.testing.assert_close(compressed(**inputs), want, rtol=1e-4, atol=2e-5)
+
+
+def test_padded_text_through_the_command_line(tmp_path, capsys):
+    """A RoBERTa saved with random weights (hf:DIR, padded sentences, mean pooled): input merge at layer 0 then
+    ToMe after every attention, through the whole job."""
+    from .test_hf_models import _save_family
+
+    _save_family("roberta", tmp_path / "roberta")
+    code, out, err = run_cli([f"hf:{tmp_path / 'roberta'}", "--pooling", "mean", "--recipe", _recipe(tmp_path),
+                              "-o", tmp_path / "x.onnx"], capsys)
+    assert code == 0, err
+    # 38 tokens: 4 merged where layer 0's input enters (its attention sees 34), then 2 after each of 2 attentions
+    assert "tokens per layer: 34 32 30" in out
+    assert "MACs per" in out and "passed" in out and "fidelity vs uncompressed" in out
+
+
+def _recipe(tmp_path):
+    path = tmp_path / "input.yaml"
+    path.write_text("stages:\n  - {method: tome, r: 4, placement: input, layers: [0]}\n  - {method: tome, r: 2}\n")
+    return path
