@@ -9,7 +9,7 @@ import torch
 from tc_export import compress
 from tc_export.errors import ConfigError
 from tc_export.ops.projectors.windows import UnitWindows
-from tc_export.passes import ToMeConfig, TopKConfig
+from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 from tc_export.passes.projectors import (
     CAbstractorConfig,
     PatchMergerConfig,
@@ -49,12 +49,13 @@ WINDOW_FNS = {
 }
 
 
-def _check_against_reference(model, compressed, images, ops, projector: str, prop_attn: bool) -> None:
+def _check_against_reference(model, compressed, images, ops, projector: str, prop_attn: bool,
+                              before=None) -> None:
     tokens, positions, sizes = _run(compressed, images)
     window_fn, sd = WINDOW_FNS[projector][1](_projector_weights(compressed) if projector.startswith(("unsh", "patch"))
                                              else {})
     with torch.no_grad():
-        results = ref.run_units(model, images, GRID, UNIT, ops, prop_attn)
+        results = ref.run_units(model, images, GRID, UNIT, ops, prop_attn, before)
     for b, (normed, layout) in enumerate(results):
         want, want_pos, want_size = ref.project_units(normed, layout, window_fn, sd, UNIT)
         torch.testing.assert_close(tokens[b], want, atol=2e-5, rtol=1e-4)
@@ -81,6 +82,51 @@ def test_unit_tome_then_window_projector_equals_reference(projector):
     ops = {layer: (lambda x, layout, keys, probs: ref.unit_tome(x, layout, keys, 3)) for layer in (1, 2)}
     _check_against_reference(model, compressed, images, ops, projector, prop_attn=True)
     assert compressed.token_counts()[-1] == 10  # 16 units - 2 x 3 merges
+
+
+def _score(received: bool):
+    return ref.received_attention if received else ref.class_attention
+
+
+METHODS = {  # name -> (config, after-attention ops, before-layer ops, prop_attn, units left)
+    "topk": lambda received: (TopKConfig(keep=0.5, layers=(2,), score="received" if received else "class"),
+                              {2: lambda x, lay, k, p: ref.unit_topk(x, lay, _score(received)(p), 0.5)}, None, False, 8),
+    "prumerge": lambda received: (
+        PruMergeConfig(tokens=5, layers=(2,), score="received" if received else "class"), {},
+        {2: lambda x, lay, q, k: ref.unit_prumerge(x, lay, q, k, 5, received=received)}, False, 6),
+    "tome": lambda received: (ToMeConfig(r=3, layers=(1, 2)),
+                              {layer: (lambda x, lay, k, p: ref.unit_tome(x, lay, k, 3)) for layer in (1, 2)},
+                              None, True, 10),
+    "adjacent": lambda received: (AdjacentConfig(r=3, layers=(1, 2)),
+                                  {layer: (lambda x, lay, k, p: ref.unit_adjacent(x, lay, k, 3)) for layer in (1, 2)},
+                                  None, True, 10),
+}
+
+
+@pytest.mark.parametrize("tower", ["class-token", "no-class-token"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_each_method_at_units_equals_reference(method, tower):
+    """Every token method on whole units, on a class-token ViT and a tower without one (Top-K and PruMerge scored
+    there by the attention each token receives), followed by InternVL's unshuffle, against the reference."""
+    no_class = tower == "no-class-token"
+    model = tiny_timm_vit(img_size=128, depth=4, **({"class_token": False, "global_pool": "avg"} if no_class else {}))
+    images = _images()
+    config, ops, before, prop_attn, units = METHODS[method](no_class)
+    compressed = compress(model, [config, UnshuffleConfig()], {"x": images}, emit_positions=True)
+    _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn, before)
+    assert compressed.token_counts()[-1] == units
+
+
+def test_received_attention_is_an_option_on_class_token_towers_and_refusal_names_it():
+    model, images = _model(depth=3), _images()
+    by_class = compress(model, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"x": images},
+                        emit_positions=True)
+    received = compress(model, [TopKConfig(keep=0.5, layers=(1,), score="received"), UnshuffleConfig()],
+                        {"x": images}, emit_positions=True)
+    assert not torch.equal(_run(by_class, images)[1], _run(received, images)[1])  # other units kept
+    no_class = tiny_timm_vit(img_size=128, depth=2, class_token=False, global_pool="avg")
+    with pytest.raises(ConfigError, match="no class token.*score: received"):
+        compress(no_class, [TopKConfig(keep=0.5, layers=(1,))], {"x": images})
 
 
 @pytest.mark.parametrize("config", [UnshuffleConfig(), UnshuffleConfig(ps_version="v1"), PatchMergerConfig(),

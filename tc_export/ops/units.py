@@ -7,7 +7,9 @@ concatenated slot by slot. Any op then acts on whole units with its own rule: To
 slot (token i of one unit with token i of the other, size-weighted), Top-K keeps whole units, adjacent merging
 merges neighbouring units. The token state the op maps is already one row per unit. The signals are reduced to
 units: keys (``metric``) by ``unit_metric`` (mean of the unit's keys, or their concatenation), scores
-(``class_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
+(``class_attention``, ``received_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
+PruMerge scores every token from the full-width queries and keys (the class token among them), then ranks units
+by their reduced scores and finds each kept unit's nearest units by the reduced keys.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
+from .prumerge import prumerge_scores
 
 UnitMetric = Literal["mean", "concat"]
 UnitScore = Literal["mean", "sum", "max"]
@@ -68,8 +71,15 @@ class UnitOp(TokenOp):
         view = unit_rows(x, prefix, unit).flatten(2)  # (B, U, s^2 * C)
         if size is not None and size.shape[1] != prefix + view.shape[1]:
             size = None  # per-token ones that an export wrapper passes for "no sizes yet" (``export_ops``)
-        reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
-        out, out_size = self.inner(view, None if size is None else size[:, prefix:], *reduced)
+        inner_size = None if size is None else size[:, prefix:]
+        if hasattr(self.inner, "forward_scored"):  # PruMerge: scores from the full-width q, k of every token
+            query, key = signals
+            scores = prumerge_scores(query, key, prefix, self.inner.received)  # (B, U * s^2)
+            out, out_size = self.inner.forward_scored(view, inner_size, reduce_score(scores, 0, unit, self.unit_score),
+                                                      reduce_metric(key, prefix, unit, self.unit_metric))
+        else:
+            reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
+            out, out_size = self.inner(view, inner_size, *reduced)
         tokens = torch.cat([x[:, :prefix], out.reshape(batch, -1, channels)], dim=1)
         if out_size is None:
             return tokens, None

@@ -171,14 +171,16 @@ class TokenPass:
             if config.needs_class_token and protected == 0:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
-                    "(no learned token in front of the sequence); use tome or adjacent"
+                    "(no learned token in front of the sequence); score by the attention each token receives "
+                    "(score: received, as HiPrune and QuietPrune do), or use tome or adjacent"
                 )
             if config.needs_class_token and self.report.protected_source != "given with --protected" \
                     and not reads_first_token(gm, structure):
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token: its "
                     f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
-                    "the patches); use tome or adjacent, or --protected N if token 0 is a class token"
+                    "the patches); score by the attention each token receives (score: received), use tome or "
+                    "adjacent, or --protected N if token 0 is a class token"
                 )
             config.check(self._method_site(config, first))
 
@@ -558,8 +560,8 @@ class TokenPass:
         for signal in getattr(op, "signals", ()):
             if signal == "metric" and site is not None:
                 signals.append(insert_key_metric(graph, site))
-            elif signal == "class_attention" and site is not None:
-                signals.append(insert_class_attention(graph, site))
+            elif signal in ("class_attention", "received_attention") and site is not None:
+                signals.append(insert_class_attention(graph, site, received=signal == "received_attention"))
             elif signal in self._inputs(op):
                 signals.append(self._model_input(graph, signal, self._inputs(op)[signal]))
             else:
