@@ -235,3 +235,71 @@ def test_vit_s_recipe_through_the_command_line(name, tmp_path, capsys, monkeypat
     torch.testing.assert_close(torch.from_numpy(got_tokens[0]), want, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(torch.from_numpy(got_positions[0]), want_pos, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.from_numpy(got_sizes[0]), want_size, atol=1e-5, rtol=0)
+
+
+def _split_order(grid, unit):
+    """A broken unit order: raster runs of s^2 tokens, so a unit straddles two windows."""
+    return torch.arange(grid[0] * grid[1])
+
+
+def _transposed_order(grid, unit):
+    """A broken unit order: each window's tokens (dj, di) instead of (di, dj)."""
+    h, w = grid
+    raster = torch.arange(h * w).reshape(h // unit, unit, w // unit, unit)
+    return raster.permute(0, 2, 3, 1).reshape(-1)
+
+
+@pytest.mark.parametrize("mutant", [_split_order, _transposed_order], ids=["split-across-windows", "in-window-order"])
+def test_mutation_wrong_unit_order_is_caught(mutant, monkeypatch):
+    """The reference check must fail when units are not the projector's windows in its order."""
+    import tc_export.ops.state as state
+
+    monkeypatch.setattr(state, "unit_window_order", mutant)
+    model, images = _model(depth=3), _images()
+    compressed = compress(model, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"x": images},
+                          emit_positions=True)
+    ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5)}
+    with pytest.raises(AssertionError, match="not close"):
+        _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn=False)
+
+
+def test_mutation_positions_off_by_one_unit_are_caught(monkeypatch):
+    import importlib
+
+    import tc_export.ops.state as state
+
+    token_pass = importlib.import_module("tc_export.passes.token_pass")
+    honest = state.initial_unit_state
+
+    def shifted(x, prefix, suffix, grid, frames=None):
+        out = honest(x, prefix, suffix, grid, frames)
+        return torch.cat([out[..., :-1], out[..., -1:] + out[..., :1]], dim=-1)  # column + 1 unit
+
+    monkeypatch.setattr(token_pass, "initial_unit_state", shifted)
+    model, images = _model(depth=3), _images()
+    compressed = compress(model, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"x": images},
+                          emit_positions=True)
+    ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5)}
+    with pytest.raises(AssertionError, match="not close"):
+        _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn=False)
+
+
+def test_expand_units_gives_each_token_its_patch_coordinates():
+    """Uncompressed, the expanded unit state is each token's own (row, column) on the patch grid, in the order the
+    tokens run (checked against the raster coordinates gathered by the window rule, written out here)."""
+    from tc_export.ops.state import expand_units, initial_unit_state
+
+    h, w, s, prefix = 4, 6, 2, 1
+    x = torch.zeros(2, prefix + h * w, 3)
+    state = initial_unit_state(x, prefix, 0, (h // s, w // s))
+    expanded = expand_units(state, prefix, 0, s)
+    want = [(-1.0, -1.0)] + [(float(s * i + di), float(s * j + dj)) for i in range(h // s) for j in range(w // s)
+                              for di in range(s) for dj in range(s)]
+    assert expanded.shape == (2, prefix + h * w, 3)
+    assert torch.equal(expanded[0, :, 1:] / expanded[0, :, :1], torch.tensor(want))
+    # a merged unit: sizes 1 + 2, positions mass-weighted; its tokens stand for 3 tokens each
+    merged = torch.tensor([[[3.0, 2.0, 3.0]]])  # size 3 at unit (2/3, 1): masses 3 x (2/3, 1)
+    out = expand_units(merged, 0, 0, s)
+    assert torch.equal(out[0, :, 0], torch.full((4,), 3.0))
+    torch.testing.assert_close(out[0, :, 1:] / out[0, :, :1],
+                               torch.tensor([[2 * (2 / 3) + di, 2.0 + dj] for di in range(2) for dj in range(2)]))
