@@ -162,6 +162,7 @@ def test_pruning_at_the_tower_output_gathers_the_uncompressed_projector_windows(
     ([TopKConfig(keep=0.5, layers=(1,)), PoolConfig(mode="bilinear")], None, "interpolates across windows"),
     ([TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], 4, "--unit 4 conflicts with unshuffle"),
     ([CAbstractorConfig(tokens=4)], 2, "mix"),
+    ([TopKConfig(keep=0.5, layers=(1,)), PoolConfig(at="0", prefix_mode="keep")], 2, "acts at the encoder output"),
 ])
 def test_unit_refusals_name_the_cause(configs, unit, message):
     model, images = _model(depth=2), _images(1)
@@ -303,3 +304,98 @@ def test_expand_units_gives_each_token_its_patch_coordinates():
     assert torch.equal(out[0, :, 0], torch.full((4,), 3.0))
     torch.testing.assert_close(out[0, :, 1:] / out[0, :, :1],
                                torch.tensor([[2 * (2 / 3) + di, 2.0 + dj] for di in range(2) for dj in range(2)]))
+
+
+ROTARY = ["vit_base_patch16_rope_224", "eva02_base_patch14_224"]
+
+
+def _unit_rotary_step(method, layers, grid, prefix):
+    """A ``reference_rotary`` step applying a unit op (``reference_units``) with the positions riding along."""
+    from . import reference_rotary as rotary
+
+    state: dict = {}
+
+    def step(i, x, size, pos, keys, probs):
+        if i == 0:
+            state["layout"] = ref.raster_layout(grid, UNIT, prefix)
+        if i not in layers:
+            return x, size, pos
+
+        def apply(t, s):
+            out, sizes, state["layout"] = method(t, state["layout"], keys, probs)
+            return out, sizes
+
+        return rotary.with_positions(apply, x, size, pos)
+
+    return step
+
+
+@pytest.mark.parametrize("arch", ROTARY)
+@pytest.mark.parametrize("method", ["topk", "tome"])
+def test_rotary_tables_follow_the_units(arch, method):
+    """Rotary towers: the tables are recomputed from each token's carried patch coordinates (``expand_units``) at
+    every layer; unit Top-K / ToMe against the rotary reference with the positions riding along; uncompressed with
+    --unit, the model's own output."""
+    from . import reference_rotary as rotary
+    from .test_rotary import _images as rotary_images
+    from .test_rotary import small_rotary
+
+    model = small_rotary(arch)
+    inputs = rotary_images(model)
+    prefix, grid = model.num_prefix_tokens, tuple(model.patch_embed.grid_size)
+    with torch.no_grad():
+        plain = model(**inputs)
+        unit_only = compress(model, [], inputs, unit=UNIT)(**inputs)
+    torch.testing.assert_close(unit_only, plain, rtol=1e-5, atol=1e-5)
+    if method == "topk":
+        config, layers, prop = TopKConfig(keep=0.5, layers=(0, 1)), (0, 1), False
+        fn = lambda x, lay, keys, probs: ref.unit_topk(x, lay, ref.class_attention(probs), 0.5)  # noqa: E731
+    else:
+        config, layers, prop = ToMeConfig(r=2), (0, 1, 2), True
+        fn = lambda x, lay, keys, probs: ref.unit_tome(x, lay, keys, 2)  # noqa: E731
+    want, counts = rotary.run_timm_eva(model, inputs["x"], _unit_rotary_step(fn, layers, grid, prefix), prop)
+    compressed = compress(model, config, inputs, unit=UNIT)
+    assert counts == compressed.token_counts()
+    with torch.no_grad():
+        got = compressed(**inputs)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["beit", "relpos"])
+def test_relative_bias_tables_follow_the_unit_order(name):
+    """Relative-position biases looked up from each token's carried patch coordinates: with --unit and nothing
+    compressed, the tokens run in unit order and the model's output is unchanged (64 px: a 4 x 4 grid)."""
+    from .test_relative_bias import TIMM, timm_model
+
+    model = timm_model(TIMM[name][0])
+    inputs = {"x": torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))}
+    compressed = compress(model, [], inputs, unit=UNIT)
+    assert compressed.report.rewired  # the bias tables are looked up from the carried positions
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(**inputs), model(**inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_video_frames_at_units_carry_the_frame_coordinate():
+    """A per-frame tower (--frames): every frame pruned at units on its own, the projector per window; positions
+    are (frame, row, column) on the unit grid, frame after frame."""
+    from tc_export.models.video import FrameTower
+
+    model, frames = _model(depth=3), 2
+    video = torch.randn(2, frames, 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    tower = FrameTower(model, frames=frames).eval()
+    compressed = compress(tower, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"video": video},
+                          frames=frames, emit_positions=True)
+    with torch.no_grad():
+        tokens, positions, sizes = compressed.module(video=video)
+    sd = _projector_weights(compressed)
+    ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5)}
+    with torch.no_grad():
+        results = ref.run_units(model, video.flatten(0, 1), GRID, UNIT, ops, prop_attn=False)
+    for index, (normed, layout) in enumerate(results):
+        clip, frame = divmod(index, frames)
+        want, want_pos, want_size = ref.project_units(normed, layout, ref.unshuffle_window, sd, UNIT)
+        rows = slice(frame * 8, (frame + 1) * 8)
+        torch.testing.assert_close(tokens[clip, rows], want, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(positions[clip, rows, 1:], want_pos, atol=1e-5, rtol=0)
+        assert torch.equal(positions[clip, rows, 0], torch.full((8,), float(frame)))
+        torch.testing.assert_close(sizes[clip, rows], want_size, atol=1e-5, rtol=0)

@@ -403,6 +403,10 @@ class TokenPass:
 
     def _make_op(self, config: TokenMethod, site: Site) -> nn.Module | None:
         """``config``'s op at ``site``; with merge units on, a token method's op acting on whole units."""
+        if isinstance(config, ProjectorConfig) and site.point == "block" and self._unit_live:
+            raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
+                              "projector acts at the encoder output, where each unit becomes one token; leave out "
+                              "at, or drop the unit")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live:
             return op
