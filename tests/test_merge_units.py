@@ -250,18 +250,22 @@ def _transposed_order(grid, unit):
     return raster.permute(0, 2, 3, 1).reshape(-1)
 
 
-@pytest.mark.parametrize("mutant", [_split_order, _transposed_order], ids=["split-across-windows", "in-window-order"])
-def test_mutation_wrong_unit_order_is_caught(mutant, monkeypatch):
-    """The reference check must fail when units are not the projector's windows in its order."""
-    import tc_export.ops.state as state
-
-    monkeypatch.setattr(state, "unit_window_order", mutant)
+def _assert_unit_topk_fails_the_reference() -> None:
     model, images = _model(depth=3), _images()
     compressed = compress(model, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"x": images},
                           emit_positions=True)
     ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5)}
     with pytest.raises(AssertionError, match="not close"):
         _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn=False)
+
+
+@pytest.mark.parametrize("mutant", [_split_order, _transposed_order], ids=["split-across-windows", "in-window-order"])
+def test_mutation_wrong_unit_order_is_caught(mutant, monkeypatch):
+    """The reference check must fail when units are not the projector's windows in its order."""
+    import tc_export.ops.state as state
+
+    monkeypatch.setattr(state, "unit_window_order", mutant)
+    _assert_unit_topk_fails_the_reference()
 
 
 def test_mutation_positions_off_by_one_unit_are_caught(monkeypatch):
@@ -277,12 +281,7 @@ def test_mutation_positions_off_by_one_unit_are_caught(monkeypatch):
         return torch.cat([out[..., :-1], out[..., -1:] + out[..., :1]], dim=-1)  # column + 1 unit
 
     monkeypatch.setattr(token_pass, "initial_unit_state", shifted)
-    model, images = _model(depth=3), _images()
-    compressed = compress(model, [TopKConfig(keep=0.5, layers=(1,)), UnshuffleConfig()], {"x": images},
-                          emit_positions=True)
-    ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5)}
-    with pytest.raises(AssertionError, match="not close"):
-        _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn=False)
+    _assert_unit_topk_fails_the_reference()
 
 
 def test_expand_units_gives_each_token_its_patch_coordinates():
