@@ -69,13 +69,20 @@ def reduce(values: list[float], how: str) -> float:
     return {"mean": sum(values) / len(values), "sum": sum(values), "max": max(values)}[how]
 
 
-def unit_topk(x: Tensor, layout: Layout, scores: Tensor, keep: float, how: str = "mean"):
-    """Keep ceil(keep * U) units by their tokens' scores (N,), best first, ties to the lower index."""
+def unit_topk(x: Tensor, layout: Layout, scores: Tensor, keep: float, how: str = "mean", fuse: bool = False):
+    """Keep ceil(keep * U) units by their tokens' scores (N,), best first, ties to the lower index. ``fuse``: one
+    more unit, EViT's fused token slot by slot: the score-weighted sum of the pruned units (not normalised), of
+    their total size and mass."""
     unit_scores = [reduce([float(scores[r]) for r in u.rows], how) for u in layout.units]
     count = math.ceil(keep * len(layout.units) - 1e-9)
-    order = sorted(range(len(unit_scores)), key=lambda u: (-unit_scores[u], u))[:count]
-    chosen = [layout.units[u] for u in order]
-    return rebuild(x, layout, [(x[u.rows], u.size, u.mass) for u in chosen])
+    ranked = sorted(range(len(unit_scores)), key=lambda u: (-unit_scores[u], u))
+    out = [(x[layout.units[u].rows], layout.units[u].size, layout.units[u].mass) for u in ranked[:count]]
+    if fuse:
+        pruned = [layout.units[u] for u in ranked[count:]]
+        weights = [unit_scores[u] for u in ranked[count:]]
+        out.append((sum(w * x[u.rows] for w, u in zip(weights, pruned)), sum(u.size for u in pruned),
+                    sum(u.mass for u in pruned)))
+    return rebuild(x, layout, out)
 
 
 def unit_tome(x: Tensor, layout: Layout, keys: Tensor, r: int, metric: str = "mean"):

@@ -398,3 +398,51 @@ def test_video_frames_at_units_carry_the_frame_coordinate():
         torch.testing.assert_close(positions[clip, rows, 1:], want_pos, atol=1e-5, rtol=0)
         assert torch.equal(positions[clip, rows, 0], torch.full((8,), float(frame)))
         torch.testing.assert_close(sizes[clip, rows], want_size, atol=1e-5, rtol=0)
+
+
+def test_unit_topk_fused_unit_aggregates_the_pruned_units():
+    """QuietPrune aggregates the pruned groups into one: Top-K ``fuse`` at units adds one unit, EViT's fused token
+    slot by slot; the projector maps it to one token at the pruned units' mean position."""
+    model, images = _model(depth=3), _images()
+    compressed = compress(model, [TopKConfig(keep=0.5, layers=(1,), fuse=True), UnshuffleConfig()], {"x": images},
+                          emit_positions=True)
+    ops = {1: lambda x, layout, keys, probs: ref.unit_topk(x, layout, ref.class_attention(probs), 0.5, fuse=True)}
+    _check_against_reference(model, compressed, images, ops, "unshuffle", prop_attn=False)
+    assert compressed.token_counts()[-1] == 9  # 8 kept units + the fused one
+
+
+def test_received_attention_topk_on_tokens_equals_reference():
+    """Without units too: Top-K on a tower without a class token, by the attention each token receives."""
+    from .reference import reference_timm_blocks, reference_topk
+
+    model = tiny_timm_vit(img_size=64, depth=3, class_token=False, global_pool="avg")
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+
+    def step(layer, x, size, keys, probs):
+        if layer != 1:
+            return x, size
+        return reference_topk(x, size, ref.received_attention(probs), 0.5, 0, False, False)
+
+    want, counts = reference_timm_blocks(model, images, step, prop_attn=False)
+    compressed = compress(model, TopKConfig(keep=0.5, layers=(1,), score="received"), {"x": images})
+    assert counts == compressed.token_counts()
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(x=images), want, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_refusals_through_the_command_line(tmp_path, capsys):
+    """One line, non-zero exit, no traceback, nothing written."""
+    from tc_export.cli.main import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [{method: topk, keep: 0.5, layers: [1]}, {method: cabstractor, tokens: 4}]\n")
+    for args, message in ((["--recipe", str(recipe)], "cabstractor needs the patch grid"),
+                          (["--method", "topk", "--keep", "0.5", "--unit", "3"], "--unit 3 does not divide the 4x4")):
+        out = tmp_path / "m.onnx"
+        with pytest.raises(SystemExit) as done:
+            main(["vit_s", "--img-size", "64", *args, "-o", str(out)])
+        printed = capsys.readouterr()
+        assert done.value.code != 0
+        assert message in printed.err and "Traceback" not in printed.err
+        assert len([line for line in printed.err.splitlines() if line.strip()]) == 1
+        assert not out.exists()
