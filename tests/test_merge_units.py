@@ -446,3 +446,54 @@ def test_unit_refusals_through_the_command_line(tmp_path, capsys):
         assert message in printed.err and "Traceback" not in printed.err
         assert len([line for line in printed.err.splitlines() if line.strip()]) == 1
         assert not out.exists()
+
+
+@pytest.mark.parametrize("projector", [UnshuffleConfig(), PoolConfig()], ids=lambda c: c.method)
+@pytest.mark.parametrize("received", [False, True], ids=["class", "received"])
+def test_topk_at_the_tower_output_gathers_the_projector_windows_it_scores(projector, received):
+    """Top-K on the tower output (--features N, scored by layer N + 1's norm and q/k, as VisionZip/PruMerge place
+    it) at units: the output is the uncompressed projector's output at the kept windows, exactly, and the kept
+    windows are the best by the mean score of their tokens, computed here from layer N + 1's own modules."""
+    model, images = _model(depth=3), _images()
+    score = "received" if received else "class"
+    pruned = compress(model, [TopKConfig(keep=0.5, layers=(2,), score=score), projector], {"x": images},
+                      features=1, emit_positions=True)
+    plain = compress(model, [projector], {"x": images}, features=1)
+    tokens, positions, _ = _run(pruned, images)
+    index = (positions[..., 0] * (GRID[1] // UNIT) + positions[..., 1]).round().long()
+    whole = _run(plain, images)
+    torch.testing.assert_close(tokens, torch.stack([whole[b, index[b]] for b in range(2)]), atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # the reference selection, from layer 2's modules on layer 1's raster-ordered output
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block in model.blocks[:2]:
+            x = block(x)
+        attn = model.blocks[2].attn
+        q, k, _ = attn.qkv(model.blocks[2].norm1(x)).reshape(2, x.shape[1], 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)  # (B, H, N, N)
+        scores = probs.mean(dim=(1, 2)) if received else probs[:, :, 0].mean(1)
+    for b in range(2):
+        layout = ref.raster_layout(GRID, UNIT, 1)
+        unit_scores = [float(scores[b, u.rows].mean()) for u in layout.units]
+        ranked = sorted(range(len(unit_scores)), key=lambda u: (-unit_scores[u], u))[:8]
+        assert index[b].tolist() == ranked
+
+
+def test_prumerge_at_the_tower_output_at_units_keeps_the_best_units_and_drops_the_class_token():
+    """PruMerge's published placement (--features N, layer N + 1's attention) at units: K units by the mean of
+    their tokens' full-width class attention, then the extra unit; the class token left out (PruMerge's output)."""
+    model, images = _model(depth=3), _images()
+    compressed = compress(model, [PruMergeConfig(tokens=5, layers=(2,)), UnshuffleConfig()], {"x": images},
+                          features=1, emit_positions=True)
+    tokens, positions, sizes = _run(compressed, images)
+    assert tokens.shape[1] == 6 and torch.equal(sizes[:, -1, 0], torch.full((2,), 11.0 * 4))  # 16 - 5 units
+    index = (positions[:, :5, 0] * (GRID[1] // UNIT) + positions[:, :5, 1]).round().long()
+    with torch.no_grad():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(images)))
+        for block in model.blocks[:2]:
+            x = block(x)
+        q, k, _ = model.blocks[2].attn.qkv(model.blocks[2].norm1(x)).chunk(3, dim=-1)  # full width
+        scores = torch.softmax(q[:, :1] @ k.transpose(-1, -2) * k.shape[-1] ** -0.5, dim=-1)[:, 0]
+    for b in range(2):
+        layout = ref.raster_layout(GRID, UNIT, 1)
+        unit_scores = [float(scores[b, u.rows].mean()) for u in layout.units]
+        assert index[b].tolist() == sorted(range(16), key=lambda u: (-unit_scores[u], u))[:5]

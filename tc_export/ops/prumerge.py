@@ -110,6 +110,10 @@ class PruMerge(TokenOp):
         return prumerge(x, size, query, key, self.tokens, self.protected, self.extra, self.neighbours,
                         self.drop_prefix, self.received)
 
+    def token_scores(self, query: Tensor, key: Tensor, prefix: int) -> Tensor:
+        """The scores (B, N - prefix) of the tokens after the ``prefix`` (merge units reduce them per unit)."""
+        return prumerge_scores(query, key, prefix, self.received)
+
     def forward_scored(self, x: Tensor, size: Tensor | None, scores: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         """The same on scores computed elsewhere (merge units: its tokens' scores reduced to each unit)."""
         return prumerge_scored(x, size, scores, key, self.tokens, self.protected, self.extra, self.neighbours,

@@ -112,6 +112,16 @@ class TopKAtOutput(TokenOp):
         start = self.protected - self.prefix_out()
         return x[:, start:], None if size is None else size[:, start:]
 
+    def token_scores(self, query: Tensor, key: Tensor, prefix: int) -> Tensor:
+        """The scores (B, N - prefix) of the tokens after the ``prefix`` (merge units reduce them per unit)."""
+        return head_averaged_class_attention(query, key, self.heads, self.received)[:, prefix:]
+
+    def forward_scored(self, x: Tensor, size: Tensor | None, scores: Tensor, key: Tensor
+                       ) -> tuple[Tensor, Tensor | None]:
+        """The selection on scores computed elsewhere (merge units: its tokens' scores reduced to each unit); only
+        for an op without protected tokens (the unit view), so nothing is dropped."""
+        return topk_prune(x, size, scores, self.keep, self.protected, self.fuse, self.keep_order)
+
     def prefix_out(self) -> int:
         return 0 if self.drop_prefix else self.protected
 

@@ -117,6 +117,7 @@ class TokenPass:
         self.unit = resolve_unit(self.configs, unit)
         self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
         self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
+        self._unit_prefix: int | None = None  # protected rows of the unit state once an op at the output drops them
         self.name = "+".join(config.method for config in self.configs) or "features"
         self.report = PassReport()
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
@@ -246,16 +247,14 @@ class TokenPass:
                     f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
                     f"{config.method} cannot score that output with layer {site.index}'s queries and keys"
                 )
-            if self.unit is not None:
-                raise ConfigError(f"{config.method} at the tower output (scored by layer {site.index}) does not act on "
-                                  f"merge units yet; with --unit {self.unit}, prune at layer {last_layer} instead")
-            op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix,
-                                           at_output=True))
+            op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
+                                                  suffix, at_output=True))
             state, call = self._insert_block_input_op(gm, site, op, state, suffix)
             tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix,
                                        f"the tower output (scored by layer {site.index})")
             end = self._tokens_after(call)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
+            self._unit_prefix = protected  # the unit state's protected rows from here on
         if state is not None and (padded or (prop_attn and ops)):
             size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
@@ -412,7 +411,8 @@ class TokenPass:
             return op
         assert self.unit is not None
         return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
-                      getattr(config, "unit_score", "mean"))
+                      getattr(config, "unit_score", "mean"),
+                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)))
 
     def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
                        protected: int, suffix: int) -> fx.Node:
@@ -447,8 +447,9 @@ class TokenPass:
             node = state
             with graph.inserting_after(state):
                 if units:  # one row per unit: expanded to the tokens (``ops.state.expand_units``)
-                    node = graph.call_function(expand_units, (state, self.report.protected, self.report.suffix,
-                                                              self.unit, self.frames is not None))
+                    prefix = self.report.protected if self._unit_prefix is None else self._unit_prefix
+                    node = graph.call_function(expand_units, (state, prefix, self.report.suffix, self.unit,
+                                                              self.frames is not None))
             if self.report.positions is not None:
                 with graph.inserting_after(node):
                     node = graph.call_function(view, (node,))
