@@ -1,4 +1,4 @@
-"""Token counts, MACs and ONNX Runtime latency of the shipped tower + projector recipes (README "Projectors").
+"""Token counts, MACs and ONNX Runtime latency of the shipped tower + projector recipes (docs/projectors.md).
 
     python benchmarks/projector_recipes.py [--runs 10] [--smoke] [--no-time]
 

@@ -1,8 +1,8 @@
-"""Reproduce the README's benchmark tables and plots in one run.
+"""Reproduce the benchmark tables of the docs pages (docs/speed.md, docs/tune.md, ...) and plots in one run.
 
     python benchmarks/readme_tables.py [--out benchmarks/results] [--repeats 3] [--runs 40] [--smoke]
 
-Writes ``tables.md`` (the tables the README shows, with the machine and load they were measured under),
+Writes ``tables.md`` (the tables the docs pages show, with the machine and load they were measured under),
 one ``tc-export.bench/1`` JSON per section and the plots of the MNIST sweep. Sections:
 
 - ``vit_b``: ToMe r=16 against the uncompressed ViT-B at batch 1 and 8, ``--repeats`` independent runs (the spread);
