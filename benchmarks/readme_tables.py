@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tc_export.bench_job import SweepConfig, run_sweep
-from tc_export.bench_report import document, footnote, markdown_table, write_json, write_plots
+from tc_export.measure.bench_job import SweepConfig, run_sweep
+from tc_export.measure.bench_report import document, footnote, markdown_table, write_json, write_plots
 from tc_export.models import ModelOptions, load_model
-from tc_export.sweep import Candidate, expand, parse_config_spec, parse_sweep
+from tc_export.measure.sweep import Candidate, expand, parse_config_spec, parse_sweep
 
 MNIST_SWEEPS = {  # method -> (config spec, sweep); every one reaches the method's strongest setting
     "tome": ("tome", "r=8,16,24,32,40,48,64,80,98"),

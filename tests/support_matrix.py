@@ -250,7 +250,7 @@ def run_cell(family: Family, method: str) -> Cell:
 
 def _through_job(loaded: LoadedModel, method: str):
     """The command-line job without its argument parsing (``run_job``): passes, MACs, export, parity, fidelity."""
-    from tc_export.pipeline import JobConfig, run_job
+    from tc_export.job.pipeline import JobConfig, run_job
 
     with tempfile.TemporaryDirectory() as folder:
         config = JobConfig(model=loaded.name, output=Path(folder) / "m.onnx", methods=(METHODS[method](),),

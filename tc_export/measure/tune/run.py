@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import ConfigError, TCExportError
+from ...errors import ConfigError, TCExportError
 from .search import Scored, TuneConfig
 
 
@@ -22,7 +22,7 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
     import click
 
     from ..bench_job import find_evaluator
-    from ..models import LoadedModel, ModelOptions, load_model
+    from ...models import LoadedModel, ModelOptions, load_model
     from .calib import load_calib, seeded_calib
     from .fidelity import Scorer
     from .output import RANDOM_INPUTS_WARNING, markdown, rows, summary, write_json, write_plot, write_text

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ConfigError
-from .bundle import INPUTS, OUTPUTS, Bundle
+from ...errors import BackendUnavailableError, ConfigError
+from ..tensorrt.bundle import INPUTS, OUTPUTS, Bundle
 from .parity import element_errors
 
 CANDIDATE_RUNNER = "candidate"
@@ -105,7 +105,7 @@ def _runner(model: Path, engine: bool, against: Path):
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
         return "ONNX Runtime", OnnxrtRunner(SessionFromOnnx(str(model)), name=CANDIDATE_RUNNER)
-    from .engine import tensorrt_missing_reason
+    from ..tensorrt.engine import tensorrt_missing_reason
 
     reason = tensorrt_missing_reason()
     if reason is not None:

@@ -2,7 +2,7 @@
 
 UNTESTED: no machine here has TensorRT or a GPU. Everything this module calls (launch parameters, AOT compile,
 the kernels' numerics) is tested in ``tests/test_plugin_kernels.py``; this layer only adapts TensorRT's
-descriptors to it. Import it through ``tc_export.plugins.load_trt_plugins()`` (importing it registers the
+descriptors to it. Import it through ``tc_export.export.tensorrt.load_trt_plugins()`` (importing it registers the
 plugins; it needs ``tensorrt`` and, to build, Triton and a GPU).
 
 ONNX node contract (attributes other than ``plugin_namespace``/``plugin_version``/``aot`` become plugin fields):
@@ -19,9 +19,9 @@ from typing import List, Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from ..errors import ConfigError
-from .aot import CompiledKernel, compile_tome_merge, compile_topk_select
-from .launch import effective_r, tome_merge_launch, tome_merge_triton, topk_select_launch, topk_select_triton
+from ...errors import ConfigError
+from ...plugins.aot import CompiledKernel, compile_tome_merge, compile_topk_select
+from ...plugins.launch import effective_r, tome_merge_launch, tome_merge_triton, topk_select_launch, topk_select_triton
 
 NAMESPACE = "tc_export"
 _DTYPES = {trt.float32: "fp32", trt.float16: "fp16"}

@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError, InternalError
-from .models.base import LoadedModel
-from .ops.base import TokenOp
-from .ops.state import leading_tokens
-from .passes import LayerTokens, run_passes, token_pass
-from .passes.graph import tensor_meta_shape
-from .passes.structure import find_structure
-from .passes.token_pass import PassReport, seeded_input
-from .passes.trace import propagate_shapes, trace
+from ..errors import ConfigError, InternalError
+from ..models.base import LoadedModel
+from ..ops.base import TokenOp
+from ..ops.state import leading_tokens
+from ..passes import LayerTokens, run_passes, token_pass
+from ..passes.graph import tensor_meta_shape
+from ..passes.structure import find_structure
+from ..passes.token_pass import PassReport, seeded_input
+from ..passes.trace import propagate_shapes, trace
 
 
 @dataclass

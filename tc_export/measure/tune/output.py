@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 SCHEMA_ID = "tc-export.tune/1"
 RANDOM_INPUTS_WARNING = ("no --calib: scored on seeded inputs. Random inputs rank schedules poorly (they do not "

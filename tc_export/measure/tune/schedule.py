@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
-from ..ops.adjacent import effective_pairs
-from ..ops.tome import effective_r
-from ..ops.topk import keep_count
+from ...errors import ConfigError
+from ...ops.adjacent import effective_pairs
+from ...ops.tome import effective_r
+from ...ops.topk import keep_count
 
 
 @dataclass(frozen=True)

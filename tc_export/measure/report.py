@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench_report import SCHEMA_ID, row_name, validate, write_plots
-from .errors import BackendUnavailableError, ConfigError
+from ..errors import BackendUnavailableError, ConfigError
 
 TUNE_SCHEMA_ID = "tc-export.tune/1"
 ACCURACY_DROP = 0.01  # "within a point": the summary's tolerance on held-out accuracy

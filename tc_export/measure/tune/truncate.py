@@ -11,8 +11,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..ops.base import TokenOp
-from ..passes.tome import ToMeConfig
+from ...ops.base import TokenOp
+from ...passes.tome import ToMeConfig
 
 
 class Truncate(TokenOp):
@@ -65,7 +65,7 @@ class TruncateAt(ToMeConfig):
 
     def check(self, site: Any) -> None:
         if self.keep <= site.protected:
-            from ..errors import ConfigError
+            from ...errors import ConfigError
 
             raise ConfigError(f"truncate: keep={self.keep} must be above the {site.protected} protected tokens")
 

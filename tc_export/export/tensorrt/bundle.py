@@ -1,7 +1,7 @@
 """Parity bundle for a device and its CI: ONNX, reference inputs/outputs (Polygraphy JSON), manifest, build script.
 
-``tc-export MODEL ... --target T -o DIR/`` runs the usual job with the ONNX written into a staging directory,
-lints it for the target's TensorRT, has ONNX Runtime produce the reference outputs on the seeded parity inputs,
+``tc-export MODEL ... --target T -o DIR/`` runs the usual job with the ONNX written into a staging directory
+(``job.pipeline``); then this sink over the job's result lints the ONNX for the target's TensorRT, has ONNX Runtime produce the reference outputs on the seeded parity inputs,
 writes the manifest and ``build_and_verify.sh``, and renames the staging directory to DIR only when all of it
 succeeded. On the device the script builds the engine and runs ``polygraphy run model.engine --model-type engine
 --trt --load-inputs inputs.json --load-outputs outputs.json``; ``tc-export verify`` does the same comparison.
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import ConfigError, ParityError
+from ...errors import ConfigError
 from .engine import EngineConfig, get_target, is_function_layer, keep_fp32_layers, package_version
-from .files import external_data_files
+from ..files import external_data_files
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
-    from ..pipeline import JobConfig, JobResult
+    from ...models import LoadedModel
+    from ...job.pipeline import JobConfig, JobResult
 
 BUNDLE_FORMAT = "tc-export parity bundle 1"
 MANIFEST = "manifest.json"
@@ -89,33 +89,24 @@ def staging_dir(final: Path):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def run_bundle_job(config: JobConfig, say: Callable[[str], None] = print,
-                   loaded: LoadedModel | None = None) -> JobResult:
-    """The export job, then lint, reference I/O, manifest and script, all written into DIR atomically."""
-    from ..pipeline import load_for_job, run_job
-    from .lint import require_lint_clean
-
+def check_bundle_job(config: JobConfig) -> tuple[Path, EngineConfig]:
+    """Before the job runs: a bundle needs a target, and DIR must be writable (``check_bundle_dir``)."""
     engine = config.engine
     if engine is None or engine.target is None:
         raise ConfigError("a parity bundle is built for a device: add --target "
                           "jetson-orin-nano|jetson-agx-orin|datacenter")
-    final = check_bundle_dir(config.output)
-    loaded = loaded or load_for_job(config)
-    with staging_dir(final) as staging:
-        def say_final(text: str) -> None:  # the user sees where the file will be, not the staging name
-            say(text.replace(str(staging), str(final)))
+    return check_bundle_dir(config.output), engine
 
-        try:
-            result = run_job(replace(config, output=staging / MODEL, bundle=False), say=say_final, loaded=loaded)
-        except ParityError as error:  # the staging directory goes: the ONNX is not kept, whatever run_job says
-            raise ParityError(f"{error.failure}; no bundle written to {final}/") from None
-        lint = require_lint_clean(staging / MODEL, engine.trt_version, say=say)
-        say(lint.summary())
-        write_bundle(staging, config, loaded, result, engine)
-    result.onnx_path = final / MODEL
-    say(f"wrote parity bundle {final}/ for {engine.target} ({get_target(engine.target).engine_path}): "
-        f"run ./{SCRIPT} on the device")
-    return result
+
+def bundle_sink(staging: Path, config: JobConfig, loaded: LoadedModel, result: JobResult, engine: EngineConfig,
+                say: Callable[[str], None] = print) -> None:
+    """After the job wrote ``staging/model.onnx`` and passed parity: lint it for the target's TensorRT, then write
+    the reference inputs and outputs, the manifest and the device script beside it."""
+    from .lint import require_lint_clean
+
+    lint = require_lint_clean(staging / MODEL, engine.trt_version, say=say)
+    say(lint.summary())
+    write_bundle(staging, config, loaded, result, engine)
 
 
 def reference_feeds(config: JobConfig, loaded: LoadedModel, result: JobResult, onnx_path: Path) -> list[OrderedDict]:
@@ -145,7 +136,7 @@ def reference_outputs(onnx_path: Path, feeds: Sequence[Mapping[str, Any]]):
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator
 
-    from .parity import quiet_polygraphy
+    from ..checks.parity import quiet_polygraphy
 
     quiet_polygraphy()
     runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name=REFERENCE_RUNNER)
@@ -365,7 +356,7 @@ class Bundle:
         from polygraphy.comparator import RunResults
         from polygraphy.json import load_json
 
-        from .parity import quiet_polygraphy
+        from ..checks.parity import quiet_polygraphy
 
         quiet_polygraphy()
         if not directory.is_dir():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError, TCExportError
+from ...errors import ConfigError, TCExportError
 from .families import METHOD_NAMES, defaults, families, tome_vector, vector_of
 from .fidelity import Scorer
 from .latency import LatencyTable, grid, measure_table
@@ -92,7 +92,7 @@ class TuneResult:
 
 def model_shape(loaded: Any) -> Shape:
     """Tokens, protected prefix and layers of ``loaded``, from one no-op pass over its graph."""
-    from ..compress import compress
+    from ...job.compress import compress
     from .truncate import TruncateAt
 
     probe = compress(loaded, [TruncateAt(keep=10**9)], loaded.example_inputs(batch=1))
@@ -246,7 +246,7 @@ def tokens_of(scored: Scored, shape: Shape) -> list[int]:
 def measure(loaded: Any, rows: Sequence[Scored], config: TuneConfig,
             progress: Callable[[str], None] = lambda _: None) -> tuple[float, list[float]]:
     """(uncompressed ms, each row's ms): exported and timed side by side in one interleaved loop."""
-    from ..compress import compress
+    from ...job.compress import compress
     from .latency import time_models
 
     inputs = loaded.example_inputs(batch=config.batch)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .calib import CalibData
 
 METRICS = ("accuracy", "cosine", "kl")
@@ -40,7 +40,7 @@ class Scorer:
         return f"{self.metric} on {where}"
 
     def _outputs(self, module: torch.nn.Module) -> np.ndarray:
-        from ..export.fidelity import first_output
+        from ...export.checks.fidelity import first_output
 
         outputs, total = [], len(self.calib)
         with torch.inference_mode():
@@ -53,7 +53,7 @@ class Scorer:
         return np.concatenate(outputs)
 
     def module(self, stages: Sequence[object]) -> torch.nn.Module:
-        from ..compress import compress
+        from ...job.compress import compress
 
         if not stages:
             return self.loaded.module

@@ -19,8 +19,8 @@ import onnx
 import yaml
 from onnx import numpy_helper
 
-from ..errors import ConfigError, TCExportError
-from .files import read_onnx
+from ...errors import ConfigError, TCExportError
+from ..files import read_onnx
 
 TABLE_PATH = Path(__file__).with_name("trt_support.yaml")
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -327,7 +327,7 @@ class _Linter:
 
     def check_plugin_tokens(self, node: onnx.NodeProto, name: str) -> Iterator[LintProblem]:
         """The plugin kernels' token limits (plugins/launch.py): past them a ``--plugins on`` build fails."""
-        from ..plugins.launch import PLUGIN_TOKEN_LIMITS
+        from ...plugins.launch import PLUGIN_TOKEN_LIMITS
 
         plugin = next((p for p in PLUGIN_TOKEN_LIMITS if node.op_type == p or node.op_type.startswith(p + "_")), None)
         dims = self.shapes.get(node.input[0]) if plugin and node.input else None

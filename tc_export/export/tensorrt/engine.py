@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, ConfigError
-from .files import atomic_output, external_data_files, read_onnx
+from ...errors import BackendUnavailableError, ConfigError
+from ..files import atomic_output, external_data_files, read_onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FUNCTION_DOMAIN = "tc_export"
@@ -358,7 +358,7 @@ def _build(onnx_path: Path, engine_path: Path, config: EngineConfig, inputs: Seq
         try:
             import importlib
 
-            importlib.import_module("tc_export.plugins.trt_plugins")  # registers the tc_export plugins
+            importlib.import_module("tc_export.export.tensorrt.plugins")  # registers the tc_export plugins
         except ImportError as error:
             raise BackendUnavailableError(f"--plugins on: the tc_export TensorRT plugins cannot be loaded ({error}); "
                                           "use --plugins off") from None

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,8 @@ def parse_config_spec(text: str) -> Candidate:
     """``"tome r=8 layers=0-5"`` -> a one-stage candidate; a shipped recipe name or YAML path -> its stages."""
     import yaml
 
-    from .passes import METHODS
-    from .recipes import load_recipe, parse_recipe
+    from ..passes import METHODS
+    from ..recipes import load_recipe, parse_recipe
 
     words = text.split()
     if not words:
@@ -154,7 +154,7 @@ def _replace(config: object, param: str, value: Any) -> object:
     if not _has_field(config, param):
         return config
     if param == "layers" and value is not None:
-        from .recipes import parse_layers
+        from ..recipes import parse_layers
 
         value = parse_layers(value if not isinstance(value, tuple) else list(value), f"--sweep {param}")
     try:

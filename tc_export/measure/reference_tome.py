@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, protected: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,7 +19,7 @@ METHOD_NAMES = ("tome", "topk", "adjacent", "prumerge")
 
 def tome_vector(r: Sequence[int], shape: Shape, multiple: int | None = None) -> Schedule | None:
     """Per-layer ToMe (``r`` per layer), snapped so every count leaving a merge is a multiple of ``multiple``."""
-    from ..passes.tome import ToMeConfig
+    from ...passes.tome import ToMeConfig
 
     values = [max(0, int(v)) for v in r]
     if multiple:
@@ -54,10 +54,10 @@ def vector_of(schedule: Schedule, shape: Shape) -> list[int] | None:
 
 def families(shape: Shape, methods: Sequence[str], multiple: int | None = None) -> dict[str, list[Schedule]]:
     """Family name -> its schedules, weakest first."""
-    from ..passes.adjacent import AdjacentConfig
-    from ..passes.prumerge import PruMergeConfig
-    from ..passes.tome import ToMeConfig
-    from ..passes.topk import TopKConfig
+    from ...passes.adjacent import AdjacentConfig
+    from ...passes.prumerge import PruMergeConfig
+    from ...passes.tome import ToMeConfig
+    from ...passes.topk import TopKConfig
 
     L, N, p = shape.layers, shape.tokens, shape.protected
     max_r = (N - p) // 2
@@ -125,9 +125,9 @@ def families(shape: Shape, methods: Sequence[str], multiple: int | None = None) 
 
 def defaults(shape: Shape, methods: Sequence[str]) -> list[Schedule]:
     """Each method's default setting (the comparison rows a user would try first)."""
-    from ..passes.adjacent import AdjacentConfig
-    from ..passes.tome import ToMeConfig
-    from ..passes.topk import TopKConfig
+    from ...passes.adjacent import AdjacentConfig
+    from ...passes.tome import ToMeConfig
+    from ...passes.topk import TopKConfig
 
     out = []
     max_r = (shape.tokens - shape.protected) // 2

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from .schedule import Schedule, Shape, layer_counts, op_key, op_tokens
 
 
@@ -97,8 +97,8 @@ def grid(shape: Shape, points: int, multiple: int | None = None, floor: int | No
 def attention_share(loaded: Any, inputs: Mapping[str, torch.Tensor], shape: Shape) -> float:
     """``w`` from MAC counts: truncating after layer 0's vs layer 1's attention differ by ``c(N) - c(n)``,
     uncompressed vs layer 0 by ``(L - w)(c(N) - c(n))``. One-layer models: a third (the usual ViT share)."""
-    from ..compress import compress
-    from ..export.macs import count_macs
+    from ...job.compress import compress
+    from ...export.macs import count_macs
     from .truncate import TruncateAt
 
     if shape.layers < 2:
@@ -117,7 +117,7 @@ def export_session(loaded: Any, module: torch.nn.Module, inputs: Mapping[str, to
                    batch: int, threads: int) -> Any:
     """``module`` exported to ONNX at a static batch and opened as an ORT session (spinning off)."""
     from ..bench import make_session
-    from ..export.onnx_export import ExportConfig, write_onnx
+    from ...export.onnx_export import ExportConfig, write_onnx
 
     names = {spec.name: spec.export_name for spec in loaded.inputs}
     write_onnx(module, dict(inputs), path, ExportConfig(batch=batch), input_names=[names[k] for k in inputs],
@@ -150,7 +150,7 @@ def time_models(loaded: Any, modules: Sequence[torch.nn.Module], batch: int, thr
 def measure_table(loaded: Any, shape: Shape, batch: int, counts: Sequence[int], probes: Sequence[Schedule],
                   threads: int = 2, runs: int = 20, progress: Callable[[str], None] = lambda _: None) -> LatencyTable:
     """Time the truncated models at ``counts`` and one probe schedule per method in one loop; fit the op costs."""
-    from ..compress import compress
+    from ...job.compress import compress
     from .truncate import TruncateAt
 
     inputs = loaded.example_inputs(batch=batch)

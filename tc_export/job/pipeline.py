@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .compress import CompressedModel, compress
-from .errors import ConfigError, ParityError
-from .export.engine import EngineConfig, build_engine
-from .export.fidelity import Fidelity, measure_fidelity
-from .export.files import check_output_path, external_data_files
-from .export.macs import count_macs
-from .export.onnx_export import ExportConfig, write_onnx
-from .export.precision import in_dtype, torch_dtype
-from .export.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
-from .models import LoadedModel, ModelOptions, load_model
+from ..errors import ConfigError, ParityError
+from ..export.tensorrt.engine import EngineConfig, build_engine
+from ..export.checks.fidelity import Fidelity, measure_fidelity
+from ..export.files import check_output_path, external_data_files
+from ..export.macs import count_macs
+from ..export.onnx_export import ExportConfig, write_onnx
+from ..export.precision import in_dtype, torch_dtype
+from ..export.checks.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
+from ..models import LoadedModel, ModelOptions, load_model
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class JobConfig:
     fidelity_samples: int = 8
     features: int | None = None  # vision-tower mode: end at this block's output tokens (-2: LLaVA's layer)
     emit_positions: bool = False  # add outputs: each output token's position and size
-    # --- TensorRT (export/engine.py, export/bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
+    # --- TensorRT (export/tensorrt/engine.py, bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
     engine: EngineConfig | None = None
     bundle: bool = False
     # --- end TensorRT ---
@@ -72,7 +72,7 @@ def compress_for_job(
 
 def load_for_job(config: JobConfig) -> LoadedModel:
     """The job's model, after checking (from its parameter count, before loading) that the export fits here."""
-    from .models.footprint import check_fits
+    from ..models.footprint import check_fits
 
     check_fits(config.model, config.model_options, config.export.dtype)
     return load_model(config.model, config.model_options, warn_random=False)
@@ -80,11 +80,9 @@ def load_for_job(config: JobConfig) -> LoadedModel:
 
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
-    # --- TensorRT parity bundle (export/bundle.py): runs this job into a staging dir, then adds the bundle ---
+    # --- TensorRT parity bundle (export/tensorrt/bundle.py): this job into a staging dir, the bundle a sink after it ---
     if config.bundle:
-        from .export.bundle import run_bundle_job
-
-        return run_bundle_job(config, say=say, loaded=loaded)
+        return _run_into_bundle(config, say, loaded)
     # --- end TensorRT ---
     output = check_output_path(config.output)
     wants_engine = output.suffix in (".engine", ".plan")
@@ -154,7 +152,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     if not parity:
         raise ParityError(parity.failure_message(config.parity.atol, config.parity.rtol), kept=onnx_path)
     if wants_engine:
-        # --- TensorRT engine (export/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates on
+        # --- TensorRT engine (export/tensorrt/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates on
         # the model's seeded example inputs ---
         engine_config = config.engine or EngineConfig(precision="fp16" if config.fp16 else "fp32")
         calibration = lambda: [  # noqa: E731
@@ -166,6 +164,29 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         say(f"built TensorRT engine {output} ({engine_config.precision}, TensorRT {built.trt_version}); "
             f"sidecar {built.sidecar_path}")
         # --- end TensorRT ---
+    return result
+
+
+def _run_into_bundle(config: JobConfig, say: Callable[[str], None], loaded: LoadedModel | None) -> JobResult:
+    """The job with its ONNX written into a staging directory, then the bundle sink over its result (lint, reference
+    I/O, manifest and script); the directory is renamed to DIR only when all of it succeeded."""
+    from ..export.tensorrt.bundle import MODEL, SCRIPT, bundle_sink, check_bundle_job, staging_dir
+    from ..export.tensorrt.engine import get_target
+
+    final, engine = check_bundle_job(config)
+    loaded = loaded or load_for_job(config)
+    with staging_dir(final) as staging:
+        def say_final(text: str) -> None:  # the user sees where the file will be, not the staging name
+            say(text.replace(str(staging), str(final)))
+
+        try:
+            result = run_job(replace(config, output=staging / MODEL, bundle=False), say=say_final, loaded=loaded)
+        except ParityError as error:  # the staging directory goes: the ONNX is not kept, whatever run_job says
+            raise ParityError(f"{error.failure}; no bundle written to {final}/") from None
+        bundle_sink(staging, config, loaded, result, engine, say=say)
+    result.onnx_path = final / MODEL
+    say(f"wrote parity bundle {final}/ for {engine.target} ({get_target(engine.target).engine_path}): "
+        f"run ./{SCRIPT} on the device")
     return result
 
 
@@ -199,7 +220,7 @@ def _say_structure(compressed: CompressedModel, say: Callable[[str], None]) -> N
 
 
 def _metadata(config: JobConfig, loaded: LoadedModel, compressed: CompressedModel | None) -> dict[str, str]:
-    from .passes import config_to_dict
+    from ..passes import config_to_dict
 
     meta = {"tc_export.model": loaded.name,
             "tc_export.methods": json.dumps([config_to_dict(m) for m in config.methods])}

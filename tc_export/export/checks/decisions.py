@@ -22,9 +22,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..ops.base import TokenOp
-from ..ops.rows import NORM_FLOOR
-from ..ops.tome import ToMeMerge, protection_mask
+from ...ops.base import TokenOp
+from ...ops.rows import NORM_FLOOR
+from ...ops.tome import ToMeMerge, protection_mask
 
 DOMAIN = "tc_export"
 _SAME = 1e-4  # provenance weights are exact up to float rounding; different decisions differ by O(1)

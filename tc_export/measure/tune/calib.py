@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npy", ".npz", ".safetensors")
@@ -117,7 +117,7 @@ def _sentences(path: Path, loaded: Any) -> CalibData:
         raise ConfigError(f"--calib {path}: not UTF-8 text (one sentence per line)") from None
     if not lines:
         raise ConfigError(f"--calib {path}: no sentences (one per line)")
-    from ..models.hf_models import tokenize
+    from ...models.hf_models import tokenize
 
     length = next(spec.shape[-1] for spec in loaded.inputs if spec.name == "input_ids")
     return CalibData(tokenize(tokenizer, lines, length), None, f"{path} ({len(lines)} sentences)")
@@ -149,7 +149,7 @@ def _image_transform(loaded: Any, folder: Path) -> Any:
     if loaded.name == "mnist_vit":
         import numpy as np
 
-        from ..data.mnist import IMAGE_SHAPE, MEAN, STD
+        from ...data.mnist import IMAGE_SHAPE, MEAN, STD
 
         def digits(image: Any) -> torch.Tensor:
             gray = np.asarray(image.convert("L").resize(IMAGE_SHAPE[1:]), dtype=np.float32) / 255.0

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 DEVICE_SCHEMA = "tc-export.device-latencies/1"
 
@@ -91,8 +91,8 @@ def pick(path: Path, speedup: float | None, latency_ms: float | None) -> dict[st
 def write_bundle(folder: Path, loaded: Any, rows: list[Any], batch: int, target: str, metric: str,
                  recipe_text: Any) -> Path:
     """The candidates' ONNX files, candidates.json and time_engines.py in ``folder``."""
-    from ..compress import compress
-    from ..export.onnx_export import ExportConfig, write_onnx
+    from ...job.compress import compress
+    from ...export.onnx_export import ExportConfig, write_onnx
 
     folder.mkdir(parents=True, exist_ok=True)
     inputs = loaded.example_inputs(batch=batch)

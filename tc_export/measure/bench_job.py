@@ -24,12 +24,12 @@ import numpy as np
 import torch
 
 from .bench import make_session, time_interleaved
-from .errors import BackendUnavailableError, ConfigError, TCExportError
-from .export.fidelity import first_output
-from .export.macs import count_macs
-from .export.onnx_export import ExportConfig, write_onnx
-from .models import LoadedModel
-from .pipeline import compress_for_job
+from ..errors import BackendUnavailableError, ConfigError, TCExportError
+from ..export.checks.fidelity import first_output
+from ..export.macs import count_macs
+from ..export.onnx_export import ExportConfig, write_onnx
+from ..models import LoadedModel
+from ..job.pipeline import compress_for_job
 from .sweep import Candidate
 
 BACKENDS = ("ort", "torch", "trt")
@@ -237,7 +237,7 @@ def _say_profile(group: Group, threads: int, say: Callable[[str], None]) -> None
 
 def _int8_entry(row: dict[str, Any], path: Path, folder: Path, batch: int, config: SweepConfig,
                 feed: dict[str, np.ndarray], names: dict[str, str], key: tuple[str, ...]) -> Entry:
-    from .export.quantize import quantize_int8
+    from ..export.quantize import quantize_int8
 
     result = quantize_int8(path, folder / f"{path.stem}-int8.onnx")
     session = make_session(result.path, config.threads)
@@ -280,7 +280,7 @@ def _reference_group(
     common: dict[str, Any], base_macs: int, base_tokens: list[int] | None, progress: Callable[[str], None],
 ) -> Group | None:
     """Eager uncompressed vs eager ToMe applied the reference way (``reference_tome``), for each tome candidate."""
-    from .ops.tome import effective_r
+    from ..ops.tome import effective_r
     from .reference_tome import apply_reference_tome
 
     tome = [c for c in candidates if len(c.configs) == 1 and getattr(c.configs[0], "method", "") == "tome"]
@@ -439,7 +439,7 @@ def _torch_predict(module: torch.nn.Module, threads: int) -> Callable[[dict[str,
 
 
 def _token_counts(loaded: LoadedModel, configs: Sequence[object], example: dict[str, torch.Tensor]) -> list[int] | None:
-    from .compress import compress
+    from ..job.compress import compress
 
     try:
         return compress(loaded, list(configs), example).token_counts()
