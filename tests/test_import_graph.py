@@ -1,5 +1,5 @@
-"""The package's rooms: no two modules of tc_export import each other, directly or around a circle, and its top
-level holds only folders and a few modules.
+"""The package's rooms: no two modules of tc_export import each other, directly or around a circle; every import
+names a module that exists (none left on a moved path); the top level holds only folders and a few modules.
 
 Every import counts, at module level or deferred inside a function (a deferred import hides a circle from the
 interpreter, not from the design: ``export/bundle.py`` once ran ``pipeline.run_job`` while ``run_job`` called the
@@ -129,6 +129,51 @@ def test_the_scan_finds_circles_deferred_and_direct(tmp_path):
     (package / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .d import D\n")
     (package / "d.py").write_text("from .c import C\n")
     assert sorted(circles(package)) == [["pkg.a", "pkg.b"], ["pkg.sub.x", "pkg.sub.y", "pkg.sub.z"]]
+
+
+def stale_imports(files: list[Path], package: Path) -> list[str]:
+    """Imports of ``package`` modules (anywhere in a file, deferred ones included) that name no module file: an
+    old path after a module moved (docs/design.md, "Moved modules")."""
+    known = modules(package)
+    root = package.name
+    stale = []
+    for path in files:
+        inside = package in path.parents
+        if inside:
+            parts = list(path.relative_to(package.parent).with_suffix("").parts)
+            base = parts[:-1]  # the package holding this file (an __init__'s own package)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and inside:
+                target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else []))
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                target = node.module or ""
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.split(".")[0] == root and alias.name not in known:
+                        stale.append(f"{path}:{node.lineno}: import {alias.name}")
+                continue
+            else:
+                continue
+            if target.split(".")[0] == root and target not in known:
+                stale.append(f"{path}:{node.lineno}: from {target} import ...")
+    return stale
+
+
+def test_every_import_names_an_existing_module():
+    files = [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    stale = stale_imports(files, PACKAGE)
+    assert not stale, "imports of moved or missing modules (see docs/design.md, Moved modules):\n" + "\n".join(stale)
+
+
+def test_stale_import_check_sees_an_old_path(tmp_path):
+    package = tmp_path / "pkg"
+    (package / "job").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "job" / "__init__.py").write_text("")
+    (package / "job" / "pipeline.py").write_text("def run():\n    from ..compress import x\n    from . import y\n")
+    (package / "job" / "y.py").write_text("from pkg.job.pipeline import run\nimport pkg.pipeline\n")
+    stale = stale_imports([package / "job" / "pipeline.py", package / "job" / "y.py"], package)
+    assert [line.split(": ", 1)[1] for line in stale] == ["from pkg.compress import ...", "import pkg.pipeline"]
 
 
 def test_top_level_holds_folders_and_few_modules():

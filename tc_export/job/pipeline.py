@@ -80,7 +80,7 @@ def load_for_job(config: JobConfig) -> LoadedModel:
 
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
-    # --- TensorRT parity bundle (export/tensorrt/bundle.py): this job into a staging dir, the bundle a sink after it ---
+    # --- TensorRT parity bundle (export/tensorrt/bundle.py): the job into a staging dir, then the bundle sink ---
     if config.bundle:
         return _run_into_bundle(config, say, loaded)
     # --- end TensorRT ---
@@ -152,8 +152,8 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     if not parity:
         raise ParityError(parity.failure_message(config.parity.atol, config.parity.rtol), kept=onnx_path)
     if wants_engine:
-        # --- TensorRT engine (export/tensorrt/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates on
-        # the model's seeded example inputs ---
+        # --- TensorRT engine (export/tensorrt/engine.py): lint, build with the preset/flags, sidecar; int8 calibrates
+        # on the model's seeded example inputs ---
         engine_config = config.engine or EngineConfig(precision="fp16" if config.fp16 else "fp32")
         calibration = lambda: [  # noqa: E731
             {onnx_names[k]: v.numpy() for k, v in loaded.example_inputs(batch=batch, seed=seed).items()}

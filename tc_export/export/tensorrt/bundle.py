@@ -1,9 +1,9 @@
 """Parity bundle for a device and its CI: ONNX, reference inputs/outputs (Polygraphy JSON), manifest, build script.
 
 ``tc-export MODEL ... --target T -o DIR/`` runs the usual job with the ONNX written into a staging directory
-(``job.pipeline``); then this sink over the job's result lints the ONNX for the target's TensorRT, has ONNX Runtime produce the reference outputs on the seeded parity inputs,
-writes the manifest and ``build_and_verify.sh``, and renames the staging directory to DIR only when all of it
-succeeded. On the device the script builds the engine and runs ``polygraphy run model.engine --model-type engine
+(``job.pipeline``); then this sink over the job's result lints the ONNX for the target's TensorRT, has ONNX
+Runtime produce the reference outputs on the seeded parity inputs, writes the manifest and ``build_and_verify.sh``,
+and the job renames the staging directory to DIR only when all of it succeeded. On the device the script builds the engine and runs ``polygraphy run model.engine --model-type engine
 --trt --load-inputs inputs.json --load-outputs outputs.json``; ``tc-export verify`` does the same comparison.
 """
 
