@@ -35,7 +35,7 @@ class JobConfig:
     fidelity_samples: int = 8
     features: int | None = None  # vision-tower mode: end at this block's output tokens (-2: LLaVA's layer)
     emit_positions: bool = False  # add outputs: each output token's position and size
-    # --- TensorRT (export/tensorrt/engine.py, bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
+    # --- TensorRT (export/engine.py, export/bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
     engine: EngineConfig | None = None
     bundle: bool = False
     # --- end TensorRT ---

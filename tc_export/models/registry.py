@@ -60,10 +60,7 @@ def register_model(name: str, description: str) -> Callable[[Callable[[ModelOpti
 
 
 def load_model(name: str, options: ModelOptions | None = None, *, warn_random: bool = True) -> LoadedModel:
-    """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode.
-
-    The entries register themselves when their modules are imported: call ``tc_export.models.load_model``, which
-    imports them first (this module imports none of them, so they can import it)."""
+    """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
     options = options or ModelOptions()
     prefix, sep, rest = name.partition(":")
     if options.pooling is not None and (prefix if sep else name) not in POOLING_MODELS:
