@@ -237,3 +237,28 @@ def test_trt_backend_missing_raises_backend_error():
 
     with pytest.raises(BackendUnavailableError, match="TensorRT missing"):
         check_backend("trt")
+
+
+def test_cli_bench_projector_recipe_says_why_fidelity_is_not_shown(tmp_path, capsys):
+    """A projector outputs tokens, not the model's logits: as the export job does, no fidelity against them."""
+    recipe = tmp_path / "pool.yaml"
+    recipe.write_text("stages:\n  - {method: pool, stride: 2}\n")
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "timm:vit_tiny_patch16_224", "--img-size", "64", "--recipe", str(recipe),
+              "--config", "tome r=1", "--backend", "torch", "--batch", "2", "--threads", "1", "--runs", "3",
+              "--warmup", "0", "--samples", "2", "--json", str(out), "--markdown", str(tmp_path / "out.md")])
+    stdout, stderr = capsys.readouterr()
+    assert exit_info.value.code == 0, stderr
+    doc = json.loads(out.read_text())
+    assert validate(doc) == []
+    rows = {row["label"]: row for row in doc["rows"]}
+    assert list(rows) == ["uncompressed", "recipe pool", "tome r=1"]
+    projector = rows["recipe pool"]["fidelity"]
+    assert projector["cosine"] is None and projector["top1_agreement"] is None and projector["kl"] is None
+    assert "outputs tokens" in projector["note"]
+    assert "recipe pool: fidelity not shown" in stdout
+    assert rows["uncompressed"]["fidelity"]["cosine"] == 1.0
+    assert rows["tome r=1"]["fidelity"]["top1_agreement"] is not None and -1 <= rows["tome r=1"]["fidelity"]["cosine"] <= 1
+    table = (tmp_path / "out.md").read_text()
+    assert next(line for line in table.splitlines() if "recipe pool" in line).endswith("| - | - | - | - |")

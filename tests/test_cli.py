@@ -31,6 +31,12 @@ def test_tome_export_end_to_end(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+def test_projector_job_says_why_fidelity_is_not_shown(tmp_path, capsys):
+    code, out, err = run_cli([*TINY, "--method", "pool", "--stride", "2", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert "fidelity not shown: the compressed model outputs tokens" in out and "fidelity vs" not in out
+
+
 def test_engine_without_tensorrt_keeps_onnx(tmp_path, capsys):
     code, out, err = run_cli([*TINY, "--method", "tome", "--r", "2", "-o", tmp_path / "m.engine"], capsys)
     assert code == 3

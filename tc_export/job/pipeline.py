@@ -11,7 +11,7 @@ from pathlib import Path
 from .compress import CompressedModel, compress
 from ..errors import ConfigError, ParityError
 from ..export.tensorrt.engine import EngineConfig, build_engine
-from ..export.checks.fidelity import Fidelity, measure_fidelity
+from ..export.checks.fidelity import NOT_COMPARABLE, Fidelity, measure_fidelity
 from ..export.files import check_output_path, external_data_files
 from ..export.macs import count_macs
 from ..export.onnx_export import ExportConfig, write_onnx
@@ -121,6 +121,8 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     fidelity = None
     wants_fidelity = compressed and config.fidelity_samples and not compressed.report.output_is_tokens
+    if compressed and config.fidelity_samples and compressed.report.output_is_tokens:
+        say(f"fidelity not shown: {NOT_COMPARABLE}")
     if config.export.dtype != "fp32":
         if wants_fidelity:  # before the cast, which casts the original too (it shares the weights)
             fidelity = _fidelity(config, loaded, compressed, say)

@@ -3,8 +3,8 @@
 Per batch size, every model of the run (the uncompressed baseline, each configuration, their int8 versions, the
 tuned baseline) is timed in ONE interleaved loop (``bench.time_interleaved``), so the speed-up of a row is its
 baseline's median over its own median from the same loop. Fidelity compares each model's outputs with the
-uncompressed model's on the same seeded inputs, in the same backend; accuracy comes from the model's evaluator
-when it has one.
+uncompressed model's on the same seeded inputs, in the same backend (none, with a note, for a model that outputs
+tokens, e.g. through a projector: as in the export job); accuracy comes from the model's evaluator when it has one.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from .bench import make_session, time_interleaved
 from ..errors import BackendUnavailableError, ConfigError, TCExportError
-from ..export.checks.fidelity import first_output
+from ..export.checks.fidelity import NOT_COMPARABLE, first_output
 from ..export.macs import count_macs
 from ..export.onnx_export import ExportConfig, write_onnx
 from ..models import LoadedModel
@@ -135,7 +135,6 @@ def run_sweep(
                 tuned_ms = next((t.median for e, t in zip(group.entries, timings)
                                  if e.row["kind"] == "baseline-tuned"), None)
                 for entry, timing in zip(group.entries, timings):
-                    got = [entry.predict(x) for x in fidelity_inputs]
                     row = dict(entry.row)
                     row["latency_ms"] = {"median": timing.median, "p90": timing.p90}
                     row["baseline_ms"] = timings[0].median
@@ -144,7 +143,9 @@ def run_sweep(
                     if tuned_ms is not None:
                         row["baseline_tuned_ms"] = tuned_ms
                         row["speedup_vs_tuned"] = tuned_ms / timing.median
-                    row["fidelity"] = compare_outputs(reference, got, classes, config.samples)
+                    if "fidelity" not in row:  # set already when the outputs are not comparable
+                        got = [entry.predict(x) for x in fidelity_inputs]
+                        row["fidelity"] = compare_outputs(reference, got, classes, config.samples)
                     if entry.key not in accuracy_cache:
                         accuracy_cache[entry.key] = _accuracy(evaluator, entry.predict, loaded, batch)
                     row["accuracy"] = accuracy_cache[entry.key]
@@ -209,6 +210,11 @@ def _build_groups(
         compressed = compress_for_job(loaded, candidate.configs, inputs, candidate.params.get("recipe"))
         macs = count_macs(compressed.module, inputs) // batch
         row = _row(common, candidate, backend, "fp32", "compressed", compressed.token_counts(), macs, base_macs)
+        if compressed.report.output_is_tokens:  # the export job's rule: tokens are not the model's output
+            row["fidelity"] = {"cosine": None, "min_cosine": None, "top1_agreement": None, "kl": None, "samples": 0,
+                               "note": NOT_COMPARABLE}
+            if batch == config.batches[0]:
+                say(f"{candidate.label}: fidelity not shown: {NOT_COMPARABLE}")
         target: Any = export(compressed.module, f"candidate{index}") if backend == "ort" else compressed.module
         add(row, target, (candidate.label, backend, "fp32"), main)
         if config.int8:

@@ -44,7 +44,8 @@ ROW_SCHEMA: dict[str, Any] = {
         "speedup": _NUMBER,
         "throughput": _NUMBER,
         "fidelity": {"type": "object", "required": ["top1_agreement", "cosine", "kl"],
-                     "properties": {"top1_agreement": _NULLABLE_NUMBER, "cosine": _NUMBER, "kl": _NULLABLE_NUMBER}},
+                     "properties": {"top1_agreement": _NULLABLE_NUMBER, "cosine": _NULLABLE_NUMBER,
+                                    "kl": _NULLABLE_NUMBER}},  # all null: outputs not comparable (see its note)
         "accuracy": _NULLABLE_NUMBER,
     },
 }
@@ -174,7 +175,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
             cells.append(f"{row['speedup_vs_tuned']:.2f}x" if "speedup_vs_tuned" in row else "-")
         cells += [
             "-" if fid["top1_agreement"] is None else f"{fid['top1_agreement']:.0%}",
-            f"{fid['cosine']:.4f}",
+            "-" if fid["cosine"] is None else f"{fid['cosine']:.4f}",
             "-" if fid["kl"] is None else f"{fid['kl']:.2e}",
             "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}",
         ]

@@ -185,7 +185,7 @@ def _results_table(rows: Sequence[Mapping[str, Any]]) -> str:
             cells.append(_n(f"{row['speedup_vs_tuned']:.2f}x" if "speedup_vs_tuned" in row else "-"))
         cells += [
             _n("-" if fidelity["top1_agreement"] is None else f"{fidelity['top1_agreement']:.1%}"),
-            _n(f"{fidelity['cosine']:.4f}"),
+            _n("-" if fidelity["cosine"] is None else f"{fidelity['cosine']:.4f}"),
             _n("-" if fidelity["kl"] is None else f"{fidelity['kl']:.2e}"),
             _n("-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"),
         ]

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Why a model that outputs tokens (a projector, or --features) gets no fidelity, in the job and in bench.
+NOT_COMPARABLE = ("the compressed model outputs tokens (a projector or --features), not the uncompressed model's "
+                  "output: the two are not comparable")
+
 
 @dataclass(frozen=True)
 class Fidelity:
