@@ -65,9 +65,14 @@ class WindowMerger(nn.Module):
 
 
 class Qwen2VLVisionAdapter(nn.Module):
-    """pixel_values (B, 3, H, W) -> the tower's merger output (``pooling="pooler"``) or last block's tokens."""
+    """pixel_values (B, 3, H, W) -> the tower's merger output (``pooling="pooler"``) or last block's tokens.
 
-    def __init__(self, tower: nn.Module, image_size: int, pooling: str = "pooler") -> None:
+    The stream stays in raster order (the passes see the patch grid); ``windows`` (Qwen2.5-VL): the blocks not in
+    ``full_attention`` attend within each window, their queries, keys and values gathered to the tower's own
+    window order (``window_tokens``) and reshaped to (B, H x windows, tokens per window, d)."""
+
+    def __init__(self, tower: nn.Module, image_size: int, pooling: str = "pooler",
+                 window_tokens: torch.Tensor | None = None, full_attention: tuple[int, ...] = ()) -> None:
         super().__init__()
         config = tower.config
         self.tower, self.pooling = tower, pooling
@@ -78,9 +83,12 @@ class Qwen2VLVisionAdapter(nn.Module):
         to_raster = torch.argsort(ids[:, 0] * self.cols + ids[:, 1])  # raster token i is window token to_raster[i]
         self.register_buffer("position_ids", ids[to_raster], persistent=False)
         self.window_merger = WindowMerger(tower.merger, torch.argsort(to_raster)) if pooling == "pooler" else None
-        from transformers.models.qwen2_vl import modeling_qwen2_vl
-
-        self.rotate_half = modeling_qwen2_vl.rotate_half
+        self.full_attention = frozenset(full_attention)
+        self.windows = 0 if window_tokens is None else int(window_tokens.shape[0])
+        if window_tokens is not None:  # (windows, tokens per window) raster indices in the tower's window order
+            self.register_buffer("to_windows", window_tokens.flatten(), persistent=False)
+            self.register_buffer("from_windows", torch.argsort(window_tokens.flatten()), persistent=False)
+        self.rotate_half = rotate_half_of(tower)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frame repeated over the temporal patch and the tower's Conv3d: (B, N, C) in raster order."""
@@ -88,55 +96,104 @@ class Qwen2VLVisionAdapter(nn.Module):
         cells = self.tower.patch_embed.proj(volume.to(self.tower.patch_embed.proj.weight.dtype))
         return cells.flatten(2).transpose(1, 2)
 
-    def attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  windowed: bool = False) -> torch.Tensor:
         """The tower's VisionAttention batch first: its qkv, its rotation of q and k, softmax attention over the
-        image's tokens (scale head_dim^-0.5, the tower's), its proj."""
+        image's tokens (``windowed``: over each window's; scale head_dim^-0.5, the tower's), its proj."""
         batch, tokens, channels = x.shape
         qkv = attn.qkv(x).reshape(batch, tokens, 3, self.heads, channels // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q = q * cos + self.rotate_half(q) * sin
         k = k * cos + self.rotate_half(k) * sin
-        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        if windowed:
+            heads = q.shape[1]  # windows folded into the heads: ONNX attention takes 4-D q, k, v
+            q, k, v = (t[:, :, self.to_windows].reshape(batch, heads * self.windows, -1, t.shape[-1]) for t in (q, k, v))
+            out = nn.functional.scaled_dot_product_attention(q, k, v).reshape(batch, heads, tokens, -1)
+            out = out[:, :, self.from_windows]
+        else:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
         return attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.embed(pixel_values)
         cos, sin = self.tower.rotary_pos_emb(self.position_ids, self.position_ids)
-        for block in self.tower.blocks:
-            x = x + self.attention(block.attn, block.norm1(x), cos, sin)
+        for index, block in enumerate(self.tower.blocks):
+            windowed = self.windows > 0 and index not in self.full_attention
+            x = x + self.attention(block.attn, block.norm1(x), cos, sin, windowed)
             x = x + block.mlp(block.norm2(x))
         if self.window_merger is not None:
             return self.window_merger(x)
         return x
 
 
-def image_size(config: Any, options: ModelOptions, name: str) -> int:
+def rotate_half_of(tower: nn.Module) -> Any:
+    """The ``rotate_half`` of the tower's own modeling module (Qwen2-VL's or Qwen2.5-VL's)."""
+    import sys
+
+    return sys.modules[type(tower).__module__].rotate_half
+
+
+def image_size(config: Any, options: ModelOptions, name: str, family: str = "Qwen2-VL") -> int:
     unit = config.patch_size * config.spatial_merge_size
-    size = options.img_size if options.img_size is not None else DEFAULT_GRID_UNITS * unit
+    window = getattr(config, "window_size", None)
+    default = DEFAULT_GRID_UNITS * unit if window is None else window * max(1, -(-DEFAULT_GRID_UNITS * unit // window))
+    size = options.img_size if options.img_size is not None else default
     if size % unit:
         raise ConfigError(f"{name}: --img-size {size} is not a multiple of patch_size x spatial_merge_size = {unit} "
-                          f"({config.patch_size} x {config.spatial_merge_size}), which Qwen2-VL's 2x2 merge windows "
+                          f"({config.patch_size} x {config.spatial_merge_size}), which {family}'s 2x2 merge windows "
                           "need")
+    if window is not None and window % unit:
+        raise ConfigError(f"{name}: window_size {window} is not a multiple of patch_size x spatial_merge_size = "
+                          f"{unit}, so {family}'s attention windows would split merge units")
+    if window is not None and size % window:
+        raise ConfigError(f"{name}: --img-size {size} is not a multiple of window_size = {window} px, and the "
+                          f"adapter builds whole attention windows only (an edge window of {size % window} px would "
+                          "need a per-window padding mask, not built): give a multiple of " + str(window))
     return size
 
 
+def window_tokens(tower: nn.Module, rows: int, cols: int) -> torch.Tensor:
+    """(windows, tokens per window): the raster index of each token in Qwen2.5-VL's window order (the tower's own
+    ``get_vision_window_index`` over merge units, each unit's tokens in its 2x2 order)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    config = tower.config
+    units, bounds = get_vision_window_index(torch.tensor([[1, rows, cols]]), config.spatial_merge_size,
+                                            config.window_size, config.patch_size)
+    ids = window_positions(tower, rows, cols)
+    ordered = ids.view(units.numel(), -1, 2)[units].reshape(-1, 2)
+    lengths = bounds.diff()
+    if not bool((lengths == lengths[0]).all()):
+        raise ConfigError(f"Qwen2.5-VL's windows over a {rows}x{cols} grid are not all the same size")
+    return (ordered[:, 0] * cols + ordered[:, 1]).view(lengths.numel(), -1)
+
+
+FAMILIES = {"Qwen2VLVisionConfig": "Qwen2-VL", "Qwen2_5_VLVisionConfig": "Qwen2.5-VL"}
+
+
 def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: ModelOptions) -> LoadedModel:
-    """``hf:DIR`` holding a Qwen2-VL config (or its vision config): the adapter around its vision tower."""
+    """``hf:DIR`` holding a Qwen2-VL or Qwen2.5-VL config (or its vision config): the adapter around its vision
+    tower (Qwen2.5-VL's with its attention windows and full-attention blocks)."""
     from .hf_auto import instantiate, load_given_weights, refuse_pretrained
 
     config = choice.config
+    family = FAMILIES[type(config).__name__]
     pooling = options.pooling or "pooler"
     if pooling not in POOLINGS:
-        raise ConfigError(f"{name}: --pooling {pooling} does not apply to Qwen2-VL's vision tower (it gives pooler: "
+        raise ConfigError(f"{name}: --pooling {pooling} does not apply to {family}'s vision tower (it gives pooler: "
                           "the PatchMerger's output, or tokens: the last block's tokens)")
-    size = image_size(config, options, name)
+    size = image_size(config, options, name, family)
     if config.rope_parameters.get("rope_type", "axial") != "axial":
-        raise ConfigError(f"{name}: Qwen2-VL's vision rope type {config.rope_parameters['rope_type']!r} is not the "
+        raise ConfigError(f"{name}: {family}'s vision rope type {config.rope_parameters['rope_type']!r} is not the "
                           "axial rope the adapter reads")
     refuse_pretrained(options, name)
     tower, random_init = instantiate(choice, folder, name)
     if load_given_weights(tower, options, name):
         random_init = False
-    adapter = Qwen2VLVisionAdapter(tower, size, pooling).eval()
+    windows, full = None, ()
+    if getattr(config, "window_size", None) is not None:
+        grid = size // config.patch_size
+        windows, full = window_tokens(tower, grid, grid), tuple(config.fullatt_block_indexes)
+    adapter = Qwen2VLVisionAdapter(tower, size, pooling, windows, full).eval()
     spec = InputSpec("pixel_values", (config.in_channels, size, size))
     return LoadedModel(name, adapter, [spec], [POOLINGS[pooling]], random_init)
