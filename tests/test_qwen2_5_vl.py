@@ -75,16 +75,16 @@ def test_adapter_equals_the_tower(tmp_path):
 def test_window_mutations_fail(tmp_path, mutation):
     """The comparison sees the windows: full attention everywhere, windows in block 1 too, or windows drawn from
     the wrong patches (each window's tokens rolled by one unit across windows) all differ from the tower."""
-    from tc_export.models.qwen2_vl import Qwen2VLVisionAdapter, window_tokens
+    from tc_export.models.qwen2_vl import QwenVisionAdapter, window_tokens
 
     tower = _tower(tmp_path / "q")
     windows = window_tokens(tower, 16, 16)
     if mutation == "no-windows":
-        adapter = Qwen2VLVisionAdapter(tower, SIZE)
+        adapter = QwenVisionAdapter(tower, SIZE)
     elif mutation == "all-windows":
-        adapter = Qwen2VLVisionAdapter(tower, SIZE, window_tokens=windows, full_attention=())
+        adapter = QwenVisionAdapter(tower, SIZE, window_tokens=windows, full_attention=())
     else:
-        adapter = Qwen2VLVisionAdapter(tower, SIZE, window_tokens=windows.flatten().roll(4).view(4, -1),
+        adapter = QwenVisionAdapter(tower, SIZE, window_tokens=windows.flatten().roll(4).view(4, -1),
                                        full_attention=(1,))
     pixels = torch.randn(1, 3, SIZE, SIZE)
     _, merged = own_forward(tower, pixels)

@@ -1,22 +1,30 @@
-"""Qwen2-VL's vision tower (``Qwen2VisionTransformerPretrainedModel``) as a fixed-size image model.
+"""Qwen2-VL's, Qwen2.5-VL's and Qwen3-VL's vision towers as fixed-size image models.
 
-The tower takes flattened patches in 2x2 merge-window order plus ``grid_thw`` and attends within each image
+Each tower takes flattened patches in 2x2 merge-window order plus ``grid_thw`` and attends within each image
 through ``cu_seqlens``; its PatchMerger then concatenates every 4 consecutive tokens (one 2x2 window). The adapter
 gives the token passes an ordinary model instead, built from the tower's own modules:
 
 * pixel_values (B, 3, H, W) at a fixed size (a multiple of patch_size * spatial_merge_size): the frame repeated
   ``temporal_patch_size`` times, as the image processor does, and the tower's own Conv3d patch embedding run on it
   as one volume (B, 3, T, H, W) -> (B, C, 1, H/p, W/p). Each output cell reads exactly the patch the processor
-  flattens, so the tokens come out in raster order, with their grid visible to the passes.
+  flattens, so the tokens come out in raster order, with their grid visible to the passes. Qwen3-VL adds its
+  learned position table resampled to the grid with its own taps and weights (constants, permuted to raster order).
 * the tower's own blocks, batch first, full attention within each image (what ``cu_seqlens`` does with one image
   per sequence), its own rotary module evaluated at its own position ids (``get_vision_position_ids``) permuted
   from window order to raster order: a table the rotary finder fits as affine in (row, column).
-* ``pooler`` (default): the tokens permuted back to window order and the tower's own PatchMerger (``ln_q``, then
-  each 4 consecutive tokens concatenated, ``mlp``): equal to the tower's ``pooler_output`` on the processor's
-  patches. ``tokens``: the last block's tokens in raster order (the tower's ``last_hidden_state`` reordered).
+* Qwen2.5-VL: attention windows of ``window_size`` px (8x8 patches = 4x4 merge units) except in
+  ``fullatt_block_indexes``: queries, keys and values gathered to the tower's own window order
+  (``get_vision_window_index``) and the windows folded into the heads (ONNX attention is 4-D). Edge windows:
+  an image side that is not a multiple of ``window_size`` is refused (the tower's shorter edge windows would need
+  per-window padding masks, not built).
+* ``pooler`` (default): the tokens permuted back to window order and the tower's own merger forward on each image:
+  equal to the tower's ``pooler_output`` on the processor's patches (Qwen2.5-VL's reverse window order included:
+  the output is in raster order of the merged grid). Qwen3-VL adds one output per ``deepstack_visual_indexes``
+  layer (``deepstack_<layer>``: that layer's stream through its own merger). ``tokens``: the last block's tokens in
+  raster order (the tower's ``last_hidden_state`` reordered).
 
-Compression: the PatchMerger reads 2x2 windows of consecutive tokens, which merged or pruned tokens no longer
-form, so its first layer is marked (``tc_export_refuses_compression``) and the token pass refuses it with that cause; ToMe and
+Compression: a merger reads 2x2 windows of consecutive tokens, which merged or pruned tokens no longer form, so its
+first layer is marked (``tc_export_refuses_compression``) and the token pass refuses it with that cause; ToMe and
 adjacent merging run on the blocks with ``--pooling tokens`` (the last block's tokens, with ``--emit-positions``
 their (row, column) positions in patch units, the coordinates of the tower's own position ids).
 """
@@ -34,8 +42,8 @@ from ..passes.opaque import REFUSAL_ATTRIBUTE
 from .base import InputSpec, LoadedModel
 from .registry import ModelOptions
 
-MERGER_REFUSAL = ("Qwen2-VL's PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or pruned "
-                  "tokens no longer form those windows (whole-window ToMe is not built)")
+MERGER_REFUSAL = ("{family}'s PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or "
+                  "pruned tokens no longer form those windows (whole-window ToMe is not built)")
 POOLINGS = {"pooler": "pooler_output", "tokens": "last_hidden_state"}
 DEFAULT_GRID_UNITS = 8  # default image side: 8 merge windows (224 px for patch 14, merge 2)
 
@@ -48,31 +56,34 @@ def window_positions(tower: nn.Module, rows: int, cols: int) -> torch.Tensor:
 
 
 class WindowMerger(nn.Module):
-    """The tower's PatchMerger on (B, N, C) raster-order tokens: back to window order, then the merger's own
-    ``ln_q`` and ``mlp`` on each 4 consecutive tokens (its ``view(-1, 4C)`` per image)."""
+    """One of the tower's PatchMergers on (B, N, C) raster-order tokens: back to window order, then the merger's
+    own forward on the image's tokens flattened (its ``view(-1, 4C)`` takes each 4 consecutive tokens)."""
 
-    def __init__(self, merger: nn.Module, to_window: torch.Tensor) -> None:
+    def __init__(self, merger: nn.Module, to_window: torch.Tensor, family: str) -> None:
         super().__init__()
         self.merger = merger
         # The traced graph keeps leaf modules themselves (not this wrapper): the merger's first layer carries the mark.
-        setattr(merger.ln_q, REFUSAL_ATTRIBUTE, MERGER_REFUSAL)
+        setattr(next(merger.children()), REFUSAL_ATTRIBUTE, MERGER_REFUSAL.format(family=family))
         self.register_buffer("to_window", to_window, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windowed = x[:, self.to_window]
-        normed = self.merger.ln_q(windowed)
-        return self.merger.mlp(normed.reshape(x.shape[0], -1, self.merger.hidden_size))
+        merged = self.merger(windowed.reshape(-1, x.shape[-1]))
+        return merged.reshape(x.shape[0], -1, merged.shape[-1])
 
 
-class Qwen2VLVisionAdapter(nn.Module):
+class QwenVisionAdapter(nn.Module):
     """pixel_values (B, 3, H, W) -> the tower's merger output (``pooling="pooler"``) or last block's tokens.
 
     The stream stays in raster order (the passes see the patch grid); ``windows`` (Qwen2.5-VL): the blocks not in
     ``full_attention`` attend within each window, their queries, keys and values gathered to the tower's own
-    window order (``window_tokens``) and reshaped to (B, H x windows, tokens per window, d)."""
+    window order (``window_tokens``) and reshaped to (B, H x windows, tokens per window, d). Qwen3-VL: its learned
+    position table resampled to the grid is added after the patch embedding, and with ``pooler`` the stream after
+    each of ``deepstack_visual_indexes`` goes through its own merger: further outputs after the merger's."""
 
     def __init__(self, tower: nn.Module, image_size: int, pooling: str = "pooler",
-                 window_tokens: torch.Tensor | None = None, full_attention: tuple[int, ...] = ()) -> None:
+                 window_tokens: torch.Tensor | None = None, full_attention: tuple[int, ...] = (),
+                 family: str = "Qwen2-VL") -> None:
         super().__init__()
         config = tower.config
         self.tower, self.pooling = tower, pooling
@@ -82,19 +93,31 @@ class Qwen2VLVisionAdapter(nn.Module):
         ids = window_positions(tower, self.rows, self.cols)
         to_raster = torch.argsort(ids[:, 0] * self.cols + ids[:, 1])  # raster token i is window token to_raster[i]
         self.register_buffer("position_ids", ids[to_raster], persistent=False)
-        self.window_merger = WindowMerger(tower.merger, torch.argsort(to_raster)) if pooling == "pooler" else None
+        to_window = torch.argsort(to_raster)
+        self.window_merger = WindowMerger(tower.merger, to_window, family) if pooling == "pooler" else None
+        deepstack = list(getattr(tower, "deepstack_visual_indexes", None) or []) if pooling == "pooler" else []
+        self.deepstack = {layer: WindowMerger(merger, to_window, family)
+                          for layer, merger in zip(deepstack, tower.deepstack_merger_list)} if deepstack else {}
+        self.deepstack_mergers = nn.ModuleList(self.deepstack.values())
         self.full_attention = frozenset(full_attention)
         self.windows = 0 if window_tokens is None else int(window_tokens.shape[0])
         if window_tokens is not None:  # (windows, tokens per window) raster indices in the tower's window order
             self.register_buffer("to_windows", window_tokens.flatten(), persistent=False)
             self.register_buffer("from_windows", torch.argsort(window_tokens.flatten()), persistent=False)
+        if hasattr(tower, "pos_embed"):  # Qwen3-VL: the tower's own resampling of its table, in raster order
+            index, weight = position_table_taps(tower, self.rows, self.cols)
+            self.register_buffer("table_index", index[to_raster], persistent=False)
+            self.register_buffer("table_weight", weight[to_raster], persistent=False)
         self.rotate_half = rotate_half_of(tower)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The frame repeated over the temporal patch and the tower's Conv3d: (B, N, C) in raster order."""
         volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
         cells = self.tower.patch_embed.proj(volume.to(self.tower.patch_embed.proj.weight.dtype))
-        return cells.flatten(2).transpose(1, 2)
+        x = cells.flatten(2).transpose(1, 2)
+        if hasattr(self, "table_index"):
+            x = x + (self.tower.pos_embed(self.table_index) * self.table_weight[..., None]).sum(1)
+        return x
 
     def attention(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   windowed: bool = False) -> torch.Tensor:
@@ -114,16 +137,30 @@ class Qwen2VLVisionAdapter(nn.Module):
             out = nn.functional.scaled_dot_product_attention(q, k, v)
         return attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         x = self.embed(pixel_values)
         cos, sin = self.tower.rotary_pos_emb(self.position_ids, self.position_ids)
+        deep = []
         for index, block in enumerate(self.tower.blocks):
             windowed = self.windows > 0 and index not in self.full_attention
             x = x + self.attention(block.attn, block.norm1(x), cos, sin, windowed)
             x = x + block.mlp(block.norm2(x))
-        if self.window_merger is not None:
-            return self.window_merger(x)
-        return x
+            if index in self.deepstack:
+                deep.append(self.deepstack[index](x))
+        if self.window_merger is None:
+            return x
+        merged = self.window_merger(x)
+        return (merged, *deep) if deep else merged
+
+
+def position_table_taps(tower: nn.Module, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-VL: the rows of its learned position table and their weights (N, taps) that its own
+    ``get_vision_interpolation_indices_and_weights`` gives each token, in its merge-window token order."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    return get_vision_interpolation_indices_and_weights(
+        torch.tensor([[1, rows, cols]]), num_grid_per_side=tower.num_grid_per_side, mode=tower.interpolation_mode,
+        align_corners=tower.interpolation_align_corners, spatial_merge_size=tower.config.spatial_merge_size)
 
 
 def rotate_half_of(tower: nn.Module) -> Any:
@@ -168,7 +205,7 @@ def window_tokens(tower: nn.Module, rows: int, cols: int) -> torch.Tensor:
     return (ordered[:, 0] * cols + ordered[:, 1]).view(lengths.numel(), -1)
 
 
-FAMILIES = {"Qwen2VLVisionConfig": "Qwen2-VL", "Qwen2_5_VLVisionConfig": "Qwen2.5-VL"}
+FAMILIES = {"Qwen2VLVisionConfig": "Qwen2-VL", "Qwen2_5_VLVisionConfig": "Qwen2.5-VL", "Qwen3VLVisionConfig": "Qwen3-VL"}
 
 
 def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: ModelOptions) -> LoadedModel:
@@ -194,6 +231,7 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     if getattr(config, "window_size", None) is not None:
         grid = size // config.patch_size
         windows, full = window_tokens(tower, grid, grid), tuple(config.fullatt_block_indexes)
-    adapter = Qwen2VLVisionAdapter(tower, size, pooling, windows, full).eval()
+    adapter = QwenVisionAdapter(tower, size, pooling, windows, full, family).eval()
     spec = InputSpec("pixel_values", (config.in_channels, size, size))
-    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling]], random_init)
+    deep = [f"deepstack_{layer}" for layer in adapter.deepstack]
+    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init)
