@@ -25,6 +25,7 @@ import torch
 from ..ops.base import TokenOp
 from ..ops.rows import NORM_FLOOR
 from ..ops.tome import ToMeMerge, protection_mask
+from ..ops.units import UnitOp
 
 DOMAIN = "tc_export"
 _SAME = 1e-4  # provenance weights are exact up to float rounding; different decisions differ by O(1)
@@ -200,7 +201,10 @@ def torch_site_calls(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]
     def hook(op, args, out):
         captured.append(SiteCall(names.get(op, type(op).__name__), op, tuple(args), _sizes(out)))
 
-    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, TokenOp)]
+    # Ops on merge units export flat (no function node to compare): neither they nor the op they wrap are replayed.
+    units = [m for m in module.modules() if isinstance(m, UnitOp)]
+    flat = {id(m) for unit in units for m in unit.modules()}
+    hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, TokenOp) and id(m) not in flat]
     try:
         with torch.no_grad():
             module(**inputs)
