@@ -104,3 +104,29 @@ def test_lm_check_sees_positions_and_windows(saved, mutation):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=ATOL)
     else:
         assert not torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("keep", [0.4, 0.6])
+def test_lm_check_holds_for_unit_topk_at_the_tower_output(saved, keep):
+    """The export itself: unit Top-K (received attention) at the last layer, where only per-token work follows, then
+    the tower's own merger, with --emit-positions. The kept windows are found from the tokens alone (each exported
+    token is the uncompressed merger's output at one window); the emitted (t, h, w) equal get_rope_index's for those
+    windows, and the language model on [text, exported tokens, text] at the emitted positions equals the published
+    path with the same windows selected."""
+    from tc_export import compress
+    from tc_export.passes import TopKConfig
+
+    model, loaded = saved
+    pixels = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    config = TopKConfig(keep=keep, layers=(1,), score="received")
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        tokens, positions, _ = (t[0] for t in compressed(pixel_values=pixels))
+    merged, height, width = lm.merged_tokens(model, pixels)
+    kept = torch.cdist(tokens, merged).argmin(dim=1)
+    assert len(set(kept.tolist())) == len(kept) == round(25 * keep + 0.49)
+    torch.testing.assert_close(tokens, merged[kept], rtol=1e-4, atol=1e-5)
+    rope = lm.rope_index(model, height, width)[:, len(lm.BEFORE) + kept] - len(lm.BEFORE)
+    assert torch.equal(positions, rope.T.float())
+    got = lm.export_path(model, tokens, positions, height, width)
+    torch.testing.assert_close(got, lm.reference_path(model, pixels, kept), rtol=1e-4, atol=ATOL)

@@ -31,14 +31,18 @@ their (row, column) positions in patch units, the coordinates of the tower's own
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..ops.projectors.base import Grid, Projector
+from ..ops.state import unit_window_order
 from ..passes.opaque import REFUSAL_ATTRIBUTE
+from ..passes.projectors import PatchMergerConfig
 from .base import InputSpec, LoadedModel
 from .registry import ModelOptions
 
@@ -59,17 +63,75 @@ class WindowMerger(nn.Module):
     """One of the tower's PatchMergers on (B, N, C) raster-order tokens: back to window order, then the merger's
     own forward on the image's tokens flattened (its ``view(-1, 4C)`` takes each 4 consecutive tokens)."""
 
-    def __init__(self, merger: nn.Module, to_window: torch.Tensor, family: str) -> None:
+    def __init__(self, merger: nn.Module, to_window: torch.Tensor, family: str, refusal: str | None = None) -> None:
         super().__init__()
         self.merger = merger
-        # The traced graph keeps leaf modules themselves (not this wrapper): the merger's first layer carries the mark.
-        setattr(next(merger.children()), REFUSAL_ATTRIBUTE, MERGER_REFUSAL.format(family=family))
+        # On this wrapper, not the merger: the compressed path runs the same merger as a projector (TowerMerger).
+        setattr(self, REFUSAL_ATTRIBUTE, refusal or MERGER_REFUSAL.format(family=family))
         self.register_buffer("to_window", to_window, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windowed = x[:, self.to_window]
         merged = self.merger(windowed.reshape(-1, x.shape[-1]))
         return merged.reshape(x.shape[0], -1, merged.shape[-1])
+
+
+class TowerMerger(Projector):
+    """The tower's own merger as a window projector: (B, H*W, C) raster tokens -> (B, H/s * W/s, D), and at merge
+    units (``window_forward``) each unit's s x s tokens -> one token, so it follows unit compression
+    (docs/qwen-vl.md). ``lm_positions``: emitted positions are given in the language model's (t, h, w)."""
+
+    name = "merger"
+    lm_positions = True
+
+    def __init__(self, channels: int, grid: tuple[int, int] | tuple[int], prefix: int, *, merger: nn.Module,
+                 family: str, merge: int) -> None:
+        super().__init__(channels, grid, prefix)
+        h, w = self.require_2d()
+        self.merger, self.family, self.block = merger, family, merge
+        self.out_grid: Grid = (h // merge, w // merge)
+        self.register_buffer("order", unit_window_order((h, w), merge), persistent=False)
+        self.width = [m for m in merger.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+    def window_forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, U, s*s, C) windows in the tower's 2x2 order -> (B, U, D): the merger's own forward on them."""
+        merged = self.merger(windows.reshape(-1, windows.shape[-1]))
+        return merged.reshape(windows.shape[0], windows.shape[1], merged.shape[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        windows = x[:, self.prefix:][:, self.order]
+        return self.window_forward(windows.reshape(x.shape[0], -1, self.block * self.block, x.shape[-1]))
+
+    def tokens_out(self) -> int:
+        return self.out_grid[0] * self.out_grid[1]
+
+    def channels_out(self) -> int:
+        return self.width
+
+    def output_grid(self) -> Grid:
+        return self.out_grid
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, family={self.family}, merge={self.block}"
+
+
+@dataclass(frozen=True)
+class TowerMergerConfig(PatchMergerConfig):
+    """The last stage of a compressed Qwen-VL tower: a patchmerger that is the tower's own merger module (so not a
+    method of its own on the command line). A token method before it acts on units of ``merge`` x ``merge``."""
+
+    projector: ClassVar[type[Projector]] = TowerMerger
+
+    merger: nn.Module | None = field(default=None, compare=False, repr=False)
+    family: str = "Qwen2-VL"
+    merge: int = 2
+
+    def window(self) -> int | None:
+        return self.merge
+
+    def settings(self) -> dict[str, Any]:
+        return {"merger": self.merger, "family": self.family, "merge": self.merge}
 
 
 class QwenVisionAdapter(nn.Module):
@@ -234,4 +296,8 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     adapter = QwenVisionAdapter(tower, size, pooling, windows, full, family).eval()
     spec = InputSpec("pixel_values", (config.in_channels, size, size))
     deep = [f"deepstack_{layer}" for layer in adapter.deepstack]
-    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init)
+    own = None
+    if pooling == "pooler" and not deep and windows is None:
+        tokens = QwenVisionAdapter(tower, size, "tokens", windows, full, family).eval()
+        own = (tokens, TowerMergerConfig(merger=tower.merger, family=family, merge=config.spatial_merge_size))
+    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init, own_projector=own)
