@@ -66,6 +66,9 @@ def compress(
     """
     configs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     if isinstance(model, LoadedModel):
+        wanted = configs or features is not None or emit_positions or unit is not None
+        if model.compression_refusal is not None and wanted:
+            raise ConfigError(f"{model.name}: {model.compression_refusal}")
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
         if model.own_projector is not None and features is None and (configs or emit_positions or unit is not None):

@@ -143,7 +143,9 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--img-size", 48], "not a multiple of window_size = 32 px"),
     (["--img-size", 44], "multiple of patch_size x spatial_merge_size = 8"),
     (["--pooling", "mean"], "--pooling mean does not apply to Qwen2.5-VL"),
-], ids=["edge-window", "size", "pooling"])
+    (["--method", "tome", "--r", "2"], "window attention (windows of 32 px in every block but 1)"),
+    (["--pooling", "tokens", "--emit-positions"], "exports uncompressed only"),
+], ids=["edge-window", "size", "pooling", "compressed", "positions"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     from .test_cli import run_cli
 

@@ -48,6 +48,9 @@ from .registry import ModelOptions
 
 MERGER_REFUSAL = ("{family}'s PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or "
                   "pruned tokens no longer form those windows (whole-window ToMe is not built)")
+DEEPSTACK_REFUSAL = ("Qwen3-VL's deepstack output of layer {layer} (that layer's stream through its own merger, added "
+                     "into the language model at the same visual positions) would need the same unit decisions as "
+                     "the merger's output; that is not built")
 POOLINGS = {"pooler": "pooler_output", "tokens": "last_hidden_state"}
 DEFAULT_GRID_UNITS = 8  # default image side: 8 merge windows (224 px for patch 14, merge 2)
 
@@ -158,8 +161,10 @@ class QwenVisionAdapter(nn.Module):
         to_window = torch.argsort(to_raster)
         self.window_merger = WindowMerger(tower.merger, to_window, family) if pooling == "pooler" else None
         deepstack = list(getattr(tower, "deepstack_visual_indexes", None) or []) if pooling == "pooler" else []
-        self.deepstack = {layer: WindowMerger(merger, to_window, family)
+        self.deepstack = {layer: WindowMerger(merger, to_window, family, DEEPSTACK_REFUSAL.format(layer=layer))
                           for layer, merger in zip(deepstack, tower.deepstack_merger_list)} if deepstack else {}
+        if deepstack and self.window_merger is not None:  # compressing would shorten the merger's output only
+            setattr(self.window_merger, REFUSAL_ATTRIBUTE, DEEPSTACK_REFUSAL.format(layer=deepstack[0]))
         self.deepstack_mergers = nn.ModuleList(self.deepstack.values())
         self.full_attention = frozenset(full_attention)
         self.windows = 0 if window_tokens is None else int(window_tokens.shape[0])
@@ -300,4 +305,13 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     if pooling == "pooler" and not deep and windows is None:
         tokens = QwenVisionAdapter(tower, size, "tokens", windows, full, family).eval()
         own = (tokens, TowerMergerConfig(merger=tower.merger, family=family, merge=config.spatial_merge_size))
-    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init, own_projector=own)
+    refusal = None
+    if deep:
+        refusal = (DEEPSTACK_REFUSAL.format(layer=next(iter(adapter.deepstack))) +
+                   "; compress its last block's tokens instead (--pooling tokens)")
+    if windows is not None:
+        refusal = (f"{family}'s window attention (windows of {config.window_size} px in every block but "
+                   f"{', '.join(map(str, full)) or 'none'}) gathers fixed windows of the patch tokens; compressing it "
+                   "(units with a fixed count per window) is not built, so this tower exports uncompressed only")
+    return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init, own_projector=own,
+                       compression_refusal=refusal)
