@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from .test_qwen2_vl import load, saved_tower, tower_forward
+
 VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "out_hidden_size": 40,
           "fullatt_block_indexes": [1]}
@@ -19,34 +21,17 @@ def _tower(folder, qk_std: float = 0.5):
     import transformers as tf
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    torch.manual_seed(0)
-    tower = Qwen2_5_VisionTransformerPretrainedModel(tf.Qwen2_5_VLVisionConfig(**VISION))
-    for name, parameter in tower.named_parameters():
-        if name.endswith("qkv.weight"):
-            parameter.data.normal_(0, qk_std)
-    tower.save_pretrained(folder)
-    return tower.eval()
+    return saved_tower(Qwen2_5_VisionTransformerPretrainedModel, tf.Qwen2_5_VLVisionConfig(**VISION), folder, qk_std)
 
 
 def _load(folder, pooling: str | None = None, size: int = SIZE):
-    from tc_export.models import load_model
-    from tc_export.models.registry import ModelOptions
-
-    return load_model(f"hf:{folder}", ModelOptions(img_size=size, pooling=pooling), warn_random=False)
+    return load(folder, size, pooling)
 
 
 def own_forward(tower, pixel_values):
-    """The tower's own forward on the image processor's patches, one grid_thw row per image: its last hidden state
-    (in its window order) and its pooler output (merged tokens in raster order), per image."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    config = tower.config
-    patches, rows, cols = Qwen2VLImageProcessor().patchify(
-        pixel_values, patch_size=config.patch_size, merge_size=config.spatial_merge_size,
-        temporal_patch_size=config.temporal_patch_size)
+    """The tower's last hidden state (in its window order) and pooler output (raster order), per image."""
+    out, rows, cols = tower_forward(tower, pixel_values)
     batch = pixel_values.shape[0]
-    with torch.no_grad():
-        out = tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch))
     return (out.last_hidden_state.reshape(batch, rows * cols, -1),
             out.pooler_output.reshape(batch, rows * cols // 4, -1))
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from tc_export import compress
-from tc_export.errors import TCExportError
 from tc_export.passes import AdjacentConfig, ToMeConfig, TopKConfig
 from tc_export.passes.prumerge import PruMergeConfig
 
@@ -20,14 +19,11 @@ VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 48, "num_heads": 2, "patch
 SIZE = 40  # a 10x10 patch grid, 5x5 merge windows
 
 
-def _tower(folder, qk_std: float = 0.5):
-    """A small random Qwen2-VL vision tower saved alone to ``folder`` (queries and keys large enough that the
-    rotary angles matter)."""
-    import transformers as tf
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
+def saved_tower(cls, config, folder, qk_std: float = 0.5):
+    """A random vision tower of ``cls`` saved alone to ``folder`` (queries and keys large enough that the rotary
+    angles matter)."""
     torch.manual_seed(0)
-    tower = Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(**VISION))
+    tower = cls(config)
     for name, parameter in tower.named_parameters():
         if name.endswith("qkv.weight"):
             parameter.data.normal_(0, qk_std)
@@ -35,15 +31,28 @@ def _tower(folder, qk_std: float = 0.5):
     return tower.eval()
 
 
-def _load(folder, pooling: str | None = None):
+def _tower(folder, qk_std: float = 0.5):
+    """A small random Qwen2-VL vision tower saved alone to ``folder``."""
+    import transformers as tf
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return saved_tower(Qwen2VisionTransformerPretrainedModel, tf.Qwen2VLVisionConfig(**VISION), folder, qk_std)
+
+
+def load(folder, size: int, pooling: str | None = None):
     from tc_export.models import load_model
     from tc_export.models.registry import ModelOptions
 
-    return load_model(f"hf:{folder}", ModelOptions(img_size=SIZE, pooling=pooling), warn_random=False)
+    return load_model(f"hf:{folder}", ModelOptions(img_size=size, pooling=pooling), warn_random=False)
 
 
-def _own_forward(tower, pixel_values):
-    """The tower's own forward on the image processor's patches of every image (one grid_thw row per image)."""
+def _load(folder, pooling: str | None = None):
+    return load(folder, SIZE, pooling)
+
+
+def tower_forward(tower, pixel_values):
+    """The tower's own forward on the image processor's patches of every image (one grid_thw row per image):
+    its output, the patch grid's rows and columns."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     config = tower.config
@@ -52,7 +61,12 @@ def _own_forward(tower, pixel_values):
         temporal_patch_size=config.temporal_patch_size)
     batch = pixel_values.shape[0]
     with torch.no_grad():
-        out = tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch))
+        return tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch)), rows, cols
+
+
+def _own_forward(tower, pixel_values):
+    out, rows, cols = tower_forward(tower, pixel_values)
+    batch = pixel_values.shape[0]
     return (out.last_hidden_state.reshape(batch, rows * cols, -1),
             out.pooler_output.reshape(batch, rows * cols // 4, -1), rows, cols)
 

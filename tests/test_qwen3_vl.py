@@ -12,6 +12,8 @@ from tc_export import compress
 from tc_export.errors import TCExportError
 from tc_export.passes import ToMeConfig
 
+from .test_qwen2_vl import load, saved_tower, tower_forward
+
 VISION = {"depth": 4, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
           "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 40, "num_position_embeddings": 36,
           "deepstack_visual_indexes": [1, 2]}
@@ -22,33 +24,17 @@ def _tower(folder):
     import transformers as tf
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-    torch.manual_seed(0)
-    tower = Qwen3VLVisionModel(tf.Qwen3VLVisionConfig(**VISION))
-    for name, parameter in tower.named_parameters():
-        if name.endswith("qkv.weight"):
-            parameter.data.normal_(0, 0.5)
-    tower.save_pretrained(folder)
-    return tower.eval()
+    return saved_tower(Qwen3VLVisionModel, tf.Qwen3VLVisionConfig(**VISION), folder)
 
 
 def _load(folder, pooling: str | None = None):
-    from tc_export.models import load_model
-    from tc_export.models.registry import ModelOptions
-
-    return load_model(f"hf:{folder}", ModelOptions(img_size=SIZE, pooling=pooling), warn_random=False)
+    return load(folder, SIZE, pooling)
 
 
 def own_forward(tower, pixel_values):
     """The tower's own forward: (last hidden state, merger output, [deepstack outputs]) per image."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    config = tower.config
-    patches, rows, cols = Qwen2VLImageProcessor().patchify(
-        pixel_values, patch_size=config.patch_size, merge_size=config.spatial_merge_size,
-        temporal_patch_size=config.temporal_patch_size)
+    out, rows, cols = tower_forward(tower, pixel_values)
     batch = pixel_values.shape[0]
-    with torch.no_grad():
-        out = tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch))
     return (out.last_hidden_state.reshape(batch, rows * cols, -1), out.pooler_output.reshape(batch, -1, 40),
             [d.reshape(batch, -1, 40) for d in out.deepstack_features])
 
