@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_qwen2_vl import load, saved_tower, tower_forward
+from .test_qwen2_vl import cli_refuses, load, saved_tower, tower_forward
 
 VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "out_hidden_size": 40,
@@ -132,11 +132,5 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--pooling", "tokens", "--emit-positions"], "exports uncompressed only"),
 ], ids=["edge-window", "size", "pooling", "compressed", "positions"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
-    from .test_cli import run_cli
-
     _tower(tmp_path / "q")
-    capsys.readouterr()
-    extra = [] if "--img-size" in args else ["--img-size", SIZE]
-    code, _, err = run_cli([f"hf:{tmp_path / 'q'}", *extra, *args, "-o", tmp_path / "m.onnx"], capsys)
-    assert code != 0 and cause in err, err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+    cli_refuses(tmp_path, capsys, args, cause, SIZE)

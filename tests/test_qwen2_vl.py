@@ -281,14 +281,19 @@ def test_exports_through_the_cli_with_positions(tmp_path, capsys):
     (["--pooling", "mean"], "--pooling mean does not apply"),
 ], ids=["size", "pooling"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
+    _tower(tmp_path / "q")
+    cli_refuses(tmp_path, capsys, args, cause, SIZE)
+
+
+def cli_refuses(tmp_path, capsys, args: list, cause: str, size: int) -> None:
+    """The command line on the tower saved in tmp_path/q stops with one line naming ``cause``, writing nothing."""
     from .test_cli import run_cli
 
-    _tower(tmp_path / "q")
     capsys.readouterr()
-    extra = [] if "--img-size" in args else ["--img-size", SIZE]
+    extra = [] if "--img-size" in args else ["--img-size", size]
     code, _, err = run_cli([f"hf:{tmp_path / 'q'}", *extra, *args, "-o", tmp_path / "m.onnx"], capsys)
     assert code != 0 and cause in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
 
 
 @pytest.mark.parametrize("method", [["--method", "tome", "--r", "2"],
