@@ -196,7 +196,7 @@ def test_vit_s_recipe_through_the_command_line(name, tmp_path, capsys, monkeypat
     method then a window projector; the ONNX output equals the per-sample reference, positions and sizes too."""
     import onnxruntime as ort
 
-    from tc_export import pipeline
+    from tc_export.job import pipeline
     from tc_export.cli.main import main
 
     stages, projector, ops, prop_attn, tokens = RECIPE_STAGES[name]
