@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tc_export.models.mrope import lm_positions
+from tc_export.ops.mrope import lm_positions
 
 from . import reference_qwen_lm as lm
 

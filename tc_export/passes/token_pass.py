@@ -38,7 +38,7 @@ from ..ops.state import (
     to_unit_order,
     unit_grid,
 )
-from ..models.mrope import lm_positions
+from ..ops.mrope import lm_positions
 from ..ops.units import UnitOp
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
@@ -350,7 +350,7 @@ class TokenPass:
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
         output = next(n for n in graph.nodes if n.op == "output")
-        if in_lm:  # get_rope_index's (t, h, w) relative to the image start (models/mrope.py)
+        if in_lm:  # get_rope_index's (t, h, w) relative to the image start (ops/mrope.py)
             with graph.inserting_before(output):
                 positions = graph.call_function(lm_positions, (positions, 1))
             self.report.positions, self.report.axes = 3, "t, h, w (get_rope_index's, relative to the image start)"
