@@ -64,13 +64,20 @@ def compress(
     ``unit``: merge units of unit x unit patches (docs/merge-units.md); a recipe whose window projector follows a
     token method sets it by itself.
     """
+    configs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     if isinstance(model, LoadedModel):
+        wanted = configs or features is not None or emit_positions or unit is not None
+        if model.compression_refusal is not None and wanted:
+            raise ConfigError(f"{model.name}: {model.compression_refusal}")
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
-        model = model.module
+        if model.own_projector is not None and features is None and (configs or emit_positions or unit is not None):
+            module, stage = model.own_projector  # the tower without its merger, the merger as the last stage
+            model, configs = module, [*configs, stage]
+        else:
+            model = model.module
     if example_inputs is None:
         raise TypeError("example_inputs are needed to trace a plain nn.Module")
-    configs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
     gm = trace(model.eval(), example_inputs)
     try:
         propagate_shapes(gm, example_inputs)

@@ -38,6 +38,7 @@ from ..ops.state import (
     to_unit_order,
     unit_grid,
 )
+from ..ops.mrope import lm_positions
 from ..ops.units import UnitOp
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
@@ -85,6 +86,7 @@ class PassReport:
     rewired: list[str] = field(default_factory=list)  # position tables now computed from the carried positions
     emitted_after: int | None = None  # with --emit-positions: the model's own outputs, before positions and sizes
     emitted_grid: str = "the original patch grid"  # the grid whose coordinates the emitted positions are in
+    axes: str | None = None  # the emitted coordinates' names when not the grid's own (Qwen-VL: t, h, w)
     skipped: list[str] = field(default_factory=list)
     grid: tuple[int, ...] | None = None
     extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
@@ -96,7 +98,7 @@ class PassReport:
         """What --emit-positions added, for the ONNX metadata and a bundle's manifest (None: nothing)."""
         if self.emitted_after is None or self.positions is None:
             return None
-        axes = {1: "index", 2: "row, column", 3: "frame, row, column"}[self.positions]
+        axes = self.axes or {1: "index", 2: "row, column", 3: "frame, row, column"}[self.positions]
         return {"outputs": {"positions": "(B, N, P) float32", "sizes": "(B, N, 1) float32"},
                 "coordinates": f"{axes} in {self.emitted_grid}; protected tokens -1",
                 "merged_tokens": "size-weighted mean of their members' positions (pruned tokens: exact)"}
@@ -292,7 +294,9 @@ class TokenPass:
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 
-        size = self._view(graph, size_column, state) if ops or padded else None
+        if state is not None and getattr(state, "_erased", False):
+            state = None  # a projector's output state that the cut dropped (nothing reads it without --emit-positions)
+        size = self._view(graph, size_column, state) if (ops or padded) and state is not None else None
         if padded and size is not initial:
             repoint_pooling(gm, initial, size)
         stable_toposort(graph)
@@ -317,6 +321,8 @@ class TokenPass:
         graph = gm.graph
         projector = ops[-1] if ops and stages and not isinstance(gm.get_submodule(str(ops[-1].target)), TokenOp) \
             else None
+        last = gm.get_submodule(str(projector.target)) if projector is not None else None
+        in_lm = getattr(getattr(last, "projector", last), "lm_positions", False)  # a Qwen-VL tower's own merger
         if projector is not None and isinstance(gm.get_submodule(str(projector.target)), UnitWindows):
             module = gm.get_submodule(str(projector.target))
             if module.raster:  # uncompressed: the projector's own output grid, as without units
@@ -344,6 +350,10 @@ class TokenPass:
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
         output = next(n for n in graph.nodes if n.op == "output")
+        if in_lm:  # get_rope_index's (t, h, w) relative to the image start (ops/mrope.py)
+            with graph.inserting_before(output):
+                positions = graph.call_function(lm_positions, (positions, 1))
+            self.report.positions, self.report.axes = 3, "t, h, w (get_rope_index's, relative to the image start)"
         if self.frames:
             with graph.inserting_before(output):
                 positions = graph.call_function(frames_to_sequence, (positions, self.frames))
