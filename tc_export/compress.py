@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from .errors import ConfigError, InternalError
 from .models.base import LoadedModel
+from .models.seeding import DEFAULT_WEIGHTS_SEED, seeded_weights
 from .ops.base import TokenOp
 from .ops.state import leading_tokens
 from .passes import LayerTokens, run_passes, token_pass
@@ -60,10 +61,13 @@ def compress(
     ``features``: end the model at that block's output tokens (``-2``: the second-to-last, as LLaVA takes them).
     ``frames``: the model is a per-frame tower of a video wrapper; token outputs are joined frame after frame.
     ``emit_positions``: add outputs with each output token's position and size (``TokenPass``).
+    Ops with weights the methods add (projectors) draw them from the ``LoadedModel``'s ``weights_seed`` (else 0).
     """
+    seed = DEFAULT_WEIGHTS_SEED
     if isinstance(model, LoadedModel):
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
+        seed = model.weights_seed
         model = model.module
     if example_inputs is None:
         raise TypeError("example_inputs are needed to trace a plain nn.Module")
@@ -78,7 +82,8 @@ def compress(
     sites_before = len(find_structure(gm).sites)
     wanted = configs or features is not None or emit_positions
     passes = [token_pass(configs, features, frames, emit_positions)] if wanted else []
-    gm = run_passes(gm, passes, example_inputs)
+    with seeded_weights(seed):  # the weights of the ops the passes add (projectors) come from the model's seed
+        gm = run_passes(gm, passes, example_inputs)
     report = passes[0].report if passes else PassReport()
     inputs = dict(example_inputs) | {name: seeded_input(next(iter(example_inputs.values())).shape[0], shape)
                                      for name, shape in report.extra_inputs.items()}

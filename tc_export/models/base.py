@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .seeding import DEFAULT_WEIGHTS_SEED
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -42,6 +44,7 @@ class LoadedModel:
     random_init: bool = True
     make_inputs: Callable[[int, int], dict[str, torch.Tensor]] | None = None  # custom (batch, seed) -> inputs
     frames: int | None = None  # a video wrapper: the tower runs on each of this many frames
+    weights_seed: int = DEFAULT_WEIGHTS_SEED  # the seed of its random weights and of any projector's (seeding.py)
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded inputs keyed by forward-argument name."""
