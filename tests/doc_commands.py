@@ -110,7 +110,9 @@ SKIPPED: dict[str, str] = {
         "runs a TensorRT engine: built on the device (bundle/build_and_verify.sh), not here",
 }
 
-XFAIL: dict[str, str] = {}  # command -> reason (the issue and branch that own the failure)
+XFAIL: dict[str, str] = {  # command -> reason (the issue and branch that own the failure); remove once it passes
+    "tc-export vit_b --method tome --r 16 --dtype fp16 -o m16.onnx": "issue 27 (branch halfprec)",
+}
 
 
 @dataclass(frozen=True)
