@@ -275,6 +275,11 @@ def run_page(page: Path, folder: Path) -> None:
         pytest.xfail("; ".join(expected))
 
 
+# Pages with many commands, run by a test file of their own so that pytest-xdist (--dist loadfile) runs them beside
+# the README's and the other pages'.
+OWN_FILE = {"command-line.md": "tests/test_docs_command_line.py"}
+
+
 def doc_pages() -> list[Path]:
-    """docs/*.md pages with commands, sorted."""
-    return [p for p in sorted((ROOT / "docs").glob("*.md")) if bash_commands(p)]
+    """docs/*.md pages with commands and no test file of their own, sorted."""
+    return [p for p in sorted((ROOT / "docs").glob("*.md")) if p.name not in OWN_FILE and bash_commands(p)]
