@@ -41,8 +41,7 @@ TIMEOUT_S = 1200  # one command; a hang fails instead of holding CI
 
 # Stand-ins (tiny, fast). TEST_VIT: timm's 6-layer test ViT (160 px, 10 x 10 patches + class token, width 64).
 TEST_VIT = "timm:test_vit"
-TWELVE = "vit_t"  # 12 layers (a 12-entry --r list, --layers 3,6,9), width 192
-NINE = "timm:test_vit3"  # 9 layers: vit_b_tome_then_topk's Top-K at block 8
+TWELVE = "vit_t"  # 12 layers and a class token (a 12-entry --r list, Top-K at --layers 3,6,9 or block 8), width 192
 
 STAND_INS: dict[str, str] = {
     "tc-export vit_b --method tome --r 16 -o model.onnx": f"tc-export {TEST_VIT} --method tome --r 16 -o model.onnx",
@@ -63,7 +62,7 @@ STAND_INS: dict[str, str] = {
         f"tc-export {TEST_VIT} --method prumerge --tokens 64 --extra -o pm.onnx",
     "tc-export vit_b --method adjacent --r 8 -o adj.onnx": f"tc-export {TEST_VIT} --method adjacent --r 8 -o adj.onnx",
     "tc-export vit_b --recipe vit_b_tome_then_topk -o two_stage.onnx":
-        f"tc-export {NINE} --recipe vit_b_tome_then_topk -o two_stage.onnx",
+        f"tc-export {TWELVE} --recipe vit_b_tome_then_topk -o two_stage.onnx",
     "tc-export minilm --method tome --r 14 -o minilm.onnx": "tc-export hf:./tiny-bert --method tome --r 14 -o minilm.onnx",
     "tc-export vit_b --method tome --r 16 -o model.engine": f"tc-export {TEST_VIT} --method tome --r 16 -o model.engine",
     "tc-export timm:vit_huge_patch14_clip_224 --method tome --r 8 -o h.onnx":
@@ -197,10 +196,11 @@ def _tiny_transformers(folder: Path, kind: str) -> None:
     if kind == "vit":
         model = tf.ViTForImageClassification(tf.ViTConfig(image_size=64, patch_size=16, num_labels=10, **small))
     elif kind == "yolos":  # 8 x 8 patches + class token + its 100 detection tokens (kept last: --protected-suffix 100)
-        model = tf.YolosModel(tf.YolosConfig(image_size=[128, 128], patch_size=16, num_detection_tokens=100, **small),
-                              add_pooling_layer=False)
-    elif kind == "bert":
-        model = tf.BertModel(tf.BertConfig(vocab_size=1000, **small))
+        config = tf.YolosConfig(image_size=[128, 128], patch_size=16, num_detection_tokens=100,
+                                use_mid_position_embeddings=False, **small)  # as yolos-small/tiny
+        model = tf.YolosModel(config, add_pooling_layer=False)
+    elif kind == "bert":  # a sentence encoder as minilm is (no pooler: mean pooled)
+        model = tf.BertModel(tf.BertConfig(vocab_size=1000, **small), add_pooling_layer=False)
     else:  # clip: a 3-layer CLIP vision tower, 8 x 8 patches of 14 px + class token
         model = tf.CLIPVisionModel(tf.CLIPVisionConfig(image_size=112, patch_size=14, **(small | {"num_hidden_layers": 3})))
     model.save_pretrained(folder)
