@@ -88,8 +88,6 @@ STAND_INS: dict[str, str] = {
         "tc-export hf:./tiny-clip --features -2 --frames 8 --method pool -o video.onnx",
     "tc-export vit_b --method tome --r 16 --target jetson-orin-nano -o bundle/":
         f"tc-export {TEST_VIT} --method tome --r 16 --target jetson-orin-nano -o bundle/",
-    "tc-export tune mnist_vit --speedup 2 --batch 64 -o tuned.yaml":
-        f"tc-export tune {TEST_VIT} --speedup 2 --batch 64 -o tuned.yaml",
     # docs/reproducibility.md
     "tc-export vit_t --method tome --r 16 -o a.onnx": f"tc-export {TEST_VIT} --method tome --r 16 -o a.onnx",
     "tc-export vit_t --method tome --r 16 -o b.onnx": f"tc-export {TEST_VIT} --method tome --r 16 -o b.onnx",
@@ -107,6 +105,10 @@ SKIPPED: dict[str, str] = {
     "polygraphy run model.engine --model-type engine --trt --load-inputs bundle/inputs.json "
     "--load-outputs bundle/outputs.json --atol 0.05 --rtol 0.02 --check-error-stat elemwise":
         "runs a TensorRT engine: built on the device (bundle/build_and_verify.sh), not here",
+    "tc-export tune mnist_vit --speedup 2 --batch 64 -o tuned.yaml":
+        "searches until its --time-budget (default 20 min) runs out: measured 16 min for mnist_vit, and over 21 min "
+        "for the timm:test_vit stand-in, on a loaded 2-core machine; a stand-in cannot shorten it without a flag. "
+        "tests/test_tune.py runs the whole tune job on a tiny model with a short budget",
 }
 
 XFAIL: dict[str, str] = {  # command -> reason (the issue and branch that own the failure); remove once it passes
