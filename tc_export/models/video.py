@@ -29,4 +29,4 @@ def video_model(loaded: LoadedModel, frames: int) -> LoadedModel:
     spec = loaded.inputs[0]
     video = InputSpec("video", (frames, *spec.shape), spec.dtype, onnx_name="video")
     return LoadedModel(f"{loaded.name} x{frames} frames", FrameTower(loaded.module, frames).eval(), [video],
-                       loaded.output_names, loaded.random_init, None, frames)
+                       loaded.output_names, loaded.random_init, None, frames, loaded.weights_seed)

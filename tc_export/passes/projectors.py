@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.seeding import seeded_weights
 from ..ops.projectors import (
     CAbstractor,
     LlamaVidProjector,
@@ -127,8 +127,7 @@ class ProjectorConfig:
                     "merge or pruning reorders tokens, or the model has no patch grid); put it before them"
                 )
             grid = (site.tokens - site.protected,)
-        with torch.random.fork_rng():  # the reference initialisation, reproducible
-            torch.manual_seed(0)
+        with seeded_weights():  # the model's weights seed (0 unless --weights-seed), whatever ran before
             op = self.projector(site.channels, grid, site.protected, **self.settings())
         weights = getattr(self, "projector_weights", None)
         if weights is not None:

@@ -10,7 +10,6 @@ and the job renames the staging directory to DIR only when all of it succeeded. 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from .engine import EngineConfig, get_target, is_function_layer, keep_fp32_layers, package_version
-from ..files import external_data_files
+from ..files import created_timestamp, external_data_files
 
 if TYPE_CHECKING:
     from ...models import LoadedModel
@@ -140,7 +139,11 @@ def reference_outputs(onnx_path: Path, feeds: Sequence[Mapping[str, Any]]):
 
     quiet_polygraphy()
     runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name=REFERENCE_RUNNER)
-    return Comparator.run([runner], data_loader=list(feeds))
+    results = Comparator.run([runner], data_loader=list(feeds))
+    for _, iterations in results:
+        for iteration in iterations:
+            iteration.runtime = 0.0  # a reference has outputs, not a speed: the same bundle has the same bytes
+    return results
 
 
 def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result: JobResult,
@@ -197,7 +200,7 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
         "versions": _versions(),
         "external_data": data_files,  # the weights' file(s) beside model.onnx; [] when it holds them itself
         "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": created_timestamp(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (directory / FP32_SCRIPT).write_text(fp32_script(node_names, op_types))
