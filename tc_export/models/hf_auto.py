@@ -219,7 +219,8 @@ def choose_class(config: Any, name: str) -> Choice:
 # Vision towers that load but cannot be compressed, with the cause (refused before building).
 UNSUPPORTED_TOWERS: dict[str, str] = {}
 # Vision towers built through an adapter of their own (config class name -> builder module, function).
-ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
+ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
+                  "Llama4VisionConfig": ("llama4_vision", "build_llama4_vision")}
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:

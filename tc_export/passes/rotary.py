@@ -63,6 +63,18 @@ def protected_rows(table: torch.Tensor, rows: torch.Tensor, head: int, tail: int
     return torch.cat(parts, dim=1 + token_axis) if len(parts) > 1 else rows
 
 
+def _token_axis(x_shape: tuple[int, ...], table: tuple[int, ...], tokens: int, structure: Structure) -> int | None:
+    """The table's token axis: the axis (after the batch) where the activation and the table both hold the
+    tokens, or the tokens after the protected prefix (heads first (B, H, N, d), tokens first (B, N, H, d) or
+    (B, N, D)); None when no axis fits."""
+    counts = {tokens, tokens - structure.prefix}
+    rank = len(x_shape) - 1
+    for axis in [rank - 2] + [a for a in range(rank - 1) if a != rank - 2]:
+        if axis >= 0 and x_shape[1 + axis] == table[axis] and table[axis] in counts:
+            return axis
+    return None
+
+
 @dataclass(eq=False)
 class RotaryTable(PositionTable):
     """One rotary unit (``x * cos + rotate(x) * sin``) of a site, with the frequencies read from its table."""
@@ -260,18 +272,16 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
         cos, sin = cos[0], sin[0]
     if cos.dim() != rank:
         return None
-    token_axis = rank - 2 if x_shape[-2] == cos.shape[rank - 2] else None
-    if len(x_shape) == 3 and x_shape[1] == cos.shape[0]:
-        token_axis = 0  # (B, N, D) activations
+    token_axis = _token_axis(x_shape, cos.shape, tokens, structure)
     if token_axis is None:
         return None
     rows = cos.shape[token_axis]
     first_row = tokens - rows
     if first_row not in (0, structure.prefix):
         return None
-    grid_rows = rows - max(0, structure.prefix - first_row)
-    coords = _grid_positions(structure, grid_rows)
     head = max(0, structure.prefix - first_row)
+    grid_rows = rows - head - structure.suffix  # the table ends at the stream's last row (a class token last)
+    coords = _grid_positions(structure, grid_rows)
     fit = _fit(cos.narrow(token_axis, head, grid_rows), sin.narrow(token_axis, head, grid_rows), coords, token_axis)
     if fit is None:
         return None
