@@ -223,7 +223,8 @@ ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
                   "Llama4VisionConfig": ("llama4_vision", "build_llama4_vision"),
                   "PixtralVisionConfig": ("pixtral", "build_pixtral"),
                   "Idefics3VisionConfig": ("idefics3", "build_idefics3"),
-                  "SmolVLMVisionConfig": ("idefics3", "build_idefics3")}
+                  "SmolVLMVisionConfig": ("idefics3", "build_idefics3"),
+                  "Siglip2VisionConfig": ("siglip2", "build_siglip2")}
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:
