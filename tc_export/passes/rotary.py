@@ -88,6 +88,7 @@ class RotaryTable(PositionTable):
     offset: torch.Tensor = field(default=None)  # type: ignore[assignment]
     token_axis: int = 0
     first_row: int = 0  # the stream row of the table's first row
+    sequence_first: bool = False  # the activation is (N, B, ...): the rebuilt (B, N, ...) table is transposed
 
     def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:
         graph = gm.graph
@@ -104,7 +105,10 @@ class RotaryTable(PositionTable):
             tables = []
             for fn, fixed in ((torch.cos, cos_fixed), (torch.sin, sin_fixed)):
                 value = graph.call_function(fn, (angles,))
-                tables.append(graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis)))
+                table = graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis))
+                if self.sequence_first:
+                    table = graph.call_function(torch.transpose, (table, 0, 1))
+                tables.append(table)
         for product, old, new in zip(self.products, (self.cos_node, self.sin_node), tables):
             product.replace_input_with(old, new)
 
@@ -229,8 +233,10 @@ def _fit(cos: torch.Tensor, sin: torch.Tensor, coords: torch.Tensor, axis: int) 
         return None
     shape = (-1,) + (1,) * (angles.dim() - 1)
     rebuilt = offset.unsqueeze(0) + sum(coords[:, p].reshape(shape) * freq[p].unsqueeze(0) for p in range(freq.shape[0]))
-    if not (torch.allclose(torch.cos(rebuilt), cos.double().movedim(axis, 0), atol=_TABLE_ATOL)
-            and torch.allclose(torch.sin(rebuilt), sin.double().movedim(axis, 0), atol=_TABLE_ATOL)):
+    # A float32 table of large angles (a long 1-D sequence) is off by the rounding of each angle: ulp(angle).
+    tolerance = _TABLE_ATOL + 4 * torch.finfo(torch.float32).eps * rebuilt.abs()
+    if not (((torch.cos(rebuilt) - cos.double().movedim(axis, 0)).abs() <= tolerance).all()
+            and ((torch.sin(rebuilt) - sin.double().movedim(axis, 0)).abs() <= tolerance).all()):
         return None
     return freq.unsqueeze(1).movedim(1, 1 + axis).float(), offset.unsqueeze(0).movedim(0, axis).float()
 
@@ -264,6 +270,10 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
     if x_shape is None or len(x_shape) < 3:
         return None
     rank = len(x_shape) - 1  # the table's dims after the batch
+    sequence_first = (cos.dim() == len(x_shape) and cos.shape[0] == x_shape[0] > 1 and cos.shape[1] == 1
+                      and x_shape[0] in (tokens, tokens - structure.prefix))
+    if sequence_first:  # (N, B, H, d) activations (wav2vec2-Conformer's): the table without its batch axis
+        cos, sin, x_shape = cos.squeeze(1), sin.squeeze(1), (x_shape[1], x_shape[0], *x_shape[2:])
     while cos.dim() < rank:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if cos.dim() == rank + 1:
@@ -288,4 +298,5 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
     freqs, offset = fit
     return RotaryTable(site=site.index, kind="rotary position embedding", nodes=frozenset({cos_node, sin_node}),
                        cos_node=cos_node, sin_node=sin_node, cos_value=cos.float(), sin_value=sin.float(),
-                       freqs=freqs, offset=offset, token_axis=token_axis, first_row=first_row)
+                       freqs=freqs, offset=offset, token_axis=token_axis, first_row=first_row,
+                       sequence_first=sequence_first)
