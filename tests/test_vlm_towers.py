@@ -256,3 +256,49 @@ def test_conformer_rotary_follows_adjacent_merging(tmp_path, capsys):
                              capsys)
     assert code == 0, err
     assert "tokens per layer: 799 791 783" in out and "rotary position embedding" in out and "passed" in out
+
+
+_CELLS: dict = {}
+
+
+def _tower_cells(family):
+    from .support_matrix import METHODS, run_cell
+
+    if family.label not in _CELLS:
+        _CELLS[family.label] = [run_cell(family, method) for method in METHODS]
+    return _CELLS[family.label]
+
+
+def _tower_families():
+    from .support_matrix import TOWERS
+
+    return TOWERS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", _tower_families(), ids=[f.label for f in _tower_families()])
+def test_tower_matrix_row(family):
+    """Each tower x method of the matrix: ToMe through the command-line job, the rest through compress and ONNX
+    Runtime; every one that works equals the per-sample reference (PruMerge on MLCD: parity only)."""
+    from .support_matrix import CAUSES
+
+    for cell in _tower_cells(family):
+        expected = family.refused.get(cell.method)
+        if expected is not None:
+            assert cell.outcome == f"refused: {expected}" and CAUSES[expected] in cell.detail, cell
+        elif cell.method in family.unreferenced:
+            assert cell.outcome == "works", cell
+        else:
+            assert cell.outcome == "works, matches reference", cell
+
+
+@pytest.mark.slow
+def test_docs_show_the_tower_matrix():
+    from pathlib import Path
+
+    from .support_matrix import markdown
+
+    families = _tower_families()
+    cells = [cell for family in families for cell in _tower_cells(family)]
+    page = (Path(__file__).parents[1] / "docs" / "vlm-towers.md").read_text()
+    assert markdown(cells, families) in page, "docs/vlm-towers.md is stale: run python -m tests.support_matrix towers"
