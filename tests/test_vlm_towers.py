@@ -302,3 +302,53 @@ def test_docs_show_the_tower_matrix():
     cells = [cell for family in families for cell in _tower_cells(family)]
     page = (Path(__file__).parents[1] / "docs" / "vlm-towers.md").read_text()
     assert markdown(cells, families) in page, "docs/vlm-towers.md is stale: run python -m tests.support_matrix towers"
+
+
+def _scrambled_rotary(loaded) -> torch.Tensor:
+    """MLCD's rotary replaced by a fixed table of arbitrary angles per patch (no frequencies fit it); returns the
+    (64, head_dim) angles of the patches in row-major order."""
+    rope = loaded.module.model.vision_rotary_embedding
+    torch.manual_seed(1)
+    half = torch.rand(64, 8) * 6
+    rope.register_buffer("scrambled", half)
+    rope.forward = lambda x, position_ids: (torch.cat([rope.scrambled] * 2, -1).cos(),
+                                            torch.cat([rope.scrambled] * 2, -1).sin())
+    return torch.cat([half, half], dim=-1)
+
+
+def test_a_table_no_frequencies_fit_is_gathered_under_pruning(tmp_path):
+    """A rotary table that is not a function of the position is gathered by the carried positions under Top-K
+    (exact: every kept token reads its own original row), equal to the reference reading each kept token's own
+    row; merging is refused by name, as is EViT's fused token (it has no row of its own)."""
+    import dataclasses
+
+    save_tower("mlcd", tmp_path / "m")
+    loaded = load(tmp_path / "m")
+    table = _scrambled_rotary(loaded)
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    compressed = compress(loaded, TopKConfig(keep=0.5, layers=(0,)), {"pixel_values": pixels})
+    assert compressed.token_counts() == [65, 33, 33] and "layer 1: rotary position embedding" in compressed.report.rewired
+
+    def step(i, x, size, pos, keys, probs):
+        if i != 0:
+            return x, size, pos
+        return with_positions(lambda t, s: reference_topk(t, s, probs[:, 0].mean(0), 0.5, 1, False, False),
+                              x, size, pos)
+
+    tower = dataclasses.replace(towers.mlcd(loaded.module.model),
+                                angles=lambda pos: table[(pos[:, 0] * 8 + pos[:, 1]).long()])
+    want, counts = towers.run(tower, pixels, step, False)
+    with torch.no_grad():
+        torch.testing.assert_close(compressed(pixel_values=pixels), want, rtol=1e-4, atol=2e-5)
+    import onnxruntime as ort
+
+    from tc_export import ExportConfig, export_onnx
+
+    export_onnx(compressed.module, {"pixel_values": pixels[:1]}, tmp_path / "g.onnx", ExportConfig(),
+                input_names=["pixel_values"])
+    session = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"pixel_values": pixels[:1].numpy()})[0])
+    torch.testing.assert_close(got, want[:1], rtol=1e-3, atol=1e-4)
+    for config, method in ((ToMeConfig(r=2), "tome"), (TopKConfig(keep=0.5, layers=(0,), fuse=True), "topk")):
+        with pytest.raises(TCExportError, match=f"not a rotary function of the position.*merged by {method}"):
+            compress(loaded, config, {"pixel_values": pixels})

@@ -10,7 +10,8 @@ rebuild the whole table; the rewired site evaluates the same formula at the carr
 token's fractional position goes straight into the frequency formula (cos/sin are never averaged). A table that
 is not affine in the raster-order coordinates, or whose angle step is too close to half a turn to tell its
 frequency apart from an alias (a fractional position would then land on the wrong angle), is not recognised and
-stays refused with the cause.
+is not rebuilt: its rows are gathered by the carried positions instead (``GatheredRotaryTable``), exact while
+tokens are only pruned; the token pass refuses it after a method that merges.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import fx
@@ -99,18 +101,47 @@ class RotaryTable(PositionTable):
         head = max(0, prefix - self.first_row)
         with graph.inserting_before(min(self.products, key=_order(graph))):
             freqs, offset, cos_fixed, sin_fixed = (graph.get_attr(f"{name}_{s}") for s in ("freqs", "offset", "cos", "sin"))
-            rows = graph.call_function(positions_as_table, (positions, self.first_row + head, suffix,
-                                                            self.cos_value.dim(), self.token_axis))
-            angles = graph.call_function(rotary_angles, (rows, freqs, offset))
             tables = []
             for fn, fixed in ((torch.cos, cos_fixed), (torch.sin, sin_fixed)):
-                value = graph.call_function(fn, (angles,))
+                value = self._rows(graph, positions, fn, fixed, freqs, offset, head, suffix)
                 table = graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis))
                 if self.sequence_first:
                     table = graph.call_function(torch.transpose, (table, 0, 1))
                 tables.append(table)
         for product, old, new in zip(self.products, (self.cos_node, self.sin_node), tables):
             product.replace_input_with(old, new)
+
+    def _rows(self, graph: fx.Graph, positions: fx.Node, fn: object, fixed: fx.Node, freqs: fx.Node,
+              offset: fx.Node, head: int, suffix: int) -> fx.Node:
+        """The cos (``fn``) or sin table rows of the unprotected tokens: evaluated at their carried coordinates."""
+        rows = graph.call_function(positions_as_table, (positions, self.first_row + head, suffix,
+                                                        self.cos_value.dim(), self.token_axis))
+        return graph.call_function(fn, (graph.call_function(rotary_angles, (rows, freqs, offset)),))
+
+
+def gathered_rows(table: torch.Tensor, positions: torch.Tensor, start: int, stop_from_end: int, head: int,
+                  columns: int, token_axis: int) -> torch.Tensor:
+    """Rows of a fixed table (token axis ``token_axis``) for the tokens ``start : N - stop_from_end`` of
+    positions (B, N, P), each at its own original row: ``head`` + row * columns + column (or + index)."""
+    rows = positions[:, start: positions.shape[1] - stop_from_end].round().long()
+    index = rows[..., 0] * columns + rows[..., 1] if rows.shape[-1] == 2 else rows[..., -1]
+    picked = table.movedim(token_axis, 0)[index + head]  # (B, n, rest of the table)
+    return picked.movedim(1, 1 + token_axis)
+
+
+@dataclass(eq=False)
+class GatheredRotaryTable(RotaryTable):
+    """A rotary table whose angles are not affine in the token's coordinates (no frequencies fit it): each pruned
+    token reads its own original row, which is exact; a merged token has no row, so merging is refused."""
+
+    exact_positions_only: ClassVar[bool] = True
+    why_exact: ClassVar[str] = "its table is not a rotary function of the position (no frequencies rebuild it)"
+    columns: int = 1  # the grid's width (row-major rows), 1 on a sequence
+
+    def _rows(self, graph: fx.Graph, positions: fx.Node, fn: object, fixed: fx.Node, freqs: fx.Node,
+              offset: fx.Node, head: int, suffix: int) -> fx.Node:
+        return graph.call_function(gathered_rows, (fixed, positions, self.first_row + head, suffix, head,
+                                                   self.columns, self.token_axis))
 
 
 def _order(graph: fx.Graph):
@@ -293,10 +324,14 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
     grid_rows = rows - head - structure.suffix  # the table ends at the stream's last row (a class token last)
     coords = _grid_positions(structure, grid_rows)
     fit = _fit(cos.narrow(token_axis, head, grid_rows), sin.narrow(token_axis, head, grid_rows), coords, token_axis)
-    if fit is None:
-        return None
+    kind, extra = RotaryTable, {}
+    if fit is None:  # not affine: gathered by the exact positions (pruning only)
+        kind = GatheredRotaryTable
+        grid = structure.grid
+        extra = {"columns": grid[1] if grid is not None and len(grid) == 2 and grid[0] * grid[1] == grid_rows else 1}
+        fit = (torch.zeros(1), torch.zeros(1))
     freqs, offset = fit
-    return RotaryTable(site=site.index, kind="rotary position embedding", nodes=frozenset({cos_node, sin_node}),
+    return kind(site=site.index, kind="rotary position embedding", nodes=frozenset({cos_node, sin_node}),
                        cos_node=cos_node, sin_node=sin_node, cos_value=cos.float(), sin_value=sin.float(),
                        freqs=freqs, offset=offset, token_axis=token_axis, first_row=first_row,
-                       sequence_first=sequence_first)
+                       sequence_first=sequence_first, **extra)
