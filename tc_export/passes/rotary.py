@@ -9,8 +9,8 @@ own table at the original grid (the angle step between neighbouring grid positio
 rebuild the whole table; the rewired site evaluates the same formula at the carried coordinates, so a merged
 token's fractional position goes straight into the frequency formula (cos/sin are never averaged). A table that
 is not affine in the raster-order coordinates, or whose angle step is too close to half a turn to tell its
-frequency apart from an alias (a fractional position would then land on the wrong angle), is not recognised and
-is not rebuilt: its rows are gathered by the carried positions instead (``GatheredRotaryTable``), exact while
+frequency apart from an alias (a fractional position would then land on the wrong angle), is not rebuilt from
+frequencies: its rows are gathered by the carried positions instead (``GatheredRotaryTable``), exact while
 tokens are only pruned; the token pass refuses it after a method that merges.
 """
 
