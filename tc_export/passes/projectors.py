@@ -22,7 +22,10 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.projectors import (
     CAbstractor,
+    Gemma3Projector,
+    Idefics3Projector,
     LlamaVidProjector,
+    Llama4Projector,
     MLPProjector,
     PatchMergerProjector,
     PoolProjector,
@@ -157,6 +160,41 @@ class UnshuffleConfig(ProjectorConfig):
     scale: float = _scale()
     ps_version: str = setting("v2", "unshuffle: InternVL's pixel shuffle v2, or v1 (InternVL 1.2: output grid "
                                  "transposed)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("idefics3", "Idefics3 / SmolVLM connector: pixel shuffle (--scale 1/s) + Linear, no bias")
+@dataclass(frozen=True)
+class Idefics3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Idefics3Projector
+
+    scale: float = _scale()
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("llama4", "Llama 4 adapter: pixel shuffle 0.5, MLP (GELU after each layer), projector Linear")
+@dataclass(frozen=True)
+class Llama4Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Llama4Projector
+
+    scale: float = _scale()
+    adapter_channels: int | None = setting(None, "llama4: width of the pixel-shuffle MLP (Llama 4: 4096; default "
+                                                 "the input width)", _optional_int)
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("gemma3", "Gemma 3 projector: 4x4 average pool, soft-embedding RMSNorm, projection matrix")
+@dataclass(frozen=True)
+class Gemma3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Gemma3Projector
+
+    stride: int = setting(4, "gemma3: average-pool kernel = stride (Gemma 3: 64 patches / 16 tokens per side)")
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()
