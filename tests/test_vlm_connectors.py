@@ -79,10 +79,11 @@ def test_projector_equals_the_published_module(kind):
     assert not torch.allclose(transposed, want, rtol=1e-3, atol=1e-3)
 
 
-RECIPES = {  # recipe -> (the published projector kind, tokens out, tower width)
+# recipe -> (the published projector kind, tokens out, tower width). Llama 4 has no recipe: its class token is a
+# protected token after the grid, which a projector at the encoder output cannot place yet (the op is checked above).
+RECIPES = {
     "idefics3_siglip_connector": ("idefics3", 169, 1152),
     "smolvlm_siglip_connector": ("smolvlm", 64, 768),
-    "llama4_vision_adapter": ("llama4", 144, 1408),
     "gemma3_siglip_pool": ("gemma3", 256, 1152),
 }
 
@@ -91,8 +92,6 @@ def _tower_tokens(loaded, pixels: torch.Tensor) -> torch.Tensor:
     """The transformers tower's own output tokens (what the published projector reads)."""
     module = loaded.module
     with torch.no_grad():
-        if hasattr(module, "tower") and type(module.tower).__name__ == "Llama4VisionModel":
-            return module(pixel_values=pixels)  # the adapter at --pooling tokens: checked equal in test_vlm_towers
         if hasattr(module, "tower"):
             return module.tower(pixel_values=pixels).last_hidden_state
         return module.model(pixel_values=pixels).last_hidden_state
@@ -117,25 +116,9 @@ def test_recipe_matches_the_published_connector(name, tmp_path, capsys, monkeypa
     stage = load_recipe(name).stages[0]
     assert got.shape == (1, tokens, stage.out_channels)
     ours = _projector_of(built["compressed"])
-    side = round((tokens * {"idefics3": 4, "llama4": 4, "smolvlm": 16, "gemma3": 16}[kind]) ** 0.5)  # the grid
-    module, state, published = _published(kind, width, stage.out_channels, side)
-    if kind == "llama4":  # the published adapter's widths follow the recipe's
-        import transformers as tf
-        from transformers.models.llama4.modeling_llama4 import Llama4MultiModalProjector, Llama4VisionPixelShuffleMLP
-
-        config = tf.Llama4Config(vision_config={"hidden_size": width, "intermediate_size": 4 * width,
-                                                "projector_input_dim": stage.adapter_channels,
-                                                "projector_output_dim": stage.adapter_channels,
-                                                "vision_output_dim": stage.adapter_channels},
-                                 text_config={"hidden_size": stage.out_channels, "num_attention_heads": 4})
-        adapter, projector = Llama4VisionPixelShuffleMLP(config.vision_config), Llama4MultiModalProjector(config)
-        adapter.load_state_dict({k[len("vision_adapter."):]: v for k, v in ours.state_dict().items()
-                                 if k.startswith("vision_adapter.")})
-        projector.load_state_dict({k[len("multi_modal_projector."):]: v for k, v in ours.state_dict().items()
-                                   if k.startswith("multi_modal_projector.")})
-        published = lambda x: projector(adapter(x))  # noqa: E731
-    else:
-        module.load_state_dict(ours.state_dict(), strict=True)
+    side = round((tokens * {"idefics3": 4, "smolvlm": 16, "gemma3": 16}[kind]) ** 0.5)  # the grid
+    module, _, published = _published(kind, width, stage.out_channels, side)
+    module.load_state_dict(ours.state_dict(), strict=True)
     pixels = next(iter(feed.values()))
     with torch.no_grad():
         want = published(_tower_tokens(built["tower"], pixels))

@@ -82,17 +82,23 @@ def own_output(kind: str, tower, pixels: torch.Tensor) -> torch.Tensor:
         return tower(pixels).pooler_output  # mlcd
 
 
-@pytest.mark.parametrize("kind", list(CONFIGS))
-def test_uncompressed_equals_the_tower(tmp_path, kind):
-    """The adapter (default output) is the tower on its processor's inputs, batch 2; the reference with no method
-    equals the uncompressed model too (the yardstick itself is right)."""
-    tower = save_tower(kind, tmp_path / kind)
-    loaded = load(tmp_path / kind)
+def _assert_is_the_tower(kind: str, folder, tower):
+    """hf:folder loads with the saved weights and its default output is ``tower``'s own, at batch 2."""
+    loaded = load(folder)
     assert not loaded.random_init
     pixels = loaded.example_inputs(batch=2)["pixel_values"]
     with torch.no_grad():
         got = loaded.module(pixel_values=pixels)
     torch.testing.assert_close(got, own_output(kind, tower, pixels), rtol=1e-4, atol=2e-5)
+    return loaded, pixels
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_uncompressed_equals_the_tower(tmp_path, kind):
+    """The adapter (default output) is the tower on its processor's inputs, batch 2; the reference with no method
+    equals the uncompressed model too (the yardstick itself is right)."""
+    tower = save_tower(kind, tmp_path / kind)
+    _, pixels = _assert_is_the_tower(kind, tmp_path / kind, tower)
     reference = load(tmp_path / kind, POOLING.get(kind))
     want, counts = REFERENCE[kind](reference.module, pixels, towers.unchanged, True)
     with torch.no_grad():
@@ -133,13 +139,7 @@ def _whole(kind: str, folder):
 def test_loads_from_a_whole_checkpoint(tmp_path, kind):
     """hf:DIR of a whole VLM (Mistral 3, SmolVLM, Llama 4, SigLIP2 dual encoder) gives its vision tower with the
     checkpoint's weights: equal to that tower's own output."""
-    tower = _whole(kind, tmp_path / kind).eval()
-    loaded = load(tmp_path / kind)
-    assert not loaded.random_init
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    with torch.no_grad():
-        got = loaded.module(pixel_values=pixels)
-    torch.testing.assert_close(got, own_output(kind, tower, pixels), rtol=1e-4, atol=2e-5)
+    _assert_is_the_tower(kind, tmp_path / kind, _whole(kind, tmp_path / kind).eval())
 
 
 def _merge_step(merge, r: int, protected: int, carry: bool = True):
@@ -223,7 +223,9 @@ def test_exports_through_the_cli(tmp_path, capsys, kind):
     ("pixtral", ["--img-size", 128], "larger than Pixtral's image_size"),
     ("pixtral", ["--method", "topk", "--keep", "0.5"], "no class token"),
     ("siglip2", ["--pooling", "cls"], "--pooling cls does not apply"),
-], ids=["llama4-shuffle", "llama4-size", "idefics3-size", "pixtral-size", "pixtral-topk", "siglip2-pooling"])
+    ("llama4", ["--pooling", "tokens", "--method", "llama4"], "1 protected tokens after it"),
+], ids=["llama4-shuffle", "llama4-size", "idefics3-size", "pixtral-size", "pixtral-topk", "siglip2-pooling",
+        "llama4-projector-class-token"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, kind, args, cause):
     from .test_cli import run_cli
 

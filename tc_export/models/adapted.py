@@ -32,6 +32,16 @@ def fixed_size(config: Any, options: ModelOptions, name: str, what: str, unit: i
     return size
 
 
+def config_size(config: Any, options: ModelOptions, name: str, why: str) -> int:
+    """The config's own ``image_size``, the only size the tower takes (``why``: what fixes it)."""
+    size = config.image_size
+    if options.img_size is not None and options.img_size != size:
+        raise ConfigError(f"{name}: --img-size {options.img_size}: {why} {size}, the size exported")
+    if size % config.patch_size:
+        raise ConfigError(f"{name}: image_size {size} is not a multiple of patch_size {config.patch_size}")
+    return size
+
+
 def build_adapted(name: str, choice: Any, folder: Path | None, options: ModelOptions, poolings: dict[str, str],
                   default: str, make: Callable[[nn.Module, int, str], nn.Module], size: int, tower: str) -> LoadedModel:
     """Build ``choice`` (its weights from ``folder``, else random) and wrap it with ``make(tower, size, pooling)``.

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
-from .adapted import build_adapted
+from .adapted import build_adapted, config_size
 from .base import LoadedModel
 from .registry import ModelOptions
 
@@ -62,12 +61,6 @@ class Idefics3VisionAdapter(nn.Module):
 
 def build_idefics3(name: str, choice: Any, folder: Path | None, options: ModelOptions) -> LoadedModel:
     """``hf:DIR`` holding an Idefics3 / SmolVLM config (or its vision config): the adapter around its tower."""
-    config = choice.config
-    size = config.image_size
-    if options.img_size is not None and options.img_size != size:
-        raise ConfigError(f"{name}: --img-size {options.img_size}: Idefics3's image processor cuts images into tiles "
-                          f"of image_size {size}, the size exported")
-    if size % config.patch_size:
-        raise ConfigError(f"{name}: image_size {size} is not a multiple of patch_size {config.patch_size}")
+    size = config_size(choice.config, options, name, "Idefics3's image processor cuts images into tiles of image_size")
     return build_adapted(name, choice, folder, options, POOLINGS, "tokens", Idefics3VisionAdapter, size,
                          "Idefics3's vision transformer")

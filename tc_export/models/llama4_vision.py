@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConfigError
 from ..passes.opaque import REFUSAL_ATTRIBUTE
-from .adapted import build_adapted
+from .adapted import build_adapted, config_size
 from .base import LoadedModel
 from .registry import ModelOptions
 
@@ -90,13 +89,8 @@ class Llama4VisionAdapter(nn.Module):
 
 def build_llama4_vision(name: str, choice: Any, folder: Path | None, options: ModelOptions) -> LoadedModel:
     """``hf:DIR`` holding a Llama 4 config (or its vision config): the adapter around its vision encoder."""
-    config = choice.config
-    size = config.image_size
-    if options.img_size is not None and options.img_size != size:
-        raise ConfigError(f"{name}: --img-size {options.img_size}: Llama 4's vision encoder has a learned position "
-                          f"table and a rotary table for its image_size {size} only")
-    if config.image_size % config.patch_size:
-        raise ConfigError(f"{name}: image_size {size} is not a multiple of patch_size {config.patch_size}")
+    size = config_size(choice.config, options, name, "Llama 4's vision encoder has a learned position table and a "
+                       "rotary table for its image_size")
     return build_adapted(name, choice, folder, options, POOLINGS, "pooler",
                          lambda tower, _size, pooling: Llama4VisionAdapter(tower, pooling), size,
                          "Llama 4's vision encoder")
