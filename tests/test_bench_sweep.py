@@ -13,15 +13,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tc_export.bench_job import SweepConfig, compare_outputs, run_sweep
-from tc_export.bench_report import SCHEMA_ID, document, markdown_table, validate, write_json, write_plots
+from tc_export.measure.bench_job import SweepConfig, compare_outputs, run_sweep
+from tc_export.measure.bench_report import SCHEMA_ID, document, markdown_table, validate, write_json, write_plots
 from tc_export.cli.main import main
 from tc_export.errors import BackendUnavailableError, ConfigError
 from tc_export.export.quantize import quantize_int8
 from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.passes import ToMeConfig
-from tc_export.reference_tome import apply_reference_tome
-from tc_export.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+from tc_export.measure.reference_tome import apply_reference_tome
+from tc_export.measure.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
 
 from .conftest import tiny_timm_vit
 from .reference import reference_tome_timm_vit
@@ -156,7 +156,7 @@ def test_sweep_rows_speedups_fidelity_int8_baselines_and_reports(tmp_path, monke
         with torch.no_grad():
             return float((module(labels_images).argmax(1) == labels).float().mean())
 
-    import tc_export.bench_job as bench_job
+    import tc_export.measure.bench_job as bench_job
 
     monkeypatch.setitem(bench_job.EVALUATORS, "tiny_with_eval", accuracy)
     candidates = expand([candidate_from_configs([ToMeConfig(r=0)])], [parse_sweep("r=0,1")])
@@ -233,7 +233,7 @@ def test_cli_bench_user_errors(args, message, code, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_trt_backend_missing_raises_backend_error():
-    from tc_export.bench_job import check_backend
+    from tc_export.measure.bench_job import check_backend
 
     with pytest.raises(BackendUnavailableError, match="TensorRT missing"):
         check_backend("trt")
