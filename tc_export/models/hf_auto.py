@@ -221,7 +221,12 @@ UNSUPPORTED_TOWERS: dict[str, str] = {}
 # Vision towers built through an adapter of their own (config class name -> builder module, function).
 ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
                   "Qwen2_5_VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
-                  "Qwen3VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
+                  "Qwen3VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
+                  "Llama4VisionConfig": ("llama4_vision", "build_llama4_vision"),
+                  "PixtralVisionConfig": ("pixtral", "build_pixtral"),
+                  "Idefics3VisionConfig": ("idefics3", "build_idefics3"),
+                  "SmolVLMVisionConfig": ("idefics3", "build_idefics3"),
+                  "Siglip2VisionConfig": ("siglip2", "build_siglip2")}
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:

@@ -42,6 +42,10 @@ def marked_reader(gm: fx.GraphModule, nodes: set[fx.Node]) -> tuple[str, str] | 
         if node not in nodes or node.op not in ("call_module", "get_attr"):
             continue
         parts = str(node.target).split(".")
+        if node.op == "get_attr":  # a parameter marked itself (tracing may rebuild the modules holding it)
+            cause = getattr(_attribute(gm, parts), REFUSAL_ATTRIBUTE, None)
+            if isinstance(cause, str):
+                return ".".join(parts[:-1]), cause
         for depth in range(1, len(parts) + 1):
             name = ".".join(parts[:depth])
             try:
@@ -52,6 +56,13 @@ def marked_reader(gm: fx.GraphModule, nodes: set[fx.Node]) -> tuple[str, str] | 
             if isinstance(cause, str):
                 return name, cause
     return None
+
+
+def _attribute(gm: fx.GraphModule, parts: list[str]) -> object:
+    value: object = gm
+    for part in parts:
+        value = getattr(value, part, None)
+    return value
 
 
 def check_marked_readers(gm: fx.GraphModule, outputs: set[fx.Node], compressed: bool) -> None:

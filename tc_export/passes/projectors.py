@@ -23,7 +23,10 @@ from ..errors import ConfigError
 from ..models.seeding import seeded_weights
 from ..ops.projectors import (
     CAbstractor,
+    Gemma3Projector,
+    Idefics3Projector,
     LlamaVidProjector,
+    Llama4Projector,
     MLPProjector,
     PatchMergerProjector,
     PoolProjector,
@@ -204,6 +207,41 @@ class UnshuffleConfig(ProjectorConfig):
 
     def window(self) -> int | None:
         return block_size(self.scale)
+
+
+@register_method("idefics3", "Idefics3 / SmolVLM connector: pixel shuffle (--scale 1/s) + Linear, no bias")
+@dataclass(frozen=True)
+class Idefics3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Idefics3Projector
+
+    scale: float = _scale()
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("llama4", "Llama 4 adapter: pixel shuffle 0.5, MLP (GELU after each layer), projector Linear")
+@dataclass(frozen=True)
+class Llama4Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Llama4Projector
+
+    scale: float = _scale()
+    adapter_channels: int | None = setting(None, "llama4: width of the pixel-shuffle MLP (Llama 4: 4096; default "
+                                                 "the input width)", _optional_int)
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("gemma3", "Gemma 3 projector: 4x4 average pool, soft-embedding RMSNorm, projection matrix")
+@dataclass(frozen=True)
+class Gemma3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Gemma3Projector
+
+    stride: int = setting(4, "gemma3: average-pool kernel = stride (Gemma 3: 64 patches / 16 tokens per side)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
 
 
 @register_method("patchmerger", "Qwen2-VL PatchMerger: LayerNorm, 2x2 windows -> 4C, MLP (--scale 0.5)")

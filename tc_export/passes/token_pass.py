@@ -114,6 +114,7 @@ class TokenPass:
         if not configs and features is None and not emit_positions and unit is None:
             raise ConfigError("no compression method given")
         self.configs = list(configs)
+        self._merged_by = ""  # the first method whose op gave tokens a merged (fractional) position
         self.features, self.frames = features, frames
         self.emit_positions = emit_positions
         self.unit = resolve_unit(self.configs, unit)
@@ -213,6 +214,11 @@ class TokenPass:
                     )
                 positions = self._view(graph, positions_of, state)
                 for table in tables[site.index]:
+                    if table.exact_positions_only and self._merged_by:
+                        raise ConfigError(
+                            f"{table.kind} at attention layer {site.index}: {table.why_exact}, so it follows pruned "
+                            f"tokens (its rows gathered by their positions) but not tokens merged by "
+                            f"{self._merged_by}; use topk (without --fuse) or compress only layers after it")
                     table.rewire(gm, positions, protected, suffix)
                     rewired |= set(table.nodes)
                     self.report.rewired.append(f"layer {site.index}: {table.kind}")
@@ -564,6 +570,8 @@ class TokenPass:
                config: TokenMethod, layer: int | None, suffix: int = 0,
                where: str | None = None) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
+        if not getattr(config, "only_drops_tokens", False):
+            self._merged_by = self._merged_by or config.method  # positions may now be fractional (merged)
         new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
         where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
