@@ -6,9 +6,10 @@ import contextlib
 import functools
 import io
 import logging
+import re
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def write_onnx(
     module = lower_custom_ops(plan.module if plan else module)
     try:
         with _quiet(), plain_ops(), (plan.registered() if plan else contextlib.nullcontext()):
-            program = torch.onnx.export(
+            export = functools.partial(
+                torch.onnx.export,
                 module,
                 (),
                 kwargs=dict(example_inputs),
@@ -106,6 +108,7 @@ def write_onnx(
                 verbose=False,
                 custom_translation_table=plan.translation_table() if plan else None,
             )
+            program = _export_with_math_attention(export)
     except Exception as error:
         raise TCExportError(f"ONNX export failed: {_summary(error)}") from error
     weights = _held_weights(program.model)
@@ -280,12 +283,53 @@ def _held_values_class() -> type:
     return HeldValues
 
 
+def _export_with_math_attention(export: Callable[[], object]) -> object:
+    """Run ``export`` with attention traced through PyTorch's math kernel. Why: with a fused CPU kernel, the
+    output strides recorded at tracing are not those of the math the exporter decomposes attention into, so a
+    ``transpose(1, 2).reshape`` after attention with a bias (timm's relative-position ViTs) was traced as a view
+    that no longer applies and the export failed. The exported graph is the same either way (the exporter
+    decomposes attention into that math); only the recorded strides change. A retry after such a failure does
+    not help (the failed trace is cached), so every export traces this way."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        return export()
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None and error.__cause__ is not error:
+        error = error.__cause__
+    return error
+
+
+_EXECUTING = re.compile(r"While executing %(\S+)")
+_SOURCE = re.compile(r'File "([^"]+)", line (\d+)')
+
+
 def _summary(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "Error" in line or "error" in line:
-            return line[:300]
-    return (lines[0] if lines else type(error).__name__)[:300]
+    """One line: the root cause's message, and for a failure inside the exporter the graph node it was executing
+    and the model source line that node came from (the exporter's own text is a request to file an issue)."""
+    root = _root_cause(error)
+    text = str(root)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    message = lines[0] if lines else type(root).__name__
+    if root is error:
+        for line in lines:
+            if "Error" in line or "error" in line:
+                message = line
+                break
+    node = _EXECUTING.search(text)
+    if node is None:
+        return message[:300]
+    where = f"at node {node.group(1)}"
+    sources = _SOURCE.findall(text[node.end():])
+    if sources:
+        path, line = sources[-1]
+        source_lines = text[node.end():].splitlines()
+        code = next((source_lines[i + 1].strip() for i, s in enumerate(source_lines[:-1])
+                     if f'"{path}", line {line}' in s), "")
+        where += f" ({'/'.join(Path(path).parts[-3:])}:{line}" + (f": {code}" if code else "") + ")"
+    return f"{where}: {type(root).__name__}: {message}"[:400]
 
 
 @contextlib.contextmanager
