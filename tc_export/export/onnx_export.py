@@ -108,7 +108,7 @@ def write_onnx(
                 verbose=False,
                 custom_translation_table=plan.translation_table() if plan else None,
             )
-            program = _export_with_math_attention(export)
+            program = export()
     except Exception as error:
         raise TCExportError(f"ONNX export failed: {_summary(error)}") from error
     weights = _held_weights(program.model)
@@ -281,19 +281,6 @@ def _held_values_class() -> type:
             return np.array(self.original.numpy())
 
     return HeldValues
-
-
-def _export_with_math_attention(export: Callable[[], object]) -> object:
-    """Run ``export`` with attention traced through PyTorch's math kernel. Why: with a fused CPU kernel, the
-    output strides recorded at tracing are not those of the math the exporter decomposes attention into, so a
-    ``transpose(1, 2).reshape`` after attention with a bias (timm's relative-position ViTs) was traced as a view
-    that no longer applies and the export failed. The exported graph is the same either way (the exporter
-    decomposes attention into that math); only the recorded strides change. A retry after such a failure does
-    not help (the failed trace is cached), so every export traces this way."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
-        return export()
 
 
 def _root_cause(error: BaseException) -> BaseException:
