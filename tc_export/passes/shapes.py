@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..errors import StructureNotFoundError
+
+_RESHAPE_METHODS = ("view", "reshape")
 _SHAPE_OPS = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
@@ -87,6 +90,10 @@ class _Retargeter(fx.Interpreter):
         self.changed = 0
 
     def run_node(self, node: fx.Node) -> Any:
+        if (node.op == "call_function" and node.target in _SHAPE_OPS and node.target
+                is not torch.ops.aten.expand.default) or (node.op == "call_method" and node.target in _RESHAPE_METHODS) \
+                or (node.op == "call_function" and node.target is torch.reshape):
+            self._refuse_grid_split(node)
         if node.op == "call_function" and node.target in _SHAPE_OPS and len(node.args) >= 2:
             self._retarget(node)
             self._view_to_reshape(node)
@@ -110,6 +117,27 @@ class _Retargeter(fx.Interpreter):
         updated = [s + delta if s == largest else s for s in sizes]
         node.args = (source, updated, *node.args[2:])
         self.changed += 1
+
+    def _refuse_grid_split(self, node: fx.Node) -> None:
+        """A view/reshape that splits a dim whose size changed (the tokens) into several dims (a grid, as PiT's
+        stages reshape their tokens back to the (H, W) grid they read) cannot hold merged or pruned tokens: refused
+        by name. Splitting off the batch (``(B * N, C) -> (B, N, C)``) is not a grid."""
+        source = node.args[0] if node.args else None
+        old, old_out = _recorded_shape(source), _recorded_shape(node)
+        value = self.env.get(source) if isinstance(source, fx.Node) else None
+        if old is None or old_out is None or not isinstance(value, torch.Tensor) or tuple(value.shape) == old \
+                or value.dim() != len(old):
+            return
+        for ins, outs in _groups(old, old_out) or []:
+            if len(outs) >= 2 and min(outs) > 0 and any(old[i] != value.shape[i] for i in ins):
+                grid = " x ".join(str(old_out[j]) for j in outs)
+                tokens = " x ".join(str(old[i]) for i in ins)
+                raise StructureNotFoundError(
+                    f"{node.name} reshapes the compressed tokens back to the {grid} grid of the {tokens} tokens it "
+                    f"read (now {' x '.join(str(int(value.shape[i])) for i in ins)}), as PiT's pooling stages do: "
+                    "merged or pruned tokens have no grid, so no token op can run in a stage that ends in such a "
+                    "reshape"
+                )
 
     def _view_to_reshape(self, node: fx.Node) -> None:
         """A view whose input lost the memory layout it relied on becomes a reshape (same values; it may copy).
@@ -150,7 +178,10 @@ def retarget_token_dims(gm: fx.GraphModule, example_inputs: Mapping[str, torch.T
     args = [example_inputs.get(str(n.target), n.args[0] if n.args else None) for n in placeholders]
     retargeter = _Retargeter(gm)
     with torch.no_grad():
-        retargeter.run(*args)
+        try:
+            retargeter.run(*args)
+        except StructureNotFoundError as error:  # fx's interpreter appended the node and its trace: one line
+            raise StructureNotFoundError(str(error).strip().splitlines()[0]) from None
     if retargeter.changed:
         gm.recompile()
     return retargeter.changed

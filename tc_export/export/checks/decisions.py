@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...ops.base import TokenOp
-from ...ops.rows import NORM_FLOOR
+from ...ops.rows import NORM_FLOOR, tie_cosines, top_k
 from ...ops.tome import ToMeMerge, protection_mask
 from ...ops.units import UnitOp
 
@@ -171,8 +171,8 @@ def tome_margin(ref: SiteCall, cand: SiteCall, kind: str) -> float | None:
     ref_best, ref_cols = _best_scores(ref.inputs[2], op.protected)
     cand_best, cand_cols = _best_scores(cand.inputs[2], op.protected)
     r = ref.inputs[0].shape[1] - op.tokens_out(ref.inputs[0].shape[1])
-    ref_rank = ref_best[..., 0].topk(ref_best.shape[1], dim=-1).indices
-    cand_rank = cand_best[..., 0].topk(cand_best.shape[1], dim=-1).indices
+    ref_rank = top_k(ref_best[..., 0], ref_best.shape[1])[1]
+    cand_rank = top_k(cand_best[..., 0], cand_best.shape[1])[1]
     ranks = range(r) if kind == "merge" else range(r, ref_rank.shape[1])
     for b in range(ref_rank.shape[0]):
         for p in ranks:
@@ -188,9 +188,9 @@ def tome_margin(ref: SiteCall, cand: SiteCall, kind: str) -> float | None:
 def _best_scores(metric: torch.Tensor, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each A token's two best cosine scores over the B tokens and their columns, as ToMe scores them."""
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    scores = tie_cosines(metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2))
     scores = scores + protection_mask(scores.shape[1], scores.shape[2], protected, scores.dtype, scores.device)
-    return scores.topk(min(2, scores.shape[-1]), dim=-1)
+    return top_k(scores, min(2, scores.shape[-1]))
 
 
 def torch_site_calls(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[SiteCall]:
