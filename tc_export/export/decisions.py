@@ -38,6 +38,7 @@ class SiteCall:
     op: TokenOp
     inputs: tuple[torch.Tensor | None, ...]  # x, size, *signals
     sizes: np.ndarray
+    output: torch.Tensor | None = None  # the output tokens, when asked for
 
 
 @dataclass(frozen=True)
@@ -218,22 +219,37 @@ def _sizes(out: object) -> np.ndarray:
 def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall]) -> list[SiteCall]:
     """The inputs and sizes of every ``tc_export`` node, in graph order (ONNX Runtime on a copy exposing them),
     paired with the PyTorch ops of ``reference`` (same order) that replay them."""
+    return onnx_site_run(path, feed, reference)[0]
+
+
+def site_nodes(model) -> list:
+    """The ``tc_export`` token-op nodes (those with a size output) of an ONNX model, in graph order."""
+    return [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
+
+
+def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall],
+                  tokens_out: bool = False) -> tuple[list[SiteCall], dict[str, np.ndarray]]:
+    """``onnx_site_calls`` and the graph's own outputs from the same run; ``tokens_out``: each call's ``output``
+    holds the node's output tokens too."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(path))
-    nodes = [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
+    nodes = site_nodes(model)
+    outputs = [o.name for o in model.graph.output]
     if not nodes:
-        return []
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [], dict(zip(outputs, session.run(outputs, dict(feed))))
     types = _value_types(model)
-    existing = {o.name for o in model.graph.output}
-    names = list(dict.fromkeys(name for node in nodes for name in (*node.input, node.output[1]) if name))
+    names = list(dict.fromkeys(name for node in nodes
+                               for name in (*node.input, *node.output[0 if tokens_out else 1:2]) if name))
     for name in names:
-        if name not in existing:
+        if name not in outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
                                                                          None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = dict(zip(names, session.run(names, dict(feed))))
+    fetched = list(dict.fromkeys([*names, *outputs]))
+    values = dict(zip(fetched, session.run(fetched, dict(feed))))
     calls = []
     for node, ref in zip(nodes, reference):
         given = [torch.from_numpy(np.asarray(values[name])) for name in node.input if name]
@@ -245,8 +261,9 @@ def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[
             inputs = tuple(next(rest) if here else None for here in present)
         else:  # the function's inputs are not the op's arguments: compared by sizes only
             inputs = (None,)
-        calls.append(SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]])))
-    return calls
+        output = torch.from_numpy(np.asarray(values[node.output[0]])) if tokens_out else None
+        calls.append(SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]]), output))
+    return calls, {name: values[name] for name in outputs}
 
 
 def _value_types(model) -> dict[str, int]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
+from .pinning import choose
 from .rows import NORM_FLOOR, gather_rows, one_hot_columns, sort_indices
 
 NEIGHBOURS = 32  # the published cluster size
@@ -45,7 +46,7 @@ def prumerge(
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
     scores = full_width_class_attention(query, key, protected)  # (B, M)
-    ranked = scores.topk(unprotected, dim=-1).indices
+    ranked = choose(scores, unprotected)[1]
     order = torch.cat([ranked[:, :tokens], sort_indices(ranked[:, tokens:])], dim=-1)  # kept by rank, then pruned
 
     keys = gather_rows(key, order, 1, protected)
@@ -54,7 +55,7 @@ def prumerge(
     self_mask = torch.zeros(tokens, unprotected, dtype=similarity.dtype, device=x.device)
     self_mask[:, :tokens] = torch.diag(torch.full((tokens,), float("-inf"), dtype=similarity.dtype, device=x.device))
     count = min(neighbours, unprotected - 1)
-    nearest = (similarity + self_mask).topk(count, dim=-1).indices  # (B, K, n)
+    nearest = choose(similarity + self_mask, count)[1]  # (B, K, n)
     chosen = one_hot_columns(nearest.reshape(batch, -1), unprotected, x.dtype)  # (B, M, K*n)
     chosen = chosen.reshape(batch, unprotected, tokens, count).sum(-1).transpose(-1, -2)  # (B, K, M) 0/1
 
