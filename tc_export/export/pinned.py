@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..ops.base import TokenOp
-from ..ops.pinning import PinningError, Tape, pinned_ops, record
+from ..ops.pinning import PinningError, Tape, active, pinned_ops, record
 from .decisions import SiteCall
 
 # The score gap a rounding difference can flip, relative to the decision's largest score, per dtype: half
@@ -60,7 +60,10 @@ class PinnedReport:
     sites: list[SitePin] = field(default_factory=list)
     pinned: dict[str, tuple[float, float, bool]] = field(default_factory=dict)  # name -> max abs, max rel, passed
     unpinned: dict[str, float] = field(default_factory=dict)  # name -> max abs: what the flips moved
-    seed: int | None = None
+    seed: int | None = None  # the parity input's seed (PyTorch vs ONNX Runtime)
+    sample: int | None = None  # or the bundle input's index (verify)
+    needed: bool = True  # the input failed unpinned: its verdict is this one's
+    same_as_recorded: bool | None = None  # verify: the candidate took the reference run's decisions everywhere
     error: str = ""  # the replay could not run (why)
 
     @property
@@ -87,10 +90,16 @@ class PinnedReport:
         """Flips, margin and pinned errors in one clause (no verdict)."""
         pinned = "; ".join(f"{name} max abs {a:.2e}, max rel {r:.2e}" for name, (a, r, _) in self.pinned.items())
         moved = ", ".join(f"{name} by max abs {a:.2e}" for name, a in self.unpinned.items())
-        on = f" on seed {self.seed}" if self.seed is not None else ""
+        on = self.where()
+        on = f" {on}" if on else ""
         return (f"{len(self.flipped)} of {len(self.sites)} token-op sites flipped{on} (largest score margin "
                 f"{self.largest_gap:.1e} of the scores' scale, allowed {self.margin:.1e}); with the decisions pinned: "
                 f"{pinned}; the flips moved {moved} (fidelity, not parity)")
+
+    def where(self) -> str:
+        if self.seed is not None:
+            return f"on the input of seed {self.seed}"
+        return f"on bundle input {self.sample}" if self.sample is not None else ""
 
     def failure(self) -> str:
         """Why the pinned check failed, naming the site."""
@@ -136,6 +145,24 @@ def candidate_tapes(calls: Sequence[SiteCall]) -> list[Tape | None]:
     return tapes
 
 
+def site_pin(index: int, call: SiteCall, op: TokenOp, args: tuple, output: object, tape: Tape | None) -> SitePin:
+    """One site of a pinned replay: ``op`` ran on ``args`` under ``tape`` (replayed) and gave ``output``; ``call``
+    holds the candidate's inputs and output tokens there. A decision counts as flipped when it changes the output
+    (the op's own decisions on the same ``args`` give another)."""
+    out = output[0] if isinstance(output, tuple) else output
+    flipped = False
+    if tape is not None and tape.changed:
+        with active(Tape()), torch.no_grad():  # its own decisions, ties broken as under the pinned tape
+            own = op.forward(*args)  # forward, not __call__: no hooks
+        own = own[0] if isinstance(own, tuple) else own
+        flipped = own.shape != out.shape or not torch.equal(own, out)
+    return SitePin(
+        index, call.name, flipped, tape.largest_gap if tape is not None and flipped else 0.0,
+        scaled_error(args[0], call.inputs[0]) if call.inputs and call.inputs[0] is not None else 0.0,
+        scaled_error(out, call.output) if call.output is not None else 0.0,
+    )
+
+
 def pinned_run(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor], tapes: Sequence[Tape | None],
                candidate: Sequence[SiteCall], margin: float) -> tuple[object, list[SitePin]]:
     """Run ``module`` with each site's decisions pinned to ``tapes``; each site's flips and errors."""
@@ -146,20 +173,8 @@ def pinned_run(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor], tape
         return None if tape is None else tape.replay()
 
     def seen(index: int, op: TokenOp, args: tuple, output: object, tape: Tape | None) -> None:
-        if index >= len(candidate):
-            return
-        out = output[0] if isinstance(output, tuple) else output
-        flipped = False
-        if tape is not None and tape.changed:  # some decision differs: does it change the output?
-            own = op.forward(*args)
-            own = own[0] if isinstance(own, tuple) else own
-            flipped = own.shape != out.shape or not torch.equal(own, out)
-        call = candidate[index]
-        sites.append(SitePin(
-            index, call.name, flipped, tape.largest_gap if tape is not None and flipped else 0.0,
-            scaled_error(args[0], call.inputs[0]) if call.inputs[0] is not None else 0.0,
-            scaled_error(out, call.output) if call.output is not None else 0.0,
-        ))
+        if index < len(candidate):
+            sites.append(site_pin(index, candidate[index], op, args, output, tape))
 
     with pinned_ops(module, tape_for, seen), torch.no_grad():
         result = module(**inputs)

@@ -51,11 +51,15 @@ class PinningError(RuntimeError):
 
 
 def choose(scores: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
-    """``scores.topk(k, dim=-1, largest)``: a decision, recorded or pinned when a tape is active."""
-    values, indices = scores.topk(k, dim=-1, largest=largest)
+    """``scores.topk(k, dim=-1, largest)``: a decision, recorded or pinned when a tape is active.
+
+    Under a tape exact ties go to the lower index, as ONNX's TopK breaks them (PyTorch's CPU topk does not
+    promise it, and half-precision scores tie often: a recorded decision must be the graph's)."""
     tape = _ACTIVE[0]
     if tape is None:
-        return values, indices
+        return scores.topk(k, dim=-1, largest=largest)
+    values, indices = scores.sort(dim=-1, descending=largest, stable=True)
+    values, indices = values[..., :k], indices[..., :k]
     if tape.recording:
         tape.indices.append(indices.detach().clone())
         return values, indices
