@@ -14,7 +14,7 @@ output sizes. Needs the token ops as ``tc_export`` local-function nodes in the O
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -250,8 +250,10 @@ def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[Si
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     fetched = list(dict.fromkeys([*names, *outputs]))
     values = dict(zip(fetched, session.run(fetched, dict(feed))))
-    calls = []
-    for node, ref in zip(nodes, reference):
+    calls = [SiteCall(ref.name, ref.op, (None,), np.empty(0)) for ref in reference]  # flat sites: not compared
+    for node, index in zip(nodes, pair_nodes(reference, [np.shape(values[n.input[0]]) for n in nodes],
+                                            [np.shape(values[n.output[1]]) for n in nodes])):
+        ref = reference[index]
         given = [torch.from_numpy(np.asarray(values[name])) for name in node.input if name]
         present = [arg is not None for arg in ref.inputs]
         if len(given) == len(present):  # an absent size was exported as ones: the same decisions
@@ -262,8 +264,32 @@ def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[Si
         else:  # the function's inputs are not the op's arguments: compared by sizes only
             inputs = (None,)
         output = torch.from_numpy(np.asarray(values[node.output[0]])) if tokens_out else None
-        calls.append(SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]]), output))
+        calls[index] = SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]]), output)
     return calls, {name: values[name] for name in outputs}
+
+
+def pair_nodes(reference: Sequence[SiteCall], tokens_in: Sequence[tuple], sizes_out: Sequence[tuple]) -> list[int]:
+    """For each token-op node (in graph order) the index of its call in ``reference`` (execution order): the next
+    call whose tokens in and out have the node's counts. A site the exporter left flat (outside its function's
+    traced range) has no node and is skipped; a call without recorded tensors matches the next node."""
+    indices, j = [], 0
+    for shape_in, shape_out in zip(tokens_in, sizes_out):
+        while j < len(reference) and not _matches(reference[j], shape_in, shape_out):
+            j += 1
+        if j >= len(reference):
+            break
+        indices.append(j)
+        j += 1
+    return indices
+
+
+def _matches(call: SiteCall, shape_in: tuple, shape_out: tuple) -> bool:
+    x = call.inputs[0] if call.inputs else None
+    if x is None or not x.numel():
+        return True
+    if tuple(x.shape) != tuple(shape_in):
+        return False
+    return not call.sizes.size or call.sizes.shape[1] == shape_out[1]
 
 
 def _value_types(model) -> dict[str, int]:

@@ -137,7 +137,7 @@ def candidate_tapes(calls: Sequence[SiteCall]) -> list[Tape | None]:
     (None where its inputs are not the op's arguments)."""
     tapes: list[Tape | None] = []
     for call in calls:
-        if call.inputs == (None,) or call.inputs[0] is None:
+        if call.inputs[0] is None:
             tapes.append(None)
             continue
         tape, _ = record(call.op, *call.inputs)
@@ -147,13 +147,13 @@ def candidate_tapes(calls: Sequence[SiteCall]) -> list[Tape | None]:
 
 def site_pin(index: int, call: SiteCall, op: TokenOp, args: tuple, output: object, tape: Tape | None) -> SitePin:
     """One site of a pinned replay: ``op`` ran on ``args`` under ``tape`` (replayed) and gave ``output``; ``call``
-    holds the candidate's inputs and output tokens there. A decision counts as flipped when it changes the output
-    (the op's own decisions on the same ``args`` give another)."""
+    holds the candidate's inputs and output tokens there. A site counts as flipped when the pinned decisions change
+    its output (the op run unpinned on the same ``args`` gives another)."""
     out = output[0] if isinstance(output, tuple) else output
     flipped = False
-    if tape is not None and tape.changed:
-        with active(Tape()), torch.no_grad():  # its own decisions, ties broken as under the pinned tape
-            own = op.forward(*args)  # forward, not __call__: no hooks
+    if tape is not None:  # an exact tie PyTorch's topk breaks otherwise than the graph is a flip of margin 0
+        with torch.no_grad():
+            own = op.forward(*args)  # forward, not __call__: no hooks, its own decisions as it runs unpinned
         own = own[0] if isinstance(own, tuple) else own
         flipped = own.shape != out.shape or not torch.equal(own, out)
     return SitePin(
@@ -173,7 +173,7 @@ def pinned_run(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor], tape
         return None if tape is None else tape.replay()
 
     def seen(index: int, op: TokenOp, args: tuple, output: object, tape: Tape | None) -> None:
-        if index < len(candidate):
+        if index < len(candidate) and candidate[index].sizes.size:  # a flat site (no node) is not compared
             sites.append(site_pin(index, candidate[index], op, args, output, tape))
 
     with pinned_ops(module, tape_for, seen), torch.no_grad():

@@ -61,9 +61,13 @@ def write_sites(directory: Path, module: torch.nn.Module, onnx_path: Path, input
     """Write ``sites.json`` for the bundle's ONNX (False, nothing written: no tc_export function nodes)."""
     import onnx
 
-    calls = torch_site_calls(module, inputs)
+    every = torch_site_calls(module, inputs)
     nodes = site_nodes(onnx.load(str(onnx_path), load_external_data=False))
-    if not nodes or len(nodes) != len(calls):
+    if not nodes:
+        return False
+    run, _ = onnx_site_run(onnx_path, feeds[0], every)
+    calls = [every[i] for i, call in enumerate(run) if call.sizes.size]  # the sites with a node, in graph order
+    if len(calls) != len(nodes):
         return False
     sites = [{"name": call.name, "class": f"{type(call.op).__module__}.{type(call.op).__qualname__}",
               "settings": op_settings(call.op), "node": node.name, "op_type": node.op_type,
@@ -72,8 +76,8 @@ def write_sites(directory: Path, module: torch.nn.Module, onnx_path: Path, input
     decisions = []
     for feed in feeds:
         run, _ = onnx_site_run(onnx_path, feed, calls)
-        decisions.append([[t.tolist() for t in record(c.op, *c.inputs)[0].indices] if c.inputs != (None,) else None
-                          for c in run])
+        decisions.append([[t.tolist() for t in record(c.op, *c.inputs)[0].indices] if c.inputs[0] is not None
+                          else None for c in run])
     (directory / SITES).write_text(json.dumps({"format": SITES_FORMAT, "sites": sites, "decisions": decisions}) + "\n")
     return True
 
