@@ -92,6 +92,10 @@ class PinnedReport:
         moved = ", ".join(f"{name} by max abs {a:.2e}" for name, a in self.unpinned.items())
         on = self.where()
         on = f" {on}" if on else ""
+        if self.error:
+            return f"decisions not pinned{on}: {self.error}"
+        if not self.flipped:
+            return f"no decision flipped at the {len(self.sites)} token-op sites{on}: {pinned}"
         return (f"{len(self.flipped)} of {len(self.sites)} token-op sites flipped{on} (largest score margin "
                 f"{self.largest_gap:.1e} of the scores' scale, allowed {self.margin:.1e}); with the decisions pinned: "
                 f"{pinned}; the flips moved {moved} (fidelity, not parity)")

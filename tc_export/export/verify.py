@@ -132,7 +132,8 @@ def verify(model: Path, against: Path, atol: float | None = None, rtol: float | 
         if worst is not None:
             report.outputs.append(OutputCheck(name, worst.max_abs, worst.max_rel, worst.failed_elements,
                                               worst.passed, worst.note))
-    if not report.plain_passed and all(o.name for o in report.outputs) and not any(o.note for o in report.outputs):
+    other_dtype = dtype != bundle.manifest.get("dtype", "fp32")  # flips are reported even when it passes as is
+    if (not report.plain_passed or other_dtype) and report.outputs and not any(o.note for o in report.outputs):
         _pin(report, model, engine, bundle, reference_iterations)
     return report
 
