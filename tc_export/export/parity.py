@@ -117,7 +117,7 @@ class ParityReport:
 
     def failure_message(self, atol: float, rtol: float) -> str:
         """One line for a failed check: a non-finite output is named as such, never as a (meaningless) error."""
-        failed_pin = next((p for p in self.pinned if p.needed and not p.passed), None)
+        failed_pin = next((p for p in self.pinned if not p.passed and (p.needed or not p.error)), None)
         if failed_pin is not None:
             on = f" {failed_pin.where()}" if failed_pin.where() else ""
             return f"parity failed with {self.candidate_name}'s decisions pinned{on}: {failed_pin.failure()}"
@@ -218,8 +218,9 @@ def check_parity(
                                    config.atol, config.rtol, FLIP_MARGINS[config.dtype], _verdict(config))
             pinned.seed, pinned.needed = config.seed + i, i in failed
             report.pinned.append(pinned)
-        # an input passes as it is, or with the decisions pinned when they differ
-        report.passed = all(p.passed for p in report.pinned if p.needed)
+        # every input passes with the decisions pinned, and only near-ties flipped (even where it passes as it is)
+        # (an input that cannot be pinned, e.g. a flat export, keeps its verdict as it is)
+        report.passed = all(not p.needed if p.error else p.passed for p in report.pinned)
     elif not report.passed:  # tell a flipped near-tie from a numeric bug, on the inputs that failed
         for i in failed or range(config.samples):
             report.decisions = check_decisions(module, onnx_path, make_inputs(config.seed + i), feeds[i])
