@@ -275,3 +275,24 @@ def test_verify_of_a_mutated_fp16_onnx_fails_naming_the_site(fp32_bundle, tmp_pa
     code, out, err = run_cli(["verify", mutated, "--against", directory], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "site 1 (topkprune_2) differs with the decisions pinned" in err and "before it" in err
+
+
+# --- bf16: what the refusal says, measured --------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("op_type", "has_kernel"), [("MatMul", False), ("Add", False), ("Softmax", False),
+                                                     ("Erf", False), ("Transpose", True)])
+def test_onnxruntime_cpu_bf16_kernels_are_as_the_refusal_says(op_type, has_kernel):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    inputs = ["a", "b"] if op_type in ("MatMul", "Add") else ["a"]
+    graph = helper.make_graph([helper.make_node(op_type, inputs, ["y"])], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [4, 4]) for n in inputs],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        found = True
+    except Exception:  # noqa: BLE001 - NOT_IMPLEMENTED: no kernel
+        found = False
+    assert found == has_kernel
