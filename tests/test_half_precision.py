@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 import tc_export.ops.tome
 import tc_export.ops.topk
-from tc_export.export.pinned import FLIP_MARGINS
+from tc_export.export.checks.pinned import FLIP_MARGINS
 from tc_export.ops.adjacent import AdjacentMerge
 from tc_export.ops.pinning import PinningError, Tape, active, choose, record
 from tc_export.ops.prumerge import PruMerge

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tc_export import compress
-from tc_export.errors import TCExportError
-from tc_export.passes import AdjacentConfig, ToMeConfig
+from tc_export.passes import AdjacentConfig, ToMeConfig, TopKConfig
+from tc_export.passes.prumerge import PruMergeConfig
 
 from . import reference_rotary as rotary
 from .reference import reference_adjacent, reference_merge
@@ -19,14 +19,11 @@ VISION = {"depth": 2, "embed_dim": 32, "hidden_size": 48, "num_heads": 2, "patch
 SIZE = 40  # a 10x10 patch grid, 5x5 merge windows
 
 
-def _tower(folder, qk_std: float = 0.5):
-    """A small random Qwen2-VL vision tower saved alone to ``folder`` (queries and keys large enough that the
-    rotary angles matter)."""
-    import transformers as tf
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
+def saved_tower(cls, config, folder, qk_std: float = 0.5):
+    """A random vision tower of ``cls`` saved alone to ``folder`` (queries and keys large enough that the rotary
+    angles matter)."""
     torch.manual_seed(0)
-    tower = Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(**VISION))
+    tower = cls(config)
     for name, parameter in tower.named_parameters():
         if name.endswith("qkv.weight"):
             parameter.data.normal_(0, qk_std)
@@ -34,15 +31,28 @@ def _tower(folder, qk_std: float = 0.5):
     return tower.eval()
 
 
-def _load(folder, pooling: str | None = None):
+def _tower(folder, qk_std: float = 0.5):
+    """A small random Qwen2-VL vision tower saved alone to ``folder``."""
+    import transformers as tf
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    return saved_tower(Qwen2VisionTransformerPretrainedModel, tf.Qwen2VLVisionConfig(**VISION), folder, qk_std)
+
+
+def load(folder, size: int, pooling: str | None = None):
     from tc_export.models import load_model
     from tc_export.models.registry import ModelOptions
 
-    return load_model(f"hf:{folder}", ModelOptions(img_size=SIZE, pooling=pooling), warn_random=False)
+    return load_model(f"hf:{folder}", ModelOptions(img_size=size, pooling=pooling), warn_random=False)
 
 
-def _own_forward(tower, pixel_values):
-    """The tower's own forward on the image processor's patches of every image (one grid_thw row per image)."""
+def _load(folder, pooling: str | None = None):
+    return load(folder, SIZE, pooling)
+
+
+def tower_forward(tower, pixel_values):
+    """The tower's own forward on the image processor's patches of every image (one grid_thw row per image):
+    its output, the patch grid's rows and columns."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
     config = tower.config
@@ -51,7 +61,12 @@ def _own_forward(tower, pixel_values):
         temporal_patch_size=config.temporal_patch_size)
     batch = pixel_values.shape[0]
     with torch.no_grad():
-        out = tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch))
+        return tower(patches.reshape(-1, patches.shape[-1]), torch.tensor([[1, rows, cols]] * batch)), rows, cols
+
+
+def _own_forward(tower, pixel_values):
+    out, rows, cols = tower_forward(tower, pixel_values)
+    batch = pixel_values.shape[0]
     return (out.last_hidden_state.reshape(batch, rows * cols, -1),
             out.pooler_output.reshape(batch, rows * cols // 4, -1), rows, cols)
 
@@ -157,17 +172,95 @@ def test_merging_with_positions_matches_reference(tmp_path, method):
     assert not torch.allclose(got, stale, rtol=1e-4, atol=1e-5)
 
 
-def test_patch_merger_refuses_compression_and_positions(tmp_path):
-    """The PatchMerger reads 2x2 windows of consecutive tokens: compressing before it, or emitting positions of
-    tokens it replaces, is refused naming it."""
+def _unit_reference(tower, pixels, ops: dict):
+    """Per sample: the tower's own modules (``run_qwen2_vl``) with unit ops of ``reference_units`` after the attention
+    of the layers in ``ops`` (``op(x, layout, keys, probs)``), the rotary positions of every token following its unit
+    (2 x unit position + (di, dj)), then the tower's own merger on each unit in turn (``patchmerger_window`` with its
+    state dict). Returns the merged tokens (B, U, D) and their (t, h, w) (B, U, 3), written from the rules."""
+    from . import reference_units as units
+
+    layouts: list = []
+    state: dict = {}
+    last = len(tower.blocks) - 1
+
+    def step(i, x, size, pos, keys, probs):
+        if i == 0:
+            state["layout"] = units.raster_layout((10, 10), 2, 0)
+        if i in ops:
+            x, size, state["layout"] = ops[i](x, state["layout"], keys, probs)
+            offsets = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+            pos = torch.cat([2 * u.mass / u.size + offsets for u in state["layout"].units])
+        if i == last:
+            layouts.append(state["layout"])
+        return x, size, pos
+
+    hidden, _, _, _ = rotary.run_qwen2_vl(tower, pixels, step, True)
+    merger = {k: v for k, v in tower.merger.state_dict().items()}
+    tokens, positions = [], []
+    for x, layout in zip(hidden, layouts):
+        out, unit_pos, _ = units.project_units(x, layout, units.patchmerger_window, merger, 2)
+        tokens.append(out)
+        positions.append(torch.cat([torch.zeros(len(unit_pos), 1), unit_pos], dim=1))
+    return torch.stack(tokens), torch.stack(positions)
+
+
+@pytest.mark.parametrize("method", ["tome", "topk"])
+def test_merger_after_unit_compression_matches_reference(tmp_path, method):
+    """The tower's own PatchMerger after unit ToMe (2 units a layer) or unit Top-K (received attention at layer 0,
+    keep 0.4): tokens and emitted (t, h, w) equal the per-sample reference (the tower's modules on the kept or
+    merged units, the merger on each unit); every unit kept whole sits at get_rope_index's (t, h, w) for its
+    window, distinct."""
+    from . import reference_units as units
+    from .reference_units import received_attention
+
+    tower = _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q")
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    if method == "tome":
+        config, ops = ToMeConfig(r=2), {i: (lambda x, l, k, p: units.unit_tome(x, l, k, 2)) for i in range(2)}
+    else:
+        config = TopKConfig(keep=0.4, layers=(0,), score="received")
+        ops = {0: lambda x, l, k, p: units.unit_topk(x, l, received_attention(p), 0.4)}
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
+    assert compressed.report.unit == 2
+    with torch.no_grad():
+        got, positions, sizes = compressed(pixel_values=pixels)
+    want, want_pos = _unit_reference(tower, pixels, ops)
+    assert got.shape == want.shape == (2, 21 if method == "tome" else 10, 48)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    whole = positions[sizes[..., 0] == 4]
+    assert torch.equal(whole, whole.round()) and len({tuple(p) for p in positions[0][sizes[0, :, 0] == 4].tolist()}) \
+        == int((sizes[0, :, 0] == 4).sum())
+
+
+def test_unit_prumerge_then_merger_exports(tmp_path):
+    """Unit PruMerge (received attention, 6 units kept + the extra unit) then the merger: 7 tokens, kept units at
+    whole (t, h, w) cells, sizes covering the 100 patches."""
     _tower(tmp_path / "q")
     loaded = _load(tmp_path / "q")
-    with pytest.raises(TCExportError, match="PatchMerger concatenates each 2x2 window") as error:
-        compress(loaded, ToMeConfig(r=2))
-    assert "--pooling tokens" in str(error.value) and len(str(error.value).splitlines()) == 1
-    with pytest.raises(TCExportError, match="--emit-positions") as error:
-        compress(loaded, [], emit_positions=True)
-    assert len(str(error.value).splitlines()) == 1
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    compressed = compress(loaded, PruMergeConfig(tokens=6, layers=(1,), score="received"), {"pixel_values": pixels},
+                          emit_positions=True)
+    with torch.no_grad():
+        got, positions, sizes = compressed(pixel_values=pixels)
+    assert got.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
+    assert torch.equal(positions[:, :6], positions[:, :6].round()) and bool((positions[..., 0] == 0).all())
+
+
+def test_uncompressed_merged_grid_positions_are_rope_index(tmp_path):
+    """--emit-positions on the merger output, nothing compressed: the merger's output unchanged and each token's
+    (t, h, w) the one get_rope_index gives it relative to the image start (written out: t = 0, raster cells)."""
+    _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q")
+    pixels = loaded.example_inputs(batch=1)["pixel_values"]
+    exported = compress(loaded, [], {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        tokens, positions, sizes = exported(pixel_values=pixels)
+        torch.testing.assert_close(tokens, loaded.module(pixel_values=pixels))
+    assert positions[0].tolist() == [[0.0, h, w] for h in range(5) for w in range(5)]
+    assert bool((sizes == 4).all())
+    assert "t, h, w" in exported.report.emitted_positions()["coordinates"]
 
 
 def test_exports_through_the_cli_with_positions(tmp_path, capsys):
@@ -184,17 +277,38 @@ def test_exports_through_the_cli_with_positions(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,cause", [
-    (["--method", "tome", "--r", "2"], "PatchMerger"),
-    (["--emit-positions"], "--emit-positions"),
     (["--img-size", 42], "multiple of patch_size x spatial_merge_size = 8"),
     (["--pooling", "mean"], "--pooling mean does not apply"),
-], ids=["merger-compressed", "merger-positions", "size", "pooling"])
+], ids=["size", "pooling"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
+    _tower(tmp_path / "q")
+    cli_refuses(tmp_path, capsys, args, cause, SIZE)
+
+
+def cli_refuses(tmp_path, capsys, args: list, cause: str, size: int) -> None:
+    """The command line on the tower saved in tmp_path/q stops with one line naming ``cause``, writing nothing."""
+    from .test_cli import run_cli
+
+    capsys.readouterr()
+    extra = [] if "--img-size" in args else ["--img-size", size]
+    code, _, err = run_cli([f"hf:{tmp_path / 'q'}", *extra, *args, "-o", tmp_path / "m.onnx"], capsys)
+    assert code != 0 and cause in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("method", [["--method", "tome", "--r", "2"],
+                                    ["--method", "topk", "--keep", "0.4", "--layers", "1", "--score", "received"],
+                                    ["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"]],
+                         ids=["tome", "topk", "prumerge"])
+def test_merger_after_units_through_the_cli(tmp_path, capsys, method):
+    """The default pooling (the tower's own merger) with unit ToMe / Top-K / PruMerge and --emit-positions: units
+    set by the merger itself, export, ONNX Runtime parity of tokens and positions."""
     from .test_cli import run_cli
 
     _tower(tmp_path / "q")
     capsys.readouterr()
-    extra = [] if "--img-size" in args else ["--img-size", SIZE]
-    code, _, err = run_cli([f"hf:{tmp_path / 'q'}", *extra, *args, "-o", tmp_path / "m.onnx"], capsys)
-    assert code != 0 and cause in err, err
-    assert len(err.strip().splitlines()) == 1
+    code, out, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", SIZE, *method, "--emit-positions",
+                              "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert "merge units" in out and "parity PyTorch vs ONNX Runtime" in out and "passed" in out
+    assert "positions max abs" in out and (tmp_path / "m.onnx").is_file()

@@ -57,6 +57,9 @@ def cli() -> None:
 @click.option("--frames", type=int, default=None, help="Video: input (B, T, 3, H, W); the tower runs per frame.")
 @click.option("--emit-positions", is_flag=True,
               help="Add outputs 'positions' (B, N, P) and 'sizes' (B, N, 1) of the output tokens.")
+@click.option("--unit", type=int, default=None, metavar="S",
+              help="Merge units: token methods act on whole S x S patch windows (set by itself when a patchmerger, "
+                   "unshuffle or pool follows a token method).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-functions", is_flag=True, help="Flat ONNX: no tc_export function node per token op.")
 @click.option("--external-data", is_flag=True,
@@ -73,14 +76,15 @@ def cli() -> None:
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
                    weights: Path | None, pretrained: bool,
                    img_size: int | None, pooling: str | None, batch: int,
-                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool, opset: int,
+                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool,
+                   unit: int | None, opset: int,
                    no_functions: bool, external_data: bool, dtype: str, atol: float | None, rtol: float | None,
                    seed: int, parity_samples: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
-    from ..export.parity import ParityConfig
+    from ..export.checks.parity import ParityConfig
     from ..models import ModelOptions
-    from ..pipeline import JobConfig, run_job
+    from ..job.pipeline import JobConfig, run_job
     methods, _ = method_configs(flags)
     if flags.recipe is not None:  # a recipe may carry the tower settings (--features, --frames)
         from ..recipes import load_recipe
@@ -88,6 +92,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
         recipe = load_recipe(flags.recipe)
         features = recipe.features if features is None else features
         frames = recipe.frames if frames is None else frames
+        unit = recipe.unit if unit is None else unit
     if output is None:
         suffix = flags.method or (flags.recipe and Path(flags.recipe).stem)
         output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + suffix if suffix else ''}.onnx")
@@ -101,6 +106,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
                                    frames=frames),
         features=features,
         emit_positions=emit_positions,
+        unit=unit,
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions,
                             external_data=external_data, dtype=dtype),
         parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed, samples=parity_samples),
@@ -147,10 +153,10 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
     tc-export bench vit_b --method tome --sweep r=0,8,16 --batch 1 --batch 8 --json out.json --plot plots/
     tc-export bench deit_s --config "tome r=8" --config "topk keep=0.7 layers=3,6,9" --int8 --baselines
     """
-    from ..bench_job import SweepConfig, check_backend, run_sweep
-    from ..bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
+    from ..measure.bench_job import SweepConfig, check_backend, run_sweep
+    from ..measure.bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
     from ..models import ModelOptions, load_model
-    from ..sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+    from ..measure.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
 
     config = SweepConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads, backend=backend,
                          int8=int8, baselines=baselines, samples=samples, seed=seed, profile=profile,
@@ -196,7 +202,7 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
 def list_command() -> None:
     """Show the models and methods."""
     from ..models import hf_models, mnist, timm_models, towers  # noqa: F401 - registers their entries
-    from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
+    from ..models.registry import MODELS, PREFIXES  # noqa: F401
     from ..passes import METHODS
     from ..recipes import load_recipe, shipped_recipes
 

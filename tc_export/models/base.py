@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,6 +43,10 @@ class LoadedModel:
     random_init: bool = True
     make_inputs: Callable[[int, int], dict[str, torch.Tensor]] | None = None  # custom (batch, seed) -> inputs
     frames: int | None = None  # a video wrapper: the tower runs on each of this many frames
+    # A tower whose own window projector ends ``module`` (Qwen-VL's merger): (the module without it, the projector as
+    # a stage). Compressing runs that module with the projector appended after the methods, at merge units.
+    own_projector: tuple[nn.Module, Any] | None = None
+    compression_refusal: str | None = None  # why this model exports uncompressed only (compress refuses with it)
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded inputs keyed by forward-argument name."""

@@ -219,7 +219,9 @@ def choose_class(config: Any, name: str) -> Choice:
 # Vision towers that load but cannot be compressed, with the cause (refused before building).
 UNSUPPORTED_TOWERS: dict[str, str] = {}
 # Vision towers built through an adapter of their own (config class name -> builder module, function).
-ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
+ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
+                  "Qwen2_5_VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
+                  "Qwen3VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
 
 
 def _auto_class(tf: Any, config: Any, name: str) -> Any:

@@ -8,8 +8,9 @@ from torch import nn
 
 # What an op can ask its pass for, besides the token stream and the sizes:
 #   "metric": the attention keys averaged over heads, (B, N, d);
-#   "class_attention": the class token's attention over all tokens, averaged over heads, (B, N).
-Signal = Literal["metric", "class_attention"]
+#   "class_attention": the class token's attention over all tokens, averaged over heads, (B, N);
+#   "received_attention": the attention each token receives, averaged over queries and heads, (B, N).
+Signal = Literal["metric", "class_attention", "received_attention"]
 
 
 class TokenOp(nn.Module):
@@ -29,6 +30,11 @@ class TokenOp(nn.Module):
 
     def tokens_out(self, tokens_in: int) -> int:
         raise NotImplementedError
+
+    def state_rows(self, tokens: int) -> int:
+        """Rows of the token state that goes with ``tokens`` tokens: one per token (an op on merge units: one per
+        unit, ``ops.units``)."""
+        return tokens
 
 
 class CountedMergeOp(TokenOp):
