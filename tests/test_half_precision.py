@@ -161,16 +161,16 @@ def test_fp32_path_is_unchanged(tied_weights, tmp_path, capsys):
 
 def _mutate_after_export(monkeypatch, mutate):
     """Apply ``mutate(path)`` to the ONNX right after the job writes it (an exporter bug), or mutate PyTorch."""
-    import tc_export.pipeline
+    import tc_export.job.pipeline as pipeline_module
 
-    original = tc_export.pipeline.write_onnx
+    original = pipeline_module.write_onnx
 
     def write(module, example, path, *args, **kwargs):
         nodes = original(module, example, path, *args, **kwargs)
         mutate(path)
         return nodes
 
-    monkeypatch.setattr(tc_export.pipeline, "write_onnx", write)
+    monkeypatch.setattr(pipeline_module, "write_onnx", write)
 
 
 def test_a_wrong_merge_weight_fails_naming_the_site(weights224, tmp_path, capsys, monkeypatch):
