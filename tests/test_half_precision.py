@@ -1,4 +1,4 @@
-"""Decision-pinned parity (export/pinned.py, export/pinned_verify.py, ops/pinning.py): fp16 exports whose near-ties
+"""Decision-pinned parity (export/checks/pinned.py, export/checks/pinned_verify.py, ops/pinning.py): fp16 exports whose near-ties
 flip pass with ONNX Runtime's decisions pinned, mutations still fail naming the site, fp32 is unchanged."""
 
 import json

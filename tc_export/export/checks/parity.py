@@ -27,7 +27,7 @@ class ParityConfig:
     rtol: float = 1e-3
     seed: int = 0
     samples: int = 2
-    dtype: str = "fp32"  # the file's; in half precision differing decisions are pinned (export/pinned.py)
+    dtype: str = "fp32"  # the file's; in half precision differing decisions are pinned (export/checks/pinned.py)
 
     @classmethod
     def for_dtype(cls, dtype: str, atol: float | None = None, rtol: float | None = None, **kwargs) -> ParityConfig:

@@ -139,7 +139,7 @@ def verify(model: Path, against: Path, atol: float | None = None, rtol: float | 
 
 
 def _pin(report: VerifyReport, model: Path, engine: bool, bundle: Bundle, references) -> None:
-    """Replay the failed check with the candidate's decisions pinned (export/pinned_verify.py), when it can."""
+    """Replay the failed check with the candidate's decisions pinned (export/checks/pinned_verify.py), when it can."""
     from .pinned_verify import pinned_verify
     from .sites import load_sites
 
