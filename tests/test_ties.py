@@ -17,6 +17,7 @@ from torch import nn
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.ops import adjacent as adjacent_module
 from tc_export.ops import prumerge as prumerge_module
+from tc_export.ops import pinning as pinning_module
 from tc_export.ops import tome as tome_module
 from tc_export.ops import topk as topk_module
 from tc_export.ops.adjacent import AdjacentMerge
@@ -189,7 +190,7 @@ def test_tome_ties_need_the_shared_ranking(monkeypatch):
     batch, tokens, r = 2, 21, 5
     inputs = [_tokens(batch, tokens), _sizes(batch, tokens), _repeated_keys(batch, tokens)]
     want = _per_sample(lambda xs, ss, ms: reference_merge(xs, ms, ss, r, 0), inputs)
-    monkeypatch.setattr(tome_module, "top_k", lambda v, k, largest=True: v.topk(k, dim=-1, largest=largest))
+    monkeypatch.setattr(pinning_module, "top_k", lambda v, k, largest=True: v.topk(k, dim=-1, largest=largest))
     got = _eager(ToMeMerge(r, 0), inputs)
     assert not np.array_equal(got[1], want[1])
 
@@ -232,7 +233,8 @@ def test_adjacent_ties(pads, tmp_path):
 
 def test_every_ranking_op_uses_the_shared_ranking():
     """No op in tc_export/ops ranks with ``torch.topk``/``sort``/``argsort`` directly (their tie order is
-    unspecified); they all go through ``ops.rows.top_k``."""
+    unspecified); they all go through ``ops.rows.top_k``, their decisions through ``ops.pinning.choose`` (which
+    ranks with it: the half-precision replay pins exactly these)."""
     import inspect
     import pathlib
     import re
@@ -243,7 +245,8 @@ def test_every_ranking_op_uses_the_shared_ranking():
         if path.name == "rows.py":
             text = text.split("def top_k", 1)[0] + text.split("def tie_cosines", 1)[1]
         assert not re.search(r"\.(topk|sort|argsort|argmax|argmin)\(|torch\.(topk|sort|argsort)\(", text), path
-    assert all(hasattr(module, "top_k") for module in RANKING_MODULES)
+    assert all(hasattr(module, "choose") for module in RANKING_MODULES)
+    assert pinning_module.top_k is top_k
 
 
 def test_t5_encoder_padded_exports_with_parity_by_default(tmp_path, capsys):

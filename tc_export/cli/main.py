@@ -70,6 +70,8 @@ def cli() -> None:
 @click.option("--rtol", type=float, default=None, help="Parity: relative tolerance [default: 1e-3; per --dtype].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
 @weights_seed_option
+@click.option("--parity-samples", type=int, default=2, show_default=True,
+              help="Parity inputs, seeds --seed, --seed + 1, ...")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
 @engine_options
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
@@ -78,7 +80,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
                    dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool,
                    unit: int | None, opset: int,
                    no_functions: bool, external_data: bool, dtype: str, atol: float | None, rtol: float | None,
-                   seed: int, fp16: bool) -> None:
+                   seed: int, parity_samples: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.checks.parity import ParityConfig
@@ -108,7 +110,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
         unit=unit,
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions,
                             external_data=external_data, dtype=dtype),
-        parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed),
+        parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed, samples=parity_samples),
         fp16=fp16,
         engine=engine,
         bundle=bundle,

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
+from .pinning import choose
 from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, tie_cosines, top_k
 from .state import size_column
 
@@ -42,7 +43,7 @@ def adjacent_merge(
     if padded:
         pad = size[:, protected:body_end, 0] == 0
         similarity = pad_aware_scores(similarity, pad[:, ::2], pad[:, 1::2])
-    chosen = top_k(similarity, r)[1]
+    chosen = choose(similarity, r)[1]
     merge = one_hot_columns(chosen, pairs, x.dtype).sum(-1, keepdim=True)  # (B, pairs, 1): 1 where merged
 
     body, body_size = x[:, protected:body_end], size[:, protected:body_end]

@@ -29,8 +29,9 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
+from .pinning import choose
 from .rows import (
-    NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices, tie_cosines, top_k,
+    NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices, tie_cosines,
 )
 from .state import size_column
 
@@ -102,7 +103,7 @@ def bipartite_match(
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]
     if window is not None:
         scores, first = banded_scores(metric_a, metric_b, window, protected, pad)
-        best_score, best_index = top_k(scores, 1)
+        best_score, best_index = choose(scores, 1)
         best_col = best_index + first  # rows whose band is all -inf (protected) never merge: never read
     else:
         scores = tie_cosines(metric_a @ metric_b.transpose(-1, -2))
@@ -110,8 +111,8 @@ def bipartite_match(
             scores = pad_aware_scores(scores, pad[:, ::2].unsqueeze(-1), pad[:, 1::2].unsqueeze(-2))
         if protected:
             scores = scores + protection_mask(num_a, num_b, protected, scores.dtype, scores.device)
-        best_score, best_col = top_k(scores, 1)
-    ranked = top_k(best_score.squeeze(-1), num_a)[1]
+        best_score, best_col = choose(scores, 1)
+    ranked = choose(best_score.squeeze(-1), num_a)[1]
     src_rows = ranked[:, :r]
     dst_cols = best_col.squeeze(-1).gather(-1, src_rows)
     protected_rows = (protected + 1) // 2

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
+from .pinning import choose
 from .rows import gather_rows, sort_indices, top_k
 
 
@@ -33,7 +34,7 @@ def topk_prune(
     """Keep ``keep`` of the unprotected tokens of ``x`` (B, N, C) by ``class_attn`` (B, N); returns (x, size)."""
     num_tokens = x.shape[1]
     scores = class_attn[:, protected:].float()  # ranks in fp32 whatever the model's dtype (a no-op in fp32)
-    ranked = top_k(scores, num_tokens - protected if fuse else keep)[1]
+    ranked = choose(scores, num_tokens - protected if fuse else keep)[1]
     kept = ranked[:, :keep]
     if keep_order:
         kept = sort_indices(kept)
