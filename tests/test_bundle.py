@@ -21,7 +21,7 @@ from tc_export.export.tensorrt.bundle import (
     staging_dir,
 )
 from tc_export.export.tensorrt.engine import EngineConfig
-from tc_export.export.checks.verify import compare_elementwise
+from tc_export.export.checks.compare import compare_elementwise
 from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.export.tensorrt.lint import lint_model
 from tc_export.passes import ToMeConfig

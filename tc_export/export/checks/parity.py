@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
+from .compare import compare_elementwise, element_errors
 from .decisions import DecisionReport, check_decisions
 from .pinned import FLIP_MARGINS, PinnedReport, pinned_parity
 
@@ -232,7 +233,6 @@ def check_parity(
 
 def _verdict(config: ParityConfig) -> Callable[[np.ndarray, np.ndarray], tuple[float, float, bool]]:
     """Max abs, max rel and Polygraphy's elementwise verdict for one output (non-finite values fail)."""
-    from .verify import compare_elementwise
 
     def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
         check = compare_elementwise(reference, candidate, config.atol, config.rtol)
@@ -296,16 +296,3 @@ def count_nonfinite(runtime: str, arrays: Sequence[np.ndarray]) -> NonFinite | N
     if not nan and not inf:
         return None
     return NonFinite(runtime, nan, inf, sum(a.size for a in floats))
-
-
-def element_errors(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """Max absolute and max relative error (relative to |reference|, as Polygraphy computes it), over the
-    elements both runtimes computed as finite numbers (non-finite values are counted apart)."""
-    if reference.shape != candidate.shape:
-        return float("inf"), float("inf")
-    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-    finite = np.isfinite(reference) & np.isfinite(candidate)
-    reference, candidate = reference[finite], candidate[finite]
-    diff = np.abs(reference - candidate)
-    rel = diff / np.maximum(np.abs(reference), np.finfo(np.float32).tiny)
-    return float(diff.max(initial=0.0)), float(rel.max(initial=0.0))

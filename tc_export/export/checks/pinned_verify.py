@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ...ops.pinning import PinningError, active
+from .compare import compare_elementwise
 from .decisions import SiteCall, _value_types, onnx_site_run, site_nodes
 from .pinned import FLIP_MARGINS, PinnedReport, candidate_tapes, site_pin
 from .sites import placeholder_calls
@@ -151,7 +152,6 @@ def _reproduces(model_path: Path, feed: Mapping, reference: Mapping, output_name
     """The bundle's ONNX, run here as it is, gives its recorded outputs (fp32 parity tolerances): the pinned
     replay of that ONNX stands for the recorded reference only then."""
     from .parity import ort_session
-    from .verify import compare_elementwise
 
     session = ort_session(model_path)
     names = [o.name for o in session.get_outputs() if o.name in output_names and o.name in reference]

@@ -15,28 +15,13 @@ import numpy as np
 
 from ...errors import BackendUnavailableError, ConfigError
 from ..tensorrt.bundle import ENGINE_TOLERANCES, INPUTS, OUTPUTS, SCRIPT, Bundle
-from .parity import DTYPE_TOLERANCES, element_errors
+from .compare import OutputCheck, compare_elementwise
+from .parity import DTYPE_TOLERANCES
 from .pinned import PinnedReport
 from .pinned_verify import onnx_dtype
 from .sites import SITES
 
 CANDIDATE_RUNNER = "candidate"
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    name: str
-    max_abs: float
-    max_rel: float
-    failed_elements: int
-    passed: bool
-    note: str = ""
-
-    def describe(self, atol: float, rtol: float) -> str:
-        verdict = "passed" if self.passed else f"FAILED ({self.failed_elements} elements)"
-        note = f" ({self.note})" if self.note else ""
-        return (f"{self.name}: max abs {self.max_abs:.3e}, max rel {self.max_rel:.3e} (atol {atol:g}, "
-                f"rtol {rtol:g}): {verdict}{note}")
 
 
 @dataclass
@@ -81,19 +66,6 @@ class VerifyReport:
         """Why the pinned replay failed (empty when none ran or it passed)."""
         failed = next((p for p in self.pinned if not p.passed), None)
         return "" if failed is None else f"with the candidate's decisions pinned {failed.where()}: {failed.failure()}"
-
-
-def compare_elementwise(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """Max errors and the number of elements breaking both tolerances (shape mismatch: all fail)."""
-    if reference.shape != candidate.shape:
-        return OutputCheck("", float("inf"), float("inf"), int(reference.size), False,
-                           f"shape {list(candidate.shape)} vs reference {list(reference.shape)}")
-    max_abs, max_rel = element_errors(reference, candidate)
-    ref = reference.astype(np.float64)
-    diff = np.abs(ref - candidate.astype(np.float64))
-    rel = diff / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
-    failed = int(np.count_nonzero((diff > atol) & (rel > rtol)) + np.count_nonzero(np.isnan(diff)))
-    return OutputCheck("", max_abs, max_rel, failed, failed == 0)
 
 
 def verify(model: Path, against: Path, atol: float | None = None, rtol: float | None = None) -> VerifyReport:
