@@ -111,9 +111,7 @@ SKIPPED: dict[str, str] = {
         "tests/test_tune.py runs the whole tune job on a tiny model with a short budget",
 }
 
-XFAIL: dict[str, str] = {  # command -> reason (the issue and branch that own the failure); remove once it passes
-    "tc-export vit_b --method tome --r 16 --dtype fp16 -o m16.onnx": "issue 27 (branch halfprec)",
-}
+XFAIL: dict[str, str] = {}  # command -> reason (the issue and branch that own the failure); remove once it passes
 
 
 @dataclass(frozen=True)
