@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..passes.opaque import REFUSAL_ATTRIBUTE
+from ..passes.opaque import REFUSAL_ATTRIBUTE, TOKEN_GRID_ATTRIBUTE
 from .base import InputSpec, LoadedModel
 from .registry import ModelOptions
 
@@ -51,11 +51,13 @@ class WindowMerger(nn.Module):
     """The tower's PatchMerger on (B, N, C) raster-order tokens: back to window order, then the merger's own
     ``ln_q`` and ``mlp`` on each 4 consecutive tokens (its ``view(-1, 4C)`` per image)."""
 
-    def __init__(self, merger: nn.Module, to_window: torch.Tensor) -> None:
+    def __init__(self, merger: nn.Module, to_window: torch.Tensor, merged_grid: tuple[int, int]) -> None:
         super().__init__()
         self.merger = merger
         # The traced graph keeps leaf modules themselves (not this wrapper): the merger's first layer carries the mark.
         setattr(merger.ln_q, REFUSAL_ATTRIBUTE, MERGER_REFUSAL)
+        # Its output: one token per 2x2 window, windows in raster order of the merged grid (what EVS reads).
+        setattr(merger.mlp[-1], TOKEN_GRID_ATTRIBUTE, merged_grid)
         self.register_buffer("to_window", to_window, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,14 +79,25 @@ class Qwen2VLVisionAdapter(nn.Module):
         ids = window_positions(tower, self.rows, self.cols)
         to_raster = torch.argsort(ids[:, 0] * self.cols + ids[:, 1])  # raster token i is window token to_raster[i]
         self.register_buffer("position_ids", ids[to_raster], persistent=False)
-        self.window_merger = WindowMerger(tower.merger, torch.argsort(to_raster)) if pooling == "pooler" else None
+        merged = (self.rows // config.spatial_merge_size, self.cols // config.spatial_merge_size)
+        self.window_merger = WindowMerger(tower.merger, torch.argsort(to_raster), merged) if pooling == "pooler" \
+            else None
         from transformers.models.qwen2_vl import modeling_qwen2_vl
 
         self.rotate_half = modeling_qwen2_vl.rotate_half
 
+    @property
+    def frames_per_step(self) -> int:
+        """Frames of a video the tower embeds together (its temporal patch): ``--frames T`` runs T / this steps."""
+        return self.temporal
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frame repeated over the temporal patch and the tower's Conv3d: (B, N, C) in raster order."""
-        volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
+        """The tower's Conv3d on one temporal patch: an image (B, 3, H, W) repeated over it, as the image processor
+        does, or a video's ``temporal_patch_size`` consecutive frames (B, t, 3, H, W). (B, N, C) in raster order."""
+        if pixel_values.dim() == 5:  # video: the frames of one temporal patch, in order
+            volume = pixel_values.transpose(1, 2)
+        else:
+            volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
         cells = self.tower.patch_embed.proj(volume.to(self.tower.patch_embed.proj.weight.dtype))
         return cells.flatten(2).transpose(1, 2)
 

@@ -33,6 +33,17 @@ def check_opaque_token_mixers(gm: fx.GraphModule, below: set[fx.Node]) -> None:
 
 
 REFUSAL_ATTRIBUTE = "tc_export_refuses_compression"  # on a module: why it cannot read merged or pruned tokens
+# On a module whose output is the model's own output tokens on a grid (a tower's own projector, e.g. Qwen2-VL's
+# PatchMerger): that grid (H', W'), raster order. A method that reads the model output (EVS) acts there.
+TOKEN_GRID_ATTRIBUTE = "tc_export_token_grid"
+
+
+def marked_grid(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    """The grid an adapter marked (``TOKEN_GRID_ATTRIBUTE``) on the module computing ``node``, if any."""
+    if node.op != "call_module":
+        return None
+    grid = getattr(gm.get_submodule(str(node.target)), TOKEN_GRID_ATTRIBUTE, None)
+    return tuple(grid) if grid is not None else None  # type: ignore[return-value]
 
 
 def marked_reader(gm: fx.GraphModule, nodes: set[fx.Node]) -> tuple[str, str] | None:

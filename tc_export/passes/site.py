@@ -32,6 +32,8 @@ class Site:
     still exists (merging and pruning destroy it); ``padded``: the model has a padding mask (size-0 tokens).
     ``layer`` is the attention layer index (None at the encoder output) of ``num_layers``. ``at_output``: the op's
     output is the tower's output (a ``block_input`` op scoring with the layer after the ``--features`` cut).
+    ``frames``: a video tower's frames per clip, each frame one batch row here (None: no clip, or the frames are
+    already joined into one sequence per clip by an earlier op).
     """
 
     point: Point
@@ -44,6 +46,7 @@ class Site:
     grid: tuple[int, ...] | None = None
     padded: bool = False
     at_output: bool = False
+    frames: int | None = None
 
     def describe(self) -> str:
         where = "the encoder output" if self.layer is None else f"layer {self.layer} ({self.point})"

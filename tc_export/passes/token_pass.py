@@ -27,7 +27,7 @@ from ..ops.state import grid_state, initial_state, leading_tokens, positions_of,
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
-from .opaque import check_marked_readers, check_opaque_token_mixers
+from .opaque import check_marked_readers, check_opaque_token_mixers, marked_grid
 from .outputs import append_outputs, block_output, cut_output, encoder_output, frames_to_sequence
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
@@ -101,6 +101,12 @@ class TokenPass:
         self.report = PassReport()
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
         self._views: dict[tuple[object, fx.Node], fx.Node] = {}  # (view, state) -> its node: sizes or positions
+        self._joined = False  # an op joined each clip's frames into one sequence (``joins_frames``)
+
+    @property
+    def _frames_now(self) -> int | None:
+        """Frames per clip still spread over the batch rows (None once an op joined them, or without a clip)."""
+        return None if self._joined else self.frames
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
         structure = find_structure(gm)
@@ -227,8 +233,14 @@ class TokenPass:
             size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
+        if encoder_stages and self.features is None and getattr(encoder_stages[0], "reads_model_output", False):
+            marked = self._marked_output(gm)
+            if marked is not None:  # the tower's own projector ends the model: the method reads its tokens
+                end, grid = marked
+                tokens, protected, channels, state = math.prod(grid), 0, _channels(end), None
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
-            site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded)
+            site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded,
+                        frames=self._frames_now)
             op = config.make_op(site)
             if op is None:
                 continue
@@ -241,12 +253,13 @@ class TokenPass:
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
         if self.features is not None or encoder_stages:
-            cut_output(gm, end, self.frames, frozenset({state}) if self.emit_positions and state is not None
+            cut_output(gm, end, self._frames_now, frozenset({state}) if self.emit_positions and state is not None
                        else frozenset())
             self.report.output_is_tokens = True
         if ops or self.emit_positions:
             output = next(n for n in graph.nodes if n.op == "output")
-            check_marked_readers(gm, ancestors(output), compressed=bool(ops))
+            readers = ancestors(output) & descendants_of_all(ops) if ops else ancestors(output)
+            check_marked_readers(gm, readers, compressed=bool(ops))
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 
@@ -286,13 +299,13 @@ class TokenPass:
                 )
             covered = math.prod(module.grid) / math.prod(grid)
             with graph.inserting_after(end):
-                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self.frames))
-            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self.frames else 0)
+                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self._frames_now))
+            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self._frames_now else 0)
             self.report.emitted_grid = f"{type(module).__name__}'s output grid {'x'.join(map(str, grid))}"
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
         output = next(n for n in graph.nodes if n.op == "output")
-        if self.frames:
+        if self._frames_now:
             with graph.inserting_before(output):
                 positions = graph.call_function(frames_to_sequence, (positions, self.frames))
                 sizes = graph.call_function(frames_to_sequence, (sizes, self.frames))
@@ -348,6 +361,26 @@ class TokenPass:
                     sizes = gm.graph.call_function(operator.getitem, (size, (slice(None), slice(protected, None))))
                 bias = gm.graph.call_function(bias_fn, (sizes,))
             add_attention_bias(other, bias)
+
+    @staticmethod
+    def _marked_output(gm: fx.GraphModule) -> tuple[fx.Node, tuple[int, int]] | None:
+        """The model's output tokens (B*T, H'W', D) and their grid, when a module an adapter marked with its grid
+        (``TOKEN_GRID_ATTRIBUTE``: a tower's own projector) computes them, through at most a reshape back to clips."""
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        node = output.args[0]
+        node = node[0] if isinstance(node, (tuple, list)) and len(node) == 1 else node
+        for _ in range(3):
+            if not isinstance(node, fx.Node):
+                return None
+            grid = marked_grid(gm, node)
+            shape = tensor_meta_shape(node)
+            if grid is not None and shape is not None and len(shape) == 3 and shape[1] == math.prod(grid):
+                return node, grid
+            inputs = [arg for arg in node.args if isinstance(arg, fx.Node)]
+            if node.op not in ("call_function", "call_method") or len(inputs) != 1:
+                return None
+            node = inputs[0]
+        return None
 
     def _check_sequences_per_sample(self, site: AttentionSite, example_inputs: Mapping[str, torch.Tensor]) -> None:
         """One token sequence per sample (per frame with --frames). A model that folds another axis into the batch
@@ -407,20 +440,23 @@ class TokenPass:
         self.report.suffix = structure.suffix
         return structure.suffix
 
-    @staticmethod
-    def _site(structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
+    def _site(self, structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
               grid: tuple[int, ...] | None, suffix: int = 0, at_output: bool = False) -> Site:
         """The place as an op sees it: ``tokens`` less the protected suffix, which no op is shown."""
         layout = tensor_meta_shape(site.query) or ()
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
         return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded,
-                    at_output)
+                    at_output, self._frames_now)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
                config: TokenMethod, layer: int | None, suffix: int = 0,
                where: str | None = None) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
+        if getattr(op, "joins_frames", False):
+            self._joined = True
+            self.report.positions = 3  # its state: (t, h, w) of each kept token
+            self.report.emitted_grid = f"{type(op).__name__}'s (t, h, w) of the kept tokens"
         new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
         where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
