@@ -73,6 +73,7 @@ class Qwen2VLVisionAdapter(nn.Module):
         super().__init__()
         config = tower.config
         self.tower, self.pooling = tower, pooling
+        self.grouped_input = False  # True: inputs are (B, temporal, 3, H, W) groups of video frames
         self.patch_size, self.temporal = config.patch_size, config.temporal_patch_size
         self.rows = self.cols = image_size // config.patch_size
         self.heads = config.num_heads
@@ -93,8 +94,9 @@ class Qwen2VLVisionAdapter(nn.Module):
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's Conv3d on one temporal patch: an image (B, 3, H, W) repeated over it, as the image processor
-        does, or a video's ``temporal_patch_size`` consecutive frames (B, t, 3, H, W). (B, N, C) in raster order."""
-        if pixel_values.dim() == 5:  # video: the frames of one temporal patch, in order
+        does, or with ``grouped_input`` a video's ``temporal_patch_size`` consecutive frames (B, t, 3, H, W).
+        (B, N, C) in raster order."""
+        if self.grouped_input:  # video: the frames of one temporal patch, in order (set by ``video.FrameTower``)
             volume = pixel_values.transpose(1, 2)
         else:
             volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)

@@ -12,18 +12,21 @@ from .base import InputSpec, LoadedModel
 class FrameTower(nn.Module):
     """Runs ``tower`` on each of ``frames`` frames: (B, T, ...) -> the tower's output per frame, (B, T, ...).
 
-    ``group``: a tower that embeds ``group`` consecutive frames at once (Qwen2-VL's temporal patch of 2) runs on
-    each of T / group steps, given (B * T / group, group, ...): its output is per step, (B, T / group, ...).
+    ``group``: a tower that embeds ``group`` consecutive frames at once (Qwen2-VL's temporal patch of 2: its
+    ``frames_per_step``, and it takes such groups once ``grouped_input`` is set) runs on each of T / group steps,
+    given (B * T / group, group, ...): its output is per step, (B, T / group, ...).
     """
 
     def __init__(self, tower: nn.Module, frames: int, group: int = 1) -> None:
         super().__init__()
         self.tower, self.frames, self.group = tower, frames, group
+        if group > 1:
+            tower.grouped_input = True  # a static switch: fx cannot branch on the input's rank
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         steps = self.frames // self.group
         if self.group > 1:
-            return self.tower(video.reshape(-1, self.group, *video.shape[2:])).unflatten(0, (-1, steps))
+            return self.tower(video.flatten(0, 1).unflatten(0, (-1, self.group))).unflatten(0, (-1, steps))
         return self.tower(video.flatten(0, 1)).unflatten(0, (-1, steps))
 
 

@@ -258,7 +258,10 @@ class TokenPass:
             self.report.output_is_tokens = True
         if ops or self.emit_positions:
             output = next(n for n in graph.nodes if n.op == "output")
-            readers = ancestors(output) & descendants_of_all(ops) if ops else ancestors(output)
+            readers = ancestors(output)
+            if ops:  # a marked module before every op reads uncompressed tokens (EVS after Qwen2-VL's merger)
+                below = descendants_of_all(ops)
+                readers &= below | {arg for node in below for arg in node.all_input_nodes if arg.op == "get_attr"}
             check_marked_readers(gm, readers, compressed=bool(ops))
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
