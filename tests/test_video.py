@@ -273,3 +273,89 @@ def test_qwen2_vl_evs_through_the_cli_equals_the_reference(tmp_path, capsys):
         np.testing.assert_allclose(tokens[0], want.numpy(), rtol=1e-3, atol=1e-4)
         if not frozen:  # a frozen clip's scores are all ~0: which later tokens win is decided by rounding
             np.testing.assert_array_equal(positions[0], want_positions.numpy())
+
+
+# --- temporal pruning inside the tower ---------------------------------------------------------------------------
+
+def _clip_blocks(model, count: int):
+    """transformers CLIPVisionModel: (frames, 3, H, W) -> block-0 input per frame, and the first ``count`` blocks."""
+    vision = getattr(model, "vision_model", model)
+
+    def embed(frames: torch.Tensor) -> torch.Tensor:
+        return vision.pre_layrnorm(vision.embeddings(frames))
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:
+        for layer in vision.encoder.layers[:count]:
+            out = layer(x, None)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    return embed, blocks
+
+
+def _split_frames(out: torch.Tensor, frames: int, prefix: int, counts: list[int]) -> list[torch.Tensor]:
+    """Our layout (every frame's protected rows, frame 0's grid, the kept later rows frame by frame) per frame."""
+    heads = out[: frames * prefix].reshape(frames, prefix, -1)
+    parts, start = [], frames * prefix
+    for t, count in enumerate(counts):
+        parts.append(torch.cat([heads[t], out[start:start + count]]))
+        start += count
+    return parts
+
+
+@pytest.mark.parametrize("budget", ["frame", "clip"])
+def test_temporal_pruning_equals_the_tower_run_per_frame_on_the_kept_tokens(budget, monkeypatch):
+    from tc_export.passes.temporal import TemporalConfig
+
+    build = _shallow_clip(monkeypatch, layers=2)
+    loaded = video_model(build(ModelOptions()), 4)
+    compressed = compress(loaded, [TemporalConfig(keep=0.25, budget=budget)], features=-1, emit_positions=True)
+    embed, blocks = _clip_blocks(loaded.module.tower.model, 2)
+    for clip in (clip_batch(1, 4, 224, seed=1), clip_batch(1, 4, 224, seed=1, frozen=True)):
+        with torch.no_grad():
+            out, positions, _ = compressed.module(video=clip)
+            embeds = embed(clip[0])
+            kept = ref.reference_temporal_keep(embeds, 4, 1, 49 if budget == "frame" else None,
+                                               None if budget == "frame" else 196 + 3 * 49)
+            want = ref.reference_temporal_tower(embeds, kept, 1, blocks)
+        assert out.shape == (1, 4 + 196 + 3 * 49, 768)
+        counts = [len(k) for k in kept]
+        for t, (got, expected) in enumerate(zip(_split_frames(out[0], 4, 1, counts), want)):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        frame_column = positions[0, :, 0]
+        assert frame_column[:4].tolist() == [0, 1, 2, 3]  # every frame's class token carries its frame
+        assert frame_column[4:].tolist() == sum(([float(t)] * c for t, c in enumerate(counts)), [])
+
+
+def test_temporal_pruning_mutation_without_the_frame_mask_fails(monkeypatch):
+    """Without the mask (tokens attend across frames) the per-frame reference sees it."""
+    import importlib
+
+    from tc_export.ops import temporal
+    from tc_export.passes.temporal import TemporalConfig
+
+    token_pass = importlib.import_module("tc_export.passes.token_pass")
+    monkeypatch.setattr(token_pass, "frame_mask", lambda positions: torch.zeros_like(
+        temporal.frame_mask(positions)))
+    build = _shallow_clip(monkeypatch, layers=2)
+    loaded = video_model(build(ModelOptions()), 4)
+    compressed = compress(loaded, [TemporalConfig(keep=0.25)], features=-1)
+    embed, blocks = _clip_blocks(loaded.module.tower.model, 2)
+    clip = clip_batch(1, 4, 224, seed=1)
+    with torch.no_grad():
+        out = compressed.module(video=clip)
+        embeds = embed(clip[0])
+        kept = ref.reference_temporal_keep(embeds, 4, 1, 49, None)
+        want = ref.reference_temporal_tower(embeds, kept, 1, blocks)
+    got = _split_frames(out[0], 4, 1, [len(k) for k in kept])
+    assert not torch.allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
+
+
+def test_temporal_pruning_refuses_a_per_frame_head(monkeypatch):
+    from tc_export.passes.temporal import TemporalConfig
+
+    build = _shallow_clip(monkeypatch)
+    with pytest.raises(ConfigError, match="--features"):
+        compress(video_model(build(ModelOptions()), 4), [TemporalConfig()])
+    with pytest.raises(ConfigError, match="--frames"):
+        compress(build(ModelOptions()), [TemporalConfig()], features=-1)

@@ -106,6 +106,7 @@ class EVSPrune(TokenOp):
     """
 
     joins_frames = True
+    emits_positions = True  # its state: (t, h, w) in the language model's coordinates
 
     def __init__(self, frames: int, grid: tuple[int, int], q: float, prefix: int = 0, tokens_per_second: float = 1.0,
                  seconds_per_grid: float = 1.0, ranking: str = "auto") -> None:

@@ -24,6 +24,7 @@ from ..errors import ConfigError, StructureNotFoundError
 from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
 from ..ops.state import grid_state, initial_state, leading_tokens, positions_of, rejoin_suffix, size_column
+from ..ops.temporal import frame_mask
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
@@ -102,6 +103,7 @@ class TokenPass:
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
         self._views: dict[tuple[object, fx.Node], fx.Node] = {}  # (view, state) -> its node: sizes or positions
         self._joined = False  # an op joined each clip's frames into one sequence (``joins_frames``)
+        self._masks_frames = False  # ... and later attention must stay within each frame (``masks_frames``)
 
     @property
     def _frames_now(self) -> int | None:
@@ -143,7 +145,10 @@ class TokenPass:
             tables.setdefault(window.site, []).append(window)
         padded = initial is not None
         state = initial
-        if tables or self.emit_positions:
+        frame_coordinate = any(getattr(config, "needs_frame_coordinate", False) for config in self.configs)
+        if frame_coordinate and not self.frames:
+            raise ConfigError(f"{self.name} compares consecutive frames: give a clip with --frames T")
+        if tables or self.emit_positions or frame_coordinate:
             state = self._initial_state(gm, structure, initial, total, protected, suffix)
             for window in windows:
                 window.dims = self.report.positions  # type: ignore[attr-defined]
@@ -191,6 +196,10 @@ class TokenPass:
                     table.rewire(gm, positions, protected, suffix)
                     rewired |= set(table.nodes)
                     self.report.rewired.append(f"layer {site.index}: {table.kind}")
+            if self._masks_frames:  # one sequence per clip now: attention stays within each frame
+                with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
+                    mask = graph.call_function(frame_mask, (self._view(graph, positions_of, state),))
+                add_attention_bias(site, mask)
             if state is not None and (padded or (prop_attn and ops)):  # all sizes are 1 before the first op
                 size = self._view(graph, size_column, state)
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
@@ -252,6 +261,10 @@ class TokenPass:
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
+        if self._masks_frames and self.features is None and not encoder_stages:
+            raise ConfigError(f"{self.name} joins each clip's frames into one sequence, which the model's own head "
+                              "or pooling (per frame) cannot read: end the model at tokens (--features N or a recipe "
+                              "whose last stage is at the encoder output)")
         if self.features is not None or encoder_stages:
             cut_output(gm, end, self._frames_now, frozenset({state}) if self.emit_positions and state is not None
                        else frozenset())
@@ -458,6 +471,8 @@ class TokenPass:
         ops.append(call)
         if getattr(op, "joins_frames", False):
             self._joined = True
+            self._masks_frames = bool(getattr(op, "masks_frames", False))
+        if getattr(op, "emits_positions", False):
             self.report.positions = 3  # its state: (t, h, w) of each kept token
             self.report.emitted_grid = f"{type(op).__name__}'s (t, h, w) of the kept tokens"
         new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
