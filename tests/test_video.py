@@ -295,7 +295,7 @@ def _clip_blocks(model, count: int):
 
 def _split_frames(out: torch.Tensor, frames: int, prefix: int, counts: list[int]) -> list[torch.Tensor]:
     """Our layout (every frame's protected rows, frame 0's grid, the kept later rows frame by frame) per frame."""
-    heads = out[: frames * prefix].reshape(frames, prefix, -1)
+    heads = out[: frames * prefix].reshape(frames, prefix, out.shape[-1])
     parts, start = [], frames * prefix
     for t, count in enumerate(counts):
         parts.append(torch.cat([heads[t], out[start:start + count]]))
@@ -359,3 +359,72 @@ def test_temporal_pruning_refuses_a_per_frame_head(monkeypatch):
         compress(video_model(build(ModelOptions()), 4), [TemporalConfig()])
     with pytest.raises(ConfigError, match="--frames"):
         compress(build(ModelOptions()), [TemporalConfig()], features=-1)
+
+
+def _qwen_video_embeds(tower, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tower's own patch embedding of one clip (T, 3, H, W) per temporal step in raster order (T/2, N, C), and
+    the raster positions (N, 2) from ``get_vision_position_ids``."""
+    from transformers.vision_utils import get_vision_position_ids
+
+    config = tower.config
+    p, m, t = config.patch_size, config.spatial_merge_size, config.temporal_patch_size
+    frames, channels, height, width = video.shape
+    grid_t, grid_h, grid_w = frames // t, height // p, width // p
+    patches = video.reshape(grid_t, t, channels, grid_h // m, m, p, grid_w // m, m, p)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(grid_t, grid_h * grid_w, -1)
+    ids = get_vision_position_ids(torch.tensor([[1, grid_h, grid_w]]), m)
+    raster = torch.argsort(ids[:, 0] * grid_w + ids[:, 1])
+    return torch.stack([tower.patch_embed(step)[raster] for step in patches]), ids[raster].float()
+
+
+def _qwen_blocks(tower, positions: torch.Tensor):
+    """The tower's blocks on one frame's tokens (1, n, C) at their raster positions (n, 2): its own norms, qkv,
+    rotary module and ``apply_rotary_pos_emb_vision``, softmax attention over the frame, proj and MLP."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+
+    heads = tower.config.num_heads
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x = x[0]
+        for block in tower.blocks:
+            q, k, v = block.attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+            cos, sin = tower.rotary_pos_emb(x, positions)
+            q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+            weights = torch.softmax((q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5, dim=-1)
+            x = x + block.attn.proj((weights @ v).transpose(0, 1).reshape(x.shape[0], -1))
+            x = x + block.mlp(block.norm2(x))
+        return x.unsqueeze(0)
+
+    return run
+
+
+def test_qwen2_vl_temporal_pruning_equals_the_tower_per_step_on_the_kept_tokens(tmp_path, capsys):
+    """hf:DIR --frames 4 --pooling tokens --features -1 --method temporal: the second temporal step keeps a quarter
+    of its tokens, each at its own rotary position; equal to the tower's own modules run per step on them, and it
+    exports with parity through the command line."""
+    from tc_export.models import load_model
+    from tc_export.passes.temporal import TemporalConfig
+
+    tower = _qwen_tower(tmp_path / "q")
+    capsys.readouterr()
+    loaded = load_model(f"hf:{tmp_path / 'q'}", ModelOptions(img_size=QWEN_SIZE, frames=4, pooling="tokens"),
+                        warn_random=False)
+    compressed = compress(loaded, [TemporalConfig(keep=0.25)], features=-1, emit_positions=True)
+    # Noise frames: every token changes, so no two scores tie. (On a moving-digit clip the still patches score 0
+    # up to the rounding of the Conv3d, which differs between the tower's patch layout and ours.)
+    clip = torch.rand(1, 4, 3, QWEN_SIZE, QWEN_SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, positions, _ = compressed.module(video=clip)
+        embeds, raster = _qwen_video_embeds(tower, clip[0])
+        kept = ref.reference_temporal_keep(embeds, 2, 0, 25, None)
+        want = [_qwen_blocks(tower, raster[members])(embeds[t, members].unsqueeze(0))[0]
+                for t, members in enumerate(kept)]
+    assert out.shape == (1, 125, 32)
+    for got, expected in zip(_split_frames(out[0], 2, 0, [100, 25]), want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(positions[0, 100:, 1:], raster[kept[1]])
+    code, printed, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", QWEN_SIZE, "--frames", 4, "--pooling",
+                                  "tokens", "--features", -1, "--method", "temporal", "--keep", 0.25,
+                                  "--emit-positions", "-o", tmp_path / "t.onnx"], capsys)
+    assert code == 0 and "passed" in printed, err
