@@ -53,6 +53,7 @@ def compress(
     features: int | None = None,
     frames: int | None = None,
     emit_positions: bool = False,
+    unit: int | None = None,
 ) -> CompressedModel:
     """Trace ``model`` and apply each method config (e.g. ``ToMeConfig(r=16)``) in order.
 
@@ -60,6 +61,8 @@ def compress(
     ``features``: end the model at that block's output tokens (``-2``: the second-to-last, as LLaVA takes them).
     ``frames``: the model is a per-frame tower of a video wrapper; token outputs are joined frame after frame.
     ``emit_positions``: add outputs with each output token's position and size (``TokenPass``).
+    ``unit``: merge units of unit x unit patches (docs/merge-units.md); a recipe whose window projector follows a
+    token method sets it by itself.
     """
     if isinstance(model, LoadedModel):
         example_inputs = example_inputs or model.example_inputs(batch=1)
@@ -76,8 +79,8 @@ def compress(
         cause = str(getattr(error, "__cause__", None) or error).strip().splitlines()[0]
         raise ConfigError(f"the model does not run on its example inputs ({shapes}): {cause}") from None
     sites_before = len(find_structure(gm).sites)
-    wanted = configs or features is not None or emit_positions
-    passes = [token_pass(configs, features, frames, emit_positions)] if wanted else []
+    wanted = configs or features is not None or emit_positions or unit is not None
+    passes = [token_pass(configs, features, frames, emit_positions, unit)] if wanted else []
     gm = run_passes(gm, passes, example_inputs)
     report = passes[0].report if passes else PassReport()
     inputs = dict(example_inputs) | {name: seeded_input(next(iter(example_inputs.values())).shape[0], shape)

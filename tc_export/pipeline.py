@@ -35,6 +35,7 @@ class JobConfig:
     fidelity_samples: int = 8
     features: int | None = None  # vision-tower mode: end at this block's output tokens (-2: LLaVA's layer)
     emit_positions: bool = False  # add outputs: each output token's position and size
+    unit: int | None = None  # merge units of unit x unit patches (docs/merge-units.md)
     # --- TensorRT (export/engine.py, export/bundle.py): engine settings; bundle: output is a parity-bundle DIR ---
     engine: EngineConfig | None = None
     bundle: bool = False
@@ -59,11 +60,11 @@ class JobResult:
 
 def compress_for_job(
     loaded: LoadedModel, methods: Sequence[object], example: dict, recipe: str | None, features: int | None = None,
-    emit_positions: bool = False,
+    emit_positions: bool = False, unit: int | None = None,
 ) -> CompressedModel:
     """``compress``, with a recipe's errors (a layer out of range, a budget too large) naming the recipe."""
     try:
-        return compress(loaded, list(methods), example, features=features, emit_positions=emit_positions)
+        return compress(loaded, list(methods), example, features=features, emit_positions=emit_positions, unit=unit)
     except ConfigError as error:
         if recipe is None:
             raise
@@ -95,9 +96,10 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
 
     batch = config.export.batch
     example = loaded.example_inputs(batch=max(batch, 2) if config.export.dynamic_batch else batch)
-    wants_compression = bool(config.methods) or config.features is not None or config.emit_positions
+    wants_compression = (bool(config.methods) or config.features is not None or config.emit_positions
+                         or config.unit is not None)
     compressed = (compress_for_job(loaded, config.methods, example, config.recipe, config.features,
-                                   config.emit_positions)
+                                   config.emit_positions, config.unit)
                   if wants_compression else None)
     module = compressed.module if compressed else loaded.module
     output_names = loaded.output_names
@@ -193,6 +195,8 @@ def _say_structure(compressed: CompressedModel, say: Callable[[str], None]) -> N
     if report.positions is not None:
         say(f"positions carried: {report.positions} coordinate(s) per token"
             + (f"; rewired {', '.join(report.rewired)}" if report.rewired else ""))
+    if report.unit is not None:
+        say(next(note for note in report.notes if note.startswith("merge units")))
     for note in report.skipped:
         say(f"left uncompressed: attention {note}")
     say("tokens per layer: " + " ".join(str(n) for n in compressed.token_counts()))
@@ -205,6 +209,8 @@ def _metadata(config: JobConfig, loaded: LoadedModel, compressed: CompressedMode
             "tc_export.methods": json.dumps([config_to_dict(m) for m in config.methods])}
     if compressed:
         meta["tc_export.tokens_per_layer"] = ",".join(str(n) for n in compressed.token_counts())
+        if compressed.report.unit is not None:
+            meta["tc_export.unit"] = str(compressed.report.unit)
         if compressed.report.emitted_positions():
             meta["tc_export.positions"] = json.dumps(compressed.report.emitted_positions())
     return meta

@@ -115,7 +115,7 @@ def test_pool_inside_the_tower_keeps_the_class_token():
 
 
 @pytest.mark.parametrize("configs,message", [
-    ([ToMeConfig(r=4), PoolConfig()], "pool needs the patch grid"),
+    ([ToMeConfig(r=4), PoolConfig(mode="bilinear")], "pool needs the patch grid.*interpolates across windows"),
     ([PoolConfig(at="0")], "would drop the 1 class/register tokens"),
     ([MLPConfig(out_channels=64, at="0")], "changes the width"),
     ([MLPConfig(at="0")], "would drop the 1 class/register tokens"),

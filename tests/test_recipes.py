@@ -31,7 +31,7 @@ def test_layer_syntax():
     ("stages: [{method: evit}]", r"x.yaml: stage 1: unknown method 'evit'; allowed methods: adjacent, cabstractor, "
                                   r"evs, llamavid, mlp, patchmerger, pool, prumerge, resampler, temporal, tome, topk, "
                                   r"unshuffle"),
-    ("stagez: []", r"x.yaml: unknown key 'stagez'; allowed keys: description, model, features, frames, stages"),
+    ("stagez: []", r"x.yaml: unknown key 'stagez'; allowed keys: description, model, features, frames, unit, stages"),
     ("stages: [{method: topk, keep: 2}]", r"x.yaml: stage 1 \(topk\): keep must be a fraction in \(0, 1\]"),
     ("stages: [{method: topk, layers: 5-2}]", r"x.yaml: stage 1: layers must be indices or ranges like 0-5"),
     ("stages: [{method: tome, r: 4}, {method: prumerge}]", r"x.yaml: stage 2 \(prumerge\): missing key .tokens."),

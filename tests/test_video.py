@@ -309,7 +309,7 @@ def test_temporal_pruning_equals_the_tower_run_per_frame_on_the_kept_tokens(budg
 
     build = _shallow_clip(monkeypatch, layers=2)
     loaded = video_model(build(ModelOptions()), 4)
-    compressed = compress(loaded, [TemporalConfig(keep=0.25, budget=budget)], features=-1, emit_positions=True)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25, budget=budget)], features=-1, emit_positions=True)
     embed, blocks = _clip_blocks(loaded.module.tower.model, 2)
     for clip in (clip_batch(1, 4, 224, seed=1), clip_batch(1, 4, 224, seed=1, frozen=True)):
         with torch.no_grad():
@@ -339,7 +339,7 @@ def test_temporal_pruning_mutation_without_the_frame_mask_fails(monkeypatch):
         temporal.frame_mask(positions)))
     build = _shallow_clip(monkeypatch, layers=2)
     loaded = video_model(build(ModelOptions()), 4)
-    compressed = compress(loaded, [TemporalConfig(keep=0.25)], features=-1)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25)], features=-1)
     embed, blocks = _clip_blocks(loaded.module.tower.model, 2)
     clip = clip_batch(1, 4, 224, seed=1)
     with torch.no_grad():
@@ -410,7 +410,7 @@ def test_qwen2_vl_temporal_pruning_equals_the_tower_per_step_on_the_kept_tokens(
     capsys.readouterr()
     loaded = load_model(f"hf:{tmp_path / 'q'}", ModelOptions(img_size=QWEN_SIZE, frames=4, pooling="tokens"),
                         warn_random=False)
-    compressed = compress(loaded, [TemporalConfig(keep=0.25)], features=-1, emit_positions=True)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25)], features=-1, emit_positions=True)
     # Noise frames: every token changes, so no two scores tie. (On a moving-digit clip the still patches score 0
     # up to the rounding of the Conv3d, which differs between the tower's patch layout and ours.)
     clip = torch.rand(1, 4, 3, QWEN_SIZE, QWEN_SIZE, generator=torch.Generator().manual_seed(3))
@@ -425,6 +425,6 @@ def test_qwen2_vl_temporal_pruning_equals_the_tower_per_step_on_the_kept_tokens(
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(positions[0, 100:, 1:], raster[kept[1]])
     code, printed, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", QWEN_SIZE, "--frames", 4, "--pooling",
-                                  "tokens", "--features", -1, "--method", "temporal", "--keep", 0.25,
+                                  "tokens", "--features", -1, "--method", "temporal", "--retain", 0.25,
                                   "--emit-positions", "-o", tmp_path / "t.onnx"], capsys)
     assert code == 0 and "passed" in printed, err

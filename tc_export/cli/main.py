@@ -57,6 +57,9 @@ def cli() -> None:
 @click.option("--frames", type=int, default=None, help="Video: input (B, T, 3, H, W); the tower runs per frame.")
 @click.option("--emit-positions", is_flag=True,
               help="Add outputs 'positions' (B, N, P) and 'sizes' (B, N, 1) of the output tokens.")
+@click.option("--unit", type=int, default=None, metavar="S",
+              help="Merge units: token methods act on whole S x S patch windows (set by itself when a patchmerger, "
+                   "unshuffle or pool follows a token method).")
 @click.option("--opset", type=int, default=18, show_default=True)
 @click.option("--no-functions", is_flag=True, help="Flat ONNX: no tc_export function node per token op.")
 @click.option("--external-data", is_flag=True,
@@ -71,7 +74,8 @@ def cli() -> None:
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
                    weights: Path | None, pretrained: bool,
                    img_size: int | None, pooling: str | None, batch: int,
-                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool, opset: int,
+                   dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool,
+                   unit: int | None, opset: int,
                    no_functions: bool, external_data: bool, dtype: str, atol: float | None, rtol: float | None,
                    seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
@@ -86,6 +90,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
         recipe = load_recipe(flags.recipe)
         features = recipe.features if features is None else features
         frames = recipe.frames if frames is None else frames
+        unit = recipe.unit if unit is None else unit
     if output is None:
         suffix = flags.method or (flags.recipe and Path(flags.recipe).stem)
         output = Path(f"{model.replace(':', '_').replace('/', '_')}{'-' + suffix if suffix else ''}.onnx")
@@ -99,6 +104,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
                                    frames=frames),
         features=features,
         emit_positions=emit_positions,
+        unit=unit,
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions,
                             external_data=external_data, dtype=dtype),
         parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed),

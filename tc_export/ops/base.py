@@ -30,6 +30,11 @@ class TokenOp(nn.Module):
     def tokens_out(self, tokens_in: int) -> int:
         raise NotImplementedError
 
+    def state_rows(self, tokens: int) -> int:
+        """Rows of the token state that goes with ``tokens`` tokens: one per token (an op on merge units: one per
+        unit, ``ops.units``)."""
+        return tokens
+
 
 class CountedMergeOp(TokenOp):
     """An op merging ``r`` tokens (or pairs) per site, never touching the first ``protected`` tokens.

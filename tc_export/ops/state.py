@@ -93,3 +93,85 @@ def grid_state(tokens: Tensor, prefix: int, grid: tuple[int, ...], covered: floa
     """The state with positions of a projector's output (B, prefix + prod(grid), C): its grid's coordinates
     (-1 on the prefix rows), each token standing for ``covered`` original patches."""
     return initial_state(tokens, None, prefix, 0, grid, frames) * covered
+
+
+# --- Merge units (docs/merge-units.md) ---------------------------------------------------------------------------
+# With a unit s, the patch tokens run through the tower in unit-window order: each s x s window's tokens
+# consecutive, (di, dj) row-major (the order PatchMerger and pixel unshuffle v2 read), windows in raster order of the
+# unit grid (H/s, W/s). The state then holds one row per protected token and one row per unit: the unit's size (the
+# original units it stands for) and, when carried, its position on the unit grid (frame coordinate first). Every
+# per-token consumer reads ``expand_units`` of it.
+
+
+def unit_grid(grid: tuple[int, ...] | None, unit: int) -> tuple[int, int]:
+    """The unit grid (H/s, W/s) of a patch grid; a one-line ConfigError when there is none or s does not divide it."""
+    from ..errors import ConfigError
+
+    if grid is None or len(grid) != 2:
+        raise ConfigError(f"--unit {unit} needs a 2-D patch grid, and this model has {grid or 'none'}")
+    if grid[0] % unit or grid[1] % unit:
+        raise ConfigError(f"--unit {unit} does not divide the {grid[0]}x{grid[1]} patch grid: pick an image size "
+                          f"whose grid is a multiple of {unit}")
+    return grid[0] // unit, grid[1] // unit
+
+
+def unit_window_order(grid: tuple[int, int], unit: int) -> Tensor:
+    """Raster indices (H*W,) of the patch tokens in unit-window order: entry u*s^2 + di*s + dj is the patch
+    (s*i + di, s*j + dj) of unit u = i*(W/s) + j."""
+    h, w = grid
+    raster = torch.arange(h * w).reshape(h // unit, unit, w // unit, unit)  # (i, di, j, dj)
+    return raster.permute(0, 2, 1, 3).reshape(-1)
+
+
+def to_unit_order(x: Tensor, prefix: int, grid: tuple[int, int], unit: int) -> Tensor:
+    """The tokens (B, N, C) with the ``grid`` patch rows after the ``prefix`` gathered into unit-window order
+    (``unit_window_order``; one constant Gather); protected prefix and suffix rows untouched."""
+    order = unit_window_order(grid, unit)
+    index = torch.cat([torch.arange(prefix), order + prefix, torch.arange(prefix + order.numel(), x.shape[1])])
+    return x.index_select(1, index.to(x.device))
+
+
+def unit_offsets(unit: int, dims: int, frames: bool) -> Tensor:
+    """(s^2, dims) in-window offsets (di, dj) of a unit's tokens, in window order; 0 on a leading frame coordinate."""
+    steps = torch.arange(unit, dtype=torch.float32)
+    offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(unit * unit, 2)
+    if frames:
+        offsets = torch.cat([torch.zeros(unit * unit, 1), offsets], dim=-1)
+    return offsets[:, -dims:] if dims < offsets.shape[1] else offsets
+
+
+def expand_units(state: Tensor, prefix: int, suffix: int, unit: int, frames: bool = False) -> Tensor:
+    """The per-token state (B, prefix + U*s^2 + suffix, K) of a unit state (B, prefix + U + suffix, K).
+
+    Protected rows once, each unit row s^2 times (its tokens stand for ``size`` original tokens each, slot by slot).
+    Carried positions become patch coordinates: s * (unit position) + (di, dj) on the spatial axes (a leading frame
+    coordinate unchanged); as masses: s * mass + size * offset. Exact for merged units too: slot (di, dj) of a
+    merged unit is the size-weighted mean of its members' slot tokens.
+    """
+    units = state.shape[1] - prefix - suffix
+    body = state[:, prefix:prefix + units].repeat_interleave(unit * unit, dim=1)
+    if state.shape[-1] > 1:
+        dims = state.shape[-1] - 1
+        offsets = unit_offsets(unit, dims, frames).to(state)
+        scale = torch.tensor([1.0] * int(frames) + [float(unit)] * (dims - int(frames)), device=state.device,
+                             dtype=state.dtype)
+        size = body[..., :1]
+        body = torch.cat([size, body[..., 1:] * scale + size * offsets.repeat(units, 1)], dim=-1)
+    return torch.cat([state[:, :prefix], body, state[:, prefix + units:]], dim=1)
+
+
+def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int], frames: int | None = None) -> Tensor:
+    """The unit state with positions of ``x`` (B, prefix + U*s^2 + suffix, C) entering the first op: one row per
+    protected token (position -1) and one per unit of the unit ``grid`` (its (row, column) there, raster order)."""
+    rows = prefix + grid[0] * grid[1] + suffix
+    return initial_state(x[:, :rows], None, prefix, suffix, grid, frames)
+
+
+def project_unit_state(state: Tensor, prefix: int, keep_prefix: bool, unit: int, transposed: bool) -> Tensor:
+    """The state of a window projector's output (one token per unit) from the unit state entering it: each token
+    covers its unit's size x s^2 patches at the unit's position on the unit grid ((column, row) when the projector's
+    output grid is transposed, InternVL v1); the protected rows only when the projector keeps them."""
+    body = state[:, prefix:] * float(unit * unit)
+    if transposed and body.shape[-1] >= 3:
+        body = torch.cat([body[..., :-2], body[..., -1:], body[..., -2:-1]], dim=-1)
+    return torch.cat([state[:, :prefix], body], dim=1) if keep_prefix else body

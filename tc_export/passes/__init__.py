@@ -25,7 +25,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 
 def token_pass(configs: Sequence[object], features: int | None = None, frames: int | None = None,
-               emit_positions: bool = False) -> TokenPass:
+               emit_positions: bool = False, unit: int | None = None) -> TokenPass:
     """One pass applying every method config (a multi-stage recipe) in a single walk over the layers."""
     known = tuple(spec.config_type for _, spec in METHODS.items())
     for config in configs:
@@ -34,7 +34,7 @@ def token_pass(configs: Sequence[object], features: int | None = None, frames: i
                 f"no method takes a {type(config).__name__}: known methods {', '.join(METHODS.names())}"
             )
     return TokenPass(list(configs), features=features, frames=frames,  # type: ignore[arg-type]
-                     emit_positions=emit_positions)
+                     emit_positions=emit_positions, unit=unit)
 
 
 __all__ = [

@@ -36,7 +36,7 @@ def _check(name: str, op: TokenOp, x: torch.Tensor, result: Any) -> None:
     frames = getattr(op, "frames", 1) if getattr(op, "joins_frames", False) else 1  # one row per clip after it
     if out.shape[1] != want or out.shape[0] * frames != x.shape[0]:
         raise InternalError(f"{name} promised {want} tokens and returned {tuple(out.shape)} from {tuple(x.shape)}")
-    if size is not None and size.shape[:2] != out.shape[:2]:
+    if size is not None and (size.shape[0], size.shape[1]) != (out.shape[0], op.state_rows(out.shape[1])):
         raise InternalError(f"{name} returned sizes {tuple(size.shape)} for tokens {tuple(out.shape)}")
     protected = op.prefix_out() if hasattr(op, "prefix_out") else getattr(op, "protected", 0)
     if protected and not torch.equal(out[:, :protected], x[:, :protected]):

@@ -12,6 +12,7 @@ unless it needs no grid (``mlp``, ``llamavid`` with one content token).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,6 +31,8 @@ from ..ops.projectors import (
     ResamplerProjector,
     UnshuffleProjector,
 )
+from ..ops.projectors.unshuffle import block_size
+from ..ops.projectors.windows import UnitWindows
 from .layers import PREFIX_MODE_HELP, check_prefix_mode, parse_prefix_mode
 from .methods import register_method, setting
 from .site import Point, Site
@@ -101,9 +104,23 @@ class ProjectorConfig:
             settings["prefix_mode"] = self.prefix_mode or "drop"
         return settings
 
+    def window(self) -> int | None:
+        """The side s of the s x s windows this projector reads one by one (each window -> one output token), or
+        None when it reads no grid or mixes windows. A token method before it acts on units of that side."""
+        return None
+
     def make_op(self, site: Site) -> nn.Module:
+        if site.unit is not None and self.needs_grid:
+            return self._unit_op(site)
         grid = site.grid
         if grid is None:
+            if self.needs_grid and self.window() is None:
+                raise ConfigError(
+                    f"{self.method} needs the patch grid at {site.describe()}, but there is none there (an earlier "  # type: ignore[attr-defined]
+                    f"merge or pruning reorders tokens, or the model has no patch grid); {self.mixes}, so it cannot "
+                    "follow compression even at merge units: put it before them, or use patchmerger, unshuffle or "
+                    "pool (avg/max), which read one window at a time"
+                )
             if self.needs_grid:
                 raise ConfigError(
                     f"{self.method} needs the patch grid at {site.describe()}, but there is none there (an earlier "
@@ -119,6 +136,26 @@ class ProjectorConfig:
 
             load_weights(op, Path(weights))
         return op
+
+    def _unit_op(self, site: Site) -> nn.Module:
+        """The projector on unit-ordered tokens (merge units): each unit is one window, one output token."""
+        unit = site.unit
+        window = self.window()
+        if window is None:
+            raise ConfigError(
+                f"{self.method} mixes neighbouring windows of the patch grid ({self.mixes}), so it cannot "  # type: ignore[attr-defined]
+                f"take merge units of {unit}x{unit} patches (an earlier merge or pruning, or --unit); put it before "
+                "them, or use patchmerger, unshuffle or pool (avg/max), which read one window at a time"
+            )
+        if window != unit:
+            raise ConfigError(f"{self.method} reads {window}x{window} windows and the merge unit is {unit}x{unit}: "  # type: ignore[attr-defined]
+                              f"give --unit {window}, or set the projector's window to {unit}")
+        units = (site.tokens - site.protected) // (unit * unit)
+        grid = site.patch_grid or ()
+        op = self.make_op(dataclasses.replace(site, unit=None, grid=grid, tokens=site.protected + math.prod(grid)))
+        return UnitWindows(op, units, unit, raster=site.grid is not None)
+
+    mixes: ClassVar[str] = "it reads the whole grid"
 
 
 def _at() -> Any:
@@ -148,6 +185,11 @@ class PoolConfig(ProjectorConfig):
     at: str = _at()
     projector_weights: str | None = _weights()
 
+    mixes: ClassVar[str] = "bilinear pooling to ceil(H/s) interpolates across windows"
+
+    def window(self) -> int | None:
+        return None if self.mode == "bilinear" else self.stride
+
 
 @register_method("unshuffle", "InternVL pixel unshuffle + MLP (--scale 0.5)")
 @dataclass(frozen=True)
@@ -161,6 +203,9 @@ class UnshuffleConfig(ProjectorConfig):
     at: str = _at()
     projector_weights: str | None = _weights()
 
+    def window(self) -> int | None:
+        return block_size(self.scale)
+
 
 @register_method("patchmerger", "Qwen2-VL PatchMerger: LayerNorm, 2x2 windows -> 4C, MLP (--scale 0.5)")
 @dataclass(frozen=True)
@@ -171,6 +216,9 @@ class PatchMergerConfig(ProjectorConfig):
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()
+
+    def window(self) -> int | None:
+        return block_size(self.scale)
 
 
 @register_method("cabstractor", "Honeybee C-Abstractor (--tokens M, a square)")
@@ -184,6 +232,8 @@ class CAbstractorConfig(ProjectorConfig):
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()
+
+    mixes: ClassVar[str] = "its convolutions and adaptive pooling mix windows"
 
 
 @register_method("llamavid", "LLaMA-VID: a context and a content token per image (text queries as a 2nd input)")
@@ -200,7 +250,7 @@ class LlamaVidConfig(ProjectorConfig):
     projector_weights: str | None = _weights()
 
     def make_op(self, site: Site) -> nn.Module:
-        if self.grid_size > 1 and site.grid is None:
+        if self.grid_size > 1 and (site.grid is None or site.unit is not None):
             raise ConfigError(f"llamavid --grid-size {self.grid_size} needs the patch grid; use --grid-size 1")
         op = super().make_op(site)
         op.signals = (QUERIES_INPUT,)  # type: ignore[assignment]

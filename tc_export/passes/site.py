@@ -32,6 +32,9 @@ class Site:
     still exists (merging and pruning destroy it); ``padded``: the model has a padding mask (size-0 tokens).
     ``layer`` is the attention layer index (None at the encoder output) of ``num_layers``. ``at_output``: the op's
     output is the tower's output (a ``block_input`` op scoring with the layer after the ``--features`` cut).
+    ``unit``: merge units of s x s patches are on (docs/merge-units.md): the patch tokens run in unit-window order
+    and ``patch_grid`` is the original patch grid. A token method never sees this: the pass shows it the unit view
+    (one row of s^2 * C channels per unit, no prefix); projectors read it to act window by window.
     ``frames``: a video tower's frames per clip, each frame one batch row here (None: no clip, or the frames are
     already joined into one sequence per clip by an earlier op).
     """
@@ -46,6 +49,8 @@ class Site:
     grid: tuple[int, ...] | None = None
     padded: bool = False
     at_output: bool = False
+    unit: int | None = None
+    patch_grid: tuple[int, ...] | None = None
     frames: int | None = None
 
     def describe(self) -> str:

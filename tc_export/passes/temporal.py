@@ -13,10 +13,10 @@ from .site import Point, Site
 
 
 @register_method("temporal", "temporal pruning inside the tower: later frames keep their most changed tokens "
-                             "(--keep, --budget frame|clip, --frames T)")
+                             "(--retain, --budget frame|clip, --frames T)")
 @dataclass(frozen=True)
 class TemporalConfig:
-    """``keep``: the fraction of each later frame's grid tokens kept, K = ceil(keep * M) (``budget`` frame: K in
+    """``retain``: the fraction of each later frame's grid tokens kept, K = ceil(retain * M) (``budget`` frame: K in
     every later frame; clip: K * (T - 1) over the later frames together). Frame 0 and every frame's protected
     tokens always run. Acts where the first block starts; the model must end at tokens (``--features``)."""
 
@@ -28,13 +28,13 @@ class TemporalConfig:
     protected_suffix: ClassVar[None] = None
     layers: ClassVar[tuple[int, ...]] = (0,)
 
-    keep: float = setting(0.25, "temporal: fraction of each later frame's grid tokens kept")
+    retain: float = setting(0.25, "temporal: fraction of each later frame's grid tokens kept")
     budget: str = setting("frame", "temporal: frame (K tokens in each later frame) | clip (K x (T - 1) over the "
                                    "later frames, the most changed wherever they are)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
-            raise ConfigError(f"temporal: keep must be a fraction in (0, 1], got {self.keep!r}")
+        if isinstance(self.retain, bool) or not isinstance(self.retain, (int, float)) or not 0.0 < self.retain <= 1.0:
+            raise ConfigError(f"temporal: retain must be a fraction in (0, 1], got {self.retain!r}")
         if self.budget not in BUDGETS:
             raise ConfigError(f"temporal: budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
 
@@ -52,5 +52,5 @@ class TemporalConfig:
         self.check(site)
         assert site.frames is not None
         grid = site.tokens - site.protected
-        keep = max(1, math.ceil(self.keep * grid - 1e-9))
+        keep = max(1, math.ceil(self.retain * grid - 1e-9))
         return TemporalPrune(site.frames, site.tokens, site.protected, keep, self.budget)

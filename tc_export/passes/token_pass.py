@@ -11,6 +11,7 @@ claim.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Mapping, Sequence
@@ -23,8 +24,22 @@ from torch import fx, nn
 from ..errors import ConfigError, StructureNotFoundError
 from ..ops.attention import presence_bias, proportional_bias
 from ..ops.base import TokenOp
-from ..ops.state import grid_state, initial_state, leading_tokens, positions_of, rejoin_suffix, size_column
+from ..ops.projectors.windows import UnitWindows
+from ..ops.state import (
+    expand_units,
+    grid_state,
+    initial_state,
+    initial_unit_state,
+    leading_tokens,
+    positions_of,
+    project_unit_state,
+    rejoin_suffix,
+    size_column,
+    to_unit_order,
+    unit_grid,
+)
 from ..ops.temporal import frame_mask
+from ..ops.units import UnitOp
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
@@ -33,6 +48,7 @@ from .outputs import append_outputs, block_output, cut_output, encoder_output, f
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
 from .position_tables import PositionTable, find_position_tables
+from .projectors import ProjectorConfig
 from .positions import check_foreign_token_tensors
 from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
 from .site import Point, Site
@@ -75,6 +91,7 @@ class PassReport:
     extra_inputs: dict[str, tuple[int, ...]] = field(default_factory=dict)  # name -> shape without batch
     output_is_tokens: bool = False
     notes: list[str] = field(default_factory=list)
+    unit: int | None = None  # merge units of unit x unit patches (docs/merge-units.md)
 
     def emitted_positions(self) -> dict[str, object] | None:
         """What --emit-positions added, for the ONNX metadata and a bundle's manifest (None: nothing)."""
@@ -92,12 +109,15 @@ class TokenPass:
     name = "tokens"
 
     def __init__(self, configs: Sequence[TokenMethod], features: int | None = None, frames: int | None = None,
-                 emit_positions: bool = False) -> None:
-        if not configs and features is None and not emit_positions:
+                 emit_positions: bool = False, unit: int | None = None) -> None:
+        if not configs and features is None and not emit_positions and unit is None:
             raise ConfigError("no compression method given")
         self.configs = list(configs)
         self.features, self.frames = features, frames
         self.emit_positions = emit_positions
+        self.unit = resolve_unit(self.configs, unit)
+        self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
+        self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
         self.name = "+".join(config.method for config in self.configs) or "features"
         self.report = PassReport()
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
@@ -135,6 +155,8 @@ class TokenPass:
         protected = self._protected(structure)
         suffix = self._suffix(structure, protected)
         total = sites[0].num_tokens()
+        if self.unit is not None:
+            self._to_units(gm, structure, total, protected, suffix)
         # Found before any op goes in: the finders read the uncompressed graph.
         tables: dict[int, list[PositionTable]] = {}
         for table in find_position_tables(gm, structure):
@@ -144,6 +166,9 @@ class TokenPass:
         for window in windows:
             tables.setdefault(window.site, []).append(window)
         padded = initial is not None
+        if padded and self.unit is not None:
+            raise ConfigError(f"merge units (--unit {self.unit}) on a model with a padding mask are not supported: "
+                              "units are windows of a patch grid, which padded sequences do not have")
         state = initial
         frame_coordinate = any(getattr(config, "needs_frame_coordinate", False) for config in self.configs)
         if frame_coordinate and not self.frames:
@@ -166,7 +191,7 @@ class TokenPass:
                     f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
                     "the patches); use tome or adjacent, or --protected N if token 0 is a class token"
                 )
-            config.check(first)
+            config.check(self._method_site(config, first))
 
         graph = gm.graph
         # Found before any op goes in (an op takes over its anchor's uses, which these searches follow).
@@ -180,11 +205,12 @@ class TokenPass:
         for site in sites[: last_layer + 1]:
             config = plan.get(("block_input", site.index))
             if config is not None:
-                op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix))
+                op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
+                                                      suffix))
                 if op is not None:
                     state, call = self._insert_block_input_op(gm, site, op, state, suffix)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
-            if ops and site.index in tables:  # this attention runs on compressed tokens
+            if (ops or self.unit is not None) and site.index in tables:  # compressed (or unit-ordered) tokens
                 if state is None:
                     raise StructureNotFoundError(
                         f"{tables[site.index][0].kind} at attention layer {site.index}: the tokens come from a "
@@ -207,7 +233,8 @@ class TokenPass:
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
-                op = config.make_op(self._site(structure, site, "attention", tokens, protected, padded, grid, suffix))
+                op = self._make_op(config, self._site(structure, site, "attention", tokens, protected, padded, grid,
+                                                      suffix))
                 if op is not None:
                     state, call = self._insert_op(gm, site.stream, op, state, self._signals(graph, site, op),
                                                   site.index, suffix=suffix)
@@ -215,7 +242,8 @@ class TokenPass:
             config = plan.get(("block", site.index))
             if config is not None:
                 anchor = block_ends[site.index]
-                op = config.make_op(self._site(structure, site, "block", tokens, protected, padded, grid, suffix))
+                op = self._make_op(config, self._site(structure, site, "block", tokens, protected, padded, grid,
+                                                      suffix))
                 if op is not None and not isinstance(op, TokenOp):
                     _check_keeps_stream(op, config, site.index, protected, _channels(anchor))
                 if op is not None:
@@ -231,6 +259,9 @@ class TokenPass:
                     f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
                     f"{config.method} cannot score that output with layer {site.index}'s queries and keys"
                 )
+            if self.unit is not None:
+                raise ConfigError(f"{config.method} at the tower output (scored by layer {site.index}) does not act on "
+                                  f"merge units yet; with --unit {self.unit}, prune at layer {last_layer} instead")
             op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix,
                                            at_output=True))
             state, call = self._insert_block_input_op(gm, site, op, state, suffix)
@@ -249,10 +280,12 @@ class TokenPass:
                 tokens, protected, channels, state = math.prod(grid), 0, _channels(end), None
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
             site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded,
+                        unit=self.unit if self._unit_live else None, patch_grid=structure.grid,
                         frames=self._frames_now)
-            op = config.make_op(site)
+            op = self._make_op(config, site)
             if op is None:
                 continue
+            before = state
             # The chain only feeds the new output: whatever else read ``end`` (the rest of a tower cut at
             # --features) keeps reading the tokens it read, and is dead code once the output moves.
             state, call = self._insert_op(gm, end, op, state, self._signals(graph, None, op), None,
@@ -261,6 +294,14 @@ class TokenPass:
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
+            if not isinstance(op, TokenOp) and self._unit_live:  # a projector: one token per unit from here on
+                self._unit_live = False
+                if isinstance(op, UnitWindows) and before is not None:
+                    with graph.inserting_after(call):
+                        state = graph.call_function(project_unit_state, (before, op.projector.prefix,
+                                                                         bool(op.prefix_out()), op.unit,
+                                                                         op.transposed))
+                    self._token_states.add(state)
         if self._masks_frames and self.features is None and not encoder_stages:
             raise ConfigError(f"{self.name} joins each clip's frames into one sequence, which the model's own head "
                               "or pooling (per frame) cannot read: end the model at tokens (--features N or a recipe "
@@ -304,6 +345,16 @@ class TokenPass:
         graph = gm.graph
         projector = ops[-1] if ops and stages and not isinstance(gm.get_submodule(str(ops[-1].target)), TokenOp) \
             else None
+        if projector is not None and isinstance(gm.get_submodule(str(projector.target)), UnitWindows):
+            module = gm.get_submodule(str(projector.target))
+            if module.raster:  # uncompressed: the projector's own output grid, as without units
+                state = self._grid_state(gm, module, end)
+            else:
+                grid = unit_grid(self.report.grid, module.unit)
+                self.report.emitted_grid = (f"{type(module.projector).__name__}'s output grid "
+                                            f"{'x'.join(map(str, grid[::-1] if module.transposed else grid))} (each "
+                                            "token at its merge unit's position)")
+            projector = None
         if projector is not None:
             module = gm.get_submodule(str(projector.target))
             grid = module.output_grid()
@@ -327,11 +378,77 @@ class TokenPass:
                 sizes = graph.call_function(frames_to_sequence, (sizes, self.frames))
         self.report.emitted_after = append_outputs(gm, [positions, sizes])
 
+    def _grid_state(self, gm: fx.GraphModule, module: UnitWindows, end: fx.Node) -> fx.Node:
+        """The state of an uncompressed window projector's output: its output grid's coordinates."""
+        grid = module.output_grid()
+        assert grid is not None
+        with gm.graph.inserting_after(end):
+            state = gm.graph.call_function(grid_state, (end, module.prefix_out(), grid, float(module.unit ** 2),
+                                                        self.frames))
+        self._token_states.add(state)
+        self.report.emitted_grid = f"{type(module.projector).__name__}'s output grid {'x'.join(map(str, grid))}"
+        return state
+
+    def _to_units(self, gm: fx.GraphModule, structure: Structure, tokens: int, protected: int, suffix: int) -> None:
+        """Put the patch tokens in unit-window order where the stream enters the first block (one constant
+        Gather), so that every later layer, op and projector finds each unit's tokens consecutive."""
+        assert self.unit is not None
+        grid = unit_grid(structure.grid, self.unit)
+        patches = tokens - protected - suffix
+        if math.prod(structure.grid or ()) != patches:
+            raise StructureNotFoundError(
+                f"--unit {self.unit}: the model has {patches} tokens besides its {protected + suffix} protected ones, "
+                f"not the {'x'.join(map(str, structure.grid or ()))} patch grid, so they cannot be grouped into units"
+            )
+        first = structure.sites[0]
+        if first.block_input is None:
+            raise StructureNotFoundError(f"--unit {self.unit}: no block input found for attention {first.name}, "
+                                         "where the tokens would be put in unit order")
+        source = first.block_input
+        with gm.graph.inserting_after(source):
+            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit))
+        source.replace_all_uses_with(ordered, delete_user_cb=lambda user: user is not ordered)
+        for site in structure.sites:
+            if site.block_input is source:
+                site.block_input = ordered
+            if site.stream is source:
+                site.stream = ordered
+        self.report.unit = self.unit
+        self.report.notes.append(f"merge units of {self.unit}x{self.unit} patches: the {structure.grid[0]}x"
+                                 f"{structure.grid[1]} grid in unit order, {grid[0]}x{grid[1]} units")
+
+    def _method_site(self, config: TokenMethod, site: Site) -> Site:
+        """The site a token method is shown: with merge units on, the unit view (one row of s^2 * C channels per
+        unit, the protected prefix cut off, no grid); otherwise ``site``."""
+        if not self._unit_live or isinstance(config, ProjectorConfig):
+            return site
+        unit = self.unit
+        assert unit is not None
+        units = (site.tokens - site.protected) // (unit * unit)
+        return dataclasses.replace(site, tokens=units, protected=0, channels=site.channels * unit * unit, grid=None,
+                                   unit=unit)
+
+    def _make_op(self, config: TokenMethod, site: Site) -> nn.Module | None:
+        """``config``'s op at ``site``; with merge units on, a token method's op acting on whole units."""
+        op = config.make_op(self._method_site(config, site))
+        if op is None or not isinstance(op, TokenOp) or not self._unit_live:
+            return op
+        assert self.unit is not None
+        return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
+                      getattr(config, "unit_score", "mean"))
+
     def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
                        protected: int, suffix: int) -> fx.Node:
         """The token state with positions (``ops.state``), built where the stream enters the first block."""
         first = structure.sites[0]
         source = first.block_input or first.stream
+        if self.unit is not None:  # one row per unit, on the unit grid
+            grid = unit_grid(structure.grid, self.unit)
+            with gm.graph.inserting_after(source):
+                state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames))
+            self._pinned.add(state)
+            self.report.positions = 2 + (1 if self.frames else 0)
+            return state
         grid = structure.grid if structure.grid is not None and math.prod(structure.grid) == tokens - protected - suffix \
             else None
         with gm.graph.inserting_after(source):
@@ -343,12 +460,22 @@ class TokenPass:
     def _view(self, graph: fx.Graph, view: object, state: fx.Node | None) -> fx.Node | None:
         """``view(state)`` (the sizes or the positions of a state with positions), one node per state; without
         positions the state is the sizes."""
-        if state is None or self.report.positions is None:
-            return None if view is positions_of else state
+        if state is None or (self.report.positions is None and view is positions_of):
+            return None
+        units = self.unit is not None and state not in self._token_states
+        if self.report.positions is None and not units:
+            return state
         key = (view, state)
         if key not in self._views:
+            node = state
             with graph.inserting_after(state):
-                self._views[key] = graph.call_function(view, (state,))
+                if units:  # one row per unit: expanded to the tokens (``ops.state.expand_units``)
+                    node = graph.call_function(expand_units, (state, self.report.protected, self.report.suffix,
+                                                              self.unit, self.frames is not None))
+            if self.report.positions is not None:
+                with graph.inserting_after(node):
+                    node = graph.call_function(view, (node,))
+            self._views[key] = node
         return self._views[key]
 
     @staticmethod
@@ -456,14 +583,15 @@ class TokenPass:
         self.report.suffix = structure.suffix
         return structure.suffix
 
-    def _site(self, structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int, padded: bool,
-              grid: tuple[int, ...] | None, suffix: int = 0, at_output: bool = False) -> Site:
+    def _site(self, structure: Structure, site: AttentionSite, point: Point, tokens: int, protected: int,
+              padded: bool, grid: tuple[int, ...] | None, suffix: int = 0, at_output: bool = False) -> Site:
         """The place as an op sees it: ``tokens`` less the protected suffix, which no op is shown."""
         layout = tensor_meta_shape(site.query) or ()
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
         return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded,
-                    at_output, self._frames_now)
+                    at_output, unit=self.unit if self._unit_live else None, patch_grid=structure.grid,
+                    frames=self._frames_now)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
                config: TokenMethod, layer: int | None, suffix: int = 0,
@@ -623,6 +751,26 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+def resolve_unit(configs: Sequence[TokenMethod], given: int | None) -> int | None:
+    """The merge unit: ``given`` (--unit), or the window side of the first window projector (patchmerger, unshuffle,
+    pool avg/max) that a token method precedes. A given unit that differs from that window is an error."""
+    if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given < 1):
+        raise ConfigError(f"--unit must be a whole number of patches >= 1 (the side of a unit), got {given!r}")
+    seen_token_method = False
+    for config in configs:
+        if not isinstance(config, ProjectorConfig):
+            seen_token_method = True
+            continue
+        window = config.window()
+        if window is None or not seen_token_method:
+            continue
+        if given is not None and given != window:
+            raise ConfigError(f"--unit {given} conflicts with {config.method}, which reads {window}x{window} windows "
+                              f"after the compression: give --unit {window} or leave it out")
+        return window
+    return given
 
 
 def _check_keeps_stream(op: nn.Module, config: TokenMethod, layer: int, protected: int, channels: int) -> None:

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.tome import ToMeMerge, effective_r
+from ..ops.units import UNIT_METRICS
 from .layers import parse_layers_flag, parse_protected, protected_suffix_setting, validate_placement
 from .methods import register_method, setting
 from .site import Point, Site
@@ -98,6 +99,8 @@ class ToMeConfig:
                                        "sequences; not the published global search)", parse_window, metavar="W")
     placement: str = setting("attention", "tome: merge after the attention (the published place) or at the block "
                                           "input, before it (input; not the published method)", metavar="WHERE")
+    unit_metric: str = setting("mean", "merge units: match units on the mean of their tokens' keys (mean) or on "
+                                       "the keys concatenated (concat)", metavar="HOW")
 
     def __post_init__(self) -> None:
         values = self.r if isinstance(self.r, tuple) else (self.r,)
@@ -114,6 +117,8 @@ class ToMeConfig:
         if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int)
                                         or self.window < 1):
             raise ConfigError(f"window must be a whole number >= 1 (B tokens searched each side), got {self.window!r}")
+        if self.unit_metric not in UNIT_METRICS:
+            raise ConfigError(f"tome: unit_metric must be mean or concat, got {self.unit_metric!r}")
         if self.placement not in PLACEMENTS:
             raise ConfigError(f"tome: placement must be attention or input, got {self.placement!r}")
         validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
@@ -139,8 +144,9 @@ class ToMeConfig:
         largest = max((schedule[layer] for layer in layers if layer < site.num_layers), default=0)
         limit = effective_r(site.tokens, 10**9, site.protected)
         if largest > limit:
+            what = f"{site.unit}x{site.unit} merge units" if site.unit is not None else "tokens"
             raise ConfigError(
-                f"r={largest} is too large: the first layer has {site.tokens} tokens "
+                f"r={largest} is too large: the first layer has {site.tokens} {what} "
                 f"({site.protected} protected), so r can be at most {limit}"
             )
 
@@ -152,5 +158,6 @@ class ToMeConfig:
         window = self.window
         if window is not None and window >= (site.tokens + 1) // 2 - 1:  # the band holds every B token
             window = None
-        return ToMeMerge(r, site.protected, site.padded, sort_unmerged=True if self.sort_unmerged else None,
+        sort = True if self.sort_unmerged or site.unit is not None else None  # units: unmerged ones keep their order
+        return ToMeMerge(r, site.protected, site.padded, sort_unmerged=sort,
                          window=window, metric_is_tokens=self.placement == "input")

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.topk import TopKAtOutput, TopKPrune, keep_count
+from ..ops.units import UNIT_SCORES
 from .layers import (
     PREFIX_MODE_HELP,
     check_prefix_mode,
@@ -49,12 +50,16 @@ class TopKConfig:
     protected_suffix: int | None = protected_suffix_setting()
     prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
     prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
+    unit_score: str = setting("mean", "merge units: score a unit by the mean, sum or max of its tokens' scores",
+                              metavar="HOW")
 
     def __post_init__(self) -> None:
         check_prefix_mode(self.method, self.prefix_mode)
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
             raise ConfigError(f"keep must be a fraction in (0, 1], got {self.keep!r}")
         validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
+        if self.unit_score not in UNIT_SCORES:
+            raise ConfigError(f"topk: unit_score must be mean, sum or max, got {self.unit_score!r}")
 
     def insertion_point(self) -> Point:
         return self.point

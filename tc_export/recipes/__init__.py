@@ -1,8 +1,8 @@
 """Recipes: multi-stage compression described in YAML, shipped here (``*.yaml``) or given as a file path.
 
 A recipe is a list of stages, one method each, on disjoint layers (projectors may follow each other at the
-encoder output), with optional model-level settings ``features`` (the block whose tokens the model outputs) and
-``frames`` (video), and the ``model`` it is written for::
+encoder output), with optional model-level settings ``features`` (the block whose tokens the model outputs),
+``frames`` (video) and ``unit`` (merge units, docs/merge-units.md), and the ``model`` it is written for::
 
     description: ToMe r=8 in blocks 0-5, then Top-K 0.7 at block 8
     stages:
@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..passes.layers import parse_layers  # noqa: F401 - part of this module's interface
 
-RECIPE_KEYS = ("description", "model", "features", "frames", "stages")
+RECIPE_KEYS = ("description", "model", "features", "frames", "unit", "stages")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Recipe:
     model: str | None = None  # the model it is written for (informational; any model may use it)
     features: int | None = None  # vision-tower mode: the block whose tokens the model outputs
     frames: int | None = None  # video: frames per clip
+    unit: int | None = None  # merge units of unit x unit patches (docs/merge-units.md)
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -76,13 +77,13 @@ def parse_recipe(text: str, source: str, name: str = "recipe") -> Recipe:
     if not isinstance(stages, list) or not stages:
         raise ConfigError(f"recipe {source}: 'stages' must be a non-empty list of stages")
     configs = tuple(_stage_config(stage, f"recipe {source}: stage {i + 1}") for i, stage in enumerate(stages))
-    for key in ("features", "frames"):
+    for key in ("features", "frames", "unit"):
         value = data.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"recipe {source}: {key} must be a whole number, got {value!r}")
     model = data.get("model")
     return Recipe(name, source, str(data.get("description", "")), configs, None if model is None else str(model),
-                  data.get("features"), data.get("frames"))
+                  data.get("features"), data.get("frames"), data.get("unit"))
 
 
 def method_fields(config_type: type) -> list[str]:

@@ -45,5 +45,9 @@ class PatchMergerProjector(UnshuffleProjector):
         self.check_input(x)
         return self.mlp(self.unshuffle(self.ln_q(x)))  # per-token norm: the prefix it also sees is dropped after
 
+    def window_forward(self, windows: Tensor) -> Tensor:
+        """(B, U, k*k, C) windows, tokens in (di, dj) row-major order -> (B, U, D): one output token per window."""
+        return self.mlp(self.ln_q(windows).flatten(2))
+
     def extra_repr(self) -> str:
         return f"{Projector.extra_repr(self)}, scale={self.scale}, out_channels={self.out_channels}"

@@ -78,6 +78,11 @@ class PoolProjector(Projector):
             tokens = torch.cat([x[:, : self.prefix], tokens], dim=1)
         return tokens
 
+    def window_forward(self, windows: Tensor) -> Tensor:
+        """(B, U, s*s, C) windows -> (B, U, C): each window's mean (avg) or maximum (max). Not for bilinear,
+        which interpolates across windows."""
+        return windows.mean(2) if self.mode == "avg" else windows.amax(2)
+
     def tokens_out(self) -> int:
         return self.prefix_out() + math.prod(self.out_grid)
 

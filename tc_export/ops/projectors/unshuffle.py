@@ -86,6 +86,10 @@ class UnshuffleProjector(Projector):
         self.check_input(x)
         return self.mlp1(self.unshuffle(x))
 
+    def window_forward(self, windows: Tensor) -> Tensor:
+        """(B, U, k*k, C) windows, tokens in (di, dj) row-major order -> (B, U, D): one output token per window."""
+        return self.mlp1(windows.flatten(2))
+
     def tokens_out(self) -> int:
         return self.out_grid[0] * self.out_grid[1]
 

@@ -1,0 +1,94 @@
+"""A token op acting on whole merge units (docs/merge-units.md).
+
+With a unit s the patch tokens run in unit-window order (``state.to_unit_order``): each unit's s^2 tokens are
+consecutive. ``UnitOp`` shows its inner op the unit view (B, U, s^2 * C): the protected prefix cut off (and
+rejoined in front afterwards, as the pass does with the suffix), each unit one row of its tokens' channels
+concatenated slot by slot. Any op then acts on whole units with its own rule: ToMe averages unit into unit slot by
+slot (token i of one unit with token i of the other, size-weighted), Top-K keeps whole units, adjacent merging
+merges neighbouring units. The token state the op maps is already one row per unit. The signals are reduced to
+units: keys (``metric``) by ``unit_metric`` (mean of the unit's keys, or their concatenation), scores
+(``class_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .base import TokenOp
+
+UnitMetric = Literal["mean", "concat"]
+UnitScore = Literal["mean", "sum", "max"]
+UNIT_METRICS: tuple[str, ...] = ("mean", "concat")
+UNIT_SCORES: tuple[str, ...] = ("mean", "sum", "max")
+
+
+def unit_rows(x: Tensor, prefix: int, unit: int) -> Tensor:
+    """(B, prefix + U*s^2, ...) -> (B, U, s^2, ...): the unprotected rows grouped by unit."""
+    body = x[:, prefix:]
+    return body.reshape(body.shape[0], body.shape[1] // (unit * unit), unit * unit, *body.shape[2:])
+
+
+def reduce_metric(metric: Tensor, prefix: int, unit: int, how: str) -> Tensor:
+    """Per-token keys (B, N, d) -> per-unit metric (B, U, d) (mean) or (B, U, s^2 * d) (concat)."""
+    rows = unit_rows(metric, prefix, unit)
+    return rows.mean(2) if how == "mean" else rows.flatten(2)
+
+
+def reduce_score(score: Tensor, prefix: int, unit: int, how: str) -> Tensor:
+    """Per-token scores (B, N) -> per-unit scores (B, U): mean, sum or max over the unit's tokens."""
+    rows = unit_rows(score, prefix, unit)
+    if how == "max":
+        return rows.amax(2)
+    return rows.sum(2) if how == "sum" else rows.mean(2)
+
+
+class UnitOp(TokenOp):
+    """``inner`` applied to whole units: ``(x, state, *signals) -> (x, state)`` with ``x`` (B, prefix + U*s^2, C)
+    in unit-window order and ``state`` one row per protected token and per unit (``ops.state``)."""
+
+    def __init__(self, inner: TokenOp, prefix: int, unit: int, unit_metric: str = "mean",
+                 unit_score: str = "mean") -> None:
+        super().__init__()
+        if unit < 1 or prefix < 0:
+            raise ValueError("unit must be >= 1 and prefix >= 0")
+        if unit_metric not in UNIT_METRICS or unit_score not in UNIT_SCORES:
+            raise ValueError(f"unit_metric in {UNIT_METRICS}, unit_score in {UNIT_SCORES}")
+        self.inner, self.prefix, self.unit = inner, prefix, unit
+        self.protected = prefix  # what the invariant checks hold unchanged in front
+        self.unit_metric, self.unit_score = unit_metric, unit_score
+        self.signals = inner.signals  # type: ignore[misc]
+        self.creates_size = inner.creates_size
+
+    def forward(self, x: Tensor, size: Tensor | None, *signals: Tensor) -> tuple[Tensor, Tensor | None]:
+        batch, _, channels = x.shape
+        prefix, unit = self.prefix, self.unit
+        view = unit_rows(x, prefix, unit).flatten(2)  # (B, U, s^2 * C)
+        if size is not None and size.shape[1] != prefix + view.shape[1]:
+            size = None  # per-token ones that an export wrapper passes for "no sizes yet" (``export_ops``)
+        reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
+        out, out_size = self.inner(view, None if size is None else size[:, prefix:], *reduced)
+        tokens = torch.cat([x[:, :prefix], out.reshape(batch, -1, channels)], dim=1)
+        if out_size is None:
+            return tokens, None
+        head = size[:, :prefix] if size is not None else out_size.new_ones(batch, prefix, out_size.shape[-1])
+        return tokens, torch.cat([head, out_size], dim=1)
+
+    def _signal(self, name: str, signal: Tensor, x: Tensor) -> Tensor:
+        if signal.dim() == 2:  # scores (B, N)
+            return reduce_score(signal, self.prefix, self.unit, self.unit_score)
+        return reduce_metric(signal, self.prefix, self.unit, self.unit_metric)  # keys or tokens (B, N, d)
+
+    def tokens_out(self, tokens_in: int) -> int:
+        units = (tokens_in - self.prefix) // (self.unit * self.unit)
+        return self.prefix + self.inner.tokens_out(units) * self.unit * self.unit
+
+    def state_rows(self, tokens: int) -> int:
+        """Rows of the state that goes with ``tokens`` tokens: one per protected token and one per unit."""
+        return self.prefix + (tokens - self.prefix) // (self.unit * self.unit)
+
+    def extra_repr(self) -> str:
+        return (f"prefix={self.prefix}, unit={self.unit}, unit_metric={self.unit_metric}, "
+                f"unit_score={self.unit_score}")
