@@ -428,3 +428,11 @@ def test_qwen2_vl_temporal_pruning_equals_the_tower_per_step_on_the_kept_tokens(
                                   "tokens", "--features", -1, "--method", "temporal", "--retain", 0.25,
                                   "--emit-positions", "-o", tmp_path / "t.onnx"], capsys)
     assert code == 0 and "passed" in printed, err
+
+
+def test_temporal_pruning_on_merge_units_is_refused_naming_it(monkeypatch):
+    from tc_export.passes.temporal import TemporalConfig
+
+    build = _shallow_clip(monkeypatch, layers=1)
+    with pytest.raises(ConfigError, match="merge units .* is not built"):
+        compress(video_model(build(ModelOptions()), 4), [TemporalConfig(), PoolConfig()], features=-1, unit=2)

@@ -50,6 +50,12 @@ class TemporalConfig:
 
     def make_op(self, site: Site) -> TemporalPrune:
         self.check(site)
+        if site.unit is not None:
+            raise ConfigError(
+                f"temporal pruning on merge units (--unit {site.unit}) is not built: the kept units of each frame "
+                "would need the projector to run window by window within each frame of the joined clip sequence; "
+                "prune tokens (no --unit) and end at the tower's tokens, or prune after the projector with evs"
+            )
         assert site.frames is not None
         grid = site.tokens - site.protected
         keep = max(1, math.ceil(self.retain * grid - 1e-9))
