@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from tc_export import compress
-from tc_export.bench import make_session, time_interleaved
-from tc_export.bench_job import compare_outputs
+from tc_export.measure.bench import make_session, time_interleaved
+from tc_export.measure.bench_job import compare_outputs
 from tc_export.export.macs import count_macs
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models.hf_models import build_whisper_encoder

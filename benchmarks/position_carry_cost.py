@@ -3,7 +3,7 @@
 Both models are exported from one ViT with the same method; the second is compressed with ``emit_positions`` (the
 token state carries (row, column) times size next to each size through every merge, and the model outputs each
 token's position and size). Timed side by side in ONNX Runtime on CPU, runs interleaved, spinning off in both
-sessions (``tc_export.bench.make_session``). The goal is under 3% of the compressed model's time.
+sessions (``tc_export.measure.bench.make_session``). The goal is under 3% of the compressed model's time.
 
     python benchmarks/position_carry_cost.py --model vit_b --r 16 --batch 1 --batch 8
     python benchmarks/position_carry_cost.py --smoke     # a 2-layer tiny ViT, 3 runs (keeps the script working)
@@ -17,9 +17,9 @@ from pathlib import Path
 from token_count_floor import tome_timing_setup
 
 from tc_export import ToMeConfig, compress
-from tc_export.bench import make_session, time_interleaved
+from tc_export.measure.bench import make_session, time_interleaved
 from tc_export.export.onnx_export import ExportConfig, export_onnx
-from tc_export.pipeline import emitted_output_names
+from tc_export.job.pipeline import emitted_output_names
 
 
 def main() -> None:

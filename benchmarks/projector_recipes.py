@@ -1,4 +1,4 @@
-"""Token counts, MACs and ONNX Runtime latency of the shipped tower + projector recipes (README "Projectors").
+"""Token counts, MACs and ONNX Runtime latency of the shipped tower + projector recipes (docs/projectors.md).
 
     python benchmarks/projector_recipes.py [--runs 10] [--smoke] [--no-time]
 
@@ -13,8 +13,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from tc_export.bench import make_session, time_side_by_side
-from tc_export.compress import compress
+from tc_export.measure.bench import make_session, time_side_by_side
+from tc_export.job.compress import compress
 from tc_export.export.macs import count_macs
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models import ModelOptions, load_model

@@ -1,8 +1,8 @@
-"""Reproduce the README's benchmark tables and plots in one run.
+"""Reproduce the benchmark tables of the docs pages (docs/speed.md, docs/tune.md, ...) and plots in one run.
 
     python benchmarks/readme_tables.py [--out benchmarks/results] [--repeats 3] [--runs 40] [--smoke]
 
-Writes ``tables.md`` (the tables the README shows, with the machine and load they were measured under),
+Writes ``tables.md`` (the tables the docs pages show, with the machine and load they were measured under),
 one ``tc-export.bench/1`` JSON per section and the plots of the MNIST sweep. Sections:
 
 - ``vit_b``: ToMe r=16 against the uncompressed ViT-B at batch 1 and 8, ``--repeats`` independent runs (the spread);
@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tc_export.bench_job import SweepConfig, run_sweep
-from tc_export.bench_report import document, footnote, markdown_table, write_json, write_plots
+from tc_export.measure.bench_job import SweepConfig, run_sweep
+from tc_export.measure.bench_report import document, footnote, markdown_table, write_json, write_plots
 from tc_export.models import ModelOptions, load_model
-from tc_export.sweep import Candidate, expand, parse_config_spec, parse_sweep
+from tc_export.measure.sweep import Candidate, expand, parse_config_spec, parse_sweep
 
 MNIST_SWEEPS = {  # method -> (config spec, sweep); every one reaches the method's strongest setting
     "tome": ("tome", "r=8,16,24,32,40,48,64,80,98"),

@@ -20,7 +20,7 @@ from tc_export import compress
 from tc_export.export.macs import count_macs
 from tc_export.models import ModelOptions, load_model
 from tc_export.passes import ToMeConfig, TopKConfig
-from tc_export.tune.latency import time_models
+from tc_export.measure.tune.latency import time_models
 
 
 def eager_ms(models: dict[str, torch.nn.Module], inputs: dict[str, torch.Tensor], rounds: int) -> dict[str, float]:

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from tc_export import ToMeConfig, compress
-from tc_export.bench import make_session, time_side_by_side
+from tc_export.measure.bench import make_session, time_side_by_side
 from tc_export.export.onnx_export import ExportConfig, export_onnx
 from tc_export.models import ModelOptions, load_model
 from tc_export.models.base import InputSpec, LoadedModel
-from tc_export.tune.truncate import TruncateLikeToMe
+from tc_export.measure.tune.truncate import TruncateLikeToMe
 
 
 def tiny_vit() -> LoadedModel:

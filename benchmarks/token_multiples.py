@@ -14,8 +14,8 @@ import argparse
 
 from tc_export import compress
 from tc_export.models import ModelOptions, load_model
-from tc_export.tune.latency import time_models
-from tc_export.tune.truncate import TruncateAt
+from tc_export.measure.tune.latency import time_models
+from tc_export.measure.tune.truncate import TruncateAt
 
 
 def main() -> None:

@@ -26,10 +26,10 @@ from pathlib import Path
 from tc_export.cli.tune_command import parse_budget
 from tc_export.models import ModelOptions, load_model
 from tc_export.passes.tome import ToMeConfig
-from tc_export.tune.output import markdown, summary
-from tc_export.tune.run import run_tune
-from tc_export.tune.search import TuneConfig, latency_table, model_shape
-from tc_export.tune.schedule import Schedule
+from tc_export.measure.tune.output import markdown, summary
+from tc_export.measure.tune.run import run_tune
+from tc_export.measure.tune.search import TuneConfig, latency_table, model_shape
+from tc_export.measure.tune.schedule import Schedule
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,9 +37,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def constant_r_target(loaded, values, batch, runs, budget):
     """The constant-r ToMe rows scored by the evaluator and predicted by one latency table; the tune target is just
     above the fastest one that stays within 1 point (those rows are timed again beside the tuned one)."""
-    from tc_export.bench_job import find_evaluator
-    from tc_export.tune.calib import seeded_calib
-    from tc_export.tune.fidelity import Scorer
+    from tc_export.measure.bench_job import find_evaluator
+    from tc_export.measure.tune.calib import seeded_calib
+    from tc_export.measure.tune.fidelity import Scorer
 
     scorer = Scorer(loaded, seeded_calib(loaded, 64), "accuracy", find_evaluator(loaded.name))
     schedules = [Schedule(f"tome r={r}", "tome constant r", (ToMeConfig(r=r),)) for r in values]

@@ -10,13 +10,13 @@ Python API::
 
 from __future__ import annotations
 
-from .compress import CompressedModel, compress
+from .job.compress import CompressedModel, compress
 from .errors import TCExportError
 from .export.onnx_export import ExportConfig, export_onnx
-from .export.parity import ParityConfig, check_parity
+from .export.checks.parity import ParityConfig, check_parity
 from .models import ModelOptions, load_model
 from .passes import ToMeConfig
-from .pipeline import JobConfig, run_job
+from .job.pipeline import JobConfig, run_job
 
 __all__ = [
     "CompressedModel",

@@ -11,6 +11,7 @@ for) and its position mass (size x (row, column) on the unit grid). Rules:
 - ToMe: units alternate A (even unit index) / B (odd); unit metric = mean (or concatenation) of its tokens'
   head-averaged keys, cosine similarity; each A unit's best B unit (ties: lower index); the r best A units merge
   into their B unit slot by slot, size-weighted; output: unmerged A units in order, then the B units in order.
+- PruMerge (``unit_prumerge``) and adjacent merging (``unit_adjacent``): as written there.
 - Window projectors: each unit in turn is one window -> one output token at the unit's position.
 """
 
@@ -68,13 +69,20 @@ def reduce(values: list[float], how: str) -> float:
     return {"mean": sum(values) / len(values), "sum": sum(values), "max": max(values)}[how]
 
 
-def unit_topk(x: Tensor, layout: Layout, scores: Tensor, keep: float, how: str = "mean"):
-    """Keep ceil(keep * U) units by their tokens' scores (N,), best first, ties to the lower index."""
+def unit_topk(x: Tensor, layout: Layout, scores: Tensor, keep: float, how: str = "mean", fuse: bool = False):
+    """Keep ceil(keep * U) units by their tokens' scores (N,), best first, ties to the lower index. ``fuse``: one
+    more unit, EViT's fused token slot by slot: the score-weighted sum of the pruned units (not normalised), of
+    their total size and mass."""
     unit_scores = [reduce([float(scores[r]) for r in u.rows], how) for u in layout.units]
     count = math.ceil(keep * len(layout.units) - 1e-9)
-    order = sorted(range(len(unit_scores)), key=lambda u: (-unit_scores[u], u))[:count]
-    chosen = [layout.units[u] for u in order]
-    return rebuild(x, layout, [(x[u.rows], u.size, u.mass) for u in chosen])
+    ranked = sorted(range(len(unit_scores)), key=lambda u: (-unit_scores[u], u))
+    out = [(x[layout.units[u].rows], layout.units[u].size, layout.units[u].mass) for u in ranked[:count]]
+    if fuse:
+        pruned = [layout.units[u] for u in ranked[count:]]
+        weights = [unit_scores[u] for u in ranked[count:]]
+        out.append((sum(w * x[u.rows] for w, u in zip(weights, pruned)), sum(u.size for u in pruned),
+                    sum(u.mass for u in pruned)))
+    return rebuild(x, layout, out)
 
 
 def unit_tome(x: Tensor, layout: Layout, keys: Tensor, r: int, metric: str = "mean"):
@@ -105,6 +113,58 @@ def unit_tome(x: Tensor, layout: Layout, keys: Tensor, r: int, metric: str = "me
     return rebuild(x, layout, out)
 
 
+def unit_prumerge(x: Tensor, layout: Layout, query: Tensor, key: Tensor, budget: int, received: bool = False,
+                  neighbours: int = 32, extra: bool = True, how: str = "mean"):
+    """LLaVA-PruMerge over units: full-width q, k (N, C) of the tokens entering the layer; every token scored by the
+    class token's attention (or the attention it receives), units by the mean of their tokens' scores; the
+    ``budget`` best units kept (best first), each adding the score-weighted sum of its nearest units (cosine of
+    the mean keys; candidates: the other kept units by rank, then the pruned ones by index), slot by slot; the
+    extra unit is the score-weighted sum of the pruned units."""
+    probs = torch.softmax((query @ key.T) * key.shape[-1] ** -0.5, dim=-1)
+    token_scores = probs.mean(0) if received else probs[0]
+    units = layout.units
+    scores = [reduce([float(token_scores[r]) for r in u.rows], how) for u in units]
+    order = sorted(range(len(units)), key=lambda u: (-scores[u], u))
+    kept, pruned = order[:budget], sorted(order[budget:])
+    keys = [key[u.rows].mean(0) for u in units]
+    keys = [k / k.norm().clamp_min(1e-12) for k in keys]
+    out = []
+    for i, unit in enumerate(kept):
+        rest = kept[:i] + kept[i + 1:] + pruned
+        sims = [float(keys[unit] @ keys[j]) for j in rest]
+        count = min(neighbours, len(rest))
+        cluster = [rest[t] for t in sorted(range(len(rest)), key=lambda t: (-sims[t], t))[:count]]
+        tokens = x[units[unit].rows] + sum(scores[j] * x[units[j].rows] for j in cluster)
+        out.append((tokens, units[unit].size, units[unit].mass))
+    if extra:
+        out.append((sum(scores[j] * x[units[j].rows] for j in pruned), sum(units[j].size for j in pruned),
+                    sum(units[j].mass for j in pruned)))
+    return rebuild(x, layout, out)
+
+
+def unit_adjacent(x: Tensor, layout: Layout, keys: Tensor, r: int):
+    """Adjacent merging over units: pairs (0, 1), (2, 3), ... of units in sequence order, scored by the cosine of
+    their mean keys; the r most similar pairs (ties: the earlier pair) become one unit, slot by slot size-weighted,
+    at the pair's place."""
+    token_keys = keys.mean(0)
+    units = layout.units
+    feats = [token_keys[u.rows].mean(0) for u in units]
+    feats = [f / f.norm().clamp_min(1e-12) for f in feats]
+    pairs = len(units) // 2
+    sims = [float(feats[2 * p] @ feats[2 * p + 1]) for p in range(pairs)]
+    chosen = set(sorted(range(pairs), key=lambda p: (-sims[p], p))[:min(r, pairs)])
+    out = []
+    for p in range(pairs):
+        a, b = units[2 * p], units[2 * p + 1]
+        if p in chosen:
+            size = a.size + b.size
+            out.append(((a.size * x[a.rows] + b.size * x[b.rows]) / size, size, a.mass + b.mass))
+        else:
+            out += [(x[a.rows], a.size, a.mass), (x[b.rows], b.size, b.mass)]
+    out += [(x[u.rows], u.size, u.mass) for u in units[2 * pairs:]]
+    return rebuild(x, layout, out)
+
+
 def received_attention(probs: Tensor) -> Tensor:
     """(N,) the attention each token receives, averaged over the queries and the heads."""
     return probs.mean(dim=(0, 1))
@@ -118,10 +178,12 @@ Op = Callable[[Tensor, Layout, Tensor, Tensor], tuple[Tensor, Tensor, Layout]]
 
 
 def run_units(model, images: Tensor, grid: tuple[int, int], unit: int, ops: dict[int, Op],
-              prop_attn: bool) -> list[tuple[Tensor, Layout]]:
+              prop_attn: bool, before: dict[int, Op] | None = None) -> list[tuple[Tensor, Layout]]:
     """A timm ViT per sample with unit ops after the attention residual add of the layers in ``ops``
-    (``op(x, layout, keys (H,N,d), probs (H,N,N)) -> (x, sizes, layout)``); returns per sample the final normed
-    tokens and their layout."""
+    (``op(x, layout, keys (H,N,d), probs (H,N,N)) -> (x, sizes, layout)``) and where the stream enters the layers
+    in ``before`` (``op(x, layout, q (N,C), k (N,C))``, full width); returns per sample the final normed tokens and
+    their layout."""
+    before = before or {}
     encoder = timm_vit(model)
     prefix = model.num_prefix_tokens
     results: list[tuple[Tensor, Layout]] = []
@@ -137,12 +199,19 @@ def run_units(model, images: Tensor, grid: tuple[int, int], unit: int, ops: dict
         x, size, state["layout"] = ops[layer](x, state["layout"], keys, probs)
         return x, size
 
+    def enter(layer, x, size, query, key):
+        if layer not in before:
+            return x, size
+        x, size, state["layout"] = before[layer](x, state["layout"], query, key)
+        return x, size
+
     def head(x, size, prop):
         normed = model.norm(x)
         results.append((normed, state["layout"]))
         return normed[:1]
 
-    run(Encoder(embed, encoder.layers, head), {"x": images}, Hooks(after_attention=step, prop_attn=prop_attn))
+    run(Encoder(embed, encoder.layers, head), {"x": images}, Hooks(after_attention=step, before_layer=enter,
+                                                                            prop_attn=prop_attn))
     return results
 
 

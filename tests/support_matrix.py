@@ -2,7 +2,7 @@
 method on each, with what happened: parity (and agreement with the independent reference where one applies) or a
 refusal whose message names the cause. ToMe on each family runs through the command-line job (passes, MACs,
 export, parity, fidelity), the other methods through ``compress`` and ONNX Runtime, to keep the matrix cheap.
-``tests/test_support_matrix.py`` checks every cell and that the README shows exactly this table;
+``tests/test_support_matrix.py`` checks every cell and that docs/methods.md shows exactly this table;
 ``python -m tests.support_matrix`` prints it.
 """
 
@@ -250,7 +250,7 @@ def run_cell(family: Family, method: str) -> Cell:
 
 def _through_job(loaded: LoadedModel, method: str):
     """The command-line job without its argument parsing (``run_job``): passes, MACs, export, parity, fidelity."""
-    from tc_export.pipeline import JobConfig, run_job
+    from tc_export.job.pipeline import JobConfig, run_job
 
     with tempfile.TemporaryDirectory() as folder:
         config = JobConfig(model=loaded.name, output=Path(folder) / "m.onnx", methods=(METHODS[method](),),

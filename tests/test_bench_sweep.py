@@ -13,15 +13,15 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from tc_export.bench_job import SweepConfig, compare_outputs, run_sweep
-from tc_export.bench_report import SCHEMA_ID, document, markdown_table, validate, write_json, write_plots
+from tc_export.measure.bench_job import SweepConfig, compare_outputs, run_sweep
+from tc_export.measure.bench_report import SCHEMA_ID, document, markdown_table, validate, write_json, write_plots
 from tc_export.cli.main import main
 from tc_export.errors import BackendUnavailableError, ConfigError
 from tc_export.export.quantize import quantize_int8
 from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.passes import ToMeConfig
-from tc_export.reference_tome import apply_reference_tome
-from tc_export.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+from tc_export.measure.reference_tome import apply_reference_tome
+from tc_export.measure.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
 
 from .conftest import tiny_timm_vit
 from .reference import reference_tome_timm_vit
@@ -156,7 +156,7 @@ def test_sweep_rows_speedups_fidelity_int8_baselines_and_reports(tmp_path, monke
         with torch.no_grad():
             return float((module(labels_images).argmax(1) == labels).float().mean())
 
-    import tc_export.bench_job as bench_job
+    import tc_export.measure.bench_job as bench_job
 
     monkeypatch.setitem(bench_job.EVALUATORS, "tiny_with_eval", accuracy)
     candidates = expand([candidate_from_configs([ToMeConfig(r=0)])], [parse_sweep("r=0,1")])
@@ -233,7 +233,32 @@ def test_cli_bench_user_errors(args, message, code, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_trt_backend_missing_raises_backend_error():
-    from tc_export.bench_job import check_backend
+    from tc_export.measure.bench_job import check_backend
 
     with pytest.raises(BackendUnavailableError, match="TensorRT missing"):
         check_backend("trt")
+
+
+def test_cli_bench_projector_recipe_says_why_fidelity_is_not_shown(tmp_path, capsys):
+    """A projector outputs tokens, not the model's logits: as the export job does, no fidelity against them."""
+    recipe = tmp_path / "pool.yaml"
+    recipe.write_text("stages:\n  - {method: pool, stride: 2}\n")
+    out = tmp_path / "out.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "timm:vit_tiny_patch16_224", "--img-size", "64", "--recipe", str(recipe),
+              "--config", "tome r=1", "--backend", "torch", "--batch", "2", "--threads", "1", "--runs", "3",
+              "--warmup", "0", "--samples", "2", "--json", str(out), "--markdown", str(tmp_path / "out.md")])
+    stdout, stderr = capsys.readouterr()
+    assert exit_info.value.code == 0, stderr
+    doc = json.loads(out.read_text())
+    assert validate(doc) == []
+    rows = {row["label"]: row for row in doc["rows"]}
+    assert list(rows) == ["uncompressed", "recipe pool", "tome r=1"]
+    projector = rows["recipe pool"]["fidelity"]
+    assert projector["cosine"] is None and projector["top1_agreement"] is None and projector["kl"] is None
+    assert "outputs tokens" in projector["note"]
+    assert "recipe pool: fidelity not shown" in stdout
+    assert rows["uncompressed"]["fidelity"]["cosine"] == 1.0
+    assert rows["tome r=1"]["fidelity"]["top1_agreement"] is not None and -1 <= rows["tome r=1"]["fidelity"]["cosine"] <= 1
+    table = (tmp_path / "out.md").read_text()
+    assert next(line for line in table.splitlines() if "recipe pool" in line).endswith("| - | - | - | - |")

@@ -8,12 +8,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-import tc_export.pipeline
+import tc_export.job.pipeline
 from tc_export import ExportConfig, ToMeConfig, compress
 from tc_export.errors import TCExportError
 from tc_export.export.files import external_data_files
 from tc_export.export.onnx_export import EXTERNAL_ALIGNMENT, write_onnx
-from tc_export.export.parity import ParityConfig
+from tc_export.export.checks.parity import ParityConfig
 from tc_export.models import footprint
 
 from .conftest import tiny_timm_vit
@@ -89,7 +89,7 @@ def test_too_big_is_refused_before_loading(tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(tc_export.pipeline, "load_model", no_loading)
+    monkeypatch.setattr(tc_export.job.pipeline, "load_model", no_loading)
     code, out, err = run_cli(["timm:vit_7b_patch16_dinov3", "--method", "tome", "--r", "8", "-o",
                               tmp_path / "d.onnx"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
@@ -104,7 +104,7 @@ def test_too_big_names_the_dtype_that_fits(tmp_path, capsys, monkeypatch):
     fp32, fp16 = footprint.Footprint(params).peak_bytes("fp32"), footprint.Footprint(params).peak_bytes("fp16")
     assert fp16 < fp32
     monkeypatch.setattr(footprint, "machine_memory", lambda: (fp16 + fp32) // 2)
-    monkeypatch.setattr(tc_export.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(tc_export.job.pipeline, "load_model", lambda *a, **k: pytest.fail("loaded"))
     code, out, err = run_cli(["vit_b", "-o", tmp_path / "b.onnx"], capsys)
     assert code == 2 and "--dtype fp16 would need about" in err
 
@@ -153,7 +153,7 @@ def test_parity_tolerances_follow_the_dtype():
 def test_lint_states_the_plugin_token_limits(op_type, tokens, warned):
     from onnx import helper
 
-    from tc_export.export.lint import lint_model
+    from tc_export.export.tensorrt.lint import lint_model
 
     from .test_lint import model, vi
 

@@ -14,18 +14,18 @@ import torch
 from tc_export.cli.main import main
 from tc_export.cli.trt_commands import EngineFlags, export_target
 from tc_export.errors import ConfigError
-from tc_export.export.bundle import (
+from tc_export.export.tensorrt.bundle import (
     ENGINE_TOLERANCES,
     check_bundle_dir,
     is_bundle_output,
     staging_dir,
 )
-from tc_export.export.engine import EngineConfig
-from tc_export.export.verify import compare_elementwise
+from tc_export.export.tensorrt.engine import EngineConfig
+from tc_export.export.checks.verify import compare_elementwise
 from tc_export.models.base import InputSpec, LoadedModel
-from tc_export.export.lint import lint_model
+from tc_export.export.tensorrt.lint import lint_model
 from tc_export.passes import ToMeConfig
-from tc_export.pipeline import JobConfig, run_job
+from tc_export.job.pipeline import JobConfig, run_job
 
 from .conftest import tiny_timm_vit
 
@@ -245,7 +245,7 @@ def test_bundle_functions_follow_the_plugin_conventions(bundle):
 
 def test_bundle_names_its_final_path_and_a_parity_failure_writes_nothing(tmp_path):
     from tc_export.errors import ParityError
-    from tc_export.export.parity import ParityConfig
+    from tc_export.export.checks.parity import ParityConfig
 
     lines = []
     config = JobConfig(model="tiny_vit", output=tmp_path / "b", methods=(ToMeConfig(r=1),), fidelity_samples=0,

@@ -31,6 +31,12 @@ def test_tome_export_end_to_end(tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
 
 
+def test_projector_job_says_why_fidelity_is_not_shown(tmp_path, capsys):
+    code, out, err = run_cli([*TINY, "--method", "pool", "--stride", "2", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert "fidelity not shown: the compressed model outputs tokens" in out and "fidelity vs" not in out
+
+
 def test_engine_without_tensorrt_keeps_onnx(tmp_path, capsys):
     code, out, err = run_cli([*TINY, "--method", "tome", "--r", "2", "-o", tmp_path / "m.engine"], capsys)
     assert code == 3
@@ -241,13 +247,13 @@ def test_new_user_errors_are_one_line(case, user_files, tmp_path, capsys):
 ])
 def test_unexpected_failures_are_one_line(raised, code, message, tmp_path, capsys, monkeypatch):
     """The file system saying no, and a bug, still end in one line (the traceback on request)."""
-    import tc_export.pipeline
+    import tc_export.job.pipeline
 
     def fail(*args, **kwargs):
         raise raised
 
     monkeypatch.delenv("TC_EXPORT_TRACEBACK", raising=False)
-    monkeypatch.setattr(tc_export.pipeline, "run_job", fail)
+    monkeypatch.setattr(tc_export.job.pipeline, "run_job", fail)
     got, out, err = run_cli([*TINY, "-o", tmp_path / "m.onnx"], capsys)
     assert got == code and len(err.strip().splitlines()) == 1 and err.startswith(message), err
 
@@ -282,7 +288,7 @@ def test_non_finite_outputs_are_named_not_measured(tmp_path):
     of 'differs by max abs 0.000e+00'."""
     from tc_export.errors import ParityError
     from tc_export.models import ModelOptions, load_model
-    from tc_export.pipeline import JobConfig, run_job
+    from tc_export.job.pipeline import JobConfig, run_job
 
     loaded = load_model("timm:vit_tiny_patch16_224", ModelOptions(img_size=32), warn_random=False)
     with torch.no_grad():

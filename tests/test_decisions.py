@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from tc_export import ExportConfig, ParityConfig, ToMeConfig, check_parity, compress, export_onnx
-from tc_export.export.decisions import SiteCall, compare_sites, onnx_site_calls, torch_site_calls
+from tc_export.export.checks.decisions import SiteCall, compare_sites, onnx_site_calls, torch_site_calls
 from tc_export.ops.tome import ToMeMerge
 
 from .conftest import tiny_timm_vit

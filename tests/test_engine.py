@@ -13,7 +13,7 @@ from onnx import TensorProto, helper
 
 from tc_export.cli.main import main
 from tc_export.errors import BackendUnavailableError, ConfigError
-from tc_export.export.engine import (
+from tc_export.export.tensorrt.engine import (
     TARGETS,
     EngineConfig,
     OnnxInput,
@@ -27,7 +27,7 @@ from tc_export.export.engine import (
     sidecar_path,
     tensorrt_missing_reason,
 )
-from tc_export.export.lint import LintError
+from tc_export.export.tensorrt.lint import LintError
 
 NO_TRT = tensorrt_missing_reason()
 

@@ -94,7 +94,7 @@ def test_bert_padding_matches_reference(method):
 def test_truncation_of_padded_text_cuts_its_sizes():
     """The latency table's truncated models on a padded text model: the padding sizes are cut with the tokens
     (they were dropped, and the next layer's mask read None)."""
-    from tc_export.tune.truncate import TruncateAt
+    from tc_export.measure.tune.truncate import TruncateAt
 
     loaded = tiny("bert")
     batch = _padded_batch([24, 5])

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tc_export import ExportConfig, compress, export_onnx
 from tc_export.cli.main import main
 from tc_export.errors import ConfigError
-from tc_export.export.lint import LintError, lint_model, parse_version, require_lint_clean
+from tc_export.export.tensorrt.lint import LintError, lint_model, parse_version, require_lint_clean
 from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKConfig
 
 from .conftest import tiny_timm_vit

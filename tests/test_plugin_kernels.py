@@ -541,17 +541,17 @@ def test_aot_compiles(op: str, cc: int, dtype: torch.dtype, shape: str) -> None:
 
 
 def test_load_trt_plugins_without_tensorrt() -> None:
-    from tc_export.plugins import load_trt_plugins
+    from tc_export.export.tensorrt import load_trt_plugins
 
     if importlib.util.find_spec("tensorrt") is not None:
         pytest.skip("tensorrt is importable here: covered by test_trt_plugins_register")
     assert load_trt_plugins() is False
-    assert "tc_export.plugins.trt_plugins" not in sys.modules
+    assert "tc_export.export.tensorrt.plugins" not in sys.modules
 
 
 @pytest.mark.tensorrt
 def test_trt_plugins_register() -> None:
-    from tc_export.plugins import load_trt_plugins
+    from tc_export.export.tensorrt import load_trt_plugins
 
     if not load_trt_plugins():
         pytest.skip("needs TensorRT >= 10.9 with its libraries (not installable on CPU-only machines)")

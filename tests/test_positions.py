@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import fx
 
-from tc_export.compress import compress
+from tc_export.job.compress import compress
 from tc_export.errors import StructureNotFoundError
 from tc_export.ops import topk as topk_module
 from tc_export.ops.adjacent import AdjacentMerge

@@ -57,7 +57,7 @@ def test_yolos_detection_tokens_stay_last_through_the_cli(tmp_path, capsys):
 
 def test_yolos_reference_fails_when_the_suffix_is_merged(tmp_path):
     """Mutation: with protected_suffix=0 the detection tokens merge like patches, and the reference says so."""
-    from tc_export.compress import compress
+    from tc_export.job.compress import compress
     from tc_export.models import ModelOptions, load_model
     from tc_export.passes.tome import ToMeConfig
 
@@ -98,7 +98,7 @@ SUFFIX_METHODS = {  # config keywords, (hook, step on the tokens in front of the
 
 @pytest.mark.parametrize("method", list(SUFFIX_METHODS))
 def test_every_method_keeps_the_detection_tokens_last(tmp_path, method):
-    from tc_export.compress import compress
+    from tc_export.job.compress import compress
     from tc_export.models import ModelOptions, load_model
     from tc_export.passes import METHODS
 

@@ -14,7 +14,7 @@ from tc_export.errors import ConfigError
 
 pytest.importorskip("matplotlib")
 
-from tc_export.report import accuracy_tradeoff, load_results, write_report  # noqa: E402
+from tc_export.measure.report import accuracy_tradeoff, load_results, write_report  # noqa: E402
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser") if shutil.which(name)), None)
 

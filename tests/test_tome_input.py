@@ -7,7 +7,7 @@ import torch
 from tc_export import compress
 from tc_export.errors import ConfigError
 from tc_export.passes import ToMeConfig
-from tc_export.reference_tome import apply_reference_tome
+from tc_export.measure.reference_tome import apply_reference_tome
 
 from . import reference_encoders as encoders
 from .conftest import tiny_timm_vit

@@ -15,7 +15,7 @@ from tc_export import ExportConfig, compress, export_onnx
 from tc_export.cli.main import main
 from tc_export.cli.options import MethodFlags, method_configs
 from tc_export.errors import ConfigError
-from tc_export.export.lint import lint_model
+from tc_export.export.tensorrt.lint import lint_model
 from tc_export.models import ModelOptions
 from tc_export.models.hf_models import build_whisper_encoder
 from tc_export.ops.tome import ToMeMerge, tome_merge

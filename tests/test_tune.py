@@ -16,12 +16,12 @@ from tc_export.passes.adjacent import AdjacentConfig
 from tc_export.passes.prumerge import PruMergeConfig
 from tc_export.passes.tome import ToMeConfig
 from tc_export.passes.topk import TopKConfig
-from tc_export.tune.calib import CalibData, load_calib
-from tc_export.tune.families import families, snap, tome_vector
-from tc_export.tune.fidelity import Scorer
-from tc_export.tune.latency import LatencyTable, grid
-from tc_export.tune.schedule import Schedule, Shape, layer_counts, op_key, recipe_yaml, token_list
-from tc_export.tune.search import TuneConfig, model_shape, tune
+from tc_export.measure.tune.calib import CalibData, load_calib
+from tc_export.measure.tune.families import families, snap, tome_vector
+from tc_export.measure.tune.fidelity import Scorer
+from tc_export.measure.tune.latency import LatencyTable, grid
+from tc_export.measure.tune.schedule import Schedule, Shape, layer_counts, op_key, recipe_yaml, token_list
+from tc_export.measure.tune.search import TuneConfig, model_shape, tune
 
 from .conftest import tiny_timm_vit
 
@@ -231,8 +231,8 @@ def test_cli_refuses_a_non_yaml_output(tmp_path, capsys):
 
 def test_whole_job_on_a_tiny_model(tmp_path, capsys):
     """Latency table, search, real timing and outputs, end to end (3 runs: nothing about speed is asserted)."""
-    from tc_export.report import render_tune
-    from tc_export.tune.run import run_tune
+    from tc_export.measure.report import render_tune
+    from tc_export.measure.tune.run import run_tune
 
     loaded = tiny_loaded(depth=2, img_size=32)
     # a target every schedule meets: which schedules a tiny model can speed up is the machine's business
@@ -251,7 +251,7 @@ def test_whole_job_on_a_tiny_model(tmp_path, capsys):
 def test_every_method_gets_an_op_cost_probe(loaded, monkeypatch):
     """The latency table times one real schedule per searched method (adjacent was cut off by a cap of four
     families, so its op cost was taken as zero)."""
-    from tc_export.tune import search
+    from tc_export.measure.tune import search
 
     seen = {}
     monkeypatch.setattr(search, "measure_table", lambda loaded, shape, batch, counts, probes, *a, **k: seen.setdefault(
@@ -264,7 +264,7 @@ def test_every_method_gets_an_op_cost_probe(loaded, monkeypatch):
 def test_op_costs_are_fitted_one_probe_at_a_time(loaded, monkeypatch):
     """A probe with two ops (ToMe at layer 0's input, then ToMe after each attention) is charged only for the
     op it probes: the other's cost comes from the probe before it. Timings built from known costs come back."""
-    from tc_export.tune import latency
+    from tc_export.measure.tune import latency
 
     shape = model_shape(loaded)
     table, _ = synthetic(shape, w=0.6)
@@ -287,8 +287,8 @@ def test_op_costs_are_fitted_one_probe_at_a_time(loaded, monkeypatch):
 def test_the_final_pick_is_made_on_the_measurement():
     """A predicted winner that measures short of the target gives way to the best-scoring schedule that measured
     at or above it beside it; with none meeting it, the predicted winner stays (and a note says so)."""
-    from tc_export.tune.run import pick_measured
-    from tc_export.tune.search import Scored
+    from tc_export.measure.tune.run import pick_measured
+    from tc_export.measure.tune.search import Scored
 
     def row(label, score):
         return Scored(Schedule(label, "f", (ToMeConfig(r=1),)), 50.0, score)
@@ -308,8 +308,8 @@ def test_the_final_pick_is_made_on_the_measurement():
 def test_a_winner_that_measures_short_is_refitted_by_its_own_error(loaded):
     """The winner measured 10% below its predicted speed-up: the family member predicted to meet the target with
     that error taken off is scored (then timed with every other row), and picked when it meets the target."""
-    from tc_export.tune.run import pick_measured, refit_after_miss
-    from tc_export.tune.search import Scored, TuneResult, refit_member
+    from tc_export.measure.tune.run import pick_measured, refit_after_miss
+    from tc_export.measure.tune.search import Scored, TuneResult, refit_member
 
     shape = model_shape(loaded)
     table, _ = synthetic(shape, w=0.6)

@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tc_export import pipeline
+from tc_export.job import pipeline
 from tc_export.cli.main import main
 from tc_export.models import hf_models, towers  # noqa: F401 - register the towers
 from tc_export.models.registry import MODELS, ModelSpec

@@ -80,9 +80,9 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
                    seed: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
-    from ..export.parity import ParityConfig
+    from ..export.checks.parity import ParityConfig
     from ..models import ModelOptions
-    from ..pipeline import JobConfig, run_job
+    from ..job.pipeline import JobConfig, run_job
     methods, _ = method_configs(flags)
     if flags.recipe is not None:  # a recipe may carry the tower settings (--features, --frames)
         from ..recipes import load_recipe
@@ -151,10 +151,10 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
     tc-export bench vit_b --method tome --sweep r=0,8,16 --batch 1 --batch 8 --json out.json --plot plots/
     tc-export bench deit_s --config "tome r=8" --config "topk keep=0.7 layers=3,6,9" --int8 --baselines
     """
-    from ..bench_job import SweepConfig, check_backend, run_sweep
-    from ..bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
+    from ..measure.bench_job import SweepConfig, check_backend, run_sweep
+    from ..measure.bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
     from ..models import ModelOptions, load_model
-    from ..sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+    from ..measure.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
 
     config = SweepConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads, backend=backend,
                          int8=int8, baselines=baselines, samples=samples, seed=seed, profile=profile,
@@ -200,7 +200,7 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
 def list_command() -> None:
     """Show the models and methods."""
     from ..models import hf_models, mnist, timm_models, towers  # noqa: F401 - registers their entries
-    from ..models.registry import MODELS, PREFIXES, load_model  # noqa: F401
+    from ..models.registry import MODELS, PREFIXES  # noqa: F401
     from ..passes import METHODS
     from ..recipes import load_recipe, shipped_recipes
 

@@ -16,7 +16,7 @@ import click
               help="Add the section of a tc-export tune --json file (repeatable).")
 def report_command(results: Path, output: Path, title: str | None, tune_results: tuple[Path, ...]) -> None:
     """Write RESULTS.json (from tc-export bench --json or tune --json) as one HTML page: tables, plots, machine."""
-    from ..report import TUNE_SCHEMA_ID, load_results, write_report
+    from ..measure.report import TUNE_SCHEMA_ID, load_results, write_report
 
     document = load_results(results)
     tuned = [load_results(path) for path in tune_results]

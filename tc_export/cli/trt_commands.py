@@ -33,7 +33,7 @@ class EngineFlags:
         return [flag for flag, value in names.items() if value is not None]
 
     def config(self, fp16: bool = False):
-        from ..export.engine import EngineConfig, parse_batch_profile, parse_size
+        from ..export.tensorrt.engine import EngineConfig, parse_batch_profile, parse_size
 
         precision = self.precision
         if fp16:
@@ -79,7 +79,7 @@ def engine_options(function: F) -> F:
 
 def export_target(output: str | os.PathLike, flags: EngineFlags, fp16: bool):
     """``-o`` and the engine flags -> (output path, EngineConfig or None, whether it is a bundle directory)."""
-    from ..export.bundle import is_bundle_output
+    from ..export.tensorrt.bundle import is_bundle_output
 
     bundle = is_bundle_output(output)
     path = Path(output)
@@ -103,8 +103,8 @@ def export_target(output: str | os.PathLike, flags: EngineFlags, fp16: bool):
 @click.option("--static", is_flag=True, help="Also reject a dynamic batch dimension.")
 def lint_command(model: Path, trt_version: str | None, target: str | None, static: bool) -> int:
     """Check MODEL (ONNX) against TensorRT's ONNX parser support; exit 1 on an error."""
-    from ..export.engine import get_target
-    from ..export.lint import lint_model
+    from ..export.tensorrt.engine import get_target
+    from ..export.tensorrt.lint import lint_model
 
     version = trt_version or (get_target(target).tensorrt if target else "10.3")
     report = lint_model(model, version, allow_dynamic_batch=not static)
@@ -121,7 +121,7 @@ def lint_command(model: Path, trt_version: str | None, target: str | None, stati
 @engine_options
 def build_command(model: Path, output: Path | None, engine_flags: EngineFlags) -> None:
     """Lint MODEL (ONNX) and build a TensorRT engine from it, with a JSON sidecar (needs TensorRT and a GPU)."""
-    from ..export.engine import build_engine
+    from ..export.tensorrt.engine import build_engine
     from ..export.files import check_output_path
 
     if not model.is_file():
@@ -146,7 +146,7 @@ def build_command(model: Path, output: Path | None, engine_flags: EngineFlags) -
 @click.option("--rtol", type=float, default=None, help="Override the manifest's relative tolerance.")
 def verify_command(model: Path, against: Path, atol: float | None, rtol: float | None) -> None:
     """Run MODEL (.onnx here, .engine on the device) on a bundle's inputs and compare with its outputs."""
-    from ..export.verify import verify
+    from ..export.checks.verify import verify
 
     report = verify(model, against, atol, rtol)
     for line in report.lines():

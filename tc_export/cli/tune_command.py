@@ -55,10 +55,10 @@ def tune_command(model: str, speedup: float | None, latency_ms: float | None, ba
     tc-export tune minilm --speedup 1.5 --calib sentences.txt --metric cosine -o tuned.yaml
     tc-export MODEL --recipe tuned.yaml -o model.onnx
     """
-    from ..tune.output import write_text
+    from ..measure.tune.output import write_text
 
     if latencies is not None:
-        from ..tune.device import pick
+        from ..measure.tune.device import pick
 
         chosen = pick(latencies, speedup, latency_ms)
         write_text(output, chosen["recipe"])
@@ -75,16 +75,16 @@ def tune_command(model: str, speedup: float | None, latency_ms: float | None, ba
         if path is not None and not path.resolve().parent.is_dir():
             raise ConfigError(f"cannot write {path}: directory {path.resolve().parent} does not exist")
     if plot is not None:
-        from ..bench_report import require_matplotlib
+        from ..measure.bench_report import require_matplotlib
 
         require_matplotlib()
-    from ..tune.search import TuneConfig
+    from ..measure.tune.search import TuneConfig
 
     config = TuneConfig(speedup=speedup, latency_ms=latency_ms, batch=batch,
                         methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
                         budget_s=parse_budget(budget), multiple=multiple, threads=threads, runs=runs,
                         measure=measure_count)
-    from ..tune.run import run_tune
+    from ..measure.tune.run import run_tune
 
     run_tune(model, config, output, metric=metric, calib=calib, samples=samples, json_path=json_path, plot=plot,
              candidates=candidates, device=device, say=click.echo, progress_file=sys.stderr)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import BackendUnavailableError, ConfigError
-from ..export.fidelity import first_output
+from ..export.checks.fidelity import first_output
 
 MEAN, STD = 0.1307, 0.3081  # full-MNIST training-set pixel statistics, for pixels scaled to [0, 1]
 SPLIT_SEED = 0

@@ -1,1 +1,3 @@
-"""Export to ONNX, check parity with Polygraphy, build TensorRT engines, count MACs."""
+"""Writing ONNX (``onnx_export``, ``functions``: token ops as local functions, ``files``, ``precision``,
+``quantize``, ``macs``), the checks of an exported file (``checks/``: parity, decisions, fidelity, verify) and
+TensorRT (``tensorrt/``: lint, engines, the plugins' registration, parity bundles)."""

@@ -239,7 +239,8 @@ def _trace_body(
     Channel widths stay static (one model has one width). A carried setting of 1 is traced as 2 (``torch.export``
     would specialise a 1); the returned ranges say where the body holds.
     """
-    from .onnx_export import _quiet, _summary
+    from .exporter_log import quiet as _quiet
+    from .exporter_log import summary as _summary
     from .scatter_free import scatter_free_table
 
     torch.manual_seed(0)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
-import logging
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +16,8 @@ import torch
 
 from ..errors import ConfigError, TCExportError
 from ..ops.tokens import lower_custom_ops, plain_ops
+from .exporter_log import quiet as _quiet
+from .exporter_log import summary as _summary
 from .files import atomic_output, atomic_outputs, data_file_name
 from .functions import plan_functions
 
@@ -278,28 +277,3 @@ def _held_values_class() -> type:
             return np.array(self.original.numpy())
 
     return HeldValues
-
-
-def _summary(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "Error" in line or "error" in line:
-            return line[:300]
-    return (lines[0] if lines else type(error).__name__)[:300]
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The exporter and graphsurgeon print progress; keep the CLI output ours."""
-    sink = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._export")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)

@@ -61,13 +61,6 @@ def register_model(name: str, description: str) -> Callable[[Callable[[ModelOpti
 
 def load_model(name: str, options: ModelOptions | None = None, *, warn_random: bool = True) -> LoadedModel:
     """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
-    from . import (
-        hf_models,  # noqa: F401
-        mnist,  # noqa: F401
-        timm_models,  # noqa: F401 - registers entries
-        towers,  # noqa: F401
-    )
-
     options = options or ModelOptions()
     prefix, sep, rest = name.partition(":")
     if options.pooling is not None and (prefix if sep else name) not in POOLING_MODELS:

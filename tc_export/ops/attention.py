@@ -38,6 +38,22 @@ def class_attention(query: Tensor, key: Tensor, bias: Tensor | None, scale: floa
     return _head_mean_of_first_row(torch.softmax(logits, dim=-1))
 
 
+def received_attention(query: Tensor, key: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """The attention each token receives, (B, N): the softmax probabilities of (B, H, N, d) queries over the keys,
+    averaged over the queries and the heads (HiPrune's and QuietPrune's score for towers without a class token).
+    Fused kernels do not return their weights, so the probabilities are recomputed: N^2 * d work per head."""
+    logits = (query * scale) @ key.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return received_attention_from_probs(torch.softmax(logits, dim=-1))
+
+
+def received_attention_from_probs(probs: Tensor) -> Tensor:
+    """The attention each token receives from explicit probabilities (B, H, N, N) or (B, N, N): the mean over
+    the queries (and the heads)."""
+    return probs.mean(dim=(1, 2)) if probs.dim() == 4 else probs.mean(dim=1)
+
+
 def class_attention_from_probs(probs: Tensor) -> Tensor:
     """The class token's row of explicit attention probabilities (B, H, N, N) or (B, N, N), head-averaged."""
     return _head_mean_of_first_row(probs[..., :1, :])

@@ -8,8 +8,9 @@ from torch import nn
 
 # What an op can ask its pass for, besides the token stream and the sizes:
 #   "metric": the attention keys averaged over heads, (B, N, d);
-#   "class_attention": the class token's attention over all tokens, averaged over heads, (B, N).
-Signal = Literal["metric", "class_attention"]
+#   "class_attention": the class token's attention over all tokens, averaged over heads, (B, N);
+#   "received_attention": the attention each token receives, averaged over queries and heads, (B, N).
+Signal = Literal["metric", "class_attention", "received_attention"]
 
 
 class TokenOp(nn.Module):

@@ -34,17 +34,39 @@ def full_width_class_attention(query: Tensor, key: Tensor, protected: int) -> Te
     return torch.softmax(logits, dim=-1)[:, 0, protected:]
 
 
+def full_width_received_attention(query: Tensor, key: Tensor, protected: int) -> Tensor:
+    """softmax(Q K^T * C^-0.5) over all keys, averaged over all queries: the attention each token receives,
+    (B, N - protected) unprotected part, at PruMerge's full width (heads concatenated)."""
+    width = key.shape[-1]
+    logits = (query @ key.transpose(-1, -2)) * width**-0.5
+    return torch.softmax(logits, dim=-1).mean(1)[:, protected:]
+
+
+def prumerge_scores(query: Tensor, key: Tensor, protected: int, received: bool) -> Tensor:
+    """PruMerge's scores of the unprotected tokens: the class token's attention, or the attention each receives."""
+    return (full_width_received_attention if received else full_width_class_attention)(query, key, protected)
+
+
 def prumerge(
     x: Tensor, size: Tensor | None, query: Tensor, key: Tensor, tokens: int, protected: int, extra: bool = True,
-    neighbours: int = NEIGHBOURS, drop_prefix: bool = False,
+    neighbours: int = NEIGHBOURS, drop_prefix: bool = False, received: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Keep ``tokens`` of the unprotected tokens of ``x`` (B, N, C); ``query``/``key`` (B, N, C') full width.
-    ``drop_prefix``: leave the protected tokens out of the output (``[kept, extra]``, the published output)."""
+    ``drop_prefix``: leave the protected tokens out of the output (``[kept, extra]``, the published output).
+    ``received``: score by the attention each token receives instead of the class token's."""
+    scores = prumerge_scores(query, key, protected, received)
+    return prumerge_scored(x, size, scores, key, tokens, protected, extra, neighbours, drop_prefix)
+
+
+def prumerge_scored(
+    x: Tensor, size: Tensor | None, scores: Tensor, key: Tensor, tokens: int, protected: int, extra: bool = True,
+    neighbours: int = NEIGHBOURS, drop_prefix: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """PruMerge on given ``scores`` (B, N - protected) of the unprotected tokens and ``key`` (B, N, C')."""
     batch, num_tokens, _ = x.shape
     unprotected = num_tokens - protected
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
-    scores = full_width_class_attention(query, key, protected)  # (B, M)
     ranked = scores.topk(unprotected, dim=-1).indices
     order = torch.cat([ranked[:, :tokens], sort_indices(ranked[:, tokens:])], dim=-1)  # kept by rank, then pruned
 
@@ -76,16 +98,26 @@ class PruMerge(TokenOp):
     signals = ("query_full", "key_full")
 
     def __init__(self, tokens: int, protected: int, extra: bool = True, neighbours: int = NEIGHBOURS,
-                 drop_prefix: bool = False) -> None:
+                 drop_prefix: bool = False, received: bool = False) -> None:
         super().__init__()
         if tokens < 1 or protected < 0 or neighbours < 1:
             raise ValueError("tokens and neighbours must be >= 1 and protected >= 0")
         self.tokens, self.protected, self.extra, self.neighbours = tokens, protected, extra, neighbours
         self.drop_prefix = drop_prefix
+        self.received = received
 
     def forward(self, x: Tensor, size: Tensor | None, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         return prumerge(x, size, query, key, self.tokens, self.protected, self.extra, self.neighbours,
-                        self.drop_prefix)
+                        self.drop_prefix, self.received)
+
+    def token_scores(self, query: Tensor, key: Tensor, prefix: int) -> Tensor:
+        """The scores (B, N - prefix) of the tokens after the ``prefix`` (merge units reduce them per unit)."""
+        return prumerge_scores(query, key, prefix, self.received)
+
+    def forward_scored(self, x: Tensor, size: Tensor | None, scores: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+        """The same on scores computed elsewhere (merge units: its tokens' scores reduced to each unit)."""
+        return prumerge_scored(x, size, scores, key, self.tokens, self.protected, self.extra, self.neighbours,
+                               self.drop_prefix)
 
     def prefix_out(self) -> int:
         """Protected tokens left in front of the output."""

@@ -137,7 +137,9 @@ def unit_offsets(unit: int, dims: int, frames: bool) -> Tensor:
     offsets = torch.stack(torch.meshgrid(steps, steps, indexing="ij"), dim=-1).reshape(unit * unit, 2)
     if frames:
         offsets = torch.cat([torch.zeros(unit * unit, 1), offsets], dim=-1)
-    return offsets[:, -dims:] if dims < offsets.shape[1] else offsets
+    if offsets.shape[1] != dims:
+        raise ValueError(f"a unit state has (frame,) row, column positions, not {dims} coordinates")
+    return offsets
 
 
 def expand_units(state: Tensor, prefix: int, suffix: int, unit: int, frames: bool = False) -> Tensor:

@@ -60,12 +60,15 @@ class TopKPrune(TokenOp):
 
     signals = ("class_attention",)
 
-    def __init__(self, keep: int, protected: int, fuse: bool = False, keep_order: bool = False) -> None:
+    def __init__(self, keep: int, protected: int, fuse: bool = False, keep_order: bool = False,
+                 received: bool = False) -> None:
         super().__init__()
         if keep < 1 or protected < 0:
             raise ValueError("keep must be >= 1 and protected >= 0")
         self.keep, self.protected, self.fuse, self.keep_order = keep, protected, fuse, keep_order
         self.creates_size = fuse  # the fused token's size is the pruned mass
+        if received:  # scored by the attention each token receives: the same op on another signal
+            self.signals = ("received_attention",)  # type: ignore[misc]
 
     def forward(self, x: Tensor, size: Tensor | None, class_attn: Tensor) -> tuple[Tensor, Tensor | None]:
         return topk_prune(x, size, class_attn, self.keep, self.protected, self.fuse, self.keep_order)
@@ -77,13 +80,15 @@ class TopKPrune(TokenOp):
         return f"keep={self.keep}, protected={self.protected}, fuse={self.fuse}, keep_order={self.keep_order}"
 
 
-def head_averaged_class_attention(query: Tensor, key: Tensor, heads: int) -> Tensor:
-    """(B, N): softmax(q_0 k^T / sqrt(d)) per head, averaged over heads; ``query``/``key`` (B, N, C) full width."""
+def head_averaged_class_attention(query: Tensor, key: Tensor, heads: int, received: bool = False) -> Tensor:
+    """(B, N): softmax(q_0 k^T / sqrt(d)) per head, averaged over heads; ``query``/``key`` (B, N, C) full width.
+    ``received``: every query's row, averaged over the queries too (the attention each token receives)."""
     batch, tokens, width = key.shape
     dim = width // heads
-    q = query[:, :1].reshape(batch, 1, heads, dim).transpose(1, 2)
+    rows = tokens if received else 1
+    q = query[:, :rows].reshape(batch, rows, heads, dim).transpose(1, 2)
     k = key.reshape(batch, tokens, heads, dim).transpose(1, 2)
-    return torch.softmax((q @ k.transpose(-1, -2)) * dim**-0.5, dim=-1).mean(1)[:, 0]
+    return torch.softmax((q @ k.transpose(-1, -2)) * dim**-0.5, dim=-1).mean(dim=(1, 2))
 
 
 class TopKAtOutput(TokenOp):
@@ -92,19 +97,30 @@ class TopKAtOutput(TokenOp):
     signals = ("query_full", "key_full")
 
     def __init__(self, keep: int, protected: int, heads: int, fuse: bool = False, keep_order: bool = False,
-                 drop_prefix: bool = True) -> None:
+                 drop_prefix: bool = True, received: bool = False) -> None:
         super().__init__()
         if keep < 1 or protected < 0 or heads < 1:
             raise ValueError("keep and heads must be >= 1 and protected >= 0")
         self.keep, self.protected, self.heads, self.fuse, self.keep_order = keep, protected, heads, fuse, keep_order
         self.drop_prefix = drop_prefix
+        self.received = received
         self.creates_size = fuse
 
     def forward(self, x: Tensor, size: Tensor | None, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor | None]:
-        scores = head_averaged_class_attention(query, key, self.heads)
+        scores = head_averaged_class_attention(query, key, self.heads, self.received)
         x, size = topk_prune(x, size, scores, self.keep, self.protected, self.fuse, self.keep_order)
         start = self.protected - self.prefix_out()
         return x[:, start:], None if size is None else size[:, start:]
+
+    def token_scores(self, query: Tensor, key: Tensor, prefix: int) -> Tensor:
+        """The scores (B, N - prefix) of the tokens after the ``prefix`` (merge units reduce them per unit)."""
+        return head_averaged_class_attention(query, key, self.heads, self.received)[:, prefix:]
+
+    def forward_scored(self, x: Tensor, size: Tensor | None, scores: Tensor, key: Tensor
+                       ) -> tuple[Tensor, Tensor | None]:
+        """The selection on scores computed elsewhere (merge units: its tokens' scores reduced to each unit); only
+        for an op without protected tokens (the unit view), so nothing is dropped."""
+        return topk_prune(x, size, scores, self.keep, self.protected, self.fuse, self.keep_order)
 
     def prefix_out(self) -> int:
         return 0 if self.drop_prefix else self.protected

@@ -7,7 +7,9 @@ concatenated slot by slot. Any op then acts on whole units with its own rule: To
 slot (token i of one unit with token i of the other, size-weighted), Top-K keeps whole units, adjacent merging
 merges neighbouring units. The token state the op maps is already one row per unit. The signals are reduced to
 units: keys (``metric``) by ``unit_metric`` (mean of the unit's keys, or their concatenation), scores
-(``class_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
+(``class_attention``, ``received_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
+PruMerge scores every token from the full-width queries and keys (the class token among them), then ranks units
+by their reduced scores and finds each kept unit's nearest units by the reduced keys.
 """
 
 from __future__ import annotations
@@ -50,14 +52,15 @@ class UnitOp(TokenOp):
     in unit-window order and ``state`` one row per protected token and per unit (``ops.state``)."""
 
     def __init__(self, inner: TokenOp, prefix: int, unit: int, unit_metric: str = "mean",
-                 unit_score: str = "mean") -> None:
+                 unit_score: str = "mean", drop_prefix: bool = False) -> None:
         super().__init__()
         if unit < 1 or prefix < 0:
             raise ValueError("unit must be >= 1 and prefix >= 0")
         if unit_metric not in UNIT_METRICS or unit_score not in UNIT_SCORES:
             raise ValueError(f"unit_metric in {UNIT_METRICS}, unit_score in {UNIT_SCORES}")
         self.inner, self.prefix, self.unit = inner, prefix, unit
-        self.protected = prefix  # what the invariant checks hold unchanged in front
+        self.protected = prefix
+        self.drop_prefix = drop_prefix  # at the tower output: the protected tokens left out (PruMerge, Top-K)
         self.unit_metric, self.unit_score = unit_metric, unit_score
         self.signals = inner.signals  # type: ignore[misc]
         self.creates_size = inner.creates_size
@@ -68,13 +71,25 @@ class UnitOp(TokenOp):
         view = unit_rows(x, prefix, unit).flatten(2)  # (B, U, s^2 * C)
         if size is not None and size.shape[1] != prefix + view.shape[1]:
             size = None  # per-token ones that an export wrapper passes for "no sizes yet" (``export_ops``)
-        reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
-        out, out_size = self.inner(view, None if size is None else size[:, prefix:], *reduced)
-        tokens = torch.cat([x[:, :prefix], out.reshape(batch, -1, channels)], dim=1)
+        inner_size = None if size is None else size[:, prefix:]
+        if hasattr(self.inner, "token_scores"):  # scores from the full-width q, k of every token, class token too
+            query, key = signals
+            scores = self.inner.token_scores(query, key, prefix)  # (B, U * s^2)
+            out, out_size = self.inner.forward_scored(view, inner_size, reduce_score(scores, 0, unit, self.unit_score),
+                                                      reduce_metric(key, prefix, unit, self.unit_metric))
+        else:
+            reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
+            out, out_size = self.inner(view, inner_size, *reduced)
+        kept = self.prefix_out()
+        tokens = torch.cat([x[:, :kept], out.reshape(batch, -1, channels)], dim=1)
         if out_size is None:
             return tokens, None
-        head = size[:, :prefix] if size is not None else out_size.new_ones(batch, prefix, out_size.shape[-1])
+        head = size[:, :kept] if size is not None else out_size.new_ones(batch, kept, out_size.shape[-1])
         return tokens, torch.cat([head, out_size], dim=1)
+
+    def prefix_out(self) -> int:
+        """Protected tokens left in front of the output (what the invariant checks hold unchanged)."""
+        return 0 if self.drop_prefix else self.prefix
 
     def _signal(self, name: str, signal: Tensor, x: Tensor) -> Tensor:
         if signal.dim() == 2:  # scores (B, N)
@@ -83,12 +98,12 @@ class UnitOp(TokenOp):
 
     def tokens_out(self, tokens_in: int) -> int:
         units = (tokens_in - self.prefix) // (self.unit * self.unit)
-        return self.prefix + self.inner.tokens_out(units) * self.unit * self.unit
+        return self.prefix_out() + self.inner.tokens_out(units) * self.unit * self.unit
 
     def state_rows(self, tokens: int) -> int:
-        """Rows of the state that goes with ``tokens`` tokens: one per protected token and one per unit."""
-        return self.prefix + (tokens - self.prefix) // (self.unit * self.unit)
+        """Rows of the state that goes with ``tokens`` output tokens: one per protected token and one per unit."""
+        return self.prefix_out() + (tokens - self.prefix_out()) // (self.unit * self.unit)
 
     def extra_repr(self) -> str:
         return (f"prefix={self.prefix}, unit={self.unit}, unit_metric={self.unit_metric}, "
-                f"unit_score={self.unit_score}")
+                f"unit_score={self.unit_score}" + (", drop_prefix" if self.drop_prefix else ""))

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ConfigError
+from .settings import setting
 
 
 def parse_layers(value: Any, where: str) -> tuple[int, ...]:
@@ -68,8 +69,6 @@ def parse_protected_suffix(text: str) -> int:
 
 def protected_suffix_setting() -> Any:
     """The ``protected_suffix`` field every method has (``--protected-suffix N``)."""
-    from .methods import setting
-
     return setting(None, "trailing tokens that never move, e.g. detection tokens (default: found in the graph)",
                    parse_protected_suffix)
 

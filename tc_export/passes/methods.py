@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..registry import Registry
+from .settings import setting  # noqa: F401 - the method modules import it from here
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,6 @@ def register_method(name: str, description: str) -> Callable[[type], type]:
         return config_type
 
     return wrap
-
-
-def setting(default: Any = dataclasses.MISSING, help: str = "", parse: Callable[[str], Any] | None = None,
-            flag: str | None = None, metavar: str | None = None) -> Any:
-    """A config field with its command-line help; ``parse`` turns the flag's text into the value."""
-    metadata = {"help": help, "parse": parse, "flag": flag, "metavar": metavar}
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 def flag_name(field: dataclasses.Field) -> str:

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from ..ops.prumerge import NEIGHBOURS, PruMerge
+from ..ops.units import UNIT_METRICS, UNIT_SCORES
 from .layers import (
     PREFIX_MODE_HELP,
     check_prefix_mode,
@@ -34,7 +35,6 @@ class PruMergeConfig:
 
     method: ClassVar[str] = "prumerge"
     point: ClassVar[Point] = "block_input"
-    needs_class_token: ClassVar[bool] = True
     acts_at_output: ClassVar[bool] = True  # with --features N, at layer N + 1: on the tower output
 
     tokens: int = setting(help="prumerge: token budget K kept", metavar="K")
@@ -47,6 +47,17 @@ class PruMergeConfig:
     protected_suffix: int | None = protected_suffix_setting()
     prop_attn: bool = setting(False, "proportional attention: log(size) added to the attention logits")
     prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
+    score: str = setting("class", "topk / prumerge: rank by the class token's attention (class, the published "
+                                  "rule) or by the attention each token receives, averaged over queries and heads "
+                                  "(received: HiPrune/QuietPrune; towers without a class token)", metavar="WHAT")
+    unit_score: str = setting("mean", "merge units: score a unit by the mean, sum or max of its tokens' scores",
+                              metavar="HOW")
+    unit_metric: str = setting("mean", "merge units: match units on the mean of their tokens' keys (mean) or on "
+                                       "the keys concatenated (concat)", metavar="HOW")
+
+    @property
+    def needs_class_token(self) -> bool:
+        return self.score == "class"
 
     def __post_init__(self) -> None:
         check_prefix_mode(self.method, self.prefix_mode)
@@ -55,6 +66,11 @@ class PruMergeConfig:
         if isinstance(self.neighbours, bool) or not isinstance(self.neighbours, int) or self.neighbours < 1:
             raise ConfigError(f"neighbours must be a whole number >= 1, got {self.neighbours!r}")
         validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
+        if self.score not in ("class", "received"):
+            raise ConfigError(f"prumerge: score must be class or received, got {self.score!r}")
+        if self.unit_score not in UNIT_SCORES or self.unit_metric not in UNIT_METRICS:
+            raise ConfigError(f"prumerge: unit_score must be one of {', '.join(UNIT_SCORES)} and unit_metric one of "
+                              f"{', '.join(UNIT_METRICS)}, got {self.unit_score!r} and {self.unit_metric!r}")
 
     def insertion_point(self) -> Point:
         return self.point
@@ -81,4 +97,5 @@ class PruMergeConfig:
                 "blocks read; drop them only at the tower output (--features N, PruMerge scoring with layer N + 1)"
             )
         drop = site.at_output and self.prefix_mode != "keep"
-        return PruMerge(self.tokens, site.protected, extra=self.extra, neighbours=self.neighbours, drop_prefix=drop)
+        return PruMerge(self.tokens, site.protected, extra=self.extra, neighbours=self.neighbours, drop_prefix=drop,
+                        received=self.score == "received")

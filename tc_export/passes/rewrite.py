@@ -6,7 +6,13 @@ import torch
 from torch import fx
 
 from ..errors import StructureNotFoundError
-from ..ops.attention import biased_attention, class_attention, class_attention_from_probs
+from ..ops.attention import (
+    biased_attention,
+    class_attention,
+    class_attention_from_probs,
+    received_attention,
+    received_attention_from_probs,
+)
 from .graph import is_biased_attention, is_sdpa, node_kwarg
 from .structure import AttentionSite
 
@@ -132,14 +138,17 @@ def combine_bias(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     return mask + bias
 
 
-def insert_class_attention(graph: fx.Graph, site: AttentionSite) -> fx.Node:
-    """Insert the class token's head-averaged attention row, (B, N), for the site's attention.
+def insert_class_attention(graph: fx.Graph, site: AttentionSite, received: bool = False) -> fx.Node:
+    """Insert the class token's head-averaged attention row, (B, N), for the site's attention (``received``: the
+    attention each token receives, averaged over queries and heads, instead).
 
-    Explicit attention: read row 0 of the softmax output. SDPA: recompute that one row from q, k (and the bias).
+    Explicit attention: read row 0 of the softmax output (its mean over rows). SDPA: recompute that one row (all
+    rows) from q, k (and the bias).
     """
     if site.softmax is not None:
         with graph.inserting_after(site.softmax):
-            return graph.call_function(class_attention_from_probs, (site.softmax,))
+            return graph.call_function(received_attention_from_probs if received else class_attention_from_probs,
+                                       (site.softmax,))
     node = site.attention
     query, key = node.args[0], node.args[1]
     if is_biased_attention(node):
@@ -149,4 +158,5 @@ def insert_class_attention(graph: fx.Graph, site: AttentionSite) -> fx.Node:
         if scale is None:
             scale = site.key_layout()[-1] ** -0.5
     with graph.inserting_after(node):
-        return graph.call_function(class_attention, (query, key, bias, float(scale)))
+        return graph.call_function(received_attention if received else class_attention,
+                                   (query, key, bias, float(scale)))

@@ -118,6 +118,7 @@ class TokenPass:
         self.unit = resolve_unit(self.configs, unit)
         self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
         self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
+        self._unit_prefix: int | None = None  # protected rows of the unit state once an op at the output drops them
         self.name = "+".join(config.method for config in self.configs) or "features"
         self.report = PassReport()
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
@@ -182,14 +183,16 @@ class TokenPass:
             if config.needs_class_token and protected == 0:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
-                    "(no learned token in front of the sequence); use tome or adjacent"
+                    "(no learned token in front of the sequence); score by the attention each token receives "
+                    "(score: received, as HiPrune and QuietPrune do), or use tome or adjacent"
                 )
             if config.needs_class_token and self.report.protected_source != "given with --protected" \
                     and not reads_first_token(gm, structure):
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token: its "
                     f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
-                    "the patches); use tome or adjacent, or --protected N if token 0 is a class token"
+                    "the patches); score by the attention each token receives (score: received), use tome or "
+                    "adjacent, or --protected N if token 0 is a class token"
                 )
             config.check(self._method_site(config, first))
 
@@ -259,16 +262,14 @@ class TokenPass:
                     f"layer {site.index}'s input is not the --features layer {last_layer}'s output, so "
                     f"{config.method} cannot score that output with layer {site.index}'s queries and keys"
                 )
-            if self.unit is not None:
-                raise ConfigError(f"{config.method} at the tower output (scored by layer {site.index}) does not act on "
-                                  f"merge units yet; with --unit {self.unit}, prune at layer {last_layer} instead")
-            op = config.make_op(self._site(structure, site, "block_input", tokens, protected, padded, grid, suffix,
-                                           at_output=True))
+            op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
+                                                  suffix, at_output=True))
             state, call = self._insert_block_input_op(gm, site, op, state, suffix)
             tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix,
                                        f"the tower output (scored by layer {site.index})")
             end = self._tokens_after(call)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
+            self._unit_prefix = protected  # the unit state's protected rows from here on
         if state is not None and (padded or (prop_attn and ops)):
             size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
@@ -430,12 +431,17 @@ class TokenPass:
 
     def _make_op(self, config: TokenMethod, site: Site) -> nn.Module | None:
         """``config``'s op at ``site``; with merge units on, a token method's op acting on whole units."""
+        if isinstance(config, ProjectorConfig) and site.point == "block" and self._unit_live:
+            raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
+                              "projector acts at the encoder output, where each unit becomes one token; leave out "
+                              "at, or drop the unit")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live:
             return op
         assert self.unit is not None
         return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
-                      getattr(config, "unit_score", "mean"))
+                      getattr(config, "unit_score", "mean"),
+                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)))
 
     def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
                        protected: int, suffix: int) -> fx.Node:
@@ -470,8 +476,9 @@ class TokenPass:
             node = state
             with graph.inserting_after(state):
                 if units:  # one row per unit: expanded to the tokens (``ops.state.expand_units``)
-                    node = graph.call_function(expand_units, (state, self.report.protected, self.report.suffix,
-                                                              self.unit, self.frames is not None))
+                    prefix = self.report.protected if self._unit_prefix is None else self._unit_prefix
+                    node = graph.call_function(expand_units, (state, prefix, self.report.suffix, self.unit,
+                                                              self.frames is not None))
             if self.report.positions is not None:
                 with graph.inserting_after(node):
                     node = graph.call_function(view, (node,))
@@ -614,8 +621,8 @@ class TokenPass:
         for signal in getattr(op, "signals", ()):
             if signal == "metric" and site is not None:
                 signals.append(insert_key_metric(graph, site))
-            elif signal == "class_attention" and site is not None:
-                signals.append(insert_class_attention(graph, site))
+            elif signal in ("class_attention", "received_attention") and site is not None:
+                signals.append(insert_class_attention(graph, site, received=signal == "received_attention"))
             elif signal in self._inputs(op):
                 signals.append(self._model_input(graph, signal, self._inputs(op)[signal]))
             else:

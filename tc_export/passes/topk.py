@@ -20,6 +20,7 @@ from .layers import (
 from .methods import register_method, setting
 from .site import Point, Site
 
+SCORES = ("class", "received")
 EVIT_LAYERS = (3, 6, 9)  # EViT's pruning layers on DeiT-S (zero-indexed)
 
 
@@ -37,7 +38,6 @@ class TopKConfig:
 
     method: ClassVar[str] = "topk"
     point: ClassVar[Point] = "attention"
-    needs_class_token: ClassVar[bool] = True
     acts_at_output: ClassVar[bool] = True  # with --features N, at layer N + 1: on the tower output
 
     keep: float = setting(0.7, "topk: fraction of tokens kept, e.g. 0.7")
@@ -52,6 +52,9 @@ class TopKConfig:
     prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
     unit_score: str = setting("mean", "merge units: score a unit by the mean, sum or max of its tokens' scores",
                               metavar="HOW")
+    score: str = setting("class", "topk / prumerge: rank by the class token's attention (class, the published "
+                                  "rule) or by the attention each token receives, averaged over queries and heads "
+                                  "(received: HiPrune/QuietPrune; towers without a class token)", metavar="WHAT")
 
     def __post_init__(self) -> None:
         check_prefix_mode(self.method, self.prefix_mode)
@@ -60,6 +63,12 @@ class TopKConfig:
         validate_placement(self.method, self.layers, self.protected, self.protected_suffix)
         if self.unit_score not in UNIT_SCORES:
             raise ConfigError(f"topk: unit_score must be mean, sum or max, got {self.unit_score!r}")
+        if self.score not in SCORES:
+            raise ConfigError(f"topk: score must be class or received, got {self.score!r}")
+
+    @property
+    def needs_class_token(self) -> bool:  # type: ignore[override]
+        return self.score == "class"
 
     def insertion_point(self) -> Point:
         return self.point
@@ -78,7 +87,7 @@ class TopKConfig:
                 raise ConfigError(f"topk: no attention heads found at layer {site.layer} to score the tower output")
             fuse = self.fuse and keep < site.tokens - site.protected
             return TopKAtOutput(keep, site.protected, site.heads, fuse=fuse, keep_order=self.keep_order,
-                                drop_prefix=self.prefix_mode != "keep")
+                                drop_prefix=self.prefix_mode != "keep", received=self.score == "received")
         if self.prefix_mode == "drop":
             raise ConfigError(
                 f"topk at layer {site.layer} would drop the {site.protected} class/register tokens the later blocks "
@@ -87,4 +96,4 @@ class TopKConfig:
         if keep >= site.tokens - site.protected and not self.fuse:
             return None
         return TopKPrune(keep, site.protected, fuse=self.fuse and keep < site.tokens - site.protected,
-                         keep_order=self.keep_order)
+                         keep_order=self.keep_order, received=self.score == "received")

@@ -5,7 +5,7 @@ protected prefix, each unit's s^2 tokens consecutive in the projector's in-windo
 unit, kept or merged, is one window: the projector's ``window_forward`` maps it to one output token, in the order
 the units come. Uncompressed (the units still in raster order of the unit grid) the output equals the projector on
 the raster tokens, token for token (InternVL v1's column-major output order included). The output token of a unit
-sits at the unit's carried position (``output_state``).
+sits at the unit's carried position (``ops.state.project_unit_state``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..state import project_unit_state
 from .base import Grid, Projector
 
 
@@ -40,10 +39,6 @@ class UnitWindows(nn.Module):
         if p.prefix_out():
             out = torch.cat([x[:, : p.prefix], out], dim=1)
         return out
-
-    def output_state(self, state: Tensor) -> Tensor:
-        """The state of the output tokens from the unit state entering the projector (``state.project_unit_state``)."""
-        return project_unit_state(state, self.projector.prefix, bool(self.prefix_out()), self.unit, self.transposed)
 
     def tokens_out(self) -> int:
         return self.projector.prefix_out() + self.units

@@ -1,0 +1,1 @@
+"""``tc-export tune``: the best method and per-layer schedule for a speed target, measured on this backend."""
