@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from tc_export.bench import make_session, time_side_by_side
-from tc_export.compress import compress
+from tc_export.measure.bench import make_session, time_side_by_side
+from tc_export.job.compress import compress
 from tc_export.data.clips import clip_batch
 from tc_export.export.macs import count_macs
 from tc_export.export.onnx_export import ExportConfig, export_onnx

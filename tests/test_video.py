@@ -13,7 +13,7 @@ from torch import nn
 from tc_export import compress
 from tc_export.data.clips import clip_batch, moving_digit_clip
 from tc_export.errors import ConfigError
-from tc_export.export.lint import lint_model
+from tc_export.export.tensorrt.lint import lint_model
 from tc_export.models import hf_models, towers  # noqa: F401 - register the towers
 from tc_export.models.registry import MODELS, ModelOptions, ModelSpec
 from tc_export.models.video import video_model
