@@ -58,6 +58,28 @@ def check_opaque_token_mixers(gm: fx.GraphModule, below: set[fx.Node]) -> None:
 
 
 REFUSAL_ATTRIBUTE = "tc_export_refuses_compression"  # on a module: why it cannot read merged or pruned tokens
+# On a module whose output is the model's own output tokens on a grid (a tower's own projector, e.g. Qwen2-VL's
+# PatchMerger): that grid (H', W'), raster order. A method that reads the model output (EVS) acts there.
+TOKEN_GRID_ATTRIBUTE = "tc_export_token_grid"
+
+
+def marked_grid(gm: fx.GraphModule, node: fx.Node) -> tuple[int, int] | None:
+    """The grid an adapter marked (``TOKEN_GRID_ATTRIBUTE``) on the module computing ``node`` (a call of it, or an
+    op reading its weights), if any."""
+    targets = [node] + [arg for arg in node.args if isinstance(arg, fx.Node) and arg.op == "get_attr"]
+    for target in targets:
+        if target.op not in ("call_module", "get_attr"):
+            continue
+        parts = str(target.target).split(".")
+        for depth in range(len(parts), 0, -1):
+            try:
+                module = gm.get_submodule(".".join(parts[:depth]))
+            except AttributeError:
+                continue
+            grid = getattr(module, TOKEN_GRID_ATTRIBUTE, None)
+            if grid is not None:
+                return tuple(grid)  # type: ignore[return-value]
+    return None
 
 
 def marked_reader(gm: fx.GraphModule, nodes: set[fx.Node]) -> tuple[str, str] | None:

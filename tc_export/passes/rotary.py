@@ -36,10 +36,12 @@ _TABLE_ATOL = 2e-5
 def rotary_angles(positions: torch.Tensor, freqs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Angles ``offset + sum_p positions[..., p] * freqs[p]``: positions (B, n, P) already broadcast to the
     table's layout as (B, *lead, n, *trail, P) by the caller; ``freqs`` (P, *table) and ``offset`` (*table)
-    have a token axis of size 1."""
+    have a token axis of size 1. The last P coordinates are the table's: a video tower's frame coordinate, carried
+    first, has no frequency."""
     angles = offset.unsqueeze(0)
+    first = positions.shape[-1] - freqs.shape[0]
     for p in range(freqs.shape[0]):
-        angles = angles + positions[..., p] * freqs[p].unsqueeze(0)
+        angles = angles + positions[..., first + p] * freqs[p].unsqueeze(0)
     return angles
 
 

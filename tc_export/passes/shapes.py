@@ -150,6 +150,22 @@ class _Retargeter(fx.Interpreter):
             node.target = torch.ops.aten.reshape.default
             self.changed += 1
 
+    def _resized_symbols(self, node: fx.Node, shape: list, old: tuple[int, ...], new: tuple[int, ...],
+                         old_out: tuple[int, ...], value: torch.Tensor) -> list:
+        """A symbolic entry (a dynamic batch ``s0 * T``) of a view whose input dim it stands for changed size (an op
+        that joins a clip's frames into one row): read that dim from the new input instead."""
+        groups = _groups(old, old_out)
+        if groups is None or len(shape) != len(old_out):
+            return shape
+        for ins, outs in groups:
+            if len(ins) == 1 and len(outs) == 1 and isinstance(shape[outs[0]], fx.Node) \
+                    and old[ins[0]] != new[ins[0]]:
+                with node.graph.inserting_before(node):
+                    size = node.graph.call_function(torch.ops.aten.sym_size.int, (node.args[0], ins[0]))
+                self.env[size] = int(value.shape[ins[0]])
+                shape[outs[0]] = size
+        return shape
+
     def _retarget(self, node: fx.Node) -> None:
         source, shape = node.args[0], node.args[1]
         old, old_out = _recorded_shape(source), _recorded_shape(node)
@@ -166,7 +182,8 @@ class _Retargeter(fx.Interpreter):
                 if o != n and isinstance(shape[offset + d], int) and shape[offset + d] == o:
                     updated[offset + d] = n
         else:
-            updated = _new_view_shape(list(shape), old, new, old_out)
+            updated = self._resized_symbols(node, list(shape), old, new, old_out, value)
+            updated = _new_view_shape(updated, old, new, old_out)
         if updated != list(shape):
             node.args = (source, updated, *node.args[2:])
             self.changed += 1
