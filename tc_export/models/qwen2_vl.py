@@ -73,8 +73,8 @@ class WindowMerger(nn.Module):
         # On this wrapper, not the merger: the compressed path runs the same merger as a projector (TowerMerger).
         setattr(self, REFUSAL_ATTRIBUTE, refusal or MERGER_REFUSAL.format(family=family))
         if merged_grid is not None:  # its output: one token per 2x2 window, in raster order of the merged grid (what
-            last = [module for module in merger.modules() if not list(module.children())][-1]  # EVS reads)
-            setattr(last, TOKEN_GRID_ATTRIBUTE, merged_grid)
+            last = [module for module in merger.modules() if not list(module.children())][-1]  # EVS reads), on its
+            setattr(last, TOKEN_GRID_ATTRIBUTE, merged_grid)  # last layer: the trace names the tower's own modules
         self.register_buffer("to_window", to_window, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -535,17 +535,22 @@ class TokenPass:
         output = next(n for n in gm.graph.nodes if n.op == "output")
         node = output.args[0]
         node = node[0] if isinstance(node, (tuple, list)) and len(node) == 1 else node
-        for _ in range(3):
+        chain: list[fx.Node] = []  # from the output up: reshapes of the projector's tokens
+        for _ in range(4):
             if not isinstance(node, fx.Node):
                 return None
+            chain.append(node)
             grid = marked_grid(gm, node)
-            shape = tensor_meta_shape(node)
-            if grid is not None and shape is not None and len(shape) == 3 and shape[1] == math.prod(grid):
-                return node, grid
-            inputs = [arg for arg in node.args if isinstance(arg, fx.Node)]
-            if node.op not in ("call_function", "call_method") or len(inputs) != 1:
+            if grid is not None:  # the first of its reshapes (nearest the projector) laid out (B*T, H'W', D)
+                for candidate in reversed(chain):
+                    shape = tensor_meta_shape(candidate)
+                    if shape is not None and len(shape) == 3 and shape[1] == math.prod(grid):
+                        return candidate, grid
                 return None
-            node = inputs[0]
+            tensors = [arg for arg in node.args if isinstance(arg, fx.Node) and tensor_meta_shape(arg) is not None]
+            if node.op not in ("call_function", "call_method") or len(tensors) != 1:  # sizes read from shapes: not
+                return None  # tensors
+            node = tensors[0]
         return None
 
     def _check_sequences_per_sample(self, site: AttentionSite, example_inputs: Mapping[str, torch.Tensor]) -> None:
