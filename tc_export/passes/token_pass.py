@@ -176,15 +176,16 @@ class TokenPass:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
                     "(no learned token in front of the sequence); score by the attention each token receives "
-                    "(score: received, as HiPrune and QuietPrune do), or use tome or adjacent"
+                    "(--score received, score: received in a recipe, as HiPrune and QuietPrune do), or use tome or "
+                    "adjacent"
                 )
             if config.needs_class_token and self.report.protected_source != "given with --protected" \
                     and not reads_first_token(gm, structure):
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token: its "
                     f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
-                    "the patches); score by the attention each token receives (score: received), use tome or "
-                    "adjacent, or --protected N if token 0 is a class token"
+                    "the patches); score by the attention each token receives (--score received; score: received in "
+                    "a recipe), use tome or adjacent, or --protected N if token 0 is a class token"
                 )
             config.check(self._method_site(config, first))
 
