@@ -390,7 +390,7 @@ def test_llama4_projector_after_tome_at_merge_units(tmp_path, capsys):
     assert merged.shape == (1, 12, 64) and not np.allclose(merged[:, :12], plain[:, :12], atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["pixtral", "idefics3", "siglip2"])
+@pytest.mark.parametrize("kind", ["pixtral", "idefics3", "siglip2", "llama4"])
 def test_topk_received_matches_reference(tmp_path, kind):
     """Top-K with --score received on a tower without a class token (keep 0.5 at layer 0) equals the per-sample
     reference ranking by the attention each token receives (mean over heads and queries), kept tokens at their
