@@ -97,7 +97,8 @@ def run(tower: Tower, pixel_values: Tensor, step: Step = unchanged, prop_attn: b
 
 
 def _before_suffix(step: Step, suffix: int) -> Step:
-    """``step`` on the tokens in front of the ``suffix`` last ones (keys and attention cut alike); the suffix
+    """``step`` on the tokens in front of the ``suffix`` last ones (keys cut alike; the attention cut to the
+    body's keys, every query kept: the attention a token receives counts the suffix's queries too); the suffix
     rejoins after them unchanged (Llama 4's class token, appended last)."""
     if not suffix:
         return step
@@ -105,7 +106,7 @@ def _before_suffix(step: Step, suffix: int) -> Step:
     def wrapped(i: int, x: Tensor, size: Tensor, pos: Tensor, keys: Tensor, probs: Tensor):
         body = x.shape[0] - suffix
         new_x, new_size, new_pos = step(i, x[:body], size[:body], pos[:body], keys[:, :body],
-                                        probs[:, :body, :body])
+                                        probs[:, :, :body])  # every query's attention to the body's tokens
         return torch.cat([new_x, x[body:]]), torch.cat([new_size, size[body:]]), torch.cat([new_pos, pos[body:]])
 
     return wrapped

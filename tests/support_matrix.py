@@ -8,6 +8,7 @@ export, parity, fidelity), the other methods through ``compress`` and ONNX Runti
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Family:
     # a per-sample forward carrying positions (tests/reference_rotary.py): (model, x, step, prop_attn, before)
     positional: Callable[..., tuple[torch.Tensor, list[int]]] | None = None
     unreferenced: frozenset[str] = frozenset()  # methods checked for parity only (no reference of their positions)
+    score: str = "class"  # Top-K / PruMerge rank by: class (the published default) or received (no class token)
 
 
 def _timm(arch: str, size: int | None = None, **overrides):
@@ -205,22 +207,25 @@ FAMILIES = [
 
 TOWER = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
          "num_attention_heads": 4}
-NO_CLASS = {"topk": "no class token", "prumerge": "no class token"}
 # The vision towers of deployed VLMs (docs/vlm-towers.md shows their table), each through its adapter with its
-# per-sample reference (tests/reference_towers.py).
+# per-sample reference (tests/reference_towers.py). Without a class token, Top-K and PruMerge rank by the attention
+# each token receives (--score received); PruMerge's reference has the class-token rule only (parity there).
+RECEIVED = {"score": "received", "unreferenced": frozenset({"prumerge"})}
 TOWERS = [
-    Family("Pixtral vision (2-D rotary)", _hf_directory("PixtralVisionConfig", "PixtralVisionModel", **TOWER),
-           NO_CLASS, positional=towers.run_pixtral),
-    Family("Idefics3 / SmolVLM vision", _hf_directory("Idefics3VisionConfig", "Idefics3VisionTransformer", **TOWER),
-           NO_CLASS, positional=towers.run_idefics3),
-    Family("SigLIP2 NaFlex, fixed size (MAP head)",
+    Family("Pixtral vision (2-D rotary; topk, prumerge: --score received)",
+           _hf_directory("PixtralVisionConfig", "PixtralVisionModel", **TOWER), {}, positional=towers.run_pixtral,
+           **RECEIVED),
+    Family("Idefics3 / SmolVLM vision (topk, prumerge: --score received)",
+           _hf_directory("Idefics3VisionConfig", "Idefics3VisionTransformer", **TOWER), {},
+           positional=towers.run_idefics3, **RECEIVED),
+    Family("SigLIP2 NaFlex, fixed size (MAP head; topk, prumerge: --score received)",
            _hf_directory("Siglip2VisionConfig", "Siglip2VisionModel", num_patches=64, patch_size=8, hidden_size=48,
                          intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
-           NO_CLASS, positional=towers.run_siglip2),
-    Family("Llama 4 vision (complex rotary, class token last)",
+           {}, positional=towers.run_siglip2, **RECEIVED),
+    Family("Llama 4 vision (complex rotary, class token last; topk, prumerge: --score received)",
            _hf_directory("Llama4VisionConfig", "Llama4VisionModel", pooling="tokens", **TOWER | {
                "intermediate_size": 256, "vision_output_dim": 64, "projector_input_dim": 64,
-               "projector_output_dim": 64}), NO_CLASS, positional=towers.run_llama4),
+               "projector_output_dim": 64}), {}, positional=towers.run_llama4, **RECEIVED),
     Family("MLCD vision (rotary, class_pos_emb)", _hf_directory("MLCDVisionConfig", "MLCDVisionModel", **TOWER),
            {}, positional=towers.run_mlcd, unreferenced=frozenset({"prumerge"})),
 ]
@@ -234,15 +239,26 @@ class Cell:
     detail: str  # the refusal message, or the parity error
 
 
-def reference_hooks(method: str, protected: int, layers: int, padded: bool = False) -> encoders.Hooks:
+def method_config(method: str, family: Family):
+    """The matrix's settings of ``method`` (METHODS), Top-K and PruMerge ranking by the family's ``score``."""
+    config = METHODS[method]()
+    return dataclasses.replace(config, score=family.score) if method in ("topk", "prumerge") else config
+
+
+def reference_hooks(method: str, protected: int, layers: int, padded: bool = False,
+                    received: bool = False) -> encoders.Hooks:
     """The matrix's settings of ``method`` (METHODS) as the independent implementation of the published code;
-    ``padded``: size-0 tokens follow the padding rule (tests/reference.pair_score)."""
+    ``padded``: size-0 tokens follow the padding rule (tests/reference.pair_score); ``received``: Top-K ranks by
+    the attention each token receives (mean over heads and queries) instead of the class token's."""
     if method == "tome":
         return encoders.Hooks(lambda i, x, s, k, p: reference_merge(x, k.mean(0), s, 2, protected, padded))
     if method == "adjacent":
         return encoders.Hooks(lambda i, x, s, k, p: reference_adjacent(x, k.mean(0), s, 2, protected, padded))
     if method == "topk":
-        return encoders.Hooks(lambda i, x, s, k, p: reference_topk(x, s, p[:, 0].mean(0), 0.7, protected, True, False)
+        def score(p):
+            return p.mean(dim=(0, 1)) if received else p[:, 0].mean(0)
+
+        return encoders.Hooks(lambda i, x, s, k, p: reference_topk(x, s, score(p), 0.7, protected, True, False)
                               if i == 1 else (x, s), prop_attn=False)
     # PruMerge where the stream enters the last layer, scored by that layer's full-width q and k
     return encoders.Hooks(before_layer=lambda i, x, s, q, k: reference_prumerge(x, s, q, k, 8, protected, True)
@@ -257,9 +273,9 @@ def run_cell(family: Family, method: str) -> Cell:
     inputs = loaded.example_inputs(batch=1)
     try:
         if method == JOB_METHOD:
-            compressed, error = _through_job(loaded, method)
+            compressed, error = _through_job(loaded, method, family)
         else:
-            compressed, error = _through_compress(loaded, inputs, method)
+            compressed, error = _through_compress(loaded, inputs, method, family)
     except ParityError as failure:
         return Cell(family.label, method, "parity failed", failure.failure)
     except TCExportError as failure:
@@ -272,20 +288,20 @@ def run_cell(family: Family, method: str) -> Cell:
     return Cell(family.label, method, outcome, f"parity max abs {error:.1e}")
 
 
-def _through_job(loaded: LoadedModel, method: str):
+def _through_job(loaded: LoadedModel, method: str, family: Family):
     """The command-line job without its argument parsing (``run_job``): passes, MACs, export, parity, fidelity."""
     from tc_export.job.pipeline import JobConfig, run_job
 
     with tempfile.TemporaryDirectory() as folder:
-        config = JobConfig(model=loaded.name, output=Path(folder) / "m.onnx", methods=(METHODS[method](),),
+        config = JobConfig(model=loaded.name, output=Path(folder) / "m.onnx", methods=(method_config(method, family),),
                            fidelity_samples=2)
         result = run_job(config, say=lambda line: None, loaded=loaded)
     assert 0 < result.macs_compressed <= result.macs_original and result.fidelity is not None
     return result.compressed, max(output.max_abs for output in result.parity.outputs)
 
 
-def _through_compress(loaded: LoadedModel, inputs: dict, method: str):
-    compressed = compress(loaded.module, METHODS[method](), inputs)
+def _through_compress(loaded: LoadedModel, inputs: dict, method: str, family: Family):
+    compressed = compress(loaded.module, method_config(method, family), inputs)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "m.onnx"
         import onnxruntime as ort
@@ -308,7 +324,8 @@ def _against_reference(family: Family, model, inputs, compressed, method: str) -
         want = _positional_reference(family, model, inputs, compressed, method)
     else:
         encoder = family.reference(model)
-        hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs)
+        hooks = reference_hooks(method, compressed.protected, len(encoder.layers), padded="attention_mask" in inputs,
+                                received=family.score == "received")
         runner = getattr(encoder, "run", None)  # relbias: fused Top-K tokens sit at their size-weighted mean position
         want, _ = runner(inputs, hooks, fused=method == "topk") if runner else encoders.run(encoder, inputs, hooks)
     with torch.no_grad():
@@ -323,7 +340,7 @@ def _positional_reference(family: Family, model, inputs, compressed, method: str
     """The matrix's method settings in a reference that carries each token's position (merged: size-weighted
     mean; kept: its own; EViT's fused token: the size-weighted mean of the pruned ones)."""
     hooks = reference_hooks(method, compressed.protected, len(compressed.token_counts()) - 1,
-                            padded="attention_mask" in inputs)
+                            padded="attention_mask" in inputs, received=family.score == "received")
 
     def step(i, x, size, pos, keys, probs):
         fused = method == "topk" and i == 1

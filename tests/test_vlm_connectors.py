@@ -20,9 +20,10 @@ def _randomise(module: torch.nn.Module) -> torch.nn.Module:
     return module.eval()
 
 
-def _published(kind: str, vision: int, text: int, side: int):
+def _published(kind: str, vision: int, text: int, side: int, adapter: int | None = None):
     """The published projector module for a (side x side) grid of ``vision`` channels -> ``text``, random weights,
-    and a function (B, side*side, vision) -> its output."""
+    and a function (B, side*side, vision) -> its output (Llama 4: an adapter MLP ``adapter`` wide, 2 x vision by
+    default)."""
     import transformers as tf
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
@@ -40,15 +41,16 @@ def _published(kind: str, vision: int, text: int, side: int):
         module = _randomise(module_class(config))
         return module, dict(module.state_dict()), module
     if kind == "llama4":
+        adapter = adapter or 2 * vision
         config = tf.Llama4Config(vision_config={"hidden_size": vision, "intermediate_size": 4 * vision,
-                                                "projector_input_dim": 2 * vision, "projector_output_dim": 2 * vision,
-                                                "vision_output_dim": 2 * vision},
+                                                "projector_input_dim": adapter, "projector_output_dim": adapter,
+                                                "vision_output_dim": adapter},
                                  text_config=text_config)
         adapter = _randomise(Llama4VisionPixelShuffleMLP(config.vision_config))
         projector = _randomise(Llama4MultiModalProjector(config))
-        state = {f"vision_adapter.{k}": v for k, v in adapter.state_dict().items()}
-        state |= {f"multi_modal_projector.{k}": v for k, v in projector.state_dict().items()}
-        return adapter, state, lambda x: projector(adapter(x))
+        both = torch.nn.Module()  # the two modules under the names the VLM holds them
+        both.vision_adapter, both.multi_modal_projector = adapter, projector
+        return both, dict(both.state_dict()), lambda x: projector(adapter(x))
     config = tf.Gemma3Config(vision_config={"hidden_size": vision, "image_size": side * 4, "patch_size": 4},
                              text_config=text_config, mm_tokens_per_image=(side // 4) ** 2)
     module = _randomise(Gemma3MultiModalProjector(config))
@@ -79,9 +81,10 @@ def test_projector_equals_the_published_module(kind):
     assert not torch.allclose(transposed, want, rtol=1e-3, atol=1e-3)
 
 
-# recipe -> (the published projector kind, tokens out, tower width). Llama 4 has no recipe: its class token is a
-# protected token after the grid, which a projector at the encoder output cannot place yet (the op is checked above).
+# recipe -> (the published projector kind, tokens out, tower width). Llama 4's class token (appended last) is a
+# protected trailing token, which the projector drops as the published model does ([:, :-1]).
 RECIPES = {
+    "llama4_scout_adapter": ("llama4", 144, 1408),
     "idefics3_siglip_connector": ("idefics3", 169, 1152),
     "smolvlm_siglip_connector": ("smolvlm", 64, 768),
     "gemma3_siglip_pool": ("gemma3", 256, 1152),
@@ -92,6 +95,12 @@ def _tower_tokens(loaded, pixels: torch.Tensor) -> torch.Tensor:
     """The transformers tower's own output tokens (what the published projector reads)."""
     module = loaded.module
     with torch.no_grad():
+        if hasattr(getattr(module, "tower", None), "vision_adapter"):  # Llama 4: the tokens its own adapter reads
+            adapter, module.tower.vision_adapter = module.tower.vision_adapter, torch.nn.Identity()
+            try:
+                return module.tower(pixel_values=pixels).last_hidden_state  # class token dropped by [:, :-1]
+            finally:
+                module.tower.vision_adapter = adapter
         if hasattr(module, "tower"):
             return module.tower(pixel_values=pixels).last_hidden_state
         return module.model(pixel_values=pixels).last_hidden_state
@@ -116,8 +125,8 @@ def test_recipe_matches_the_published_connector(name, tmp_path, capsys, monkeypa
     stage = load_recipe(name).stages[0]
     assert got.shape == (1, tokens, stage.out_channels)
     ours = _projector_of(built["compressed"])
-    side = round((tokens * {"idefics3": 4, "smolvlm": 16, "gemma3": 16}[kind]) ** 0.5)  # the grid
-    module, _, published = _published(kind, width, stage.out_channels, side)
+    side = round((tokens * {"idefics3": 4, "smolvlm": 16, "gemma3": 16, "llama4": 4}[kind]) ** 0.5)  # the grid
+    module, _, published = _published(kind, width, stage.out_channels, side, getattr(stage, "adapter_channels", None))
     module.load_state_dict(ours.state_dict(), strict=True)
     pixels = next(iter(feed.values()))
     with torch.no_grad():

@@ -7,6 +7,7 @@ follows adjacent merging."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,9 +224,9 @@ def test_exports_through_the_cli(tmp_path, capsys, kind):
     ("pixtral", ["--img-size", 128], "larger than Pixtral's image_size"),
     ("pixtral", ["--method", "topk", "--keep", "0.5"], "no class token"),
     ("siglip2", ["--pooling", "cls"], "--pooling cls does not apply"),
-    ("llama4", ["--pooling", "tokens", "--method", "llama4"], "1 protected tokens after it"),
+    ("llama4", ["--pooling", "tokens", "--method", "llama4", "--at", "1"], "1 protected tokens after it that later"),
 ], ids=["llama4-shuffle", "llama4-size", "idefics3-size", "pixtral-size", "pixtral-topk", "siglip2-pooling",
-        "llama4-projector-class-token"])
+        "llama4-projector-inside"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, kind, args, cause):
     from .test_cli import run_cli
 
@@ -354,3 +355,83 @@ def test_a_table_no_frequencies_fit_is_gathered_under_pruning(tmp_path):
     for config, method in ((ToMeConfig(r=2), "tome"), (TopKConfig(keep=0.5, layers=(0,), fuse=True), "topk")):
         with pytest.raises(TCExportError, match=f"not a rotary function of the position.*merged by {method}"):
             compress(loaded, config, {"pixel_values": pixels})
+
+
+def _llama4_onnx(tmp_path, capsys, stages: str, name: str) -> tuple[np.ndarray, str]:
+    """The Llama 4 tower (--pooling tokens) with a recipe of ``stages`` through the command line: the ONNX output
+    on the job's first seeded input, and the job's output."""
+    from .test_cli import run_cli
+
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(f"stages:\n{stages}")
+    capsys.readouterr()
+    out_path = tmp_path / f"{name}.onnx"
+    code, out, err = run_cli([f"hf:{tmp_path / 'l4'}", "--pooling", "tokens", "--recipe", recipe, "-o", out_path],
+                             capsys)
+    assert code == 0, err
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)).numpy()
+    return session.run(None, {session.get_inputs()[0].name: pixels})[0], out
+
+
+def test_llama4_projector_after_tome_at_merge_units(tmp_path, capsys):
+    """The llama4 projector drops the trailing class token (as the published [:, :-1]); after ToMe it reads 2x2
+    merge units: uncompressed in unit order (--unit 2) it equals the projector without units, and ToMe r=2 (two
+    units merged per layer) exports with parity and one output token per surviving unit."""
+    save_tower("llama4", tmp_path / "l4")
+    plain, _ = _llama4_onnx(tmp_path, capsys, "  - {method: llama4}\n", "plain")
+    units, out = _llama4_onnx(tmp_path, capsys, "  - {method: llama4}\nunit: 2\n", "units")
+    assert plain.shape == (1, 16, 64) and "1 trailing" in out
+    np.testing.assert_allclose(units, plain, rtol=1e-4, atol=1e-5)
+    merged, out = _llama4_onnx(tmp_path, capsys, "  - {method: tome, r: 2}\n  - {method: llama4}\n", "tome")
+    assert "tokens per layer: 65 57 12" in out and "passed" in out
+    assert merged.shape == (1, 12, 64) and not np.allclose(merged[:, :12], plain[:, :12], atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["pixtral", "idefics3", "siglip2", "llama4"])
+def test_topk_received_matches_reference(tmp_path, kind):
+    """Top-K with --score received on a tower without a class token (keep 0.5 at layer 0) equals the per-sample
+    reference ranking by the attention each token receives (mean over heads and queries), kept tokens at their
+    exact positions; ranking by token 0's attention (the class-token rule) instead differs."""
+    save_tower(kind, tmp_path / kind)
+    loaded = load(tmp_path / kind, POOLING.get(kind))
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    compressed = compress(loaded, TopKConfig(keep=0.5, layers=(0,), score="received"), {"pixel_values": pixels})
+
+    def step_by(score):
+        def step(i, x, size, pos, keys, probs):
+            if i != 0:
+                return x, size, pos
+            return with_positions(lambda t, s: reference_topk(t, s, score(probs), 0.5, 0, False, False),
+                                  x, size, pos)
+        return step
+
+    want, counts = REFERENCE[kind](loaded.module, pixels, step_by(lambda p: p.mean(dim=(0, 1))), True)
+    assert counts == compressed.token_counts() == [TOKENS[kind], TOKENS[kind] - 32, TOKENS[kind] - 32]
+    with torch.no_grad():
+        got = compressed(pixel_values=pixels)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=2e-5)
+    by_class, _ = REFERENCE[kind](loaded.module, pixels, step_by(lambda p: p[:, 0].mean(0)), True)
+    assert not torch.allclose(got, by_class, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["pixtral", "idefics3", "siglip2"])
+@pytest.mark.parametrize("method", [["topk", "--keep", "0.5"], ["prumerge", "--tokens", "16"]],
+                         ids=["topk", "prumerge"])
+def test_received_score_through_the_cli(tmp_path, capsys, kind, method):
+    """Top-K and PruMerge with --score received export with parity through the command line; without it the
+    refusal names --score received."""
+    from .test_cli import run_cli
+
+    save_tower(kind, tmp_path / kind)
+    capsys.readouterr()
+    code, _, err = run_cli([f"hf:{tmp_path / kind}", "--method", *method, "--layers", "0", "-o",
+                            tmp_path / "r.onnx"], capsys)
+    assert code not in (0, 70) and "--score received" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = run_cli([f"hf:{tmp_path / kind}", "--method", *method, "--layers", "0", "--score", "received",
+                              "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    tokens = "64 32 32" if method[0] == "topk" else "17 17 17"
+    assert f"tokens per layer: {tokens}" in out and "passed" in out and "fidelity vs uncompressed" in out

@@ -47,7 +47,8 @@ def parse_protected(text: str) -> int:
 
 PREFIX_MODES = ("drop", "keep")
 PREFIX_MODE_HELP = ("prumerge / topk at the tower output, projectors: drop or keep the class/register tokens in the "
-                    "output (LLaVA's 'patch' vs 'cls_patch'; default: as the published model does)")
+                    "output, leading and trailing (LLaVA's 'patch' vs 'cls_patch'; default: as the published model "
+                    "does)")
 
 
 def parse_prefix_mode(text: str) -> str | None:

@@ -219,6 +219,9 @@ class Idefics3Config(ProjectorConfig):
     at: str = _at()
     projector_weights: str | None = _weights()
 
+    def window(self) -> int | None:
+        return block_size(self.scale)
+
 
 @register_method("llama4", "Llama 4 adapter: pixel shuffle 0.5, MLP (GELU after each layer), projector Linear")
 @dataclass(frozen=True)
@@ -231,6 +234,9 @@ class Llama4Config(ProjectorConfig):
     out_channels: int | None = _out_channels()
     at: str = _at()
     projector_weights: str | None = _weights()
+
+    def window(self) -> int | None:
+        return block_size(self.scale)
 
 
 @register_method("gemma3", "Gemma 3 projector: 4x4 average pool, soft-embedding RMSNorm, projection matrix")

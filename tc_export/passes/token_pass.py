@@ -187,15 +187,16 @@ class TokenPass:
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token "
                     "(no learned token in front of the sequence); score by the attention each token receives "
-                    "(score: received, as HiPrune and QuietPrune do), or use tome or adjacent"
+                    "(--score received, score: received in a recipe, as HiPrune and QuietPrune do), or use tome or "
+                    "adjacent"
                 )
             if config.needs_class_token and self.report.protected_source != "given with --protected" \
                     and not reads_first_token(gm, structure):
                 raise ConfigError(
                     f"{config.method} ranks tokens by class-token attention, and this model has no class token: its "
                     f"{protected} learned leading tokens are not read by the head (register tokens, pooling over "
-                    "the patches); score by the attention each token receives (score: received), use tome or "
-                    "adjacent, or --protected N if token 0 is a class token"
+                    "the patches); score by the attention each token receives (--score received; score: received in "
+                    "a recipe), use tome or adjacent, or --protected N if token 0 is a class token"
                 )
             config.check(self._method_site(config, first))
 
@@ -301,6 +302,7 @@ class TokenPass:
                                           take_uses=False, suffix=suffix)
             tokens, grid = self._after(op, tokens, grid, call, ops, config, None, suffix)
             protected = op.prefix_out() if hasattr(op, "prefix_out") else protected
+            suffix = suffix if isinstance(op, TokenOp) or keeps_prefix(op) else 0
             channels = op.channels_out() if hasattr(op, "channels_out") else channels
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
             if not isinstance(op, TokenOp) and self._unit_live:  # a projector: one token per unit from here on
@@ -633,7 +635,8 @@ class TokenPass:
         if getattr(op, "emits_positions", False):
             self.report.positions = 3  # its state: (t, h, w) of each kept token
             self.report.emitted_grid = f"{type(op).__name__}'s (t, h, w) of the kept tokens"
-        new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
+        new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) \
+            else op.tokens_out() + (suffix if keeps_prefix(op) else 0)
         where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
         new_grid = op.output_grid() if hasattr(op, "output_grid") else None
@@ -695,16 +698,24 @@ class TokenPass:
         graph = gm.graph
         module_name = _unique_name(gm, type(op).__name__.lower(), layer)
         if not isinstance(op, TokenOp):  # a projector: tokens in, tokens out; sizes start afresh after it
-            if suffix:
+            if suffix and layer is not None:
                 raise ConfigError(
                     f"{type(op).__name__} reads the token grid, and the model has {suffix} protected tokens after "
-                    "it (detection tokens) that it cannot place; use it on a model without them"
+                    f"it that later layers read; put the projector at the encoder output (--at encoder)"
                 )
             gm.add_submodule(module_name, op)
-            with graph.inserting_after(anchor):
-                call = graph.call_module(module_name, (anchor, *signals))
+            source = anchor
+            if suffix:  # at the output: the trailing protected tokens go as the prefix goes (its prefix_mode)
+                with graph.inserting_after(anchor):
+                    source = graph.call_function(leading_tokens, (anchor, suffix))
+            with graph.inserting_after(source):
+                call = graph.call_module(module_name, (source, *signals))
+            if suffix and keeps_prefix(op):
+                with graph.inserting_after(call):
+                    call = graph.call_function(rejoin_suffix, (call, anchor, suffix))
             if take_uses:
-                anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user is not call
+                own = {call, source, *call.all_input_nodes}
+                anchor.replace_all_uses_with(call, delete_user_cb=lambda user: user not in own
                                              and user not in self._pinned)
             return None, call
         return self._call_token_op(gm, module_name, op, anchor, state, signals, suffix, set(), take_uses)
@@ -827,6 +838,12 @@ def _channels(node: fx.Node) -> int:
     if shape is None or len(shape) != 3:
         raise StructureNotFoundError(f"the stream at {node.name} is not a (batch, tokens, channels) tensor: {shape}")
     return shape[2]
+
+
+def keeps_prefix(op: nn.Module) -> bool:
+    """A projector (or its merge-unit wrapper) that passes the protected tokens through (``prefix_mode keep``): the
+    leading ones in front of its output and the trailing ones after it; every other projector drops both ends."""
+    return getattr(getattr(op, "projector", op), "prefix_mode", "drop") == "keep"
 
 
 def _unique_name(gm: fx.GraphModule, base: str, layer: int | None) -> str:

@@ -84,11 +84,15 @@ class UnshuffleProjector(Projector):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        return self.mlp1(self.unshuffle(x))
+        return self.project(self.unshuffle(x))
+
+    def project(self, wide: Tensor) -> Tensor:
+        """(B, M, k*k*C) unshuffled windows -> (B, M, D): the layers after the pixel unshuffle."""
+        return self.mlp1(wide)
 
     def window_forward(self, windows: Tensor) -> Tensor:
         """(B, U, k*k, C) windows, tokens in (di, dj) row-major order -> (B, U, D): one output token per window."""
-        return self.mlp1(windows.flatten(2))
+        return self.project(windows.flatten(2))
 
     def tokens_out(self) -> int:
         return self.out_grid[0] * self.out_grid[1]

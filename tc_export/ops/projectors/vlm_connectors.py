@@ -43,9 +43,8 @@ class Idefics3Projector(UnshuffleProjector):
     def reset_parameters(self) -> None:
         self.modality_projection.proj.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
-        return self.modality_projection.proj(self.unshuffle(x))
+    def project(self, wide: Tensor) -> Tensor:
+        return self.modality_projection.proj(wide)
 
 
 class Llama4Projector(UnshuffleProjector):
@@ -72,11 +71,10 @@ class Llama4Projector(UnshuffleProjector):
         for layer in (self.vision_adapter.mlp.fc1, self.vision_adapter.mlp.fc2, self.multi_modal_projector.linear_1):
             layer.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x)
+    def project(self, wide: Tensor) -> Tensor:
         mlp = self.vision_adapter.mlp
         gelu = nn.functional.gelu
-        hidden = gelu(mlp.fc2(gelu(mlp.fc1(self.unshuffle(x)))))
+        hidden = gelu(mlp.fc2(gelu(mlp.fc1(wide))))
         return self.multi_modal_projector.linear_1(hidden)
 
     def extra_repr(self) -> str:
