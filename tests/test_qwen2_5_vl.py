@@ -134,3 +134,89 @@ def test_exports_through_the_cli(tmp_path, capsys):
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     _tower(tmp_path / "q")
     cli_refuses(tmp_path, capsys, args, cause, SIZE)
+
+
+# --- Building blocks of compression within attention windows (docs/qwen-vl.md: not yet wired into the pass) ------
+
+def test_window_unit_order_is_the_towers_own(tmp_path):
+    """``window_unit_order`` (windows of 4x4 units, units raster within a window, each unit's 2x2 tokens) is the
+    tower's own token order from ``get_vision_window_index``, on a square and on a non-square grid of windows."""
+    from tc_export.models.qwen2_vl import window_tokens
+    from tc_export.ops.state import window_unit_order
+
+    tower = _tower(tmp_path / "q")
+    for rows, cols in ((16, 16), (8, 24)):
+        own = window_tokens(tower, rows, cols).flatten()
+        assert torch.equal(window_unit_order((rows, cols), 2, 4), own)
+
+
+def _per_window_topk(x, scores, windows, keep, unit=2):
+    """Reference Top-K within windows from the rule: each window's units scored by the mean of their tokens'
+    scores, the ``keep`` best of that window kept (best first, ties to the lower unit), windows in order."""
+    batch, tokens, channels = x.shape
+    units = tokens // (unit * unit)
+    per = units // windows
+    out = []
+    for b in range(batch):
+        rows = []
+        for w in range(windows):
+            unit_scores = [float(scores[b, (w * per + u) * unit * unit:(w * per + u + 1) * unit * unit].mean())
+                           for u in range(per)]
+            best = sorted(range(per), key=lambda u: (-unit_scores[u], u))[:keep]
+            for u in best:
+                start = (w * per + u) * unit * unit
+                rows.append(x[b, start:start + unit * unit])
+        out.append(torch.cat(rows))
+    return torch.stack(out)
+
+
+def _windowed_unit_op(inner, windows):
+    from tc_export.ops.units import UnitOp
+
+    return UnitOp(inner, prefix=0, unit=2, windows=windows)
+
+
+def test_unit_topk_keeps_the_same_count_in_every_window():
+    """Unit Top-K folded over windows keeps K units in each window, selected within it: equal to the per-window
+    reference; a selection across windows (the plain unit Top-K) is not, and moving one kept unit to the
+    neighbouring window is caught."""
+    from tc_export.ops.topk import TopKPrune
+
+    torch.manual_seed(0)
+    windows, per, keep = 4, 16, 5
+    x = torch.randn(2, windows * per * 4, 6)
+    scores = torch.rand(2, windows * per * 4)
+    scores[:, : per * 4] += 1.0  # window 0 outranks the others: a global selection would take only from it
+    op = _windowed_unit_op(TopKPrune(keep, 0, received=True), windows)
+    got, _ = op(x, None, scores)
+    assert op.tokens_out(x.shape[1]) == windows * keep * 4 == got.shape[1]
+    reference = _per_window_topk(x, scores, windows, keep)
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    plain, _ = _windowed_unit_op(TopKPrune(keep * windows, 0, received=True), 1)(x, None, scores)
+    assert not torch.equal(plain, reference)
+    moved = got.clone()
+    moved[:, 4 * keep:4 * keep + 4] = x[:, 4 * per * 2:4 * per * 2 + 4]  # window 1's first kept unit from window 2
+    assert not torch.equal(moved, reference)
+
+
+def test_unit_tome_merges_only_within_windows():
+    """Unit ToMe folded over windows: each window's output is ToMe on that window alone (r merges per window, never
+    across), the sizes in each window adding up to its units."""
+    from tc_export.ops.tome import ToMeMerge
+
+    torch.manual_seed(1)
+    windows, per, r = 4, 16, 6
+    x = torch.randn(1, windows * per * 4, 6)
+    keys = torch.randn(1, windows * per * 4, 5)
+    op = _windowed_unit_op(ToMeMerge(r, 0), windows)
+    got, size = op(x, None, keys)
+    assert got.shape[1] == op.tokens_out(x.shape[1]) == windows * (per - r) * 4
+    alone = _windowed_unit_op(ToMeMerge(r, 0), 1)
+    for w in range(windows):
+        part = slice(w * per * 4, (w + 1) * per * 4)
+        expected, expected_size = alone(x[:, part], None, keys[:, part])
+        out = slice(w * (per - r) * 4, (w + 1) * (per - r) * 4)
+        torch.testing.assert_close(got[:, out], expected)
+        units = slice(w * (per - r), (w + 1) * (per - r))
+        torch.testing.assert_close(size[:, units], expected_size)
+        assert float(size[:, units].sum()) == per

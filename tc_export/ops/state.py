@@ -123,6 +123,20 @@ def unit_window_order(grid: tuple[int, int], unit: int) -> Tensor:
     return raster.permute(0, 2, 1, 3).reshape(-1)
 
 
+def window_unit_order(grid: tuple[int, int], unit: int, window: int) -> Tensor:
+    """Raster indices (H*W,) of the patch tokens in window-then-unit order: windows of ``window`` x ``window`` units
+    in raster order of the window grid, units in raster order within their window, each unit's tokens (di, dj)
+    row-major (Qwen2.5-VL's own token order, ``get_vision_window_index``, for grids the windows divide)."""
+    from ..errors import ConfigError
+
+    rows, cols = grid[0] // unit, grid[1] // unit
+    if rows % window or cols % window:
+        raise ConfigError(f"windows of {window}x{window} units do not divide the {rows}x{cols} unit grid")
+    units = torch.arange(rows * cols).reshape(rows // window, window, cols // window, window)  # (I, i, J, j)
+    return unit_window_order(grid, unit).view(rows * cols, unit * unit)[units.permute(0, 2, 1, 3).reshape(-1)] \
+        .reshape(-1)
+
+
 def to_unit_order(x: Tensor, prefix: int, grid: tuple[int, int], unit: int) -> Tensor:
     """The tokens (B, N, C) with the ``grid`` patch rows after the ``prefix`` gathered into unit-window order
     (``unit_window_order``; one constant Gather); protected prefix and suffix rows untouched."""
