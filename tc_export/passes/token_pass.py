@@ -202,7 +202,11 @@ class TokenPass:
                 op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
                                                       suffix))
                 if op is not None:
-                    state, call = self._insert_block_input_op(gm, site, op, state, suffix)
+                    moved = (ops or self.unit is not None) and state is not None  # tokens no longer where the
+                    incoming = self._view(graph, positions_of, state) if moved else None  # tables have them
+                    state, call = self._insert_block_input_op(gm, site, op, state, suffix,
+                                                              tables.get(site.index, []) if moved else [], incoming,
+                                                              protected)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             if (ops or self.unit is not None) and site.index in tables:  # compressed (or unit-ordered) tokens
                 if state is None:
@@ -682,16 +686,24 @@ class TokenPass:
         return rejoined[0] if rejoined else tokens
 
     def _insert_block_input_op(self, gm: fx.GraphModule, site: AttentionSite, op: TokenOp,
-                               state: fx.Node | None, suffix: int = 0) -> tuple[fx.Node | None, fx.Node]:
+                               state: fx.Node | None, suffix: int = 0, tables: Sequence[PositionTable] = (),
+                               positions: fx.Node | None = None, protected: int = 0) -> tuple[fx.Node | None, fx.Node]:
         """An op where the stream enters ``site``'s block, fed with the full-width queries and keys that block
         computes on the incoming stream (a copy of the projections, made only for an op that reads them) or with
-        the incoming tokens themselves (``tokens``); the block then runs on the op's output."""
+        the incoming tokens themselves (``tokens``); the block then runs on the op's output. ``tables``: the site's
+        rotary tables, rewired in the copy at the incoming tokens' ``positions`` (the tokens are compressed or in
+        unit order, so the fixed tables no longer line up with them)."""
         graph = gm.graph
         source = site.block_input
         if source is None:
             raise StructureNotFoundError(f"no block input found for attention {site.name}")
         projected = [signal for signal in op.signals if signal != "tokens"]
         copies = copy_subgraph(graph, source, [site.query, site.key]) if projected else {}
+        for table in tables:
+            products = getattr(table, "products", ())
+            if products and positions is not None and all(p in copies for p in products):
+                copy = dataclasses.replace(table, products=tuple(copies[p] for p in products))  # type: ignore
+                copy.rewire(gm, positions, protected, suffix)
         signals = []
         for signal in op.signals:
             if signal == "tokens":
