@@ -234,20 +234,6 @@ def test_merger_after_unit_compression_matches_reference(tmp_path, method):
         == int((sizes[0, :, 0] == 4).sum())
 
 
-def test_unit_prumerge_then_merger_exports(tmp_path):
-    """Unit PruMerge (received attention, 6 units kept + the extra unit) then the merger: 7 tokens, kept units at
-    whole (t, h, w) cells, sizes covering the 100 patches."""
-    _tower(tmp_path / "q")
-    loaded = _load(tmp_path / "q")
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, PruMergeConfig(tokens=6, layers=(1,), score="received"), {"pixel_values": pixels},
-                          emit_positions=True)
-    with torch.no_grad():
-        got, positions, sizes = compressed(pixel_values=pixels)
-    assert got.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
-    assert torch.equal(positions[:, :6], positions[:, :6].round()) and bool((positions[..., 0] == 0).all())
-
-
 def _prumerge_reference(tower, pixels, layer: int, budget: int, layout_fn=None, score_layer: int | None = None):
     """Per sample, from the rules: the tower's own modules on the raster-ordered patches (``run_qwen2_vl``'s
     preprocessing: the processor's ``patchify``, ``patch_embed``, position ids sorted row-major); where the stream
@@ -312,18 +298,19 @@ def _strip_layout(grid, unit, prefix):
 
 def test_unit_prumerge_then_merger_matches_reference(tmp_path):
     """Unit PruMerge at the input of block 1 (received attention of block 1's rotated queries and keys, 6 units
-    kept best first + the extra unit), then the tower's own merger: tokens and emitted (t, h, w) equal the
-    per-sample reference written from the rules; units split across merge windows, or scores taken from block 0's
-    queries and keys, do not."""
+    kept best first + the extra unit), then the tower's own merger: 7 tokens and their emitted (t, h, w) equal the
+    per-sample reference written from the rules (kept units at whole cells, sizes covering the 100 patches); units
+    split across merge windows, or scores taken from block 0's queries and keys, do not."""
     tower = _tower(tmp_path / "q")
     loaded = _load(tmp_path / "q")
     pixels = loaded.example_inputs(batch=2)["pixel_values"]
     compressed = compress(loaded, PruMergeConfig(tokens=6, layers=(1,), score="received"), {"pixel_values": pixels},
                           emit_positions=True)
     with torch.no_grad():
-        got, positions, _ = compressed(pixel_values=pixels)
+        got, positions, sizes = compressed(pixel_values=pixels)
     want, want_pos = _prumerge_reference(tower, pixels, 1, 6)
-    assert got.shape == want.shape == (2, 7, 48)
+    assert got.shape == want.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
+    assert torch.equal(positions[:, :6], positions[:, :6].round())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
     for mutation in ({"layout_fn": _strip_layout}, {"score_layer": 0}):
