@@ -14,7 +14,7 @@ by their reduced scores and finds each kept unit's nearest units by the reduced 
 ``windows`` (attention windows of a fixed number of units, e.g. Qwen2.5-VL's 4x4 units): the units come window
 after window and the inner op runs on each window as a sample of its own (``fold_windows``), so every window keeps
 the same number of units (Top-K keeps K per window, ToMe merges r per window, only within the window) and the
-windows keep a static shape. Not yet wired into the token pass (docs/qwen-vl.md says what is missing).
+windows keep a static shape (Qwen2.5-VL, docs/qwen-vl.md).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from ..ops.state import (
     leading_tokens,
     positions_of,
     project_unit_state,
+    raster_units,
     rejoin_suffix,
     size_column,
     to_unit_order,
@@ -117,6 +118,13 @@ class TokenPass:
         self.features, self.frames = features, frames
         self.emit_positions = emit_positions
         self.unit = resolve_unit(self.configs, unit)
+        # attention windows of this many units a side (a windowed tower's own merger says so): the units run window
+        # after window and every op keeps the same count in each window (docs/qwen-vl.md)
+        self.unit_window: int | None = next((c.window_units for c in self.configs
+                                             if getattr(c, "window_units", None)), None)
+        self._windows = 1  # windows of units in the stream (set with the unit order)
+        if self.unit_window is not None and self.unit is None:  # the windowed blocks need the units, compressed or not
+            self.unit = next(c.window() for c in self.configs if getattr(c, "window_units", None))
         self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
         self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
         self._unit_prefix: int | None = None  # protected rows of the unit state once an op at the output drops them
@@ -199,6 +207,7 @@ class TokenPass:
         for site in sites[: last_layer + 1]:
             config = plan.get(("block_input", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
                                                       suffix))
                 if op is not None:
@@ -227,6 +236,7 @@ class TokenPass:
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 op = self._make_op(config, self._site(structure, site, "attention", tokens, protected, padded, grid,
                                                       suffix))
                 if op is not None:
@@ -235,6 +245,7 @@ class TokenPass:
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             config = plan.get(("block", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 anchor = block_ends[site.index]
                 op = self._make_op(config, self._site(structure, site, "block", tokens, protected, padded, grid,
                                                       suffix))
@@ -282,11 +293,22 @@ class TokenPass:
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
             if not isinstance(op, TokenOp) and self._unit_live:  # a projector: one token per unit from here on
                 self._unit_live = False
+                if self.unit_window is not None and (before is None or not isinstance(op, UnitWindows)):
+                    raise StructureNotFoundError(f"{config.method} after attention windows: no unit state to put "
+                                                 "its output back in raster order")
                 if isinstance(op, UnitWindows) and before is not None:
                     with graph.inserting_after(call):
                         state = graph.call_function(project_unit_state, (before, op.projector.prefix,
                                                                          bool(op.prefix_out()), op.unit,
                                                                          op.transposed))
+                    if self.unit_window is not None:  # back to raster order: the tower's reverse window order
+                        width = unit_grid(structure.grid, op.unit)[1]
+                        with graph.inserting_after(state):
+                            both = graph.call_function(raster_units, (call, state, width))
+                        with graph.inserting_after(both):
+                            end = graph.call_function(operator.getitem, (both, 0))
+                        with graph.inserting_after(end):
+                            state = graph.call_function(operator.getitem, (both, 1))
                     self._token_states.add(state)
         if self.features is not None or encoder_stages:
             cut_output(gm, end, self.frames, frozenset({state}) if self.emit_positions and state is not None
@@ -392,7 +414,8 @@ class TokenPass:
                                          "where the tokens would be put in unit order")
         source = first.block_input
         with gm.graph.inserting_after(source):
-            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit))
+            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit,
+                                                             self.unit_window))
         source.replace_all_uses_with(ordered, delete_user_cb=lambda user: user is not ordered)
         for site in structure.sites:
             if site.block_input is source:
@@ -400,6 +423,10 @@ class TokenPass:
             if site.stream is source:
                 site.stream = ordered
         self.report.unit = self.unit
+        if self.unit_window is not None:
+            self._windows = (grid[0] // self.unit_window) * (grid[1] // self.unit_window)
+            self.report.notes.append(f"attention windows of {self.unit_window}x{self.unit_window} units: the units "
+                                     f"window after window, {self._windows} windows")
         self.report.notes.append(f"merge units of {self.unit}x{self.unit} patches: the {structure.grid[0]}x"
                                  f"{structure.grid[1]} grid in unit order, {grid[0]}x{grid[1]} units")
 
@@ -410,7 +437,7 @@ class TokenPass:
             return site
         unit = self.unit
         assert unit is not None
-        units = (site.tokens - site.protected) // (unit * unit)
+        units = (site.tokens - site.protected) // (unit * unit) // self._windows  # per window: the same in each
         return dataclasses.replace(site, tokens=units, protected=0, channels=site.channels * unit * unit, grid=None,
                                    unit=unit)
 
@@ -426,7 +453,7 @@ class TokenPass:
         assert self.unit is not None
         return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
                       getattr(config, "unit_score", "mean"),
-                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)))
+                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)), windows=self._windows)
 
     def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
                        protected: int, suffix: int) -> fx.Node:
@@ -436,7 +463,8 @@ class TokenPass:
         if self.unit is not None:  # one row per unit, on the unit grid
             grid = unit_grid(structure.grid, self.unit)
             with gm.graph.inserting_after(source):
-                state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames))
+                state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames,
+                                                                    self.unit_window))
             self._pinned.add(state)
             self.report.positions = 2 + (1 if self.frames else 0)
             return state
@@ -724,6 +752,14 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+def refuse_windowed(site: AttentionSite, config: TokenMethod) -> None:
+    """A method at a layer that attends within windows: its scores or keys would be per window (not built)."""
+    if site.windows > 1:
+        raise ConfigError(f"{config.method} at layer {site.index}: that layer attends within {site.windows} windows, "
+                          "and scoring or matching units by per-window attention is not built; act at a "
+                          "full-attention layer (fullatt_block_indexes)")
 
 
 def resolve_unit(configs: Sequence[TokenMethod], given: int | None) -> int | None:
