@@ -350,3 +350,16 @@ def test_unit_topk_in_windows_through_the_cli(tmp_path, capsys):
     assert "merge units of 2x2 patches" in out and "tokens per layer: 256 256 128 32" in out
     assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and "positions max abs" in out
     assert (tmp_path / "m.onnx").is_file()
+
+
+def test_windows_not_declared_are_refused(tmp_path):
+    """The adapter compressed as a plain module (its windows not declared by its merger, the stream in raster
+    order with the tower's window gather): refused naming the windows, rather than windows of other tokens."""
+    from tc_export import compress
+    from tc_export.errors import StructureNotFoundError
+    from tc_export.passes import TopKConfig
+
+    _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q", "tokens")
+    with pytest.raises(StructureNotFoundError, match="attends within 4 windows of consecutive tokens"):
+        compress(loaded.module, TopKConfig(keep=0.5, layers=(1,), score="received"), loaded.example_inputs(batch=1))

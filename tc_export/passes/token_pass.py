@@ -160,6 +160,7 @@ class TokenPass:
         total = sites[0].num_tokens()
         if self.unit is not None:
             self._to_units(gm, structure, total, protected, suffix)
+        check_windows(structure, self._windows if self.unit_window is not None else None)
         # Found before any op goes in: the finders read the uncompressed graph.
         tables: dict[int, list[PositionTable]] = {}
         for table in find_position_tables(gm, structure):
@@ -752,6 +753,18 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+def check_windows(structure: Structure, windows: int | None) -> None:
+    """Attention within windows folded into the heads is compressible only when the model says what they are (a
+    windowed tower's merger: ``windows`` windows of units, the stream put window after window): otherwise the
+    windows, fixed runs of consecutive tokens, would take other tokens after compression."""
+    for site in structure.sites:
+        if site.windows > 1 and site.windows != windows:
+            raise StructureNotFoundError(
+                f"attention {site.name} attends within {site.windows} windows of consecutive tokens folded into the "
+                "heads; merging or pruning tokens would break the windows (a tower whose own merger declares its "
+                "windows, Qwen2.5-VL's, keeps the same count in each), so this windowed attention is not supported")
 
 
 def refuse_windowed(site: AttentionSite, config: TokenMethod) -> None:
