@@ -16,12 +16,13 @@ VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2
 SIZE = 64  # a 16x16 patch grid: 8x8 merge units, 2x2 windows of 8x8 patches
 
 
-def _tower(folder, qk_std: float = 0.5):
-    """A small random Qwen2.5-VL vision tower saved alone to ``folder``."""
+def _tower(folder, qk_std: float = 0.5, **changes):
+    """A small random Qwen2.5-VL vision tower saved alone to ``folder`` (``changes``: to its vision config)."""
     import transformers as tf
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    return saved_tower(Qwen2_5_VisionTransformerPretrainedModel, tf.Qwen2_5_VLVisionConfig(**VISION), folder, qk_std)
+    config = tf.Qwen2_5_VLVisionConfig(**(VISION | changes))
+    return saved_tower(Qwen2_5_VisionTransformerPretrainedModel, config, folder, qk_std)
 
 
 def _load(folder, pooling: str | None = None, size: int = SIZE):
@@ -131,10 +132,14 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--method", "tome", "--r", "2"], "tome at layer 0: that layer attends within 4 windows"),
     (["--method", "topk", "--keep", "0.5", "--layers", "2", "--score", "received"],
      "topk at layer 2: that layer attends within 4 windows"),
+    (["--method", "tome", "--r", "2", "--layers", "1"], "tome within attention windows (4 windows of 4x4 units)"),
+    (["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"],
+     "prumerge within attention windows"),
     (["--pooling", "tokens", "--emit-positions"], "compresses only with its own merger"),
     (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--features", "1"],
      "compresses only with its own merger"),
-], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "tokens", "features"])
+], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "tome-full", "prumerge", "tokens",
+        "features"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     _tower(tmp_path / "q")
     cli_refuses(tmp_path, capsys, args, cause, SIZE)
@@ -363,3 +368,25 @@ def test_windows_not_declared_are_refused(tmp_path):
     loaded = _load(tmp_path / "q", "tokens")
     with pytest.raises(StructureNotFoundError, match="attends within 4 windows of consecutive tokens"):
         compress(loaded.module, TopKConfig(keep=0.5, layers=(1,), score="received"), loaded.example_inputs(batch=1))
+
+
+def test_unit_topk_at_the_last_block_is_the_merger_at_the_kept_units(tmp_path):
+    """The tower-output placement (the last block a full-attention block, as in the published configs): unit Top-K
+    after its attention keeps 8 units per window, equal to the per-sample reference and, as only per-token work
+    follows, exactly the uncompressed merger's output at the kept units (raster order)."""
+    from tc_export import compress
+    from tc_export.passes import TopKConfig
+
+    tower = _tower(tmp_path / "q", fullatt_block_indexes=[1, 2])
+    loaded = _load(tmp_path / "q")
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    compressed = compress(loaded, TopKConfig(keep=0.5, layers=(2,), score="received"), {"pixel_values": pixels},
+                          emit_positions=True)
+    with torch.no_grad():
+        got, positions, _ = compressed(pixel_values=pixels)
+    want, want_pos = window_reference(tower, pixels, {2: topk_in_windows(0.5)})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos)
+    merged = own_forward(tower, pixels)[1]  # raster order of the 8x8 merged grid
+    cells = (positions[..., 1] * 8 + positions[..., 2]).long()
+    torch.testing.assert_close(got, torch.stack([merged[b, cells[b]] for b in range(2)]), rtol=1e-4, atol=1e-5)

@@ -23,10 +23,12 @@ gives the token passes an ordinary model instead, built from the tower's own mod
   layer (``deepstack_<layer>``: that layer's stream through its own merger). ``tokens``: the last block's tokens in
   raster order (the tower's ``last_hidden_state`` reordered).
 
-Compression: a merger reads 2x2 windows of consecutive tokens, which merged or pruned tokens no longer form, so its
-first layer is marked (``tc_export_refuses_compression``) and the token pass refuses it with that cause; ToMe and
-adjacent merging run on the blocks with ``--pooling tokens`` (the last block's tokens, with ``--emit-positions``
-their (row, column) positions in patch units, the coordinates of the tower's own position ids).
+Compression (docs/qwen-vl.md): with the default pooling the export is the ``tokens`` adapter followed by the merger
+as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units; the
+``WindowMerger`` of the plain adapter is marked (``tc_export_refuses_compression``). Qwen2.5-VL's compressed path
+(``window_stream``) expects the token pass to put the stream in window-then-unit order (``window_units``): its
+windowed blocks then only fold the windows into the heads, which holds after pruning with the same number of units
+in every window.
 """
 
 from __future__ import annotations

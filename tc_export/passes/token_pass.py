@@ -415,8 +415,8 @@ class TokenPass:
                                          "where the tokens would be put in unit order")
         source = first.block_input
         with gm.graph.inserting_after(source):
-            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit,
-                                                             self.unit_window))
+            window = () if self.unit_window is None else (self.unit_window,)
+            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit, *window))
         source.replace_all_uses_with(ordered, delete_user_cb=lambda user: user is not ordered)
         for site in structure.sites:
             if site.block_input is source:
@@ -448,6 +448,13 @@ class TokenPass:
             raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
                               "projector acts at the encoder output, where each unit becomes one token; leave out "
                               "at, or drop the unit")
+        if self._windows > 1 and not isinstance(config, ProjectorConfig) and (
+                config.method != "topk" or getattr(config, "fuse", False)):
+            raise ConfigError(f"{config.method}{' with fuse' if getattr(config, 'fuse', False) else ''} within "
+                              f"attention windows ({self._windows} windows of {self.unit_window}x{self.unit_window} "
+                              "units) is not built: unit Top-K is (--method topk at a full-attention layer); ToMe "
+                              "needs its size bias folded into the windows, PruMerge's and the fused extra unit "
+                              "mix windows")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live:
             return op
@@ -464,8 +471,9 @@ class TokenPass:
         if self.unit is not None:  # one row per unit, on the unit grid
             grid = unit_grid(structure.grid, self.unit)
             with gm.graph.inserting_after(source):
+                window = () if self.unit_window is None else (self.unit_window,)
                 state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames,
-                                                                    self.unit_window))
+                                                                    *window))
             self._pinned.add(state)
             self.report.positions = 2 + (1 if self.frames else 0)
             return state
