@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_qwen2_vl import cli_refuses, load, saved_tower, tower_forward
+from .test_qwen2_vl import cli_refuses, compressed_outputs, load, saved_tower, tower_forward
 
 VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "out_hidden_size": 40,
@@ -325,11 +325,9 @@ def test_unit_topk_in_windows_matches_reference(tmp_path):
     plain = compress(loaded, [], {"pixel_values": pixels}, emit_positions=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(pixel_values=pixels)[0], own_forward(tower, pixels)[1], rtol=1e-4, atol=1e-5)
-    compressed = compress(loaded, TopKConfig(keep=0.5, layers=(1,), score="received"), {"pixel_values": pixels},
-                          emit_positions=True)
+    _, (got, positions, sizes), compressed = compressed_outputs(loaded, TopKConfig(keep=0.5, layers=(1,),
+                                                                                   score="received"))
     assert compressed.token_counts() == [256, 256, 128, 32]  # the last: the merger's output
-    with torch.no_grad():
-        got, positions, sizes = compressed(pixel_values=pixels)
     want, want_pos = window_reference(tower, pixels, {1: topk_in_windows(0.5)})
     assert got.shape == want.shape == (2, 32, 40) and bool((sizes == 4).all())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -374,16 +372,11 @@ def test_unit_topk_at_the_last_block_is_the_merger_at_the_kept_units(tmp_path):
     """The tower-output placement (the last block a full-attention block, as in the published configs): unit Top-K
     after its attention keeps 8 units per window, equal to the per-sample reference and, as only per-token work
     follows, exactly the uncompressed merger's output at the kept units (raster order)."""
-    from tc_export import compress
     from tc_export.passes import TopKConfig
 
     tower = _tower(tmp_path / "q", fullatt_block_indexes=[1, 2])
-    loaded = _load(tmp_path / "q")
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, TopKConfig(keep=0.5, layers=(2,), score="received"), {"pixel_values": pixels},
-                          emit_positions=True)
-    with torch.no_grad():
-        got, positions, _ = compressed(pixel_values=pixels)
+    pixels, (got, positions, _), _ = compressed_outputs(_load(tmp_path / "q"),
+                                                        TopKConfig(keep=0.5, layers=(2,), score="received"))
     want, want_pos = window_reference(tower, pixels, {2: topk_in_windows(0.5)})
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(positions, want_pos)

@@ -50,6 +50,15 @@ def _load(folder, pooling: str | None = None):
     return load(folder, SIZE, pooling)
 
 
+def compressed_outputs(loaded, config, batch: int = 2):
+    """The loaded tower's example pixels and the outputs (tokens, positions, sizes) of ``compress(loaded, config)``
+    with --emit-positions, and the compressed model."""
+    pixels = loaded.example_inputs(batch=batch)["pixel_values"]
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        return pixels, compressed(pixel_values=pixels), compressed
+
+
 def tower_forward(tower, pixel_values):
     """The tower's own forward on the image processor's patches of every image (one grid_thw row per image):
     its output, the patch grid's rows and columns."""
@@ -302,12 +311,8 @@ def test_unit_prumerge_then_merger_matches_reference(tmp_path):
     per-sample reference written from the rules (kept units at whole cells, sizes covering the 100 patches); units
     split across merge windows, or scores taken from block 0's queries and keys, do not."""
     tower = _tower(tmp_path / "q")
-    loaded = _load(tmp_path / "q")
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, PruMergeConfig(tokens=6, layers=(1,), score="received"), {"pixel_values": pixels},
-                          emit_positions=True)
-    with torch.no_grad():
-        got, positions, sizes = compressed(pixel_values=pixels)
+    pixels, (got, positions, sizes), _ = compressed_outputs(_load(tmp_path / "q"),
+                                                            PruMergeConfig(tokens=6, layers=(1,), score="received"))
     want, want_pos = _prumerge_reference(tower, pixels, 1, 6)
     assert got.shape == want.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
     assert torch.equal(positions[:, :6], positions[:, :6].round())
