@@ -8,6 +8,21 @@ from __future__ import annotations
 import torch
 
 
+# Cosines within 2**-16 of 1 are equal (capped): identical keys tie exactly, whatever their rounding error.
+COSINE_CAP = 1.0 - 2.0**-16
+
+
+def tied(cosine):
+    """``cosine`` (a float or a tensor of them) with every value above ``COSINE_CAP`` set to it."""
+    return min(cosine, COSINE_CAP) if isinstance(cosine, float) else cosine.clamp(max=COSINE_CAP)
+
+
+def first_best(values: list[float]) -> tuple[float, int]:
+    """The largest of ``values`` and the index of its first occurrence (exact ties: the lower index wins)."""
+    best = max(values)
+    return best, values.index(best)
+
+
 def pair_score(cosine: float, first_is_pad: bool, second_is_pad: bool, index: int, count: int) -> float:
     """The padding rule for merge scores: pads pair with pads first (above any cosine), never with real tokens
     (below any cosine); ties among those go to the earlier pair (``index`` of ``count`` pairs, row-major)."""
@@ -37,7 +52,7 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # a zero key scores 0 (F.normalize's eps)
     a_pos = list(range(0, n, 2))
     b_pos = list(range(1, n, 2))
-    scores = m[a_pos] @ m[b_pos].T
+    scores = tied(m[a_pos] @ m[b_pos].T)
     if padded:
         pad = [float(size[p]) == 0 for p in range(n)]
         for i, a in enumerate(a_pos):
@@ -50,7 +65,8 @@ def reference_merge(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, r
         else:
             scores[:, token // 2] = float("-inf")
     if window is None:
-        best, partner = scores.max(dim=-1)
+        firsts = [first_best(row) for row in scores.tolist()]
+        best, partner = torch.tensor([b for b, _ in firsts]), torch.tensor([j for _, j in firsts])
     else:
         best, partner = torch.full((len(a_pos),), float("-inf")), torch.zeros(len(a_pos), dtype=torch.long)
         for i in range(len(a_pos)):
@@ -141,7 +157,7 @@ def reference_prumerge(x, size, query, key, tokens: int, protected: int, extra: 
     rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]
     for i, token in enumerate(idx):
         rest = idx[:i] + idx[i + 1:] + compl
-        sims = [float(keys_norm[token] @ keys_norm[j]) for j in rest]
+        sims = [tied(float(keys_norm[token] @ keys_norm[j])) for j in rest]
         count = min(neighbours, len(rest))
         cluster = [rest[k] for k, _ in sorted(enumerate(sims), key=lambda t: -t[1])[:count]]
         rows.append(feats[token] + sum(cls_attn[j] * feats[j] for j in cluster))
@@ -160,7 +176,7 @@ def reference_adjacent(x, metric, size, r: int, protected: int, padded: bool = F
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # a zero key scores 0 (F.normalize's eps)
     starts = [protected + 2 * i for i in range(pairs)]
     pad = [float(size[t]) == 0 for t in range(n)]
-    sims = torch.tensor([pair_score(float(m[s] @ m[s + 1]), padded and pad[s], padded and pad[s + 1], i, pairs)
+    sims = torch.tensor([pair_score(tied(float(m[s] @ m[s + 1])), padded and pad[s], padded and pad[s + 1], i, pairs)
                          for i, s in enumerate(starts)])
     chosen = set(_ranked(sims)[:r])
     rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]

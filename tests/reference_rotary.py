@@ -347,3 +347,51 @@ def run_qwen2_vl(tower: torch.nn.Module, pixel_values: Tensor, step: Step,
         positions.append(pos)
         sizes.append(size)
     return torch.stack(outputs), torch.stack(positions), torch.stack(sizes), counts
+
+
+# --- transformers RoFormer (1-D sinusoidal rotary, eager attention with an additive padding mask, post-norm) --------
+
+def _rotate_pairs(x: Tensor) -> Tensor:
+    """RoFormer's rotation of interleaved pairs: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).reshape_as(x)
+
+
+def roformer_angles(pos: Tensor, dim: int) -> Tensor:
+    """The rotary angles (N, dim / 2) at positions ``pos`` (N, 1): pos / 10000^(2j / dim), RoFormer's sinusoids."""
+    return pos * (1.0 / 10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+
+
+@torch.no_grad()
+def run_roformer(model: torch.nn.Module, inputs: dict[str, Tensor], step: Step, prop_attn: bool
+                 ) -> tuple[Tensor, list[int]]:
+    """transformers' RoFormerModel (the wrapper's ``.model`` or the model) per sample, mean pooled over the real
+    tokens by size. Sizes start from the attention mask; each token's rotary angles are RoFormer's sinusoids at its
+    carried (for a merged token, size-weighted mean) position. Post-norm layers: the method runs after the
+    attention's residual add and its LayerNorm, where the stream feeds the MLP."""
+    model = model if hasattr(model, "encoder") else model.model
+    config = model.config
+    heads = config.num_attention_heads
+    dim = config.hidden_size // heads
+    outputs, counts = [], []
+    types = inputs.get("token_type_ids", torch.zeros_like(inputs["input_ids"]))
+    for ids, mask, kinds in zip(inputs["input_ids"], inputs["attention_mask"], types):
+        x = model.embeddings(input_ids=ids[None], token_type_ids=kinds[None])[0]
+        if hasattr(model, "embeddings_project"):
+            x = model.embeddings_project(x)
+        size = mask[:, None].float()
+        pos = torch.arange(x.shape[0]).float()[:, None]
+        counts = []
+        for index, layer in enumerate(model.encoder.layer):
+            counts.append(x.shape[0])
+            attn = layer.attention.self
+            q, k, v = (_heads(projection(x), heads) for projection in (attn.query, attn.key, attn.value))
+            angles = roformer_angles(pos, dim)
+            sin, cos = angles.sin().repeat_interleave(2, -1), angles.cos().repeat_interleave(2, -1)
+            q, k = q * cos + _rotate_pairs(q) * sin, k * cos + _rotate_pairs(k) * sin
+            attended, probs = attend_masked(q, k, v, size, prop_attn, None)
+            x = layer.attention.output.LayerNorm(x + layer.attention.output.dense(attended))
+            x, size, pos = step(index, x, size, pos, k, probs)
+            x = layer.output.LayerNorm(x + layer.output.dense(layer.intermediate(x)))
+        counts.append(x.shape[0])
+        outputs.append((x * size).sum(0) / size.sum())
+    return torch.stack(outputs), counts

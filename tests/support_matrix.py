@@ -24,6 +24,7 @@ from tc_export.passes import AdjacentConfig, PruMergeConfig, ToMeConfig, TopKCon
 from . import reference_encoders as encoders
 from . import reference_relbias as relbias
 from . import reference_rotary as rotary
+from . import reference_towers as towers
 from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
 
 METHODS = {
@@ -75,18 +76,18 @@ def _timm(arch: str, size: int | None = None, **overrides):
     return build
 
 
-def _hf_directory(config_class: str, model_class: str, **settings):
+def _hf_directory(config_class: str, model_class: str, pooling: str | None = None, **settings):
     """A transformers model saved to a directory and loaded as ``hf:DIR`` (its own wrapper and example inputs)."""
     def build():
         import transformers
 
-        from tc_export.models import load_model
+        from tc_export.models import ModelOptions, load_model
 
         torch.manual_seed(0)
         model = getattr(transformers, model_class)(getattr(transformers, config_class)(**settings))
         with tempfile.TemporaryDirectory() as folder:
             model.save_pretrained(folder)
-            loaded = load_model(f"hf:{folder}", warn_random=False)
+            loaded = load_model(f"hf:{folder}", ModelOptions(pooling=pooling), warn_random=False)
         return loaded
 
     return build
@@ -202,6 +203,29 @@ FAMILIES = [
 ]
 
 
+TOWER = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+         "num_attention_heads": 4}
+NO_CLASS = {"topk": "no class token", "prumerge": "no class token"}
+# The vision towers of deployed VLMs (docs/vlm-towers.md shows their table), each through its adapter with its
+# per-sample reference (tests/reference_towers.py).
+TOWERS = [
+    Family("Pixtral vision (2-D rotary)", _hf_directory("PixtralVisionConfig", "PixtralVisionModel", **TOWER),
+           NO_CLASS, positional=towers.run_pixtral),
+    Family("Idefics3 / SmolVLM vision", _hf_directory("Idefics3VisionConfig", "Idefics3VisionTransformer", **TOWER),
+           NO_CLASS, positional=towers.run_idefics3),
+    Family("SigLIP2 NaFlex, fixed size (MAP head)",
+           _hf_directory("Siglip2VisionConfig", "Siglip2VisionModel", num_patches=64, patch_size=8, hidden_size=48,
+                         intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+           NO_CLASS, positional=towers.run_siglip2),
+    Family("Llama 4 vision (complex rotary, class token last)",
+           _hf_directory("Llama4VisionConfig", "Llama4VisionModel", pooling="tokens", **TOWER | {
+               "intermediate_size": 256, "vision_output_dim": 64, "projector_input_dim": 64,
+               "projector_output_dim": 64}), NO_CLASS, positional=towers.run_llama4),
+    Family("MLCD vision (rotary, class_pos_emb)", _hf_directory("MLCDVisionConfig", "MLCDVisionModel", **TOWER),
+           {}, positional=towers.run_mlcd, unreferenced=frozenset({"prumerge"})),
+]
+
+
 @dataclass(frozen=True)
 class Cell:
     family: str
@@ -313,15 +337,20 @@ def matrix() -> list[Cell]:
     return [run_cell(family, method) for family in FAMILIES for method in METHODS]
 
 
-def markdown(cells: list[Cell]) -> str:
+def markdown(cells: list[Cell], families: list[Family] | None = None) -> str:
     methods = list(METHODS)
     lines = ["| family | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     by = {(c.family, c.method): c.outcome for c in cells}
-    for family in FAMILIES:
+    for family in FAMILIES if families is None else families:
         row = [by[(family.label, m)].replace("works, matches reference", "works, = reference") for m in methods]
         lines.append(f"| {family.label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(markdown(matrix()))
+    import sys
+
+    if sys.argv[1:] == ["towers"]:  # the table of docs/vlm-towers.md
+        print(markdown([run_cell(family, method) for family in TOWERS for method in METHODS], TOWERS))
+    else:
+        print(markdown(matrix()))

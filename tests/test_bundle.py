@@ -21,7 +21,7 @@ from tc_export.export.tensorrt.bundle import (
     staging_dir,
 )
 from tc_export.export.tensorrt.engine import EngineConfig
-from tc_export.export.checks.verify import compare_elementwise
+from tc_export.export.checks.compare import compare_elementwise
 from tc_export.models.base import InputSpec, LoadedModel
 from tc_export.export.tensorrt.lint import lint_model
 from tc_export.passes import ToMeConfig
@@ -29,7 +29,8 @@ from tc_export.job.pipeline import JobConfig, run_job
 
 from .conftest import tiny_timm_vit
 
-FILES = {"model.onnx", "inputs.json", "outputs.json", "manifest.json", "build_and_verify.sh", "fp32_layers.py"}
+FILES = {"model.onnx", "inputs.json", "outputs.json", "manifest.json", "build_and_verify.sh", "fp32_layers.py",
+         "sites.json"}
 
 
 def input_name(directory):

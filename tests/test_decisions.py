@@ -19,17 +19,17 @@ def _call(op, x, metric):
 
 def test_a_constructed_tie_broken_both_ways_is_one_flipped_site():
     # A token 0 matches B tokens 1 and 3 exactly alike (a tie: the lower index, token 1, wins); a small nudge of
-    # token 1 away from it makes token 3 the match instead.
+    # token 1 away from it (beyond the cosines that count as equal, ops.rows.COSINE_CAP) makes token 3 the match.
     x = torch.arange(12.0).reshape(1, 6, 2)
     metric = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])
     nudged = metric.clone()
-    nudged[0, 1, 1] = 1e-3
+    nudged[0, 1, 1] = 1e-2
     op = ToMeMerge(1, 0, sort_unmerged=True)
     ref, cand = _call(op, x, metric), _call(op, x, nudged)
     assert ref.sizes.flatten().tolist() == [1, 1, 2, 1, 1] and cand.sizes.flatten().tolist() == [1, 1, 1, 2, 1]
     report = compare_sites([ref, ref], [ref, cand])
     assert report.sites == 2 and [(d.index, d.kind) for d in report.differing] == [(1, "merge")]
-    assert report.differing[0].margin is not None and report.differing[0].margin < 1e-5
+    assert report.differing[0].margin is not None and report.differing[0].margin < 1e-4
     assert "1 of 2 token-op sites decided differently" in report.describe() and "flipped" in report.describe()
 
 

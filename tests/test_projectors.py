@@ -76,7 +76,8 @@ def test_token_counts_on_a_14x14_grid():
 
 
 def test_registry_and_width_change():
-    assert set(PROJECTORS) == {"pool", "unshuffle", "patchmerger", "cabstractor", "llamavid", "resampler", "mlp"}
+    assert set(PROJECTORS) == {"pool", "unshuffle", "patchmerger", "cabstractor", "llamavid", "resampler", "mlp",
+                               "idefics3", "llama4", "gemma3"}
     from tc_export.passes import METHODS
 
     for name, cls in PROJECTORS.items():  # typed keyword-only settings, exactly the method config's own fields

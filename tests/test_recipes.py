@@ -29,7 +29,8 @@ def test_layer_syntax():
 @pytest.mark.parametrize("text,message", [
     ("stages: [{method: tome, rr: 4}]", r"x.yaml: stage 1 \(tome\): unknown key 'rr'; allowed keys: method, r, "),
     ("stages: [{method: evit}]", r"x.yaml: stage 1: unknown method 'evit'; allowed methods: adjacent, cabstractor, "
-                                  r"llamavid, mlp, patchmerger, pool, prumerge, resampler, tome, topk, unshuffle"),
+                                  r"evs, gemma3, idefics3, llama4, llamavid, mlp, patchmerger, pool, prumerge, "
+                                  r"resampler, temporal, tome, topk, unshuffle"),
     ("stagez: []", r"x.yaml: unknown key 'stagez'; allowed keys: description, model, features, frames, unit, stages"),
     ("stages: [{method: topk, keep: 2}]", r"x.yaml: stage 1 \(topk\): keep must be a fraction in \(0, 1\]"),
     ("stages: [{method: topk, layers: 5-2}]", r"x.yaml: stage 1: layers must be indices or ranges like 0-5"),

@@ -21,9 +21,11 @@ from tc_export.recipes import load_recipe, shipped_recipes
 
 RECIPES = sorted(shipped_recipes())
 FULL_SIZE = ["vit_b_tome_r16", "deit_s_evit_keep07", "minilm_tome", "minilm_adjacent", "whisper_tiny_adjacent"]
-SHALLOW = ["llava_clip_l336_pool_mlp", "video_clip_b_8frames_pool"]  # our own combinations
+SHALLOW = ["llava_clip_l336_pool_mlp", "video_clip_b_8frames_pool", "video_clip_b_8frames_pool_evs"]  # our own combinations
 MODEL_NAMED = ["llava15_clip_l336", "llava15_prumerge", "llava_next_video_clip_l336", "llava_onevision_video_siglip",
-               "internvl_clip_l336_unshuffle", "honeybee_clip_l336_cabstractor"]  # against references: test_vlm_recipes
+               "internvl_clip_l336_unshuffle", "honeybee_clip_l336_cabstractor",  # against references: test_vlm_recipes
+               "idefics3_siglip_connector", "smolvlm_siglip_connector",
+               "gemma3_siglip_pool"]  # against the published modules: test_vlm_connectors
 
 
 def test_every_shipped_recipe_names_its_model():

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError, InternalError, TCExportError
-from .options import MethodFlags, method_configs, method_options
+from .options import MethodFlags, method_configs, method_options, weights_seed_option
 from .report_command import report_command
 from .trt_commands import EngineFlags, engine_options, export_target, register_trt_commands
 from .tune_command import tune_command
@@ -69,15 +69,18 @@ def cli() -> None:
 @click.option("--atol", type=float, default=None, help="Parity: absolute tolerance [default: 1e-4; per --dtype].")
 @click.option("--rtol", type=float, default=None, help="Parity: relative tolerance [default: 1e-3; per --dtype].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the parity inputs.")
+@weights_seed_option
+@click.option("--parity-samples", type=int, default=2, show_default=True,
+              help="Parity inputs, seeds --seed, --seed + 1, ...")
 @click.option("--fp16", is_flag=True, help="TensorRT engine: allow FP16 kernels.")
 @engine_options
 def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, output: Path | None,
-                   weights: Path | None, pretrained: bool,
+                   weights: Path | None, pretrained: bool, weights_seed: int,
                    img_size: int | None, pooling: str | None, batch: int,
                    dynamic_batch: bool, features: int | None, frames: int | None, emit_positions: bool,
                    unit: int | None, opset: int,
                    no_functions: bool, external_data: bool, dtype: str, atol: float | None, rtol: float | None,
-                   seed: int, fp16: bool) -> None:
+                   seed: int, parity_samples: int, fp16: bool) -> None:
     """Compress MODEL, export it to ONNX (and TensorRT), and check parity."""
     from ..export.onnx_export import ExportConfig
     from ..export.checks.parity import ParityConfig
@@ -101,13 +104,13 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
         methods=methods,
         recipe=flags.recipe,
         model_options=ModelOptions(img_size=img_size, weights=weights, pretrained=pretrained, pooling=pooling,
-                                   frames=frames),
+                                   frames=frames, weights_seed=weights_seed),
         features=features,
         emit_positions=emit_positions,
         unit=unit,
         export=ExportConfig(opset=opset, batch=batch, dynamic_batch=dynamic_batch, functions=not no_functions,
                             external_data=external_data, dtype=dtype),
-        parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed),
+        parity=ParityConfig.for_dtype(dtype, atol=atol, rtol=rtol, seed=seed, samples=parity_samples),
         fp16=fp16,
         engine=engine,
         bundle=bundle,
@@ -136,6 +139,7 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
               help="Add the uncompressed model after ORT's transformer optimizer and eager reference ToMe.")
 @click.option("--samples", type=int, default=16, show_default=True, help="Seeded inputs for fidelity.")
 @click.option("--seed", type=int, default=1000, show_default=True, help="Seed of the fidelity inputs.")
+@weights_seed_option
 @click.option("--profile", is_flag=True, help="Also print where the time goes, by ONNX op type.")
 @click.option("--no-functions", "flat", is_flag=True, help="Export the token ops inline (no ONNX local functions).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write results (JSON).")
@@ -143,7 +147,8 @@ def export_command(model: str, flags: MethodFlags, engine_flags: EngineFlags, ou
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write PNG plots into this directory.")
 def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], sweeps: tuple[str, ...],
                   img_size: int | None, weights: Path | None, batches: tuple[int, ...], runs: int, warmup: int,
-                  threads: int, backend: str, int8: bool, baselines: bool, samples: int, seed: int, profile: bool, flat: bool,
+                  threads: int, backend: str, int8: bool, baselines: bool, samples: int, seed: int, weights_seed: int,
+                  profile: bool, flat: bool,
                   json_path: Path | None, markdown: Path | None, plot: Path | None) -> None:
     """Measure configurations against the uncompressed model: speed, fidelity, accuracy. Default: tome r=16.
 
@@ -155,6 +160,7 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
     from ..measure.bench_report import document, footnote, markdown_table, require_matplotlib, write_json, write_plots
     from ..models import ModelOptions, load_model
     from ..measure.sweep import candidate_from_configs, expand, parse_config_spec, parse_sweep
+    from ..models.registry import random_weights_message
 
     config = SweepConfig(batches=tuple(batches), runs=runs, warmup=warmup, threads=threads, backend=backend,
                          int8=int8, baselines=baselines, samples=samples, seed=seed, profile=profile,
@@ -174,9 +180,10 @@ def bench_command(model: str, flags: MethodFlags, configs: tuple[str, ...], swee
             base = replace(base, label=label, method=label, params={"recipe": flags.recipe})
         candidates.insert(0, base)
     candidates = expand(candidates, axes)
-    loaded = load_model(model, ModelOptions(img_size=img_size, weights=weights), warn_random=False)
+    loaded = load_model(model, ModelOptions(img_size=img_size, weights=weights, weights_seed=weights_seed),
+                        warn_random=False)
     if loaded.random_init:
-        click.echo(f"warning: {loaded.name} has random weights: fidelity is vs the random model, accuracy is null")
+        click.echo(f"warning: {random_weights_message(loaded, 'fidelity is vs the random model, accuracy is null')}")
     groups = 2 if baselines else 1
     steps = len(batches) * (1 + len(candidates) + groups + (1 + len(candidates) if baselines else 0))
     with click.progressbar(length=steps, label="bench", file=sys.stderr, show_pos=True,

@@ -93,6 +93,15 @@ def method_options(function: F) -> F:
     return wrapped  # type: ignore[return-value]
 
 
+def weights_seed_option(function: F) -> F:
+    """``--weights-seed N``: ``ModelOptions.weights_seed``, the seed of every random weight (one flag, three commands)."""
+    from ..models.seeding import DEFAULT_WEIGHTS_SEED
+
+    return click.option("--weights-seed", type=int, default=DEFAULT_WEIGHTS_SEED, show_default=True,
+                        help="Seed of the random weights of a model without --weights/--pretrained and of projectors: "
+                             "the same seed builds the same model.")(function)
+
+
 def method_configs(flags: MethodFlags, default_method: str | None = None) -> tuple[tuple[object, ...], str]:
     """The method configs the flags ask for, and a label for reports. No method and no recipe: uncompressed."""
     if flags.recipe is not None:

@@ -153,9 +153,12 @@ def verify_command(model: Path, against: Path, atol: float | None, rtol: float |
         click.echo(line)
     if not report:
         failed = [o.name for o in report.outputs if not o.passed] or ["(no outputs)"]
+        pinned = f"; {report.failure()}" if report.failure() else ""
         raise ParityError(f"verify failed: {model} ({report.runtime}) differs from {against}'s reference outputs "
-                          f"in {', '.join(failed)} (atol {report.atol:g}, rtol {report.rtol:g})")
-    click.echo(f"verify passed: {model} ({report.runtime}) matches {against} (atol {report.atol:g}, "
+                          f"in {', '.join(failed)} (atol {report.atol:g}, rtol {report.rtol:g}){pinned}")
+    how = (" by pinned parity (with the candidate's decisions pinned; the flips it took are listed above)"
+           if report.by_pinning else " (as it is; decisions pinned above for the flips)" if report.pinned else "")
+    click.echo(f"verify passed{how}: {model} ({report.runtime}) matches {against} (atol {report.atol:g}, "
                f"rtol {report.rtol:g})")
 
 

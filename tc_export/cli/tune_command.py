@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import ConfigError
+from .options import weights_seed_option
 
 
 def parse_budget(text: str) -> float:
@@ -44,10 +45,12 @@ def parse_budget(text: str) -> float:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the results (JSON).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, help="Write the plot (PNG).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="tuned.yaml (or DIR/ with --candidates).")
+@weights_seed_option
 def tune_command(model: str, speedup: float | None, latency_ms: float | None, batch: int, methods: str,
                  metric: str | None, calib: Path | None, samples: int, budget: str, multiple: int | None,
                  threads: int, runs: int, measure_count: int, candidates: int | None, device: str | None,
-                 latencies: Path | None, json_path: Path | None, plot: Path | None, output: Path) -> None:
+                 latencies: Path | None, json_path: Path | None, plot: Path | None, output: Path,
+                 weights_seed: int) -> None:
     """Search the method and per-layer schedule that best keeps fidelity at a speed-up or latency target.
 
     \b
@@ -85,6 +88,7 @@ def tune_command(model: str, speedup: float | None, latency_ms: float | None, ba
                         budget_s=parse_budget(budget), multiple=multiple, threads=threads, runs=runs,
                         measure=measure_count)
     from ..measure.tune.run import run_tune
+    from ..models import ModelOptions
 
-    run_tune(model, config, output, metric=metric, calib=calib, samples=samples, json_path=json_path, plot=plot,
+    run_tune(model, config, output, options=ModelOptions(weights_seed=weights_seed), metric=metric, calib=calib, samples=samples, json_path=json_path, plot=plot,
              candidates=candidates, device=device, say=click.echo, progress_file=sys.stderr)

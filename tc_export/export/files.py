@@ -4,6 +4,7 @@ ONNX files the user names, read with a one-line error when they are not ONNX."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import tempfile
@@ -17,6 +18,17 @@ if TYPE_CHECKING:
     import onnx
 
 OUTPUT_SUFFIXES = (".onnx", ".engine", ".plan")
+
+
+def created_timestamp() -> str:
+    """When a manifest or sidecar was written (UTC, seconds): now, or ``SOURCE_DATE_EPOCH`` when set, so a rebuild
+    can give the same bytes (https://reproducible-builds.org/specs/source-date-epoch/)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    try:
+        moment = datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch else None
+    except (ValueError, OverflowError, OSError):
+        raise ConfigError(f"SOURCE_DATE_EPOCH must be a whole number of seconds since 1970, got {epoch!r}") from None
+    return (moment or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="seconds")
 
 
 def check_output_path(path: Path) -> Path:

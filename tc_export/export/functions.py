@@ -34,6 +34,7 @@ from torch import fx, nn
 from ..errors import TCExportError
 from ..ops.adjacent import AdjacentMerge
 from ..ops.base import TokenOp
+from ..ops.evs import EVSPrune
 from ..ops.export_ops import calls_as_custom_ops, registered_sites, token_op
 from ..ops.prumerge import PruMerge
 from ..ops.tome import ToMeMerge
@@ -68,6 +69,7 @@ register_function_op(ToMeMerge, "ToMeMerge", carried=("r",))
 register_function_op(TopKPrune, "TopKSelect", carried=("keep",))
 register_function_op(PruMerge, "PruMerge", carried=("tokens",))
 register_function_op(AdjacentMerge, "AdjacentMerge", carried=("r",))
+register_function_op(EVSPrune, "EVSSelect")
 
 _NOT_SETTINGS = ("training", "creates_size")
 

@@ -91,7 +91,8 @@ def write_onnx(
     module = lower_custom_ops(plan.module if plan else module)
     try:
         with _quiet(), plain_ops(), (plan.registered() if plan else contextlib.nullcontext()):
-            program = torch.onnx.export(
+            export = functools.partial(
+                torch.onnx.export,
                 module,
                 (),
                 kwargs=dict(example_inputs),
@@ -105,6 +106,7 @@ def write_onnx(
                 verbose=False,
                 custom_translation_table=plan.translation_table() if plan else None,
             )
+            program = export()
     except Exception as error:
         raise TCExportError(f"ONNX export failed: {_summary(error)}") from error
     weights = _held_weights(program.model)

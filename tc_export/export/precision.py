@@ -15,12 +15,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-# Measured with onnx 1.23 / onnxruntime 1.32: ONNX's Conv (the patch embedding) has no bfloat16 type, so a bf16 ViT
-# fails the checker; and ONNX Runtime's CPU provider has no bf16 kernels for MatMul, Add, Softmax... (for fp16 it
-# inserts Casts to fp32 around the ops it lacks, see README), so no runtime here could check a bf16 file.
-UNSUPPORTED = {"bf16": "ONNX's Conv has no bfloat16 type and ONNX Runtime's CPU provider no bf16 MatMul, so no "
-                       "runtime here can check the file: use --dtype fp16 (half the file too); a TensorRT engine "
-                       "builds bf16 kernels from the fp32 or fp16 file (--precision bf16)"}
+# Measured with onnx 1.23 / onnxruntime 1.32 (docs/half-precision.md, single-node models per op): ONNX's Conv (the
+# patch embedding) has no bfloat16 type, so a bf16 ViT fails the checker; ONNX Runtime's CPU provider has bf16
+# kernels for Cast, Concat, Transpose, Clip, Identity and LayerNormalization only, none for Add, Sub, Mul, Div,
+# MatMul, Gemm, Softmax, Erf, Sqrt, Log, Neg, ReduceMean, ReduceL2, Equal or Conv: no runtime here can run (so check)
+# the file, and an fp32 upcast of it would check the fp32 file, not the bf16 one.
+UNSUPPORTED = {"bf16": "ONNX's Conv has no bfloat16 type and ONNX Runtime's CPU provider has no bf16 kernels for "
+                       "Add, Mul, MatMul, Softmax, Erf, Conv and most other ops, so no runtime here can check the "
+                       "file: use --dtype fp16 (half the file too); a TensorRT engine builds bf16 kernels from the "
+                       "fp32 or fp16 file (--precision bf16)"}
 
 
 def torch_dtype(name: str) -> torch.dtype:

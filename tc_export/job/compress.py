@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from ..errors import ConfigError, InternalError
 from ..models.base import LoadedModel
+from ..models.seeding import DEFAULT_WEIGHTS_SEED, seeded_weights
 from ..ops.base import TokenOp
 from ..ops.state import leading_tokens
 from ..passes import LayerTokens, run_passes, token_pass
@@ -63,8 +64,10 @@ def compress(
     ``emit_positions``: add outputs with each output token's position and size (``TokenPass``).
     ``unit``: merge units of unit x unit patches (docs/merge-units.md); a recipe whose window projector follows a
     token method sets it by itself.
+    Ops with weights the methods add (projectors) draw them from the ``LoadedModel``'s ``weights_seed`` (else 0).
     """
     configs = list(methods) if isinstance(methods, (list, tuple)) else [methods]
+    seed = DEFAULT_WEIGHTS_SEED
     if isinstance(model, LoadedModel):
         wanted = configs or features is not None or emit_positions or unit is not None
         own = model.own_projector is not None and features is None  # compression_refusal: of the rest
@@ -72,6 +75,7 @@ def compress(
             raise ConfigError(f"{model.name}: {model.compression_refusal}")
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
+        seed = model.weights_seed
         if model.own_projector is not None and features is None and (configs or emit_positions or unit is not None):
             module, stage = model.own_projector  # the tower without its merger, the merger as the last stage
             model, configs = module, [*configs, stage]
@@ -89,7 +93,8 @@ def compress(
     sites_before = len(find_structure(gm).sites)
     wanted = configs or features is not None or emit_positions or unit is not None
     passes = [token_pass(configs, features, frames, emit_positions, unit)] if wanted else []
-    gm = run_passes(gm, passes, example_inputs)
+    with seeded_weights(seed):  # the weights of the ops the passes add (projectors) come from the model's seed
+        gm = run_passes(gm, passes, example_inputs)
     report = passes[0].report if passes else PassReport()
     inputs = dict(example_inputs) | {name: seeded_input(next(iter(example_inputs.values())).shape[0], shape)
                                      for name, shape in report.extra_inputs.items()}

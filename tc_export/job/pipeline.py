@@ -18,6 +18,7 @@ from ..export.onnx_export import ExportConfig, write_onnx
 from ..export.precision import in_dtype, torch_dtype
 from ..export.checks.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from ..models import LoadedModel, ModelOptions, load_model
+from ..models.registry import random_weights_message
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     onnx_path = output.with_suffix(".onnx") if wants_engine else output
     loaded = loaded or load_for_job(config)
     if loaded.random_init:
-        say(f"warning: {loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, parity and speed are still real")
+        say(f"warning: {random_weights_message(loaded)}")
 
     batch = config.export.batch
     example = loaded.example_inputs(batch=max(batch, 2) if config.export.dynamic_batch else batch)

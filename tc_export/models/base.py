@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .seeding import DEFAULT_WEIGHTS_SEED
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -47,6 +49,7 @@ class LoadedModel:
     # a stage). Compressing runs that module with the projector appended after the methods, at merge units.
     own_projector: tuple[nn.Module, Any] | None = None
     compression_refusal: str | None = None  # why it compresses only through own_projector, or not at all
+    weights_seed: int = DEFAULT_WEIGHTS_SEED  # the seed of its random weights and of any projector's (seeding.py)
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
         """Seeded inputs keyed by forward-argument name."""

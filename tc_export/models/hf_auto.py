@@ -210,7 +210,7 @@ def choose_class(config: Any, name: str) -> Choice:
                               f"{config.model_type} model")
         if any(head in arch for head in SEQUENCE_HEADS) or arch.endswith("Model"):
             return Choice(cls, config, label=arch)
-        base = _auto_class(tf, config, name)
+        base = _auto_class(tf, config, name, per_token_head=arch)
         return Choice(base, config, label=f"{base.__name__} ({arch}'s head is per token, so its base model)")
     cls = _auto_class(tf, config, name)
     return Choice(cls, config, label=cls.__name__)
@@ -221,12 +221,18 @@ UNSUPPORTED_TOWERS: dict[str, str] = {}
 # Vision towers built through an adapter of their own (config class name -> builder module, function).
 ADAPTED_TOWERS = {"Qwen2VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
                   "Qwen2_5_VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
-                  "Qwen3VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower")}
+                  "Qwen3VLVisionConfig": ("qwen2_vl", "build_qwen2_vl_tower"),
+                  "Llama4VisionConfig": ("llama4_vision", "build_llama4_vision"),
+                  "PixtralVisionConfig": ("pixtral", "build_pixtral"),
+                  "Idefics3VisionConfig": ("idefics3", "build_idefics3"),
+                  "SmolVLMVisionConfig": ("idefics3", "build_idefics3"),
+                  "Siglip2VisionConfig": ("siglip2", "build_siglip2")}
 
 
-def _auto_class(tf: Any, config: Any, name: str) -> Any:
+def _auto_class(tf: Any, config: Any, name: str, per_token_head: str | None = None) -> Any:
     """AutoModel's class for ``config``, else the model class its own modeling module declares for it (a
-    vision tower such as BLIP's, which AutoModel does not map)."""
+    vision tower such as BLIP's, which AutoModel does not map), never the abstract ``...PreTrainedModel``.
+    ``per_token_head``: the architecture the config names, whose per-token head sent us to the base model."""
     if type(config).__name__ in UNSUPPORTED_TOWERS:
         raise ConfigError(f"{name}: {UNSUPPORTED_TOWERS[type(config).__name__]}")
     with contextlib.suppress(KeyError):
@@ -236,9 +242,14 @@ def _auto_class(tf: Any, config: Any, name: str) -> Any:
         with contextlib.suppress(ImportError):
             module = importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
     own = [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, nn.Module)
-           and getattr(c, "config_class", None) is type(config) and c.__name__.endswith("Model")] if module else []
+           and getattr(c, "config_class", None) is type(config) and c.__name__.endswith("Model")
+           and not c.__name__.endswith("PreTrainedModel")] if module else []
     if len(own) == 1:
         return own[0]
+    if per_token_head:
+        raise ConfigError(f"{name}: {per_token_head} predicts per token (its head reads every patch token, which "
+                          f"token compression removes), and transformers has no base model for "
+                          f"{type(config).__name__} to build instead")
     raise ConfigError(f"{name}: transformers has no base model for {type(config).__name__}")
 
 
@@ -416,8 +427,10 @@ def build_auto(name: str, choice: Choice, folder: Path | None, options: ModelOpt
                                     None)
     if load_given_weights(model, options, name):
         random_init = False
-    if pooling != "pooler" and isinstance(getattr(model, "pooler", None), nn.Module):
-        model.pooler = NoPooler()  # an unused pooler still reads token 0 in the traced graph
+    if pooling not in ("pooler", "logits") and isinstance(getattr(model, "pooler", None), nn.Module):
+        # an unused pooler still reads token 0 in the traced graph; a head's own pooler (DeBERTa-v2's
+        # ContextPooler feeds its classifier) is what the logits read, so it stays
+        model.pooler = NoPooler()
     wrapper = wrap(model, inputs, pooling).eval()
     return LoadedModel(name, wrapper, specs, [OUTPUT_NAMES[pooling]], random_init, make)
 

@@ -8,6 +8,7 @@ package, with its tokenizer; the others have random weights unless ``--weights``
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def _preset(name: str, cls: Any, config: Any, options: ModelOptions, pooling: st
 
 def _sized(options: ModelOptions, overrides: dict[str, Any]) -> tuple[int, ModelOptions]:
     size = options.img_size or overrides.pop("image_size", 224)
-    return size, ModelOptions(size, options.weights, options.pretrained, options.pooling)
+    return size, replace(options, img_size=size)
 
 
 def build_vit(options: ModelOptions, name: str = "hf_vit_b", **overrides: Any) -> LoadedModel:

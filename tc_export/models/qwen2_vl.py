@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..ops.projectors.base import Grid, Projector
 from ..ops.state import unit_window_order
-from ..passes.opaque import REFUSAL_ATTRIBUTE
+from ..passes.opaque import REFUSAL_ATTRIBUTE, TOKEN_GRID_ATTRIBUTE
 from ..passes.projectors import PatchMergerConfig
 from .base import InputSpec, LoadedModel
 from .registry import ModelOptions
@@ -68,11 +68,15 @@ class WindowMerger(nn.Module):
     """One of the tower's PatchMergers on (B, N, C) raster-order tokens: back to window order, then the merger's
     own forward on the image's tokens flattened (its ``view(-1, 4C)`` takes each 4 consecutive tokens)."""
 
-    def __init__(self, merger: nn.Module, to_window: torch.Tensor, family: str, refusal: str | None = None) -> None:
+    def __init__(self, merger: nn.Module, to_window: torch.Tensor, family: str, refusal: str | None = None,
+                 merged_grid: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.merger = merger
         # On this wrapper, not the merger: the compressed path runs the same merger as a projector (TowerMerger).
         setattr(self, REFUSAL_ATTRIBUTE, refusal or MERGER_REFUSAL.format(family=family))
+        if merged_grid is not None:  # its output: one token per 2x2 window, in raster order of the merged grid (what
+            last = [module for module in merger.modules() if not list(module.children())][-1]  # EVS reads)
+            setattr(last, TOKEN_GRID_ATTRIBUTE, merged_grid)
         self.register_buffer("to_window", to_window, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +159,7 @@ class QwenVisionAdapter(nn.Module):
         super().__init__()
         config = tower.config
         self.tower, self.pooling = tower, pooling
+        self.grouped_input = False  # True: inputs are (B, temporal, 3, H, W) groups of video frames
         self.patch_size, self.temporal = config.patch_size, config.temporal_patch_size
         self.rows = self.cols = image_size // config.patch_size
         self.heads = config.num_heads
@@ -162,7 +167,9 @@ class QwenVisionAdapter(nn.Module):
         to_raster = torch.argsort(ids[:, 0] * self.cols + ids[:, 1])  # raster token i is window token to_raster[i]
         self.register_buffer("position_ids", ids[to_raster], persistent=False)
         to_window = torch.argsort(to_raster)
-        self.window_merger = WindowMerger(tower.merger, to_window, family) if pooling == "pooler" else None
+        merged = (self.rows // config.spatial_merge_size, self.cols // config.spatial_merge_size)
+        self.window_merger = WindowMerger(tower.merger, to_window, family, merged_grid=merged) \
+            if pooling == "pooler" else None
         deepstack = list(getattr(tower, "deepstack_visual_indexes", None) or []) if pooling == "pooler" else []
         self.deepstack = {layer: WindowMerger(merger, to_window, family, DEEPSTACK_REFUSAL.format(layer=layer))
                           for layer, merger in zip(deepstack, tower.deepstack_merger_list)} if deepstack else {}
@@ -183,9 +190,19 @@ class QwenVisionAdapter(nn.Module):
             self.register_buffer("table_weight", weight[to_raster], persistent=False)
         self.rotate_half = rotate_half_of(tower)
 
+    @property
+    def frames_per_step(self) -> int:
+        """Frames of a video the tower embeds together (its temporal patch): ``--frames T`` runs T / this steps."""
+        return self.temporal
+
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frame repeated over the temporal patch and the tower's Conv3d: (B, N, C) in raster order."""
-        volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
+        """The tower's Conv3d on one temporal patch: an image (B, 3, H, W) repeated over it, as the image processor
+        does, or with ``grouped_input`` a video's ``temporal_patch_size`` consecutive frames (B, t, 3, H, W).
+        (B, N, C) in raster order."""
+        if self.grouped_input:  # video: the frames of one temporal patch, in order (set by ``video.FrameTower``)
+            volume = pixel_values.transpose(1, 2)
+        else:
+            volume = pixel_values.unsqueeze(2).expand(-1, -1, self.temporal, -1, -1)
         cells = self.tower.patch_embed.proj(volume.to(self.tower.patch_embed.proj.weight.dtype))
         x = cells.flatten(2).transpose(1, 2)
         if hasattr(self, "table_index"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..registry import Registry
 from .base import LoadedModel
+from .seeding import DEFAULT_WEIGHTS_SEED, MAX_WEIGHTS_SEED, seeded_weights
 from .weights import check_finite
 
 
@@ -20,15 +21,20 @@ POOLINGS = ("logits", "pooler", "cls", "mean", "tokens")
 @dataclass(frozen=True)
 class ModelOptions:
     """How to build a model: image size override, a weights file or the library's pretrained weights, and
-    (transformers models) which output to export: ``pooling`` (None: logits, else pooler, else mean)."""
+    (transformers models) which output to export: ``pooling`` (None: logits, else pooler, else mean).
+    ``weights_seed``: the seed of every random weight (the model's without weights, a projector's), so the same
+    options build the same model in every run."""
 
     img_size: int | None = None
     weights: Path | None = None
     pretrained: bool = False
     pooling: str | None = None
     frames: int | None = None  # video: the model runs on each of this many frames of a (B, T, C, H, W) clip
+    weights_seed: int = DEFAULT_WEIGHTS_SEED
 
     def __post_init__(self) -> None:
+        if not 0 <= self.weights_seed <= MAX_WEIGHTS_SEED:
+            raise ConfigError(f"--weights-seed must be in 0..2**63-1, got {self.weights_seed}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
         if self.img_size is not None and (self.img_size <= 0 or self.img_size % 2):
@@ -60,7 +66,8 @@ def register_model(name: str, description: str) -> Callable[[Callable[[ModelOpti
 
 
 def load_model(name: str, options: ModelOptions | None = None, *, warn_random: bool = True) -> LoadedModel:
-    """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode."""
+    """Build a registered model (``vit_b``), a prefixed one (``timm:NAME``, ``hf:PATH``) in eval mode; any random
+    weights are drawn from ``options.weights_seed`` (``seeding.py``)."""
     options = options or ModelOptions()
     prefix, sep, rest = name.partition(":")
     if options.pooling is not None and (prefix if sep else name) not in POOLING_MODELS:
@@ -69,12 +76,15 @@ def load_model(name: str, options: ModelOptions | None = None, *, warn_random: b
     if sep and prefix in PREFIXES:
         if not rest:
             raise ConfigError(f"model {name!r} names no {prefix} model: use {PREFIXES[prefix][0]}")
-        loaded = PREFIXES[prefix][1](rest, options)
+        build = lambda: PREFIXES[prefix][1](rest, options)  # noqa: E731
     else:
         if name not in MODELS:
             hint = ", or " + ", ".join(p for p, _ in PREFIXES.values()) if PREFIXES else ""
             raise ConfigError(MODELS.unknown_message(name) + hint)
-        loaded = MODELS.get(name).build(options)
+        build = lambda: MODELS.get(name).build(options)  # noqa: E731
+    with seeded_weights(options.weights_seed):  # the one place every model is built: its random weights
+        loaded = build()
+    loaded.weights_seed = options.weights_seed
     if options.frames is not None:
         from .video import video_model
 
@@ -83,13 +93,15 @@ def load_model(name: str, options: ModelOptions | None = None, *, warn_random: b
     if options.pretrained:
         check_finite(loaded.module.state_dict().items(), f"pretrained weights of {loaded.name}")
     if loaded.random_init and warn_random:
-        warnings.warn(
-            f"{loaded.name} has random weights (no --weights or --pretrained): outputs are meaningless, "
-            "parity and speed are still measured faithfully",
-            RandomWeightsWarning,
-            stacklevel=2,
-        )
+        warnings.warn(random_weights_message(loaded), RandomWeightsWarning, stacklevel=2)
     return loaded
+
+
+def random_weights_message(loaded: LoadedModel, consequence: str = "outputs are meaningless, parity and speed are "
+                           "still real") -> str:
+    """The warning every command prints for a model with random weights: which seed drew them, and what follows."""
+    return (f"{loaded.name} has random weights (seed {loaded.weights_seed}: --weights-seed N draws others; "
+            f"--weights FILE or --pretrained loads real ones): {consequence}")
 
 
 class RandomWeightsWarning(UserWarning):

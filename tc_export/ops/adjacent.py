@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
-from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores
+from .pinning import choose
+from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, tie_cosines, top_k
 from .state import size_column
 
 
@@ -38,11 +39,11 @@ def adjacent_merge(
 
     metric = metric[:, protected:body_end]
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # a zero key scores 0, not NaN
-    similarity = (metric[:, ::2] * metric[:, 1::2]).sum(-1)  # (B, pairs)
+    similarity = tie_cosines((metric[:, ::2] * metric[:, 1::2]).sum(-1))  # (B, pairs)
     if padded:
         pad = size[:, protected:body_end, 0] == 0
         similarity = pad_aware_scores(similarity, pad[:, ::2], pad[:, 1::2])
-    chosen = similarity.topk(r, dim=-1).indices
+    chosen = choose(similarity, r)[1]
     merge = one_hot_columns(chosen, pairs, x.dtype).sum(-1, keepdim=True)  # (B, pairs, 1): 1 where merged
 
     body, body_size = x[:, protected:body_end], size[:, protected:body_end]
@@ -58,7 +59,7 @@ def adjacent_merge(
     # Surviving slots in order: the r smallest keys among (position, or 2*pairs + position when dropped).
     position = torch.arange(2 * pairs, device=x.device)
     dropped = torch.stack([merge.squeeze(-1), torch.zeros_like(merge.squeeze(-1))], dim=2).reshape(batch, -1)
-    survivors = (position + dropped.to(torch.int64) * 2 * pairs).topk(2 * pairs - r, dim=-1, largest=False).indices
+    survivors = top_k(position + dropped.to(torch.int64) * 2 * pairs, 2 * pairs - r, largest=False)[1]
     out = [x[:, :protected], gather_rows(slots, survivors), x[:, body_end:]]
     out_size = [size[:, :protected], gather_rows(slot_sizes, survivors), size[:, body_end:]]
     return torch.cat(out, dim=1), torch.cat(out_size, dim=1)

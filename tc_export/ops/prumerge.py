@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
-from .rows import NORM_FLOOR, gather_rows, one_hot_columns, sort_indices
+from .pinning import choose
+from .rows import NORM_FLOOR, gather_rows, one_hot_columns, sort_indices, tie_cosines, top_k
 
 NEIGHBOURS = 32  # the published cluster size
 
@@ -67,16 +68,16 @@ def prumerge_scored(
     unprotected = num_tokens - protected
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
-    ranked = scores.topk(unprotected, dim=-1).indices
+    ranked = choose(scores, unprotected)[1]
     order = torch.cat([ranked[:, :tokens], sort_indices(ranked[:, tokens:])], dim=-1)  # kept by rank, then pruned
 
     keys = gather_rows(key, order, 1, protected)
     keys = keys / keys.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)  # F.normalize's eps
-    similarity = keys[:, :tokens] @ keys.transpose(-1, -2)  # (B, K, M)
+    similarity = tie_cosines(keys[:, :tokens] @ keys.transpose(-1, -2))  # (B, K, M)
     self_mask = torch.zeros(tokens, unprotected, dtype=similarity.dtype, device=x.device)
     self_mask[:, :tokens] = torch.diag(torch.full((tokens,), float("-inf"), dtype=similarity.dtype, device=x.device))
     count = min(neighbours, unprotected - 1)
-    nearest = (similarity + self_mask).topk(count, dim=-1).indices  # (B, K, n)
+    nearest = choose(similarity + self_mask, count)[1]  # (B, K, n)
     chosen = one_hot_columns(nearest.reshape(batch, -1), unprotected, x.dtype)  # (B, M, K*n)
     chosen = chosen.reshape(batch, unprotected, tokens, count).sum(-1).transpose(-1, -2)  # (B, K, M) 0/1
 

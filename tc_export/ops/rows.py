@@ -11,6 +11,11 @@ WEIGHT_FLOOR = 1e-12
 # Norm floor for L2-normalised keys (F.normalize's eps): a zero key (e.g. a zero-initialised class or register
 # token's) gets similarity 0 instead of NaN, which would sort unpredictably and differently in every runtime.
 NORM_FLOOR = 1e-12
+# Cosines above this count as equal (they are capped to it): identical keys (a repeated token with no position
+# signal, as in T5's first layer, or a repeated frame) score 1 up to their rounding error, which differs between
+# runtimes and between keys, so their exact tie would be decided by rounding. Capped, they tie exactly and the
+# lower index wins everywhere (``top_k``). 2**-16 is ~20x the fp32 error of a unit vector's cosine with itself.
+COSINE_CAP = 1.0 - 2.0**-16
 
 
 def gather_rows(x: Tensor, rows: Tensor, stride: int = 1, offset: int = 0) -> Tensor:
@@ -25,9 +30,34 @@ def gather_rows(x: Tensor, rows: Tensor, stride: int = 1, offset: int = 0) -> Te
     return x.reshape(batch * num_tokens, channels).index_select(0, flat.reshape(-1)).reshape(batch, -1, channels)
 
 
+def top_k(values: Tensor, k: int, largest: bool = True) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest (``largest=False``: smallest) entries along the last dimension and their indices, best
+    first, exact ties lower index first: in PyTorch and in the exported graph alike.
+
+    ONNX TopK orders exact ties lower index first (its specification; ONNX Runtime does, and so do this package's
+    plugin kernels); ``torch.topk`` leaves the order unspecified and its CPU kernel does not keep it, so padding,
+    repeated tokens or zero keys (exact ties) were decided one way in PyTorch and another in the graph. Eagerly the
+    order comes from a stable sort (first occurrence for ``k == 1``: ``argmax``/``argmin``), which keeps ties in
+    index order; ``aten.sort.stable`` has no ONNX translation, so under ``torch.export`` the same selection is
+    traced as ``topk``, one TopK(k) node.
+    """
+    if torch.compiler.is_exporting():
+        return values.topk(k, dim=-1, largest=largest)
+    if k == 1:
+        index = (values.argmax if largest else values.argmin)(dim=-1, keepdim=True)
+        return values.gather(-1, index), index
+    ordered = values.sort(dim=-1, descending=largest, stable=True)
+    return ordered.values[..., :k], ordered.indices[..., :k]
+
+
+def tie_cosines(scores: Tensor) -> Tensor:
+    """Cosine ``scores`` with every value above ``COSINE_CAP`` set to it (one Min node): identical keys tie exactly."""
+    return scores.clamp_max(COSINE_CAP)
+
+
 def sort_indices(rows: Tensor) -> Tensor:
     """Index values sorted ascending, as one TopK over int64 (TensorRT and ONNX Runtime both take it)."""
-    return rows.topk(rows.shape[-1], dim=-1, largest=False).values
+    return top_k(rows, rows.shape[-1], largest=False)[0]
 
 
 def one_hot_columns(columns: Tensor, num_columns: int, dtype: torch.dtype) -> Tensor:

@@ -29,7 +29,10 @@ import torch
 from torch import Tensor
 
 from .base import CountedMergeOp
-from .rows import NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices
+from .pinning import choose
+from .rows import (
+    NORM_FLOOR, WEIGHT_FLOOR, gather_rows, one_hot_columns, pad_aware_scores, sort_indices, tie_cosines,
+)
 from .state import size_column
 
 
@@ -71,7 +74,7 @@ def banded_scores(
     cols = torch.where(blocked, torch.zeros_like(cols), cols)  # any in-range column; masked below
     flat = cols.reshape(-1)
     band_b = metric_b.index_select(1, flat).reshape(metric_b.shape[0], num_a, -1, metric_b.shape[-1])
-    scores = (band_b @ metric_a.unsqueeze(-1)).squeeze(-1)  # (B, num_a, K)
+    scores = tie_cosines((band_b @ metric_a.unsqueeze(-1)).squeeze(-1))  # (B, num_a, K)
     if pad is not None:
         pad_b = pad[:, 1::2].index_select(1, flat).reshape(scores.shape)
         positions = (rows * num_b + cols).to(scores.dtype)
@@ -100,16 +103,16 @@ def bipartite_match(
     num_a, num_b = metric_a.shape[1], metric_b.shape[1]
     if window is not None:
         scores, first = banded_scores(metric_a, metric_b, window, protected, pad)
-        best_score, best_index = scores.topk(1, dim=-1)
+        best_score, best_index = choose(scores, 1)
         best_col = best_index + first  # rows whose band is all -inf (protected) never merge: never read
     else:
-        scores = metric_a @ metric_b.transpose(-1, -2)
+        scores = tie_cosines(metric_a @ metric_b.transpose(-1, -2))
         if pad is not None:
             scores = pad_aware_scores(scores, pad[:, ::2].unsqueeze(-1), pad[:, 1::2].unsqueeze(-2))
         if protected:
             scores = scores + protection_mask(num_a, num_b, protected, scores.dtype, scores.device)
-        best_score, best_col = scores.topk(1, dim=-1)
-    ranked = best_score.squeeze(-1).topk(num_a, dim=-1).indices
+        best_score, best_col = choose(scores, 1)
+    ranked = choose(best_score.squeeze(-1), num_a)[1]
     src_rows = ranked[:, :r]
     dst_cols = best_col.squeeze(-1).gather(-1, src_rows)
     protected_rows = (protected + 1) // 2

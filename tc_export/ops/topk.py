@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
-from .rows import gather_rows, sort_indices
+from .pinning import choose
+from .rows import gather_rows, sort_indices, top_k
 
 
 def keep_count(num_tokens: int, keep: float, protected: int) -> int:
@@ -33,7 +34,7 @@ def topk_prune(
     """Keep ``keep`` of the unprotected tokens of ``x`` (B, N, C) by ``class_attn`` (B, N); returns (x, size)."""
     num_tokens = x.shape[1]
     scores = class_attn[:, protected:].float()  # ranks in fp32 whatever the model's dtype (a no-op in fp32)
-    ranked = scores.topk(num_tokens - protected if fuse else keep, dim=-1).indices
+    ranked = choose(scores, num_tokens - protected if fuse else keep)[1]
     kept = ranked[:, :keep]
     if keep_order:
         kept = sort_indices(kept)

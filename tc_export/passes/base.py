@@ -69,6 +69,8 @@ def run_passes(
         try:
             retarget_token_dims(gm, example_inputs)
             propagate_shapes(gm, example_inputs)
+        except TCExportError:
+            raise
         except Exception as error:
             raise InternalError(
                 f"pass {graph_pass.name}{after} produced a graph that does not run: {_first_line(error)}"

@@ -1,6 +1,7 @@
 """What every token op promises, checked on a real run after each pass (torch.fx's ``ensures`` idea).
 
-- its output has the token count ``tokens_out`` promised to the pass, and sizes (when any) match it;
+- its output has the token count ``tokens_out`` promised to the pass, and sizes (when any) match it; the batch rows
+  stay, or, for an op that joins a clip's ``frames`` rows into one (``joins_frames``), divide by ``frames``;
 - the protected prefix (class, distillation, register tokens) leaves it unchanged, first and in order (unless the
   op drops it at the tower's output: ``prefix_out()`` is then 0).
 (``compress`` also checks that every self-attention found before the pass is still one after it: its queries and
@@ -32,7 +33,8 @@ class _Checker(fx.Interpreter):
 def _check(name: str, op: TokenOp, x: torch.Tensor, result: Any) -> None:
     out, size = result
     want = op.tokens_out(x.shape[1])
-    if out.shape[1] != want or out.shape[0] != x.shape[0]:
+    frames = getattr(op, "frames", 1) if getattr(op, "joins_frames", False) else 1  # one row per clip after it
+    if out.shape[1] != want or out.shape[0] * frames != x.shape[0]:
         raise InternalError(f"{name} promised {want} tokens and returned {tuple(out.shape)} from {tuple(x.shape)}")
     if size is not None and (size.shape[0], size.shape[1]) != (out.shape[0], op.state_rows(out.shape[1])):
         raise InternalError(f"{name} returned sizes {tuple(size.shape)} for tokens {tuple(out.shape)}")

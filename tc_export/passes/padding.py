@@ -25,7 +25,7 @@ from torch import fx
 
 from ..errors import StructureNotFoundError
 from ..ops.tokens import is_weighted_mean
-from .graph import ancestors, is_input_free, is_sdpa, tensor_meta_shape
+from .graph import ancestors, is_add, is_input_free, is_sdpa, tensor_meta_shape
 from .position_tables import PositionTable
 from .structure import AttentionSite
 
@@ -44,8 +44,41 @@ def _mask_argument(node: fx.Node) -> tuple[int | str, fx.Node] | None:
     return ("attn_mask", mask) if isinstance(mask, fx.Node) else None
 
 
-def _clear_mask(node: fx.Node, where: int | str, keep: fx.Node | None = None) -> None:
-    """Drop the mask argument, or replace it by ``keep`` (the learned bias the mask was built around)."""
+_LOGIT_STEPS = 6  # scaling, casts and adds between q @ k^T and the softmax, as structure._logits_matmul follows
+
+
+def _explicit_mask(site: AttentionSite) -> tuple[fx.Node, fx.Node] | None:
+    """The additive mask of an explicit attention (eager ``scores + attention_mask`` before the softmax, as BERT's
+    and RoFormer's eager attention write it): (the add, the mask operand, which does not read q @ k^T)."""
+    if site.softmax is None or not site.softmax.args:
+        return None
+    logits = site.key.users and next((u for u in site.key.users if u.args and u.args[-1] is site.key), None)
+    node = site.softmax.args[0]
+    for _ in range(_LOGIT_STEPS):
+        if not isinstance(node, fx.Node) or node is logits:
+            return None
+        if is_add(node) and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+            first, second = node.args
+            behind = [a for a in (first, second) if logits is not None and (a is logits or logits in ancestors(a))]
+            if len(behind) == 1:
+                return node, second if behind[0] is first else first
+        tensors = [a for a in node.args if isinstance(a, fx.Node)]
+        if not tensors:
+            return None
+        node = tensors[0]
+    return None
+
+
+def _clear_mask(node: fx.Node, where: int | str | fx.Node, keep: fx.Node | None = None) -> None:
+    """Drop the mask argument, or replace it by ``keep`` (the learned bias the mask was built around). ``where``:
+    the SDPA argument, or the mask itself for an explicit attention's ``scores + mask`` add (``node``)."""
+    if isinstance(where, fx.Node):
+        scores = node.args[1] if node.args[0] is where else node.args[0]
+        if keep is None:
+            node.replace_all_uses_with(scores)
+        else:
+            node.args = (scores, keep)
+        return
     if isinstance(where, int):
         node.args = (*node.args[:3], keep, *node.args[4:])
     else:
@@ -159,13 +192,20 @@ def find_initial_sizes(
     window_of: dict[fx.Node, int | None | str] = {}  # layers share their mask node: evaluate each once
     for site in sites:
         node = site.attention
-        if not is_sdpa(node):
-            continue
-        found = _mask_argument(node)
+        if is_sdpa(node):
+            found = _mask_argument(node)
+        else:  # an eager attention adds its mask to the scores itself
+            explicit = _explicit_mask(site)
+            found = None
+            if explicit is not None:
+                node, mask = explicit
+                found = (mask, mask)
         if found is None:
             continue
         where, mask = found
         inputs = _placeholders(ancestors(mask, through_shape_queries=False))
+        if isinstance(where, fx.Node) and not inputs:
+            continue  # an input-free term added to eager scores (a bias table): not a padding mask; left as it was
         if not inputs and is_learned(gm, mask):
             continue  # a learned bias (relative positions): stays; a position table or the position check takes it
         keep = learned_part(gm, mask, (tensor_meta_shape(site.query) or (0, 0))[-2]) if inputs else None

@@ -21,6 +21,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import fx
 
@@ -34,6 +35,8 @@ class PositionTable(ABC):
     site: int  # the attention site index (``AttentionSite.index``)
     kind: str  # "rotary position embedding", "relative position bias", ...
     nodes: frozenset[fx.Node]  # the graph nodes holding the fixed table now: no longer a refusal once rewired
+    exact_positions_only: ClassVar[bool] = False  # read at integer positions only: pruned tokens, not merged ones
+    why_exact: ClassVar[str] = ""  # why (for the refusal under merging)
 
     @abstractmethod
     def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:

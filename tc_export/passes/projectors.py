@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.seeding import seeded_weights
 from ..ops.projectors import (
     CAbstractor,
+    Gemma3Projector,
+    Idefics3Projector,
     LlamaVidProjector,
+    Llama4Projector,
     MLPProjector,
     PatchMergerProjector,
     PoolProjector,
@@ -127,8 +130,7 @@ class ProjectorConfig:
                     "merge or pruning reorders tokens, or the model has no patch grid); put it before them"
                 )
             grid = (site.tokens - site.protected,)
-        with torch.random.fork_rng():  # the reference initialisation, reproducible
-            torch.manual_seed(0)
+        with seeded_weights():  # the model's weights seed (0 unless --weights-seed), whatever ran before
             op = self.projector(site.channels, grid, site.protected, **self.settings())
         weights = getattr(self, "projector_weights", None)
         if weights is not None:
@@ -205,6 +207,41 @@ class UnshuffleConfig(ProjectorConfig):
 
     def window(self) -> int | None:
         return block_size(self.scale)
+
+
+@register_method("idefics3", "Idefics3 / SmolVLM connector: pixel shuffle (--scale 1/s) + Linear, no bias")
+@dataclass(frozen=True)
+class Idefics3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Idefics3Projector
+
+    scale: float = _scale()
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("llama4", "Llama 4 adapter: pixel shuffle 0.5, MLP (GELU after each layer), projector Linear")
+@dataclass(frozen=True)
+class Llama4Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Llama4Projector
+
+    scale: float = _scale()
+    adapter_channels: int | None = setting(None, "llama4: width of the pixel-shuffle MLP (Llama 4: 4096; default "
+                                                 "the input width)", _optional_int)
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
+
+
+@register_method("gemma3", "Gemma 3 projector: 4x4 average pool, soft-embedding RMSNorm, projection matrix")
+@dataclass(frozen=True)
+class Gemma3Config(ProjectorConfig):
+    projector: ClassVar[type[Projector]] = Gemma3Projector
+
+    stride: int = setting(4, "gemma3: average-pool kernel = stride (Gemma 3: 64 patches / 16 tokens per side)")
+    out_channels: int | None = _out_channels()
+    at: str = _at()
+    projector_weights: str | None = _weights()
 
 
 @register_method("patchmerger", "Qwen2-VL PatchMerger: LayerNorm, 2x2 windows -> 4C, MLP (--scale 0.5)")

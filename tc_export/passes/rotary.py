@@ -9,8 +9,9 @@ own table at the original grid (the angle step between neighbouring grid positio
 rebuild the whole table; the rewired site evaluates the same formula at the carried coordinates, so a merged
 token's fractional position goes straight into the frequency formula (cos/sin are never averaged). A table that
 is not affine in the raster-order coordinates, or whose angle step is too close to half a turn to tell its
-frequency apart from an alias (a fractional position would then land on the wrong angle), is not recognised and
-stays refused with the cause.
+frequency apart from an alias (a fractional position would then land on the wrong angle), is not rebuilt from
+frequencies: its rows are gathered by the carried positions instead (``GatheredRotaryTable``), exact while
+tokens are only pruned; the token pass refuses it after a method that merges.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import fx
@@ -34,10 +36,12 @@ _TABLE_ATOL = 2e-5
 def rotary_angles(positions: torch.Tensor, freqs: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """Angles ``offset + sum_p positions[..., p] * freqs[p]``: positions (B, n, P) already broadcast to the
     table's layout as (B, *lead, n, *trail, P) by the caller; ``freqs`` (P, *table) and ``offset`` (*table)
-    have a token axis of size 1."""
+    have a token axis of size 1. The last P coordinates are the table's: a video tower's frame coordinate, carried
+    first, has no frequency."""
     angles = offset.unsqueeze(0)
+    first = positions.shape[-1] - freqs.shape[0]
     for p in range(freqs.shape[0]):
-        angles = angles + positions[..., p] * freqs[p].unsqueeze(0)
+        angles = angles + positions[..., first + p] * freqs[p].unsqueeze(0)
     return angles
 
 
@@ -63,6 +67,18 @@ def protected_rows(table: torch.Tensor, rows: torch.Tensor, head: int, tail: int
     return torch.cat(parts, dim=1 + token_axis) if len(parts) > 1 else rows
 
 
+def _token_axis(x_shape: tuple[int, ...], table: tuple[int, ...], tokens: int, structure: Structure) -> int | None:
+    """The table's token axis: the axis (after the batch) where the activation and the table both hold the
+    tokens, or the tokens after the protected prefix (heads first (B, H, N, d), tokens first (B, N, H, d) or
+    (B, N, D)); None when no axis fits."""
+    counts = {tokens, tokens - structure.prefix}
+    rank = len(x_shape) - 1
+    for axis in [rank - 2] + [a for a in range(rank - 1) if a != rank - 2]:
+        if axis >= 0 and x_shape[1 + axis] == table[axis] and table[axis] in counts:
+            return axis
+    return None
+
+
 @dataclass(eq=False)
 class RotaryTable(PositionTable):
     """One rotary unit (``x * cos + rotate(x) * sin``) of a site, with the frequencies read from its table."""
@@ -76,6 +92,7 @@ class RotaryTable(PositionTable):
     offset: torch.Tensor = field(default=None)  # type: ignore[assignment]
     token_axis: int = 0
     first_row: int = 0  # the stream row of the table's first row
+    sequence_first: bool = False  # the activation is (N, B, ...): the rebuilt (B, N, ...) table is transposed
 
     def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:
         graph = gm.graph
@@ -86,15 +103,47 @@ class RotaryTable(PositionTable):
         head = max(0, prefix - self.first_row)
         with graph.inserting_before(min(self.products, key=_order(graph))):
             freqs, offset, cos_fixed, sin_fixed = (graph.get_attr(f"{name}_{s}") for s in ("freqs", "offset", "cos", "sin"))
-            rows = graph.call_function(positions_as_table, (positions, self.first_row + head, suffix,
-                                                            self.cos_value.dim(), self.token_axis))
-            angles = graph.call_function(rotary_angles, (rows, freqs, offset))
             tables = []
             for fn, fixed in ((torch.cos, cos_fixed), (torch.sin, sin_fixed)):
-                value = graph.call_function(fn, (angles,))
-                tables.append(graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis)))
+                value = self._rows(graph, positions, fn, fixed, freqs, offset, head, suffix)
+                table = graph.call_function(protected_rows, (fixed, value, head, suffix, self.token_axis))
+                if self.sequence_first:
+                    table = graph.call_function(torch.transpose, (table, 0, 1))
+                tables.append(table)
         for product, old, new in zip(self.products, (self.cos_node, self.sin_node), tables):
             product.replace_input_with(old, new)
+
+    def _rows(self, graph: fx.Graph, positions: fx.Node, fn: object, fixed: fx.Node, freqs: fx.Node,
+              offset: fx.Node, head: int, suffix: int) -> fx.Node:
+        """The cos (``fn``) or sin table rows of the unprotected tokens: evaluated at their carried coordinates."""
+        rows = graph.call_function(positions_as_table, (positions, self.first_row + head, suffix,
+                                                        self.cos_value.dim(), self.token_axis))
+        return graph.call_function(fn, (graph.call_function(rotary_angles, (rows, freqs, offset)),))
+
+
+def gathered_rows(table: torch.Tensor, positions: torch.Tensor, start: int, stop_from_end: int, head: int,
+                  columns: int, token_axis: int) -> torch.Tensor:
+    """Rows of a fixed table (token axis ``token_axis``) for the tokens ``start : N - stop_from_end`` of
+    positions (B, N, P), each at its own original row: ``head`` + row * columns + column (or + index)."""
+    rows = positions[:, start: positions.shape[1] - stop_from_end].round().long()
+    index = rows[..., 0] * columns + rows[..., 1] if rows.shape[-1] == 2 else rows[..., -1]
+    picked = table.movedim(token_axis, 0)[index + head]  # (B, n, rest of the table)
+    return picked.movedim(1, 1 + token_axis)
+
+
+@dataclass(eq=False)
+class GatheredRotaryTable(RotaryTable):
+    """A rotary table whose angles are not affine in the token's coordinates (no frequencies fit it): each pruned
+    token reads its own original row, which is exact; a merged token has no row, so merging is refused."""
+
+    exact_positions_only: ClassVar[bool] = True
+    why_exact: ClassVar[str] = "its table is not a rotary function of the position (no frequencies rebuild it)"
+    columns: int = 1  # the grid's width (row-major rows), 1 on a sequence
+
+    def _rows(self, graph: fx.Graph, positions: fx.Node, fn: object, fixed: fx.Node, freqs: fx.Node,
+              offset: fx.Node, head: int, suffix: int) -> fx.Node:
+        return graph.call_function(gathered_rows, (fixed, positions, self.first_row + head, suffix, head,
+                                                   self.columns, self.token_axis))
 
 
 def _order(graph: fx.Graph):
@@ -217,8 +266,10 @@ def _fit(cos: torch.Tensor, sin: torch.Tensor, coords: torch.Tensor, axis: int) 
         return None
     shape = (-1,) + (1,) * (angles.dim() - 1)
     rebuilt = offset.unsqueeze(0) + sum(coords[:, p].reshape(shape) * freq[p].unsqueeze(0) for p in range(freq.shape[0]))
-    if not (torch.allclose(torch.cos(rebuilt), cos.double().movedim(axis, 0), atol=_TABLE_ATOL)
-            and torch.allclose(torch.sin(rebuilt), sin.double().movedim(axis, 0), atol=_TABLE_ATOL)):
+    # A float32 table of large angles (a long 1-D sequence) is off by the rounding of each angle: ulp(angle).
+    tolerance = _TABLE_ATOL + 4 * torch.finfo(torch.float32).eps * rebuilt.abs()
+    if not (((torch.cos(rebuilt) - cos.double().movedim(axis, 0)).abs() <= tolerance).all()
+            and ((torch.sin(rebuilt) - sin.double().movedim(axis, 0)).abs() <= tolerance).all()):
         return None
     return freq.unsqueeze(1).movedim(1, 1 + axis).float(), offset.unsqueeze(0).movedim(0, axis).float()
 
@@ -252,6 +303,10 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
     if x_shape is None or len(x_shape) < 3:
         return None
     rank = len(x_shape) - 1  # the table's dims after the batch
+    sequence_first = (cos.dim() == len(x_shape) and cos.shape[0] == x_shape[0] > 1 and cos.shape[1] == 1
+                      and x_shape[0] in (tokens, tokens - structure.prefix))
+    if sequence_first:  # (N, B, H, d) activations (wav2vec2-Conformer's): the table without its batch axis
+        cos, sin, x_shape = cos.squeeze(1), sin.squeeze(1), (x_shape[1], x_shape[0], *x_shape[2:])
     while cos.dim() < rank:
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if cos.dim() == rank + 1:
@@ -260,22 +315,25 @@ def _table(site: AttentionSite, structure: Structure, x: fx.Node, cos_node: fx.N
         cos, sin = cos[0], sin[0]
     if cos.dim() != rank:
         return None
-    token_axis = rank - 2 if x_shape[-2] == cos.shape[rank - 2] else None
-    if len(x_shape) == 3 and x_shape[1] == cos.shape[0]:
-        token_axis = 0  # (B, N, D) activations
+    token_axis = _token_axis(x_shape, cos.shape, tokens, structure)
     if token_axis is None:
         return None
     rows = cos.shape[token_axis]
     first_row = tokens - rows
     if first_row not in (0, structure.prefix):
         return None
-    grid_rows = rows - max(0, structure.prefix - first_row)
-    coords = _grid_positions(structure, grid_rows)
     head = max(0, structure.prefix - first_row)
+    grid_rows = rows - head - structure.suffix  # the table ends at the stream's last row (a class token last)
+    coords = _grid_positions(structure, grid_rows)
     fit = _fit(cos.narrow(token_axis, head, grid_rows), sin.narrow(token_axis, head, grid_rows), coords, token_axis)
-    if fit is None:
-        return None
+    kind, extra = RotaryTable, {}
+    if fit is None:  # not affine: gathered by the exact positions (pruning only)
+        kind = GatheredRotaryTable
+        grid = structure.grid
+        extra = {"columns": grid[1] if grid is not None and len(grid) == 2 and grid[0] * grid[1] == grid_rows else 1}
+        fit = (torch.zeros(1), torch.zeros(1))
     freqs, offset = fit
-    return RotaryTable(site=site.index, kind="rotary position embedding", nodes=frozenset({cos_node, sin_node}),
+    return kind(site=site.index, kind="rotary position embedding", nodes=frozenset({cos_node, sin_node}),
                        cos_node=cos_node, sin_node=sin_node, cos_value=cos.float(), sin_value=sin.float(),
-                       freqs=freqs, offset=offset, token_axis=token_axis, first_row=first_row)
+                       freqs=freqs, offset=offset, token_axis=token_axis, first_row=first_row,
+                       sequence_first=sequence_first, **extra)

@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from ..errors import StructureNotFoundError
+
+_RESHAPE_METHODS = ("view", "reshape")
+WINDOW_FOLD = "tc_export_window_fold"  # node meta: a reshape folding declared attention windows (token pass)
 _SHAPE_OPS = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
@@ -87,6 +91,10 @@ class _Retargeter(fx.Interpreter):
         self.changed = 0
 
     def run_node(self, node: fx.Node) -> Any:
+        if (node.op == "call_function" and node.target in _SHAPE_OPS and node.target
+                is not torch.ops.aten.expand.default) or (node.op == "call_method" and node.target in _RESHAPE_METHODS) \
+                or (node.op == "call_function" and node.target is torch.reshape):
+            self._refuse_grid_split(node)
         if node.op == "call_function" and node.target in _SHAPE_OPS and len(node.args) >= 2:
             self._retarget(node)
             self._view_to_reshape(node)
@@ -111,6 +119,30 @@ class _Retargeter(fx.Interpreter):
         node.args = (source, updated, *node.args[2:])
         self.changed += 1
 
+    def _refuse_grid_split(self, node: fx.Node) -> None:
+        """A view/reshape that splits a dim whose size changed (the tokens) into several dims (a grid, as PiT's
+        stages reshape their tokens back to the (H, W) grid they read) cannot hold merged or pruned tokens: refused
+        by name. Splitting off the batch (``(B * N, C) -> (B, N, C)``) is not a grid, nor are declared attention
+        windows folded into or out of the heads (``WINDOW_FOLD``: every window keeps the same count of tokens)."""
+        if node.meta.get(WINDOW_FOLD):
+            return
+        source = node.args[0] if node.args else None
+        old, old_out = _recorded_shape(source), _recorded_shape(node)
+        value = self.env.get(source) if isinstance(source, fx.Node) else None
+        if old is None or old_out is None or not isinstance(value, torch.Tensor) or tuple(value.shape) == old \
+                or value.dim() != len(old):
+            return
+        for ins, outs in _groups(old, old_out) or []:
+            if len(outs) >= 2 and min(outs) > 0 and any(old[i] != value.shape[i] for i in ins):
+                grid = " x ".join(str(old_out[j]) for j in outs)
+                tokens = " x ".join(str(old[i]) for i in ins)
+                raise StructureNotFoundError(
+                    f"{node.name} reshapes the compressed tokens back to the {grid} grid of the {tokens} tokens it "
+                    f"read (now {' x '.join(str(int(value.shape[i])) for i in ins)}), as PiT's pooling stages do: "
+                    "merged or pruned tokens have no grid, so no token op can run in a stage that ends in such a "
+                    "reshape"
+                )
+
     def _view_to_reshape(self, node: fx.Node) -> None:
         """A view whose input lost the memory layout it relied on becomes a reshape (same values; it may copy).
 
@@ -121,6 +153,22 @@ class _Retargeter(fx.Interpreter):
                 and not value.is_contiguous():
             node.target = torch.ops.aten.reshape.default
             self.changed += 1
+
+    def _resized_symbols(self, node: fx.Node, shape: list, old: tuple[int, ...], new: tuple[int, ...],
+                         old_out: tuple[int, ...], value: torch.Tensor) -> list:
+        """A symbolic entry (a dynamic batch ``s0 * T``) of a view whose input dim it stands for changed size (an op
+        that joins a clip's frames into one row): read that dim from the new input instead."""
+        groups = _groups(old, old_out)
+        if groups is None or len(shape) != len(old_out):
+            return shape
+        for ins, outs in groups:
+            if len(ins) == 1 and len(outs) == 1 and isinstance(shape[outs[0]], fx.Node) \
+                    and old[ins[0]] != new[ins[0]]:
+                with node.graph.inserting_before(node):
+                    size = node.graph.call_function(torch.ops.aten.sym_size.int, (node.args[0], ins[0]))
+                self.env[size] = int(value.shape[ins[0]])
+                shape[outs[0]] = size
+        return shape
 
     def _retarget(self, node: fx.Node) -> None:
         source, shape = node.args[0], node.args[1]
@@ -138,7 +186,8 @@ class _Retargeter(fx.Interpreter):
                 if o != n and isinstance(shape[offset + d], int) and shape[offset + d] == o:
                     updated[offset + d] = n
         else:
-            updated = _new_view_shape(list(shape), old, new, old_out)
+            updated = self._resized_symbols(node, list(shape), old, new, old_out, value)
+            updated = _new_view_shape(updated, old, new, old_out)
         if updated != list(shape):
             node.args = (source, updated, *node.args[2:])
             self.changed += 1
@@ -150,7 +199,10 @@ def retarget_token_dims(gm: fx.GraphModule, example_inputs: Mapping[str, torch.T
     args = [example_inputs.get(str(n.target), n.args[0] if n.args else None) for n in placeholders]
     retargeter = _Retargeter(gm)
     with torch.no_grad():
-        retargeter.run(*args)
+        try:
+            retargeter.run(*args)
+        except StructureNotFoundError as error:  # fx's interpreter appended the node and its trace: one line
+            raise StructureNotFoundError(str(error).strip().splitlines()[0]) from None
     if retargeter.changed:
         gm.recompile()
     return retargeter.changed

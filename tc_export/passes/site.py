@@ -35,6 +35,8 @@ class Site:
     ``unit``: merge units of s x s patches are on (docs/merge-units.md): the patch tokens run in unit-window order
     and ``patch_grid`` is the original patch grid. A token method never sees this: the pass shows it the unit view
     (one row of s^2 * C channels per unit, no prefix); projectors read it to act window by window.
+    ``frames``: a video tower's frames per clip, each frame one batch row here (None: no clip, or the frames are
+    already joined into one sequence per clip by an earlier op).
     """
 
     point: Point
@@ -49,6 +51,7 @@ class Site:
     at_output: bool = False
     unit: int | None = None
     patch_grid: tuple[int, ...] | None = None
+    frames: int | None = None
 
     def describe(self) -> str:
         where = "the encoder output" if self.layer is None else f"layer {self.layer} ({self.point})"

@@ -30,6 +30,7 @@ from .graph import (
     node_kwarg,
     tensor_meta_shape,
 )
+from .opaque import refuse_opaque_attention
 
 _LOGIT_SCALING = {"mul", "div", "truediv", "add", "sub"}
 _ATTENTION_HELP = (
@@ -133,6 +134,14 @@ def _mixing_reason(between: list[fx.Node], modules: dict, logits: fx.Node | None
     mixers = [modules.get(str(n.target)) for n in between if n.op == "call_module"]
     if any(isinstance(m, nn.Linear) and m.in_features == m.out_features <= 64 for m in mixers):
         return "talking-heads attention, as in CaiT, mixes heads with a linear layer"
+    if any("masked_fill" in str(n.target) for n in between):
+        return ("the padding mask is applied to the logits by masked_fill (as DeBERTa's XSoftmax does), not added: "
+                "the padding pass rewires only additive masks")
+    behind = ancestors(logits) if logits is not None else set()
+    if any("gather" in str(other.target) for n in between for other in [n, *ancestors(n)]
+           if other not in behind and other.op == "call_function"):
+        return ("disentangled attention, as in DeBERTa: content-to-position and position-to-content terms, gathered "
+                "by the relative distance between the original token positions, are added to the logits")
     if any(_is_table_lookup(other, logits) for n in between for other in n.all_input_nodes
            if other not in between and other is not logits):
         return ("a learned table looked up by token positions (a relative position bias, as MPNet's) is added to "
@@ -213,9 +222,16 @@ def _attention_candidates(gm: fx.GraphModule) -> list[Candidate]:
         elif is_softmax(node, modules):
             attention = _probs_matmul(node, modules)
             if attention is None:
+                _refuse_einsum_attention(node, modules)
                 continue
             logits = _logits_matmul(node)
             mixed = None
+            if logits is None and _unfolded(attention.args[1], modules):
+                raise StructureNotFoundError(
+                    f"attention {attention.name} is outlook attention (as in VOLO): its weights are a linear "
+                    "projection of each token over its K x K neighbourhood, applied to values gathered by unfold "
+                    "(no q @ k^T); it reads fixed grid neighbourhoods, which merged or pruned tokens do not have"
+                )
             if logits is None:
                 logits, how = _mixed_logits(node, modules)
                 mixed = (f"attention {attention.name}: its softmax {node.name} does not take q @ k^T (scaled or "
@@ -225,6 +241,55 @@ def _attention_candidates(gm: fx.GraphModule) -> list[Candidate]:
                     raise StructureNotFoundError(mixed)
             found.append(("explicit", attention, logits.args[0], logits.args[1], node, mixed))
     return found
+
+
+def _is_einsum(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and "einsum" in str(node.target)
+
+
+def _refuse_einsum_attention(softmax: fx.Node, modules: dict) -> None:
+    """Refuse, by name, attention whose products are einsum contractions (Funnel Transformer's): the token passes
+    read q, k and their layout from matmul / SDPA operands only. Names what else it has: terms added to the logits
+    besides q k^T (relative positions), queries pooled to fewer tokens than the keys (pooled stages)."""
+    frontier, probs = [softmax], None
+    for _ in range(6):
+        users = [u for n in frontier for u in n.users]
+        probs = next((u for u in users if _is_einsum(u)), None)
+        if probs is not None:
+            break
+        frontier = [u for u in users if len(data_inputs(u)) == 1]
+    if probs is None:
+        return
+    frontier, contractions = [softmax.args[0]], set()
+    for _ in range(12):
+        nodes = [n for n in frontier if isinstance(n, fx.Node) and n.op == "call_function"]
+        contractions |= {n for n in nodes if _is_einsum(n)}
+        frontier = [a for n in nodes if not _is_einsum(n) for a in n.all_input_nodes]
+    extras = []
+    if len(contractions) > 1:
+        extras.append(f"its logits add {len(contractions) - 1} more einsum term(s) to q k^T (relative positions, as "
+                      "Funnel's)")
+    pooled = [shape for n in softmax.graph.nodes if is_softmax(n, modules)
+              and (shape := tensor_meta_shape(n)) is not None and len(shape) >= 2 and shape[-2] < shape[-1]]
+    if pooled:
+        extras.append(f"a later stage pools its queries ({pooled[0][-2]} queries over {pooled[0][-1]} keys: pooled "
+                      "stages, as in Funnel Transformer), so the token count changes inside the blocks")
+    besides = f"; besides, {' and '.join(extras)}" if extras else ""
+    raise StructureNotFoundError(
+        f"attention {probs.name} is written with einsum (probs and values contracted by einsum, as in Funnel "
+        f"Transformer), whose operand layouts the token passes do not read{besides}"
+    )
+
+
+def _unfolded(values: object, modules: dict, depth: int = 6) -> bool:
+    """Whether ``values`` (an attention's value operand) comes from an unfold (im2col) within ``depth`` steps."""
+    frontier = [values]
+    for _ in range(depth):
+        nodes = [n for n in frontier if isinstance(n, fx.Node)]
+        if any("unfold" in str(n.target) or isinstance(modules.get(str(n.target)), nn.Unfold) for n in nodes):
+            return True
+        frontier = [a for n in nodes for a in n.all_input_nodes]
+    return False
 
 
 def _attention_tokens(kind: str, query: fx.Node, key: fx.Node) -> tuple[int, int, int] | None:
@@ -254,7 +319,8 @@ def _folded_windows(kind: str, query: fx.Node, key: fx.Node, skip: fx.Node | Non
     return found.pop() if len(found) == 1 else 1
 
 
-def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key: fx.Node) -> str | None:
+def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key: fx.Node,
+              mixed: str | None = None, query: fx.Node | None = None) -> str | None:
     """Why an attention with a residual is not a compressible self-attention block (None: it is one).
 
     Raises for structures that cannot be compressed correctly; returns a note for attention that is simply left
@@ -275,6 +341,12 @@ def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key
             f"while its residual stream is a {len(stream)}-D grid {list(stream)}; merging or pruning tokens would "
             "break the windows, so windowed attention is not supported"
         )
+    if batch != stream[0] and queries == keys == stream[1] and batch % stream[0] == 0:
+        raise StructureNotFoundError(
+            f"attention {name} runs on {batch} = {stream[0]} x {batch // stream[0]} (batch x heads) maps of {keys} "
+            "tokens: the heads are folded into the batch dimension (a (batch * heads, tokens, tokens) bmm, as in "
+            "DeBERTa), a layout the token passes do not read keys from" + (f"; besides, {mixed}" if mixed else "")
+        )
     if batch != stream[0] and queries == keys:
         raise StructureNotFoundError(
             f"attention {name} is windowed attention: it runs on {batch} windows of {keys} tokens, not on the "
@@ -284,6 +356,13 @@ def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key
         raise StructureNotFoundError(
             f"attention {name} is spatial-reduction attention (as in PVT): its {queries} queries attend to {keys} "
             "keys pooled from the token grid; merged or pruned tokens have no grid to pool, so it is not supported"
+        )
+    units = tensor_meta_shape(query) if query is not None else None
+    if units is not None and len(units) >= 5 and units[-3] > 1 and units[-3] * keys == stream[1]:
+        raise StructureNotFoundError(
+            f"attention {name} is windowed mask-unit attention (as in Hiera): it attends within {units[-3]} mask "
+            f"units of {keys} tokens each, and later stages pool the queries (fewer tokens per unit); merged or "
+            "pruned tokens would break the mask units and the pooling, so it is not supported"
         )
     if queries == keys and queries != stream[1]:
         raise StructureNotFoundError(
@@ -316,7 +395,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
         if tokens is not None and windows > 1:
             tokens = (tokens[0], tokens[1] * windows, tokens[2] * windows)
         # raises for windowed, spatial-reduction and cross-covariance attention, before mixed logits are refused
-        note = _classify(attention.name, tokens, found[1], key) if found is not None else None
+        note = _classify(attention.name, tokens, found[1], key, mixed, query) if found is not None else None
         if mixed is not None:
             raise StructureNotFoundError(mixed)
         if found is None:
@@ -366,6 +445,7 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 f"no self-attention block with a residual add found (only: {'; '.join(skipped)}); token passes "
                 "need residual transformer blocks"
             )
+        refuse_opaque_attention(gm)
         raise StructureNotFoundError(f"no attention found in the traced graph: {_ATTENTION_HELP}")
     _refuse_second_stream(sites)
     prefix = detect_prefix_tokens(gm, sites[0])

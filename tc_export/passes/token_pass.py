@@ -40,11 +40,12 @@ from ..ops.state import (
     unit_grid,
 )
 from ..ops.mrope import lm_positions
+from ..ops.temporal import frame_mask
 from ..ops.units import UnitOp
 from .base import PassResult
 from .graph import ancestors, copy_subgraph, descendants_of_all, stable_toposort, tensor_meta_shape
 from .layers import layer_plan
-from .opaque import check_marked_readers, check_opaque_token_mixers
+from .opaque import check_marked_readers, check_opaque_token_mixers, marked_grid
 from .outputs import append_outputs, block_output, cut_output, encoder_output, frames_to_sequence
 from .padding import find_initial_sizes, repoint_pooling
 from .pooling import follow_pooling
@@ -52,6 +53,7 @@ from .position_tables import PositionTable, find_position_tables
 from .projectors import ProjectorConfig
 from .positions import check_foreign_token_tensors
 from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
+from .shapes import WINDOW_FOLD
 from .site import Point, Site
 from .structure import AttentionSite, Structure, find_structure, reads_first_token
 
@@ -115,6 +117,7 @@ class TokenPass:
         if not configs and features is None and not emit_positions and unit is None:
             raise ConfigError("no compression method given")
         self.configs = list(configs)
+        self._merged_by = ""  # the first method whose op gave tokens a merged (fractional) position
         self.features, self.frames = features, frames
         self.emit_positions = emit_positions
         self.unit = resolve_unit(self.configs, unit)
@@ -132,6 +135,13 @@ class TokenPass:
         self.report = PassReport()
         self._pinned: set[fx.Node] = set()  # readers of the uncompressed stream that must keep reading it
         self._views: dict[tuple[object, fx.Node], fx.Node] = {}  # (view, state) -> its node: sizes or positions
+        self._joined = False  # an op joined each clip's frames into one sequence (``joins_frames``)
+        self._masks_frames = False  # ... and later attention must stay within each frame (``masks_frames``)
+
+    @property
+    def _frames_now(self) -> int | None:
+        """Frames per clip still spread over the batch rows (None once an op joined them, or without a clip)."""
+        return None if self._joined else self.frames
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor]) -> PassResult:
         structure = find_structure(gm)
@@ -174,7 +184,10 @@ class TokenPass:
             raise ConfigError(f"merge units (--unit {self.unit}) on a model with a padding mask are not supported: "
                               "units are windows of a patch grid, which padded sequences do not have")
         state = initial
-        if tables or self.emit_positions:
+        frame_coordinate = any(getattr(config, "needs_frame_coordinate", False) for config in self.configs)
+        if frame_coordinate and not self.frames:
+            raise ConfigError(f"{self.name} compares consecutive frames: give a clip with --frames T")
+        if tables or self.emit_positions or frame_coordinate:
             state = self._initial_state(gm, structure, initial, total, protected, suffix)
             for window in windows:
                 window.dims = self.report.positions  # type: ignore[attr-defined]
@@ -227,9 +240,18 @@ class TokenPass:
                     )
                 positions = self._view(graph, positions_of, state)
                 for table in tables[site.index]:
+                    if table.exact_positions_only and self._merged_by:
+                        raise ConfigError(
+                            f"{table.kind} at attention layer {site.index}: {table.why_exact}, so it follows pruned "
+                            f"tokens (its rows gathered by their positions) but not tokens merged by "
+                            f"{self._merged_by}; use topk (without --fuse) or compress only layers after it")
                     table.rewire(gm, positions, protected, suffix)
                     rewired |= set(table.nodes)
                     self.report.rewired.append(f"layer {site.index}: {table.kind}")
+            if self._masks_frames:  # one sequence per clip now: attention stays within each frame
+                with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
+                    mask = graph.call_function(frame_mask, (self._view(graph, positions_of, state),))
+                add_attention_bias(site, mask)
             if state is not None and (padded or (prop_attn and ops)):  # all sizes are 1 before the first op
                 size = self._view(graph, size_column, state)
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
@@ -277,9 +299,15 @@ class TokenPass:
             size = self._view(graph, size_column, state)
             self._bias_other_attention(gm, structure, ops, size, total, protected, bias_fn)
         encoder_stages = [plan[key] for key in sorted(key for key in plan if key[0] == "encoder")]
+        if encoder_stages and self.features is None and getattr(encoder_stages[0], "reads_model_output", False):
+            marked = self._marked_output(gm)
+            if marked is not None:  # the tower's own projector ends the model: the method reads its tokens
+                end, grid = marked
+                tokens, protected, channels, state = math.prod(grid), 0, _channels(end), None
         for config in encoder_stages:  # in recipe order: e.g. pool, then mlp
             site = Site("encoder", None, num_layers, tokens - suffix, protected, channels, None, grid, padded,
-                        unit=self.unit if self._unit_live else None, patch_grid=structure.grid)
+                        unit=self.unit if self._unit_live else None, patch_grid=structure.grid,
+                        frames=self._frames_now)
             op = self._make_op(config, site)
             if op is None:
                 continue
@@ -311,13 +339,21 @@ class TokenPass:
                         with graph.inserting_after(end):
                             state = graph.call_function(operator.getitem, (both, 1))
                     self._token_states.add(state)
+        if self._masks_frames and self.features is None and not encoder_stages:
+            raise ConfigError(f"{self.name} joins each clip's frames into one sequence, which the model's own head "
+                              "or pooling (per frame) cannot read: end the model at tokens (--features N or a recipe "
+                              "whose last stage is at the encoder output)")
         if self.features is not None or encoder_stages:
-            cut_output(gm, end, self.frames, frozenset({state}) if self.emit_positions and state is not None
+            cut_output(gm, end, self._frames_now, frozenset({state}) if self.emit_positions and state is not None
                        else frozenset())
             self.report.output_is_tokens = True
         if ops or self.emit_positions:
             output = next(n for n in graph.nodes if n.op == "output")
-            check_marked_readers(gm, ancestors(output), compressed=bool(ops))
+            readers = ancestors(output)
+            if ops:  # a marked module before every op reads uncompressed tokens (EVS after Qwen2-VL's merger)
+                below = descendants_of_all(ops)
+                readers &= below | {arg for node in below for arg in node.all_input_nodes if arg.op == "get_attr"}
+            check_marked_readers(gm, readers, compressed=bool(ops))
         if self.emit_positions:
             self._emit_positions(gm, state, end, encoder_stages, ops, protected)
 
@@ -371,8 +407,8 @@ class TokenPass:
                 )
             covered = math.prod(module.grid) / math.prod(grid)
             with graph.inserting_after(end):
-                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self.frames))
-            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self.frames else 0)
+                state = graph.call_function(grid_state, (end, module.prefix_out(), grid, covered, self._frames_now))
+            self.report.positions = (len(grid) if len(grid) >= 2 else 1) + (1 if self._frames_now else 0)
             self.report.emitted_grid = f"{type(module).__name__}'s output grid {'x'.join(map(str, grid))}"
         positions = self._view(graph, positions_of, state)
         sizes = self._view(graph, size_column, state)
@@ -381,7 +417,7 @@ class TokenPass:
             with graph.inserting_before(output):
                 positions = graph.call_function(lm_positions, (positions, 1))
             self.report.positions, self.report.axes = 3, "t, h, w (get_rope_index's, relative to the image start)"
-        if self.frames:
+        if self._frames_now:
             with graph.inserting_before(output):
                 positions = graph.call_function(frames_to_sequence, (positions, self.frames))
                 sizes = graph.call_function(frames_to_sequence, (sizes, self.frames))
@@ -534,6 +570,26 @@ class TokenPass:
                 bias = gm.graph.call_function(bias_fn, (sizes,))
             add_attention_bias(other, bias)
 
+    @staticmethod
+    def _marked_output(gm: fx.GraphModule) -> tuple[fx.Node, tuple[int, int]] | None:
+        """The model's output tokens (B*T, H'W', D) and their grid, when a module an adapter marked with its grid
+        (``TOKEN_GRID_ATTRIBUTE``: a tower's own projector) computes them, through at most a reshape back to clips."""
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        node = output.args[0]
+        node = node[0] if isinstance(node, (tuple, list)) and len(node) == 1 else node
+        for _ in range(3):
+            if not isinstance(node, fx.Node):
+                return None
+            grid = marked_grid(gm, node)
+            shape = tensor_meta_shape(node)
+            if grid is not None and shape is not None and len(shape) == 3 and shape[1] == math.prod(grid):
+                return node, grid
+            inputs = [arg for arg in node.args if isinstance(arg, fx.Node)]
+            if node.op not in ("call_function", "call_method") or len(inputs) != 1:
+                return None
+            node = inputs[0]
+        return None
+
     def _check_sequences_per_sample(self, site: AttentionSite, example_inputs: Mapping[str, torch.Tensor]) -> None:
         """One token sequence per sample (per frame with --frames). A model that folds another axis into the batch
         (MobileViT's unfold into pixel positions within a patch) attends over many short sequences and folds them
@@ -599,12 +655,21 @@ class TokenPass:
         heads = layout[1] if len(layout) == 4 else None
         channels = _channels(site.stream)
         return Site(point, site.index, len(structure.sites), tokens - suffix, protected, channels, heads, grid, padded,
-                    at_output, unit=self.unit if self._unit_live else None, patch_grid=structure.grid)
+                    at_output, unit=self.unit if self._unit_live else None, patch_grid=structure.grid,
+                    frames=self._frames_now)
 
     def _after(self, op: nn.Module, tokens: int, grid: tuple[int, ...] | None, call: fx.Node, ops: list[fx.Node],
                config: TokenMethod, layer: int | None, suffix: int = 0,
                where: str | None = None) -> tuple[int, tuple[int, ...] | None]:
         ops.append(call)
+        if not getattr(config, "only_drops_tokens", False):
+            self._merged_by = self._merged_by or config.method  # positions may now be fractional (merged)
+        if getattr(op, "joins_frames", False):
+            self._joined = True
+            self._masks_frames = bool(getattr(op, "masks_frames", False))
+        if getattr(op, "emits_positions", False):
+            self.report.positions = 3  # its state: (t, h, w) of each kept token
+            self.report.emitted_grid = f"{type(op).__name__}'s (t, h, w) of the kept tokens"
         new_tokens = op.tokens_out(tokens - suffix) + suffix if isinstance(op, TokenOp) else op.tokens_out()
         where = where or ("the encoder output" if layer is None else f"layer {layer}")
         self.report.notes.append(f"{where}: {config.method} {tokens} -> {new_tokens} tokens")
@@ -768,6 +833,10 @@ def check_windows(structure: Structure, windows: int | None) -> None:
     windowed tower's merger: ``windows`` windows of units, the stream put window after window): otherwise the
     windows, fixed runs of consecutive tokens, would take other tokens after compression."""
     for site in structure.sites:
+        if site.windows > 1 and site.windows == windows:  # the folds into and out of the windows are no grid
+            for node in [*site.attention.args[:3], *site.attention.users]:
+                if isinstance(node, fx.Node):
+                    node.meta[WINDOW_FOLD] = True
         if site.windows > 1 and site.windows != windows:
             raise StructureNotFoundError(
                 f"attention {site.name} attends within {site.windows} windows of consecutive tokens folded into the "

@@ -76,6 +76,11 @@ class TopKConfig:
     def default_layers(self, num_layers: int) -> list[int]:
         return [layer for layer in EVIT_LAYERS if layer < num_layers]
 
+    @property
+    def only_drops_tokens(self) -> bool:
+        """Every kept token is one original token (no fused token): position tables may be gathered."""
+        return not self.fuse
+
     def check(self, site: Site) -> None:
         if site.tokens - site.protected < 1:
             raise ConfigError(f"topk: the model has no tokens besides its {site.protected} protected ones")

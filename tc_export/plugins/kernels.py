@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 WEIGHT_FLOOR: tl.constexpr = tl.constexpr(1e-12)  # as tc_export.ops.rows.WEIGHT_FLOOR
+COSINE_CAP: tl.constexpr = tl.constexpr(1.0 - 2.0**-16)  # as tc_export.ops.rows.COSINE_CAP
 
 
 @triton.jit
@@ -82,6 +83,7 @@ def tome_merge_kernel(
             col_a = tl.load(m_in + (2 * ia) * D + d, mask=a_ok, other=0.0).to(tl.float32)
             col_b = tl.load(m_in + (2 * jb + 1) * D + d, mask=j_ok, other=0.0).to(tl.float32)
             scores += tl.math.div_rn(col_a, norm_a)[:, None] * tl.math.div_rn(col_b, norm_b)[None, :]
+        scores = tl.minimum(scores, COSINE_CAP)  # identical keys tie exactly (ops.rows.tie_cosines)
         if PADDED:
             size_b = tl.load(s_in + (2 * jb + 1) * S, mask=j_ok, other=1.0).to(tl.float32)
             pad_b = size_b == 0.0

@@ -14,7 +14,7 @@ output sizes. Needs the token ops as ``tc_export`` local-function nodes in the O
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ...ops.base import TokenOp
-from ...ops.rows import NORM_FLOOR
+from ...ops.rows import NORM_FLOOR, tie_cosines, top_k
 from ...ops.tome import ToMeMerge, protection_mask
 from ...ops.units import UnitOp
 
@@ -39,6 +39,7 @@ class SiteCall:
     op: TokenOp
     inputs: tuple[torch.Tensor | None, ...]  # x, size, *signals
     sizes: np.ndarray
+    output: torch.Tensor | None = None  # the output tokens, when asked for
 
 
 @dataclass(frozen=True)
@@ -171,8 +172,8 @@ def tome_margin(ref: SiteCall, cand: SiteCall, kind: str) -> float | None:
     ref_best, ref_cols = _best_scores(ref.inputs[2], op.protected)
     cand_best, cand_cols = _best_scores(cand.inputs[2], op.protected)
     r = ref.inputs[0].shape[1] - op.tokens_out(ref.inputs[0].shape[1])
-    ref_rank = ref_best[..., 0].topk(ref_best.shape[1], dim=-1).indices
-    cand_rank = cand_best[..., 0].topk(cand_best.shape[1], dim=-1).indices
+    ref_rank = top_k(ref_best[..., 0], ref_best.shape[1])[1]
+    cand_rank = top_k(cand_best[..., 0], cand_best.shape[1])[1]
     ranks = range(r) if kind == "merge" else range(r, ref_rank.shape[1])
     for b in range(ref_rank.shape[0]):
         for p in ranks:
@@ -188,9 +189,9 @@ def tome_margin(ref: SiteCall, cand: SiteCall, kind: str) -> float | None:
 def _best_scores(metric: torch.Tensor, protected: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each A token's two best cosine scores over the B tokens and their columns, as ToMe scores them."""
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(NORM_FLOOR)
-    scores = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)
+    scores = tie_cosines(metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2))
     scores = scores + protection_mask(scores.shape[1], scores.shape[2], protected, scores.dtype, scores.device)
-    return scores.topk(min(2, scores.shape[-1]), dim=-1)
+    return top_k(scores, min(2, scores.shape[-1]))
 
 
 def torch_site_calls(module: torch.nn.Module, inputs: Mapping[str, torch.Tensor]) -> list[SiteCall]:
@@ -222,24 +223,41 @@ def _sizes(out: object) -> np.ndarray:
 def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall]) -> list[SiteCall]:
     """The inputs and sizes of every ``tc_export`` node, in graph order (ONNX Runtime on a copy exposing them),
     paired with the PyTorch ops of ``reference`` (same order) that replay them."""
+    return onnx_site_run(path, feed, reference)[0]
+
+
+def site_nodes(model) -> list:
+    """The ``tc_export`` token-op nodes (those with a size output) of an ONNX model, in graph order."""
+    return [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
+
+
+def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall],
+                  tokens_out: bool = False) -> tuple[list[SiteCall], dict[str, np.ndarray]]:
+    """``onnx_site_calls`` and the graph's own outputs from the same run; ``tokens_out``: each call's ``output``
+    holds the node's output tokens too."""
     import onnx
     import onnxruntime as ort
 
     model = onnx.load(str(path))
-    nodes = [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
+    nodes = site_nodes(model)
+    outputs = [o.name for o in model.graph.output]
     if not nodes:
-        return []
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return [], dict(zip(outputs, session.run(outputs, dict(feed))))
     types = _value_types(model)
-    existing = {o.name for o in model.graph.output}
-    names = list(dict.fromkeys(name for node in nodes for name in (*node.input, node.output[1]) if name))
+    names = list(dict.fromkeys(name for node in nodes
+                               for name in (*node.input, *node.output[0 if tokens_out else 1:2]) if name))
     for name in names:
-        if name not in existing:
+        if name not in outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
                                                                          None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    values = dict(zip(names, session.run(names, dict(feed))))
-    calls = []
-    for node, ref in zip(nodes, reference):
+    fetched = list(dict.fromkeys([*names, *outputs]))
+    values = dict(zip(fetched, session.run(fetched, dict(feed))))
+    calls = [SiteCall(ref.name, ref.op, (None,), np.empty(0)) for ref in reference]  # flat sites: not compared
+    for node, index in zip(nodes, pair_nodes(reference, [np.shape(values[n.input[0]]) for n in nodes],
+                                            [np.shape(values[n.output[1]]) for n in nodes])):
+        ref = reference[index]
         given = [torch.from_numpy(np.asarray(values[name])) for name in node.input if name]
         present = [arg is not None for arg in ref.inputs]
         if len(given) == len(present):  # an absent size was exported as ones: the same decisions
@@ -249,8 +267,33 @@ def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[
             inputs = tuple(next(rest) if here else None for here in present)
         else:  # the function's inputs are not the op's arguments: compared by sizes only
             inputs = (None,)
-        calls.append(SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]])))
-    return calls
+        output = torch.from_numpy(np.asarray(values[node.output[0]])) if tokens_out else None
+        calls[index] = SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]]), output)
+    return calls, {name: values[name] for name in outputs}
+
+
+def pair_nodes(reference: Sequence[SiteCall], tokens_in: Sequence[tuple], sizes_out: Sequence[tuple]) -> list[int]:
+    """For each token-op node (in graph order) the index of its call in ``reference`` (execution order): the next
+    call whose tokens in and out have the node's counts. A site the exporter left flat (outside its function's
+    traced range) has no node and is skipped; a call without recorded tensors matches the next node."""
+    indices, j = [], 0
+    for shape_in, shape_out in zip(tokens_in, sizes_out):
+        while j < len(reference) and not _matches(reference[j], shape_in, shape_out):
+            j += 1
+        if j >= len(reference):
+            break
+        indices.append(j)
+        j += 1
+    return indices
+
+
+def _matches(call: SiteCall, shape_in: tuple, shape_out: tuple) -> bool:
+    x = call.inputs[0] if call.inputs else None
+    if x is None or not x.numel():
+        return True
+    if tuple(x.shape) != tuple(shape_in):
+        return False
+    return not call.sizes.size or call.sizes.shape[1] == shape_out[1]
 
 
 def _value_types(model) -> dict[str, int]:

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError
+from .compare import compare_elementwise, element_errors
 from .decisions import DecisionReport, check_decisions
+from .pinned import FLIP_MARGINS, PinnedReport, pinned_parity
 
 
 @dataclass(frozen=True)
@@ -26,12 +28,19 @@ class ParityConfig:
     rtol: float = 1e-3
     seed: int = 0
     samples: int = 2
+    dtype: str = "fp32"  # the file's; in half precision differing decisions are pinned (export/checks/pinned.py)
 
     @classmethod
     def for_dtype(cls, dtype: str, atol: float | None = None, rtol: float | None = None, **kwargs) -> ParityConfig:
         """The tolerances of a file in ``dtype`` (``DTYPE_TOLERANCES``) where ``atol``/``rtol`` are not given."""
         default_atol, default_rtol = DTYPE_TOLERANCES.get(dtype, DTYPE_TOLERANCES["fp32"])
-        return cls(atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol, **kwargs)
+        return cls(atol=default_atol if atol is None else atol, rtol=default_rtol if rtol is None else rtol,
+                   dtype=dtype, **kwargs)
+
+    @property
+    def pins_decisions(self) -> bool:
+        """Differing decisions are replayed pinned (half precision), not reported as a failure (fp32)."""
+        return self.dtype != "fp32"
 
     def __post_init__(self) -> None:
         if self.atol < 0 or self.rtol < 0:
@@ -83,20 +92,36 @@ class ParityReport:
     outputs: list[OutputError] = field(default_factory=list)
     passed: bool = True
     decisions: DecisionReport | None = None  # on a failure: did the token ops decide alike (a flipped tie)?
+    pinned: list[PinnedReport] = field(default_factory=list)  # half precision: each input replayed pinned
 
     def __bool__(self) -> bool:
         return self.passed
 
     def describe(self) -> str:
         parts = [o.describe() for o in self.outputs]
+        if not self.pinned:
+            verdict = "passed" if self.passed else "FAILED"
+            return f"{verdict} · " + "; ".join(parts)
         verdict = "passed" if self.passed else "FAILED"
-        return f"{verdict} · " + "; ".join(parts)
+        if any(p.needed for p in self.pinned):
+            verdict += f" with {self.candidate_name}'s decisions pinned · unpinned:"
+        else:
+            verdict += " ·"
+        return "\n  ".join([f"{verdict} " + "; ".join(parts)] + [p.summary() for p in self.pinned])
+
+    @property
+    def candidate_name(self) -> str:
+        return RUNTIME_NAMES[1]
 
     def failures(self) -> list[OutputError]:
         return [o for o in self.outputs if not o.passed]
 
     def failure_message(self, atol: float, rtol: float) -> str:
         """One line for a failed check: a non-finite output is named as such, never as a (meaningless) error."""
+        failed_pin = next((p for p in self.pinned if not p.passed and (p.needed or not p.error)), None)
+        if failed_pin is not None:
+            on = f" {failed_pin.where()}" if failed_pin.where() else ""
+            return f"parity failed with {self.candidate_name}'s decisions pinned{on}: {failed_pin.failure()}"
         worst = self.failures()[0] if self.failures() else self.outputs[0]
         if worst.nonfinite:
             return (f"parity failed: output {worst.name!r} is non-finite ("
@@ -174,7 +199,7 @@ def check_parity(
     from polygraphy.backend.onnxrt import OnnxrtRunner
     from polygraphy.comparator import Comparator, CompareFunc
 
-    quiet_polygraphy()
+    quiet_polygraphy(silent=config.pins_decisions)  # a half-precision failure is judged and reported below
     feeds = []
     for i in range(config.samples):
         inputs = make_inputs(config.seed + i)
@@ -187,14 +212,34 @@ def check_parity(
     )
     per_iteration = next(iter(verdict[0].values()))
     report = _report(results, bool(verdict), per_iteration, output_names)
-    if not report.passed:  # tell a flipped near-tie from a numeric bug, on the inputs that failed
-        failed = [i for i, outputs in enumerate(per_iteration) if not all(bool(v) for v in outputs.values())]
+    failed = [i for i, outputs in enumerate(per_iteration) if not all(bool(v) for v in outputs.values())]
+    if config.pins_decisions and not any(o.nonfinite for o in report.outputs):
+        for i in range(config.samples):  # every input replayed with ONNX Runtime's decisions, flips reported
+            pinned = pinned_parity(module, onnx_path, make_inputs(config.seed + i), feeds[i], output_names,
+                                   config.atol, config.rtol, FLIP_MARGINS[config.dtype], _verdict(config))
+            pinned.seed, pinned.needed = config.seed + i, i in failed
+            report.pinned.append(pinned)
+        # every input passes with the decisions pinned, and only near-ties flipped (even where it passes as it is)
+        # (an input that cannot be pinned, e.g. a flat export, keeps its verdict as it is)
+        report.passed = all(not p.needed if p.error else p.passed for p in report.pinned)
+    elif not report.passed:  # tell a flipped near-tie from a numeric bug, on the inputs that failed
         for i in failed or range(config.samples):
             report.decisions = check_decisions(module, onnx_path, make_inputs(config.seed + i), feeds[i])
             report.decisions.seed = config.seed + i
             if report.decisions.differing:
                 break
     return report
+
+
+def _verdict(config: ParityConfig) -> Callable[[np.ndarray, np.ndarray], tuple[float, float, bool]]:
+    """Max abs, max rel and Polygraphy's elementwise verdict for one output (non-finite values fail)."""
+
+    def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
+        check = compare_elementwise(reference, candidate, config.atol, config.rtol)
+        finite = count_nonfinite("", [reference, candidate]) is None
+        return check.max_abs, check.max_rel, check.passed and finite
+
+    return compare
 
 
 def pin_mmap_threshold(threshold: int = 128 * 1024) -> None:
@@ -251,16 +296,3 @@ def count_nonfinite(runtime: str, arrays: Sequence[np.ndarray]) -> NonFinite | N
     if not nan and not inf:
         return None
     return NonFinite(runtime, nan, inf, sum(a.size for a in floats))
-
-
-def element_errors(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float]:
-    """Max absolute and max relative error (relative to |reference|, as Polygraphy computes it), over the
-    elements both runtimes computed as finite numbers (non-finite values are counted apart)."""
-    if reference.shape != candidate.shape:
-        return float("inf"), float("inf")
-    reference, candidate = reference.astype(np.float64), candidate.astype(np.float64)
-    finite = np.isfinite(reference) & np.isfinite(candidate)
-    reference, candidate = reference[finite], candidate[finite]
-    diff = np.abs(reference - candidate)
-    rel = diff / np.maximum(np.abs(reference), np.finfo(np.float32).tiny)
-    return float(diff.max(initial=0.0)), float(rel.max(initial=0.0))

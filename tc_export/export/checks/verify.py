@@ -14,26 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BackendUnavailableError, ConfigError
-from ..tensorrt.bundle import INPUTS, OUTPUTS, Bundle
-from .parity import element_errors
+from ..tensorrt.bundle import ENGINE_TOLERANCES, INPUTS, OUTPUTS, SCRIPT, Bundle
+from .compare import OutputCheck, compare_elementwise
+from .parity import DTYPE_TOLERANCES
+from .pinned import PinnedReport
+from .pinned_verify import onnx_dtype
+from .sites import SITES
 
 CANDIDATE_RUNNER = "candidate"
-
-
-@dataclass(frozen=True)
-class OutputCheck:
-    name: str
-    max_abs: float
-    max_rel: float
-    failed_elements: int
-    passed: bool
-    note: str = ""
-
-    def describe(self, atol: float, rtol: float) -> str:
-        verdict = "passed" if self.passed else f"FAILED ({self.failed_elements} elements)"
-        note = f" ({self.note})" if self.note else ""
-        return (f"{self.name}: max abs {self.max_abs:.3e}, max rel {self.max_rel:.3e} (atol {atol:g}, "
-                f"rtol {rtol:g}): {verdict}{note}")
 
 
 @dataclass
@@ -43,29 +31,41 @@ class VerifyReport:
     atol: float
     rtol: float
     outputs: list[OutputCheck] = field(default_factory=list)
+    dtype: str = "fp32"  # the candidate's compute dtype (its weights'; an engine's precision)
+    tolerance_note: str = ""  # where the tolerances came from, when not the manifest's
+    pinned: list[PinnedReport] = field(default_factory=list)  # the failed check replayed with decisions pinned
+    pin_note: str = ""  # why no pinned replay ran after a failure
+
+    @property
+    def plain_passed(self) -> bool:
+        return bool(self.outputs) and all(o.passed for o in self.outputs)
 
     @property
     def passed(self) -> bool:
-        return bool(self.outputs) and all(o.passed for o in self.outputs)
+        if self.pinned and not any(p.error for p in self.pinned):  # pinned, and only near-ties flipped
+            return bool(self.outputs) and all(p.passed for p in self.pinned)
+        return self.plain_passed
+
+    @property
+    def by_pinning(self) -> bool:
+        return self.passed and not self.plain_passed
 
     def __bool__(self) -> bool:
         return self.passed
 
     def lines(self) -> list[str]:
-        return [o.describe(self.atol, self.rtol) for o in self.outputs]
+        lines = [o.describe(self.atol, self.rtol) for o in self.outputs]
+        if self.tolerance_note:
+            lines.insert(0, self.tolerance_note)
+        lines += [f"decisions pinned: {p.summary()}" for p in self.pinned]
+        if self.pin_note:
+            lines.append(self.pin_note)
+        return lines
 
-
-def compare_elementwise(reference: np.ndarray, candidate: np.ndarray, atol: float, rtol: float) -> OutputCheck:
-    """Max errors and the number of elements breaking both tolerances (shape mismatch: all fail)."""
-    if reference.shape != candidate.shape:
-        return OutputCheck("", float("inf"), float("inf"), int(reference.size), False,
-                           f"shape {list(candidate.shape)} vs reference {list(reference.shape)}")
-    max_abs, max_rel = element_errors(reference, candidate)
-    ref = reference.astype(np.float64)
-    diff = np.abs(ref - candidate.astype(np.float64))
-    rel = diff / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
-    failed = int(np.count_nonzero((diff > atol) & (rel > rtol)) + np.count_nonzero(np.isnan(diff)))
-    return OutputCheck("", max_abs, max_rel, failed, failed == 0)
+    def failure(self) -> str:
+        """Why the pinned replay failed (empty when none ran or it passed)."""
+        failed = next((p for p in self.pinned if not p.passed), None)
+        return "" if failed is None else f"with the candidate's decisions pinned {failed.where()}: {failed.failure()}"
 
 
 def verify(model: Path, against: Path, atol: float | None = None, rtol: float | None = None) -> VerifyReport:
@@ -77,12 +77,19 @@ def verify(model: Path, against: Path, atol: float | None = None, rtol: float | 
     if not engine and model.suffix != ".onnx":
         raise ConfigError(f"cannot verify {model}: use a .onnx or a .engine (.plan) file")
     tolerances = bundle.manifest["tolerances"]["engine" if engine else "onnxruntime"]
+    dtype = tolerances.get("precision", "fp32") if engine else onnx_dtype(model)
+    note = ""
+    if not engine and dtype != bundle.manifest.get("dtype", "fp32") and (atol is None or rtol is None):
+        looser = DTYPE_TOLERANCES.get(dtype, ENGINE_TOLERANCES.get(dtype, (tolerances["atol"], tolerances["rtol"])))
+        tolerances = {"atol": max(tolerances["atol"], looser[0]), "rtol": max(tolerances["rtol"], looser[1])}
+        note = (f"{model.name} computes in {dtype}, the bundle's reference in {bundle.manifest.get('dtype', 'fp32')}: "
+                f"{dtype} tolerances (atol {tolerances['atol']:g}, rtol {tolerances['rtol']:g})")
     atol = tolerances["atol"] if atol is None else atol
     rtol = tolerances["rtol"] if rtol is None else rtol
     runtime, runner = _runner(model, engine, against)
     candidate = _run(runner, bundle.feeds)
     reference_iterations = bundle.reference[0][1]
-    report = VerifyReport(model, runtime, atol, rtol)
+    report = VerifyReport(model, runtime, atol, rtol, dtype=dtype, tolerance_note=note)
     for output in bundle.manifest["outputs"]:
         name = output["name"]
         worst: OutputCheck | None = None
@@ -97,7 +104,34 @@ def verify(model: Path, against: Path, atol: float | None = None, rtol: float | 
         if worst is not None:
             report.outputs.append(OutputCheck(name, worst.max_abs, worst.max_rel, worst.failed_elements,
                                               worst.passed, worst.note))
+    other_dtype = dtype != bundle.manifest.get("dtype", "fp32")  # flips are reported even when it passes as is
+    if (not report.plain_passed or other_dtype) and report.outputs and not any(o.note for o in report.outputs):
+        _pin(report, model, engine, bundle, reference_iterations)
     return report
+
+
+def _pin(report: VerifyReport, model: Path, engine: bool, bundle: Bundle, references) -> None:
+    """Replay the failed check with the candidate's decisions pinned (export/checks/pinned_verify.py), when it can."""
+    from .pinned_verify import pinned_verify
+    from .sites import load_sites
+
+    sites = load_sites(bundle.directory)
+    if sites is None:
+        report.pin_note = (f"decisions not pinned: {bundle.directory} has no {SITES} (a flat export, or a bundle "
+                           "from before tc-export wrote it)")
+        return
+    if engine:  # pragma: no cover - GPU only
+        report.pin_note = ("decisions not pinned: an engine exposes only its outputs; on the device, "
+                           f"./{SCRIPT} runs the pinned check from model.onnx")
+        return
+
+    def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
+        check = compare_elementwise(reference, candidate, report.atol, report.rtol)
+        return check.max_abs, check.max_rel, check.passed and bool(np.isfinite(candidate).all())
+
+    names = [output["name"] for output in bundle.manifest["outputs"]]
+    report.pinned = pinned_verify(model, bundle.directory, sites, list(bundle.feeds), list(references), names,
+                                  report.atol, report.rtol, report.dtype, compare)
 
 
 def _runner(model: Path, engine: bool, against: Path):

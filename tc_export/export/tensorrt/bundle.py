@@ -10,7 +10,6 @@ and the job renames the staging directory to DIR only when all of it succeeded. 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import inspect
 import json
 import os
@@ -27,7 +26,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from .engine import EngineConfig, get_target, is_function_layer, keep_fp32_layers, package_version
-from ..files import external_data_files
+from ..files import created_timestamp, external_data_files
 
 if TYPE_CHECKING:
     from ...models import LoadedModel
@@ -117,18 +116,21 @@ def reference_feeds(config: JobConfig, loaded: LoadedModel, result: JobResult, o
     from .engine import onnx_inputs
 
     names = [item.name for item in onnx_inputs(onnx_path)]
-    extra = getattr(result.compressed, "extra_inputs", None) if result.compressed else None
     feeds = []
     for i in range(config.parity.samples):
-        seed = config.parity.seed + i
-        inputs = loaded.example_inputs(batch=config.export.batch, seed=seed)
-        if extra is not None:
-            inputs = inputs | extra(config.export.batch, seed)
+        inputs = job_inputs(config, loaded, result, config.parity.seed + i)
         if len(inputs) != len(names):
             raise ConfigError(f"the ONNX has inputs {names} but the model gives {list(inputs)}: cannot write the "
                               "bundle's reference inputs")
         feeds.append(OrderedDict((name, value.numpy()) for name, value in zip(names, inputs.values())))
     return feeds
+
+
+def job_inputs(config: JobConfig, loaded: LoadedModel, result: JobResult, seed: int) -> dict:
+    """The model's parity inputs of ``seed`` keyed by forward-argument name, with those a method added."""
+    inputs = loaded.example_inputs(batch=config.export.batch, seed=seed)
+    extra = getattr(result.compressed, "extra_inputs", None) if result.compressed else None
+    return inputs if extra is None else inputs | extra(config.export.batch, seed)
 
 
 def reference_outputs(onnx_path: Path, feeds: Sequence[Mapping[str, Any]]):
@@ -140,7 +142,11 @@ def reference_outputs(onnx_path: Path, feeds: Sequence[Mapping[str, Any]]):
 
     quiet_polygraphy()
     runner = OnnxrtRunner(SessionFromOnnx(str(onnx_path)), name=REFERENCE_RUNNER)
-    return Comparator.run([runner], data_loader=list(feeds))
+    results = Comparator.run([runner], data_loader=list(feeds))
+    for _, iterations in results:
+        for iteration in iterations:
+            iteration.runtime = 0.0  # a reference has outputs, not a speed: the same bundle has the same bytes
+    return results
 
 
 def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result: JobResult,
@@ -149,6 +155,7 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
     from polygraphy.json import save_json
 
     from .engine import function_node_names, onnx_inputs
+    from ..checks.sites import SITES, write_sites
 
     onnx_path = directory / MODEL
     feeds = reference_feeds(config, loaded, result, onnx_path)
@@ -157,6 +164,8 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
     results.save(str(directory / OUTPUTS))
     node_names, op_types = function_node_names(onnx_path)
     data_files = [path.name for path in external_data_files(onnx_path)]
+    sites = result.compressed is not None and write_sites(
+        directory, result.compressed.module, onnx_path, job_inputs(config, loaded, result, config.parity.seed), feeds)
     first = results[0][1][0]
     manifest = {
         "format": BUNDLE_FORMAT,
@@ -196,8 +205,9 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
         },
         "versions": _versions(),
         "external_data": data_files,  # the weights' file(s) beside model.onnx; [] when it holds them itself
-        "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT],
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT, *([SITES] if sites else [])],
+        "dtype": config.export.dtype,
+        "created": created_timestamp(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (directory / FP32_SCRIPT).write_text(fp32_script(node_names, op_types))

@@ -8,7 +8,6 @@ Python and tested here; ``_build`` and ``keep_fp32_layers`` on a real network ar
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import shlex
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import BackendUnavailableError, ConfigError
-from ..files import atomic_output, external_data_files, read_onnx
+from ..files import atomic_output, created_timestamp, external_data_files, read_onnx
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 FUNCTION_DOMAIN = "tc_export"
@@ -302,7 +301,7 @@ def sidecar_content(config: EngineConfig, onnx_path: Path, engine_path: Path, tr
             "precision_constraints": "obey" if config.precision != "fp32" else None,
         },
         "tc_export_version": package_version("tc-export"),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": created_timestamp(),
     }
 
 

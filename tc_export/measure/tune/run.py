@@ -4,25 +4,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ...errors import ConfigError, TCExportError
 from .search import Scored, TuneConfig
+
+if TYPE_CHECKING:
+    from ...models import ModelOptions
 
 
 def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | None = None,
              calib: Path | None = None, samples: int = 64, json_path: Path | None = None, plot: Path | None = None,
              candidates: int | None = None, device: str | None = None, say: Callable[[str], None] = print,
              progress_file: TextIO | None = None, table: Any = None,
-             compare: Sequence[Any] = ()) -> dict[str, Any]:
+             compare: Sequence[Any] = (), options: ModelOptions | None = None) -> dict[str, Any]:
     """Run the whole job; returns the results document (also written to ``json_path``).
 
     ``table``: a latency table measured already (skips measuring one); ``compare``: extra schedules scored and
-    timed in the same final loop as the winner (a benchmark's comparison rows)."""
+    timed in the same final loop as the winner (a benchmark's comparison rows); ``options``: the ``ModelOptions``
+    a model name is built with (its weights seed)."""
     import click
 
     from ..bench_job import find_evaluator
     from ...models import LoadedModel, ModelOptions, load_model
+    from ...models.registry import random_weights_message
     from .calib import load_calib, seeded_calib
     from .fidelity import Scorer
     from .output import RANDOM_INPUTS_WARNING, markdown, rows, summary, write_json, write_plot, write_text
@@ -31,7 +36,7 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
 
     if samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {samples}")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, ModelOptions(), warn_random=False)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, options or ModelOptions(), warn_random=False)
     evaluator = find_evaluator(loaded.name)
     data = load_calib(calib, loaded, samples) if calib is not None else seeded_calib(loaded, samples)
     metric = metric or ("accuracy" if (evaluator is not None and data.seeded) or data.labels is not None
@@ -41,7 +46,7 @@ def run_tune(model: str | Any, config: TuneConfig, output: Path, metric: str | N
         warning = RANDOM_INPUTS_WARNING
         say(f"warning: {warning}")
     if loaded.random_init:
-        say(f"warning: {loaded.name} has random weights: fidelity is vs the random model")
+        say(f"warning: {random_weights_message(loaded, 'fidelity is vs the random model')}")
     scorer = Scorer(loaded, data, metric, evaluator)
     shape = model_shape(loaded)
     say(f"tune {loaded.name}: {shape.tokens} tokens ({shape.protected} protected), {shape.layers} layers, batch "

@@ -13,6 +13,7 @@ from .patchmerger import PatchMergerProjector
 from .pool import PoolProjector
 from .resampler import ResamplerProjector, sincos_2d
 from .unshuffle import UnshuffleProjector
+from .vlm_connectors import Gemma3Projector, Idefics3Projector, Llama4Projector
 
 PROJECTORS: dict[str, type[Projector]] = {
     "pool": PoolProjector,
@@ -22,11 +23,17 @@ PROJECTORS: dict[str, type[Projector]] = {
     "llamavid": LlamaVidProjector,
     "resampler": ResamplerProjector,
     "mlp": MLPProjector,
+    "idefics3": Idefics3Projector,
+    "llama4": Llama4Projector,
+    "gemma3": Gemma3Projector,
 }
 
 __all__ = [
     "PROJECTORS",
     "CAbstractor",
+    "Gemma3Projector",
+    "Idefics3Projector",
+    "Llama4Projector",
     "LlamaVidProjector",
     "MLPProjector",
     "PatchMergerProjector",
