@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .test_qwen2_vl import cli_refuses, load, saved_tower, tower_forward
+from .test_qwen2_vl import cli_refuses, compressed_outputs, load, saved_tower, tower_forward
 
 VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "patch_size": 4,
           "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 32, "out_hidden_size": 40,
@@ -16,12 +16,13 @@ VISION = {"depth": 3, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2
 SIZE = 64  # a 16x16 patch grid: 8x8 merge units, 2x2 windows of 8x8 patches
 
 
-def _tower(folder, qk_std: float = 0.5):
-    """A small random Qwen2.5-VL vision tower saved alone to ``folder``."""
+def _tower(folder, qk_std: float = 0.5, **changes):
+    """A small random Qwen2.5-VL vision tower saved alone to ``folder`` (``changes``: to its vision config)."""
     import transformers as tf
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
-    return saved_tower(Qwen2_5_VisionTransformerPretrainedModel, tf.Qwen2_5_VLVisionConfig(**VISION), folder, qk_std)
+    config = tf.Qwen2_5_VLVisionConfig(**(VISION | changes))
+    return saved_tower(Qwen2_5_VisionTransformerPretrainedModel, config, folder, qk_std)
 
 
 def _load(folder, pooling: str | None = None, size: int = SIZE):
@@ -128,9 +129,257 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--img-size", 48], "not a multiple of window_size = 32 px"),
     (["--img-size", 44], "multiple of patch_size x spatial_merge_size = 8"),
     (["--pooling", "mean"], "--pooling mean does not apply to Qwen2.5-VL"),
-    (["--method", "tome", "--r", "2"], "window attention (windows of 32 px in every block but 1)"),
-    (["--pooling", "tokens", "--emit-positions"], "exports uncompressed only"),
-], ids=["edge-window", "size", "pooling", "compressed", "positions"])
+    (["--method", "tome", "--r", "2"], "tome at layer 0: that layer attends within 4 windows"),
+    (["--method", "topk", "--keep", "0.5", "--layers", "2", "--score", "received"],
+     "topk at layer 2: that layer attends within 4 windows"),
+    (["--method", "tome", "--r", "2", "--layers", "1"], "tome within attention windows (4 windows of 4x4 units)"),
+    (["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"],
+     "prumerge within attention windows"),
+    (["--pooling", "tokens", "--emit-positions"], "compresses only with its own merger"),
+    (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--features", "1"],
+     "compresses only with its own merger"),
+], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "tome-full", "prumerge", "tokens",
+        "features"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     _tower(tmp_path / "q")
     cli_refuses(tmp_path, capsys, args, cause, SIZE)
+
+
+# --- Compression within attention windows: the building blocks (docs/qwen-vl.md) --------------------------------
+
+def test_window_unit_order_is_the_towers_own(tmp_path):
+    """``window_unit_order`` (windows of 4x4 units, units raster within a window, each unit's 2x2 tokens) is the
+    tower's own token order from ``get_vision_window_index``, on a square and on a non-square grid of windows."""
+    from tc_export.models.qwen2_vl import window_tokens
+    from tc_export.ops.state import window_unit_order
+
+    tower = _tower(tmp_path / "q")
+    for rows, cols in ((16, 16), (8, 24)):
+        own = window_tokens(tower, rows, cols).flatten()
+        assert torch.equal(window_unit_order((rows, cols), 2, 4), own)
+
+
+def _per_window_topk(x, scores, windows, keep, unit=2):
+    """Reference Top-K within windows from the rule: each window's units scored by the mean of their tokens'
+    scores, the ``keep`` best of that window kept (best first, ties to the lower unit), windows in order."""
+    batch, tokens, channels = x.shape
+    units = tokens // (unit * unit)
+    per = units // windows
+    out = []
+    for b in range(batch):
+        rows = []
+        for w in range(windows):
+            unit_scores = [float(scores[b, (w * per + u) * unit * unit:(w * per + u + 1) * unit * unit].mean())
+                           for u in range(per)]
+            best = sorted(range(per), key=lambda u: (-unit_scores[u], u))[:keep]
+            for u in best:
+                start = (w * per + u) * unit * unit
+                rows.append(x[b, start:start + unit * unit])
+        out.append(torch.cat(rows))
+    return torch.stack(out)
+
+
+def _windowed_unit_op(inner, windows):
+    from tc_export.ops.units import UnitOp
+
+    return UnitOp(inner, prefix=0, unit=2, windows=windows)
+
+
+def test_unit_topk_keeps_the_same_count_in_every_window():
+    """Unit Top-K folded over windows keeps K units in each window, selected within it: equal to the per-window
+    reference; a selection across windows (the plain unit Top-K) is not, and moving one kept unit to the
+    neighbouring window is caught."""
+    from tc_export.ops.topk import TopKPrune
+
+    torch.manual_seed(0)
+    windows, per, keep = 4, 16, 5
+    x = torch.randn(2, windows * per * 4, 6)
+    scores = torch.rand(2, windows * per * 4)
+    scores[:, : per * 4] += 1.0  # window 0 outranks the others: a global selection would take only from it
+    op = _windowed_unit_op(TopKPrune(keep, 0, received=True), windows)
+    got, _ = op(x, None, scores)
+    assert op.tokens_out(x.shape[1]) == windows * keep * 4 == got.shape[1]
+    reference = _per_window_topk(x, scores, windows, keep)
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    plain, _ = _windowed_unit_op(TopKPrune(keep * windows, 0, received=True), 1)(x, None, scores)
+    assert not torch.equal(plain, reference)
+    moved = got.clone()
+    moved[:, 4 * keep:4 * keep + 4] = x[:, 4 * per * 2:4 * per * 2 + 4]  # window 1's first kept unit from window 2
+    assert not torch.equal(moved, reference)
+
+
+def test_unit_tome_merges_only_within_windows():
+    """Unit ToMe folded over windows: each window's output is ToMe on that window alone (r merges per window, never
+    across), the sizes in each window adding up to its units."""
+    from tc_export.ops.tome import ToMeMerge
+
+    torch.manual_seed(1)
+    windows, per, r = 4, 16, 6
+    x = torch.randn(1, windows * per * 4, 6)
+    keys = torch.randn(1, windows * per * 4, 5)
+    op = _windowed_unit_op(ToMeMerge(r, 0), windows)
+    got, size = op(x, None, keys)
+    assert got.shape[1] == op.tokens_out(x.shape[1]) == windows * (per - r) * 4
+    alone = _windowed_unit_op(ToMeMerge(r, 0), 1)
+    for w in range(windows):
+        part = slice(w * per * 4, (w + 1) * per * 4)
+        expected, expected_size = alone(x[:, part], None, keys[:, part])
+        out = slice(w * (per - r) * 4, (w + 1) * (per - r) * 4)
+        torch.testing.assert_close(got[:, out], expected)
+        units = slice(w * (per - r), (w + 1) * (per - r))
+        torch.testing.assert_close(size[:, units], expected_size)
+        assert float(size[:, units].sum()) == per
+
+
+# --- Compression with units and a fixed count of units per window ----------------------------------------------
+
+def window_reference(tower, pixels, ops: dict, window: int = 8):
+    """Per sample, from the rules, whatever order the tokens are in: the tower's own modules (the processor's
+    ``patchify``, ``patch_embed``, norms, qkv, its rotary module and ``apply_rotary_pos_emb_vision`` at each token's
+    (h, w), proj, MLP); a windowed block attends within the groups of tokens whose (h // window, w // window) agree
+    (the windows recomputed from the kept tokens), a ``fullatt_block_indexes`` block over all; ``ops[layer](x, pos,
+    probs)`` after that layer's attention returns the kept (x, pos); then the merger on each 2x2 unit (its tokens in
+    (di, dj) order) and the units in raster order. Returns (B, U, D) and the units' (t, h, w) (B, U, 3)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.vision_utils import get_vision_position_ids
+
+    config, heads = tower.config, tower.config.num_heads
+    patches, rows, cols = Qwen2VLImageProcessor().patchify(
+        pixels, patch_size=config.patch_size, merge_size=2, temporal_patch_size=config.temporal_patch_size)
+    ids = get_vision_position_ids(torch.tensor([[1, rows, cols]]), 2)
+    full = set(config.fullatt_block_indexes)
+    outputs, cells = [], []
+    with torch.no_grad():
+        for sample in patches:
+            x, pos = tower.patch_embed(sample), ids.float()
+            for index, block in enumerate(tower.blocks):
+                n = x.shape[0]
+                q, k, v = block.attn.qkv(block.norm1(x)).reshape(n, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+                cos, sin = tower.rotary_pos_emb(x, pos)
+                q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+                logits = q.transpose(0, 1) @ k.permute(1, 2, 0) * block.attn.scaling  # (heads, n, n)
+                if index not in full:
+                    cell = (pos // window) @ torch.tensor([1000.0, 1.0])
+                    logits = logits.masked_fill(cell[:, None] != cell[None, :], float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                x = x + block.attn.proj((probs @ v.transpose(0, 1)).transpose(0, 1).reshape(n, -1))
+                if index in ops:
+                    x, pos = ops[index](x, pos, probs)
+                x = x + block.mlp(block.norm2(x))
+            unit = torch.div(pos, 2, rounding_mode="floor")
+            slot = pos - 2 * unit
+            key = (unit[:, 0] * cols + unit[:, 1]) * 4 + slot[:, 0] * 2 + slot[:, 1]
+            order = key.argsort()
+            units = x[order].reshape(-1, 4, x.shape[-1])
+            outputs.append(tower.merger(units.reshape(-1, x.shape[-1])).reshape(units.shape[0], -1))
+            cell = unit[order][::4]
+            cells.append(torch.cat([torch.zeros(len(cell), 1), cell], dim=1))
+    return torch.stack(outputs), torch.stack(cells)
+
+
+def topk_in_windows(keep: float, window_units: int = 4, wrong_window: bool = False):
+    """Top-K of 2x2 units within each window of ``window_units`` x ``window_units`` units: units scored by the mean
+    of their tokens' received attention (averaged over queries and heads), the ceil(keep x units per window) best of
+    each window kept (ties to the lower raster unit). ``wrong_window``: mutation, window 0's worst kept unit traded
+    for window 1's best pruned one."""
+    import math
+
+    def op(x, pos, probs):
+        received = probs.mean(dim=(0, 1))
+        unit = torch.div(pos, 2, rounding_mode="floor")
+        width = int(unit[:, 1].max()) + 1
+        unit_id = (unit[:, 0] * width + unit[:, 1]).long()
+        window = (torch.div(unit, window_units, rounding_mode="floor") @ torch.tensor([1000.0, 1.0])).long()
+        kept = []
+        windows = sorted(set(window.tolist()))
+        choice = {}
+        for w in windows:
+            members = sorted(set(unit_id[window == w].tolist()))
+            score = {u: float(received[unit_id == u].mean()) for u in members}
+            count = math.ceil(keep * len(members) - 1e-9)
+            ranked = sorted(members, key=lambda u: (-score[u], u))
+            choice[w] = (ranked[:count], ranked[count:])
+        if wrong_window:
+            (best0, _), (kept1, pruned1) = choice[windows[0]], choice[windows[1]]
+            choice[windows[0]] = (best0[:-1] + [pruned1[0]], [])
+        for w in windows:
+            kept += choice[w][0]
+        rows = torch.cat([torch.nonzero(unit_id == u).flatten() for u in kept])
+        return x[rows], pos[rows]
+
+    return op
+
+
+def test_unit_topk_in_windows_matches_reference(tmp_path):
+    """Unit Top-K (received attention at block 1, a full-attention block; keep 0.5 of the 16 units of every window)
+    then block 2 attending within windows of the kept units (8 units = 32 tokens each), the tower's own merger and
+    the raster order of the kept units: tokens and emitted (t, h, w) equal the per-sample reference; a unit traded
+    into the wrong window fails it. Uncompressed, the same path equals the tower's own pooler output."""
+    from tc_export import compress
+    from tc_export.passes import TopKConfig
+
+    tower = _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q")
+    pixels = loaded.example_inputs(batch=2)["pixel_values"]
+    plain = compress(loaded, [], {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(pixel_values=pixels)[0], own_forward(tower, pixels)[1], rtol=1e-4, atol=1e-5)
+    _, (got, positions, sizes), compressed = compressed_outputs(loaded, TopKConfig(keep=0.5, layers=(1,),
+                                                                                   score="received"))
+    assert compressed.token_counts() == [256, 256, 128, 32]  # the last: the merger's output
+    want, want_pos = window_reference(tower, pixels, {1: topk_in_windows(0.5)})
+    assert got.shape == want.shape == (2, 32, 40) and bool((sizes == 4).all())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos)
+    for b in range(2):  # 8 kept units in each of the 4 windows
+        window = (positions[b, :, 1] // 4) * 2 + positions[b, :, 2] // 4
+        assert torch.bincount(window.long()).tolist() == [8, 8, 8, 8]
+    wrong, _ = window_reference(tower, pixels, {1: topk_in_windows(0.5, wrong_window=True)})
+    assert not torch.allclose(got, wrong, rtol=1e-4, atol=1e-5)
+
+
+def test_unit_topk_in_windows_through_the_cli(tmp_path, capsys):
+    """The command line: unit Top-K at the full-attention block with the tower's own merger and --emit-positions:
+    units and windows set by the merger, 32 tokens, ONNX Runtime parity of tokens and positions."""
+    from .test_cli import run_cli
+
+    _tower(tmp_path / "q")
+    capsys.readouterr()
+    code, out, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", SIZE, "--method", "topk", "--keep", "0.5",
+                              "--layers", "1", "--score", "received", "--emit-positions", "-o", tmp_path / "m.onnx"],
+                             capsys)
+    assert code == 0, err
+    assert "merge units of 2x2 patches" in out and "tokens per layer: 256 256 128 32" in out
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and "positions max abs" in out
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_windows_not_declared_are_refused(tmp_path):
+    """The adapter compressed as a plain module (its windows not declared by its merger, the stream in raster
+    order with the tower's window gather): refused naming the windows, rather than windows of other tokens."""
+    from tc_export import compress
+    from tc_export.errors import StructureNotFoundError
+    from tc_export.passes import TopKConfig
+
+    _tower(tmp_path / "q")
+    loaded = _load(tmp_path / "q", "tokens")
+    with pytest.raises(StructureNotFoundError, match="attends within 4 windows of consecutive tokens"):
+        compress(loaded.module, TopKConfig(keep=0.5, layers=(1,), score="received"), loaded.example_inputs(batch=1))
+
+
+def test_unit_topk_at_the_last_block_is_the_merger_at_the_kept_units(tmp_path):
+    """The tower-output placement (the last block a full-attention block, as in the published configs): unit Top-K
+    after its attention keeps 8 units per window, equal to the per-sample reference and, as only per-token work
+    follows, exactly the uncompressed merger's output at the kept units (raster order)."""
+    from tc_export.passes import TopKConfig
+
+    tower = _tower(tmp_path / "q", fullatt_block_indexes=[1, 2])
+    pixels, (got, positions, _), _ = compressed_outputs(_load(tmp_path / "q"),
+                                                        TopKConfig(keep=0.5, layers=(2,), score="received"))
+    want, want_pos = window_reference(tower, pixels, {2: topk_in_windows(0.5)})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos)
+    merged = own_forward(tower, pixels)[1]  # raster order of the 8x8 merged grid
+    cells = (positions[..., 1] * 8 + positions[..., 2]).long()
+    torch.testing.assert_close(got, torch.stack([merged[b, cells[b]] for b in range(2)]), rtol=1e-4, atol=1e-5)

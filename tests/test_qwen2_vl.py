@@ -50,6 +50,15 @@ def _load(folder, pooling: str | None = None):
     return load(folder, SIZE, pooling)
 
 
+def compressed_outputs(loaded, config, batch: int = 2):
+    """The loaded tower's example pixels and the outputs (tokens, positions, sizes) of ``compress(loaded, config)``
+    with --emit-positions, and the compressed model."""
+    pixels = loaded.example_inputs(batch=batch)["pixel_values"]
+    compressed = compress(loaded, config, {"pixel_values": pixels}, emit_positions=True)
+    with torch.no_grad():
+        return pixels, compressed(pixel_values=pixels), compressed
+
+
 def tower_forward(tower, pixel_values):
     """The tower's own forward on the image processor's patches of every image (one grid_thw row per image):
     its output, the patch grid's rows and columns."""
@@ -234,18 +243,84 @@ def test_merger_after_unit_compression_matches_reference(tmp_path, method):
         == int((sizes[0, :, 0] == 4).sum())
 
 
-def test_unit_prumerge_then_merger_exports(tmp_path):
-    """Unit PruMerge (received attention, 6 units kept + the extra unit) then the merger: 7 tokens, kept units at
-    whole (t, h, w) cells, sizes covering the 100 patches."""
-    _tower(tmp_path / "q")
-    loaded = _load(tmp_path / "q")
-    pixels = loaded.example_inputs(batch=2)["pixel_values"]
-    compressed = compress(loaded, PruMergeConfig(tokens=6, layers=(1,), score="received"), {"pixel_values": pixels},
-                          emit_positions=True)
+def _prumerge_reference(tower, pixels, layer: int, budget: int, layout_fn=None, score_layer: int | None = None):
+    """Per sample, from the rules: the tower's own modules on the raster-ordered patches (``run_qwen2_vl``'s
+    preprocessing: the processor's ``patchify``, ``patch_embed``, position ids sorted row-major); where the stream
+    enters block ``layer``, that block's own norm, qkv and rotary at the carried positions give the full-width
+    queries and keys (heads side by side), and ``reference_units.unit_prumerge`` (received attention, units by the
+    mean score, extra unit) acts on the 2x2 units; the rotary positions then follow the units (2 x unit position
+    + (di, dj)); the tower's own merger on each unit in turn. ``layout_fn`` / ``score_layer``: mutations."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_position_ids
+
+    from . import reference_units as units
+
+    config, heads = tower.config, tower.config.num_heads
+    patches, rows, cols = Qwen2VLImageProcessor().patchify(
+        pixels, patch_size=config.patch_size, merge_size=config.spatial_merge_size,
+        temporal_patch_size=config.temporal_patch_size)
+    ids = get_vision_position_ids(torch.tensor([[1, rows, cols]]), config.spatial_merge_size)
+    row_major = torch.argsort(ids[:, 0] * cols + ids[:, 1])
+    offsets = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    merger = tower.merger.state_dict()
+    tokens, positions = [], []
+
+    def rotated_qk(block, x, pos):
+        q, k, _ = block.attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = tower.rotary_pos_emb(x, pos)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        return q.reshape(x.shape[0], -1), k.reshape(x.shape[0], -1)  # (n, C): the heads side by side
+
     with torch.no_grad():
-        got, positions, sizes = compressed(pixel_values=pixels)
-    assert got.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
-    assert torch.equal(positions[:, :6], positions[:, :6].round()) and bool((positions[..., 0] == 0).all())
+        for sample in patches:
+            x = tower.patch_embed(sample)[row_major]
+            pos = ids[row_major].float()
+            layout = (layout_fn or units.raster_layout)((rows, cols), 2, 0)
+            for index, block in enumerate(tower.blocks):
+                if index == layer:
+                    q, k = rotated_qk(tower.blocks[score_layer if score_layer is not None else layer], x, pos)
+                    x, _, layout = units.unit_prumerge(x, layout, q, k, budget, received=True)
+                    pos = torch.cat([2 * u.mass / u.size + offsets for u in layout.units])
+                attn = block.attn
+                q, k, v = attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+                cos, sin = tower.rotary_pos_emb(x, pos)
+                q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+                probs = torch.softmax(q.transpose(0, 1) @ k.permute(1, 2, 0) * attn.scaling, dim=-1)
+                x = x + attn.proj((probs @ v.transpose(0, 1)).transpose(0, 1).reshape(x.shape[0], -1))
+                x = x + block.mlp(block.norm2(x))
+            out, unit_pos, _ = units.project_units(x, layout, units.patchmerger_window, merger, 2)
+            tokens.append(out)
+            positions.append(torch.cat([torch.zeros(len(unit_pos), 1), unit_pos], dim=1))
+    return torch.stack(tokens), torch.stack(positions)
+
+
+def _strip_layout(grid, unit, prefix):
+    """Mutation: 'units' of 1 x 4 patches (a row strip across two 2x2 merge windows) instead of 2 x 2."""
+    from .reference_units import Layout, Unit
+
+    h, w = grid
+    out = [Unit([r * w + 4 * j + d for d in range(4)], 1.0, torch.tensor([float(r // 2), float(2 * j + r % 2)]))
+           for r in range(h) for j in range(w // 4)]
+    return Layout(prefix, out)
+
+
+def test_unit_prumerge_then_merger_matches_reference(tmp_path):
+    """Unit PruMerge at the input of block 1 (received attention of block 1's rotated queries and keys, 6 units
+    kept best first + the extra unit), then the tower's own merger: 7 tokens and their emitted (t, h, w) equal the
+    per-sample reference written from the rules (kept units at whole cells, sizes covering the 100 patches); units
+    split across merge windows, or scores taken from block 0's queries and keys, do not."""
+    tower = _tower(tmp_path / "q")
+    pixels, (got, positions, sizes), _ = compressed_outputs(_load(tmp_path / "q"),
+                                                            PruMergeConfig(tokens=6, layers=(1,), score="received"))
+    want, want_pos = _prumerge_reference(tower, pixels, 1, 6)
+    assert got.shape == want.shape == (2, 7, 48) and torch.allclose(sizes.sum(1), torch.full((2, 1), 100.0))
+    assert torch.equal(positions[:, :6], positions[:, :6].round())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    for mutation in ({"layout_fn": _strip_layout}, {"score_layer": 0}):
+        wrong, _ = _prumerge_reference(tower, pixels, 1, 6, **mutation)
+        assert not torch.allclose(got, wrong, rtol=1e-4, atol=1e-5), mutation
 
 
 def test_uncompressed_merged_grid_positions_are_rope_index(tmp_path):

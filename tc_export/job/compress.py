@@ -70,7 +70,8 @@ def compress(
     seed = DEFAULT_WEIGHTS_SEED
     if isinstance(model, LoadedModel):
         wanted = configs or features is not None or emit_positions or unit is not None
-        if model.compression_refusal is not None and wanted:
+        own = model.own_projector is not None and features is None  # compression_refusal: of the rest
+        if model.compression_refusal is not None and wanted and not own:
             raise ConfigError(f"{model.name}: {model.compression_refusal}")
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
@@ -116,7 +117,7 @@ def layer_tokens(gm: fx.GraphModule, example_inputs: Mapping[str, torch.Tensor])
     modules = dict(gm.named_modules())
     layers = []
     for site in find_structure(gm).sites:
-        tokens_in = tensor_meta_shape(site.key)[-2 if site.kind == "sdpa" else -1]
+        tokens_in = tensor_meta_shape(site.key)[-2 if site.kind == "sdpa" else -1] * site.windows
         tokens_out, action = tokens_in, "-"
         for user, suffix in _readers(site.stream):
             module = modules.get(str(user.target)) if user.op == "call_module" else None

@@ -48,7 +48,7 @@ class LoadedModel:
     # A tower whose own window projector ends ``module`` (Qwen-VL's merger): (the module without it, the projector as
     # a stage). Compressing runs that module with the projector appended after the methods, at merge units.
     own_projector: tuple[nn.Module, Any] | None = None
-    compression_refusal: str | None = None  # why this model exports uncompressed only (compress refuses with it)
+    compression_refusal: str | None = None  # why it compresses only through own_projector, or not at all
     weights_seed: int = DEFAULT_WEIGHTS_SEED  # the seed of its random weights and of any projector's (seeding.py)
 
     def example_inputs(self, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -23,10 +23,12 @@ gives the token passes an ordinary model instead, built from the tower's own mod
   layer (``deepstack_<layer>``: that layer's stream through its own merger). ``tokens``: the last block's tokens in
   raster order (the tower's ``last_hidden_state`` reordered).
 
-Compression: a merger reads 2x2 windows of consecutive tokens, which merged or pruned tokens no longer form, so its
-first layer is marked (``tc_export_refuses_compression``) and the token pass refuses it with that cause; ToMe and
-adjacent merging run on the blocks with ``--pooling tokens`` (the last block's tokens, with ``--emit-positions``
-their (row, column) positions in patch units, the coordinates of the tower's own position ids).
+Compression (docs/qwen-vl.md): with the default pooling the export is the ``tokens`` adapter followed by the merger
+as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units; the
+``WindowMerger`` of the plain adapter is marked (``tc_export_refuses_compression``). Qwen2.5-VL's compressed path
+(``window_stream``) expects the token pass to put the stream in window-then-unit order (``window_units``): its
+windowed blocks then only fold the windows into the heads, which holds after pruning with the same number of units
+in every window.
 """
 
 from __future__ import annotations
@@ -133,6 +135,7 @@ class TowerMergerConfig(PatchMergerConfig):
     merger: nn.Module | None = field(default=None, compare=False, repr=False)
     family: str = "Qwen2-VL"
     merge: int = 2
+    window_units: int | None = None  # Qwen2.5-VL: attention windows of this many units a side (the pass's order)
 
     def window(self) -> int | None:
         return self.merge
@@ -152,7 +155,7 @@ class QwenVisionAdapter(nn.Module):
 
     def __init__(self, tower: nn.Module, image_size: int, pooling: str = "pooler",
                  window_tokens: torch.Tensor | None = None, full_attention: tuple[int, ...] = (),
-                 family: str = "Qwen2-VL") -> None:
+                 family: str = "Qwen2-VL", window_stream: bool = False) -> None:
         super().__init__()
         config = tower.config
         self.tower, self.pooling = tower, pooling
@@ -174,6 +177,9 @@ class QwenVisionAdapter(nn.Module):
             setattr(self.window_merger, REFUSAL_ATTRIBUTE, DEEPSTACK_REFUSAL.format(layer=deepstack[0]))
         self.deepstack_mergers = nn.ModuleList(self.deepstack.values())
         self.full_attention = frozenset(full_attention)
+        # the token pass puts the stream in window-then-unit order before the first block (TowerMergerConfig's
+        # window_units): the windowed blocks then only fold the windows into the heads, which holds after pruning
+        self.window_stream = window_stream
         self.windows = 0 if window_tokens is None else int(window_tokens.shape[0])
         if window_tokens is not None:  # (windows, tokens per window) raster indices in the tower's window order
             self.register_buffer("to_windows", window_tokens.flatten(), persistent=False)
@@ -214,9 +220,12 @@ class QwenVisionAdapter(nn.Module):
         k = k * cos + self.rotate_half(k) * sin
         if windowed:
             heads = q.shape[1]  # windows folded into the heads: ONNX attention takes 4-D q, k, v
-            q, k, v = (t[:, :, self.to_windows].reshape(batch, heads * self.windows, -1, t.shape[-1]) for t in (q, k, v))
+            if not self.window_stream:
+                q, k, v = (t[:, :, self.to_windows] for t in (q, k, v))
+            q, k, v = (t.reshape(batch, heads * self.windows, -1, t.shape[-1]) for t in (q, k, v))
             out = nn.functional.scaled_dot_product_attention(q, k, v).reshape(batch, heads, tokens, -1)
-            out = out[:, :, self.from_windows]
+            if not self.window_stream:
+                out = out[:, :, self.from_windows]
         else:
             out = nn.functional.scaled_dot_product_attention(q, k, v)
         return attn.proj(out.transpose(1, 2).reshape(batch, tokens, channels))
@@ -319,16 +328,18 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     spec = InputSpec("pixel_values", (config.in_channels, size, size))
     deep = [f"deepstack_{layer}" for layer in adapter.deepstack]
     own = None
-    if pooling == "pooler" and not deep and windows is None:
-        tokens = QwenVisionAdapter(tower, size, "tokens", windows, full, family).eval()
-        own = (tokens, TowerMergerConfig(merger=tower.merger, family=family, merge=config.spatial_merge_size))
+    if pooling == "pooler" and not deep:
+        tokens = QwenVisionAdapter(tower, size, "tokens", windows, full, family, window_stream=windows is not None)
+        side = None if windows is None else config.window_size // (config.patch_size * config.spatial_merge_size)
+        own = (tokens.eval(), TowerMergerConfig(merger=tower.merger, family=family, merge=config.spatial_merge_size,
+                                                window_units=side))
     refusal = None
     if deep:
         refusal = (DEEPSTACK_REFUSAL.format(layer=next(iter(adapter.deepstack))) +
                    "; compress its last block's tokens instead (--pooling tokens)")
     if windows is not None:
         refusal = (f"{family}'s window attention (windows of {config.window_size} px in every block but "
-                   f"{', '.join(map(str, full)) or 'none'}) gathers fixed windows of the patch tokens; compressing it "
-                   "(units with a fixed count per window) is not built, so this tower exports uncompressed only")
+                   f"{', '.join(map(str, full)) or 'none'}) compresses only with its own merger (the default pooling, "
+                   "no --features): units with a fixed count per window")
     return LoadedModel(name, adapter, [spec], [POOLINGS[pooling], *deep], random_init, own_projector=own,
                        compression_refusal=refusal)

@@ -123,10 +123,25 @@ def unit_window_order(grid: tuple[int, int], unit: int) -> Tensor:
     return raster.permute(0, 2, 1, 3).reshape(-1)
 
 
-def to_unit_order(x: Tensor, prefix: int, grid: tuple[int, int], unit: int) -> Tensor:
+def window_unit_order(grid: tuple[int, int], unit: int, window: int) -> Tensor:
+    """Raster indices (H*W,) of the patch tokens in window-then-unit order: windows of ``window`` x ``window`` units
+    in raster order of the window grid, units in raster order within their window, each unit's tokens (di, dj)
+    row-major (Qwen2.5-VL's own token order, ``get_vision_window_index``, for grids the windows divide)."""
+    from ..errors import ConfigError
+
+    rows, cols = grid[0] // unit, grid[1] // unit
+    if rows % window or cols % window:
+        raise ConfigError(f"windows of {window}x{window} units do not divide the {rows}x{cols} unit grid")
+    units = torch.arange(rows * cols).reshape(rows // window, window, cols // window, window)  # (I, i, J, j)
+    return unit_window_order(grid, unit).view(rows * cols, unit * unit)[units.permute(0, 2, 1, 3).reshape(-1)] \
+        .reshape(-1)
+
+
+def to_unit_order(x: Tensor, prefix: int, grid: tuple[int, int], unit: int, window: int | None = None) -> Tensor:
     """The tokens (B, N, C) with the ``grid`` patch rows after the ``prefix`` gathered into unit-window order
-    (``unit_window_order``; one constant Gather); protected prefix and suffix rows untouched."""
-    order = unit_window_order(grid, unit)
+    (``unit_window_order``; ``window``: window-then-unit order, ``window_unit_order``; one constant Gather);
+    protected prefix and suffix rows untouched."""
+    order = unit_window_order(grid, unit) if window is None else window_unit_order(grid, unit, window)
     index = torch.cat([torch.arange(prefix), order + prefix, torch.arange(prefix + order.numel(), x.shape[1])])
     return x.index_select(1, index.to(x.device))
 
@@ -162,11 +177,30 @@ def expand_units(state: Tensor, prefix: int, suffix: int, unit: int, frames: boo
     return torch.cat([state[:, :prefix], body, state[:, prefix + units:]], dim=1)
 
 
-def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int], frames: int | None = None) -> Tensor:
+def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int], frames: int | None = None,
+                       window: int | None = None) -> Tensor:
     """The unit state with positions of ``x`` (B, prefix + U*s^2 + suffix, C) entering the first op: one row per
-    protected token (position -1) and one per unit of the unit ``grid`` (its (row, column) there, raster order)."""
+    protected token (position -1) and one per unit of the unit ``grid`` (its (row, column) there, raster order;
+    ``window``: windows of ``window`` x ``window`` units one after the other, the order of ``window_unit_order``)."""
     rows = prefix + grid[0] * grid[1] + suffix
-    return initial_state(x[:, :rows], None, prefix, suffix, grid, frames)
+    state = initial_state(x[:, :rows], None, prefix, suffix, grid, frames)
+    if window is None:
+        return state
+    units = grid[0] * grid[1]
+    order = window_unit_order(grid, 1, window).to(x.device)  # the unit grid's cells in window order
+    return torch.cat([state[:, :prefix], state[:, prefix:prefix + units][:, order], state[:, prefix + units:]], dim=1)
+
+
+def raster_units(tokens: Tensor, state: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Tokens (B, n, C) and their state (B, n, 1 + P), one row per unit, sorted into raster order of the units'
+    carried (row, column) on a unit grid ``width`` wide (ties to the earlier row; one TopK): a windowed tower's
+    reverse window order, which gives its merger's output in raster order."""
+    position = positions_of(state)[..., -2:]
+    rows = tokens.shape[1]
+    key = (position[..., 0] * width + position[..., 1]) * rows + torch.arange(rows, device=tokens.device)
+    order = key.topk(rows, dim=-1, largest=False).indices
+    pick = order.unsqueeze(-1)
+    return tokens.gather(1, pick.expand(-1, -1, tokens.shape[-1])), state.gather(1, pick.expand(-1, -1, state.shape[-1]))
 
 
 def project_unit_state(state: Tensor, prefix: int, keep_prefix: bool, unit: int, transposed: bool) -> Tensor:

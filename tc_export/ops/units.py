@@ -10,6 +10,11 @@ units: keys (``metric``) by ``unit_metric`` (mean of the unit's keys, or their c
 (``class_attention``, ``received_attention``) by ``unit_score`` (mean, sum or max of the unit's tokens' scores).
 PruMerge scores every token from the full-width queries and keys (the class token among them), then ranks units
 by their reduced scores and finds each kept unit's nearest units by the reduced keys.
+
+``windows`` (attention windows of a fixed number of units, e.g. Qwen2.5-VL's 4x4 units): the units come window
+after window and the inner op runs on each window as a sample of its own (``fold_windows``), so every window keeps
+the same number of units (Top-K keeps K per window, ToMe merges r per window, only within the window) and the
+windows keep a static shape (Qwen2.5-VL, docs/qwen-vl.md).
 """
 
 from __future__ import annotations
@@ -47,21 +52,39 @@ def reduce_score(score: Tensor, prefix: int, unit: int, how: str) -> Tensor:
     return rows.sum(2) if how == "sum" else rows.mean(2)
 
 
+def fold_windows(t: Tensor | None, windows: int) -> Tensor | None:
+    """(B, U, ...) units in window order (U/windows consecutive units per window) -> (B * windows, U/windows, ...):
+    each window a sample of its own, so a token op keeps the same number of units in every window."""
+    if t is None:
+        return None
+    if t.shape[1] % windows:
+        raise ValueError(f"{t.shape[1]} units do not split into {windows} equal windows")
+    return t.reshape(t.shape[0] * windows, t.shape[1] // windows, *t.shape[2:])
+
+
+def unfold_windows(t: Tensor | None, batch: int) -> Tensor | None:
+    """The inverse of ``fold_windows``: (B * windows, n, ...) -> (B, windows * n, ...), window after window."""
+    return None if t is None else t.reshape(batch, -1, *t.shape[2:])
+
+
 class UnitOp(TokenOp):
     """``inner`` applied to whole units: ``(x, state, *signals) -> (x, state)`` with ``x`` (B, prefix + U*s^2, C)
     in unit-window order and ``state`` one row per protected token and per unit (``ops.state``)."""
 
     def __init__(self, inner: TokenOp, prefix: int, unit: int, unit_metric: str = "mean",
-                 unit_score: str = "mean", drop_prefix: bool = False) -> None:
+                 unit_score: str = "mean", drop_prefix: bool = False, windows: int = 1) -> None:
         super().__init__()
-        if unit < 1 or prefix < 0:
-            raise ValueError("unit must be >= 1 and prefix >= 0")
+        if unit < 1 or prefix < 0 or windows < 1:
+            raise ValueError("unit must be >= 1, prefix >= 0 and windows >= 1")
+        if windows > 1 and hasattr(inner, "token_scores"):
+            raise ValueError("PruMerge within attention windows is not built (its extra unit mixes windows)")
         if unit_metric not in UNIT_METRICS or unit_score not in UNIT_SCORES:
             raise ValueError(f"unit_metric in {UNIT_METRICS}, unit_score in {UNIT_SCORES}")
         self.inner, self.prefix, self.unit = inner, prefix, unit
         self.protected = prefix
         self.drop_prefix = drop_prefix  # at the tower output: the protected tokens left out (PruMerge, Top-K)
         self.unit_metric, self.unit_score = unit_metric, unit_score
+        self.windows = windows  # the units come window after window, the same count in each (``fold_windows``)
         self.signals = inner.signals  # type: ignore[misc]
         self.creates_size = inner.creates_size
 
@@ -79,7 +102,12 @@ class UnitOp(TokenOp):
                                                       reduce_metric(key, prefix, unit, self.unit_metric))
         else:
             reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
-            out, out_size = self.inner(view, inner_size, *reduced)
+            if self.windows > 1:  # each window one sample of the inner op: it keeps (or merges) as many in each
+                folded = [fold_windows(t, self.windows) for t in (view, *reduced)]
+                out, out_size = self.inner(folded[0], fold_windows(inner_size, self.windows), *folded[1:])
+                out, out_size = unfold_windows(out, batch), unfold_windows(out_size, batch)
+            else:
+                out, out_size = self.inner(view, inner_size, *reduced)
         kept = self.prefix_out()
         tokens = torch.cat([x[:, :kept], out.reshape(batch, -1, channels)], dim=1)
         if out_size is None:
@@ -98,7 +126,8 @@ class UnitOp(TokenOp):
 
     def tokens_out(self, tokens_in: int) -> int:
         units = (tokens_in - self.prefix) // (self.unit * self.unit)
-        return self.prefix_out() + self.inner.tokens_out(units) * self.unit * self.unit
+        per_window = self.inner.tokens_out(units // self.windows) * self.windows
+        return self.prefix_out() + per_window * self.unit * self.unit
 
     def state_rows(self, tokens: int) -> int:
         """Rows of the state that goes with ``tokens`` output tokens: one per protected token and one per unit."""
@@ -106,4 +135,5 @@ class UnitOp(TokenOp):
 
     def extra_repr(self) -> str:
         return (f"prefix={self.prefix}, unit={self.unit}, unit_metric={self.unit_metric}, "
-                f"unit_score={self.unit_score}" + (", drop_prefix" if self.drop_prefix else ""))
+                f"unit_score={self.unit_score}" + (", drop_prefix" if self.drop_prefix else "") +
+                (f", windows={self.windows}" if self.windows > 1 else ""))

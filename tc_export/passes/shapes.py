@@ -24,6 +24,7 @@ from torch import fx
 from ..errors import StructureNotFoundError
 
 _RESHAPE_METHODS = ("view", "reshape")
+WINDOW_FOLD = "tc_export_window_fold"  # node meta: a reshape folding declared attention windows (token pass)
 _SHAPE_OPS = {
     torch.ops.aten.view.default,
     torch.ops.aten.reshape.default,
@@ -121,7 +122,10 @@ class _Retargeter(fx.Interpreter):
     def _refuse_grid_split(self, node: fx.Node) -> None:
         """A view/reshape that splits a dim whose size changed (the tokens) into several dims (a grid, as PiT's
         stages reshape their tokens back to the (H, W) grid they read) cannot hold merged or pruned tokens: refused
-        by name. Splitting off the batch (``(B * N, C) -> (B, N, C)``) is not a grid."""
+        by name. Splitting off the batch (``(B * N, C) -> (B, N, C)``) is not a grid, nor are declared attention
+        windows folded into or out of the heads (``WINDOW_FOLD``: every window keeps the same count of tokens)."""
+        if node.meta.get(WINDOW_FOLD):
+            return
         source = node.args[0] if node.args else None
         old, old_out = _recorded_shape(source), _recorded_shape(node)
         value = self.env.get(source) if isinstance(source, fx.Node) else None

@@ -52,6 +52,7 @@ class AttentionSite:
     residual_add: fx.Node
     stream: fx.Node  # the residual stream after attention, as it feeds the MLP branch
     block_input: fx.Node | None = None  # the stream entering the block (the residual add's skip input)
+    windows: int = 1  # attention within this many equal windows of consecutive tokens, folded into the heads
 
     @property
     def name(self) -> str:
@@ -299,6 +300,25 @@ def _attention_tokens(kind: str, query: fx.Node, key: fx.Node) -> tuple[int, int
     return q[0], q[-2], k[-2] if kind == "sdpa" else k[-1]
 
 
+def _folded_windows(kind: str, query: fx.Node, key: fx.Node, skip: fx.Node | None) -> int:
+    """W when the queries and keys are the stream's tokens (B, H, N, d) reshaped to (B, H x W, N / W, d): attention
+    within W equal windows of consecutive tokens folded into the heads (Qwen2.5-VL's adapter); else 1."""
+    stream = tensor_meta_shape(skip) if skip is not None else None
+    if kind != "sdpa" or stream is None or len(stream) != 3:
+        return 1
+    found = set()
+    for node in (query, key):
+        source = node.args[0] if node.op == "call_method" and node.target in ("reshape", "view") and node.args else None
+        before, after = tensor_meta_shape(source) if isinstance(source, fx.Node) else None, tensor_meta_shape(node)
+        if before is None or after is None or len(before) != 4 or len(after) != 4 or before[2] != stream[1]:
+            return 1
+        windows = after[1] // before[1]
+        if windows < 2 or after[1] != before[1] * windows or after[2] * windows != before[2] or after[0] != before[0]:
+            return 1
+        found.add(windows)
+    return found.pop() if len(found) == 1 else 1
+
+
 def _classify(name: str, tokens: tuple[int, int, int] | None, skip: fx.Node, key: fx.Node,
               mixed: str | None = None, query: fx.Node | None = None) -> str | None:
     """Why an attention with a residual is not a compressible self-attention block (None: it is one).
@@ -371,6 +391,9 @@ def find_structure(gm: fx.GraphModule) -> Structure:
     for kind, attention, query, key, softmax, mixed in _attention_candidates(gm):
         found = _residual_add(attention, order)
         tokens = _attention_tokens(kind, query, key)
+        windows = _folded_windows(kind, query, key, found[1] if found is not None else None)
+        if tokens is not None and windows > 1:
+            tokens = (tokens[0], tokens[1] * windows, tokens[2] * windows)
         # raises for windowed, spatial-reduction and cross-covariance attention, before mixed logits are refused
         note = _classify(attention.name, tokens, found[1], key, mixed, query) if found is not None else None
         if mixed is not None:
@@ -414,7 +437,8 @@ def find_structure(gm: fx.GraphModule) -> Structure:
                 f"found attention {attention.name} and its residual add {residual.name}, but not where the "
                 "residual stream feeds the MLP branch"
             )
-        sites.append(AttentionSite(len(sites), kind, attention, query, key, softmax, residual, stream, skip))  # type: ignore[arg-type]
+        sites.append(AttentionSite(len(sites), kind, attention, query, key, softmax, residual, stream, skip,  # type: ignore[arg-type]
+                                   windows))
     if not sites:
         if skipped:
             raise StructureNotFoundError(

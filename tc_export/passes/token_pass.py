@@ -33,6 +33,7 @@ from ..ops.state import (
     leading_tokens,
     positions_of,
     project_unit_state,
+    raster_units,
     rejoin_suffix,
     size_column,
     to_unit_order,
@@ -52,6 +53,7 @@ from .position_tables import PositionTable, find_position_tables
 from .projectors import ProjectorConfig
 from .positions import check_foreign_token_tensors
 from .rewrite import add_attention_bias, full_width, insert_class_attention, insert_key_metric
+from .shapes import WINDOW_FOLD
 from .site import Point, Site
 from .structure import AttentionSite, Structure, find_structure, reads_first_token
 
@@ -119,6 +121,13 @@ class TokenPass:
         self.features, self.frames = features, frames
         self.emit_positions = emit_positions
         self.unit = resolve_unit(self.configs, unit)
+        # attention windows of this many units a side (a windowed tower's own merger says so): the units run window
+        # after window and every op keeps the same count in each window (docs/qwen-vl.md)
+        self.unit_window: int | None = next((c.window_units for c in self.configs
+                                             if getattr(c, "window_units", None)), None)
+        self._windows = 1  # windows of units in the stream (set with the unit order)
+        if self.unit_window is not None and self.unit is None:  # the windowed blocks need the units, compressed or not
+            self.unit = next(c.window() for c in self.configs if getattr(c, "window_units", None))
         self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
         self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
         self._unit_prefix: int | None = None  # protected rows of the unit state once an op at the output drops them
@@ -161,6 +170,7 @@ class TokenPass:
         total = sites[0].num_tokens()
         if self.unit is not None:
             self._to_units(gm, structure, total, protected, suffix)
+        check_windows(structure, self._windows if self.unit_window is not None else None)
         # Found before any op goes in: the finders read the uncompressed graph.
         tables: dict[int, list[PositionTable]] = {}
         for table in find_position_tables(gm, structure):
@@ -212,10 +222,15 @@ class TokenPass:
         for site in sites[: last_layer + 1]:
             config = plan.get(("block_input", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 op = self._make_op(config, self._site(structure, site, "block_input", tokens, protected, padded, grid,
                                                       suffix))
                 if op is not None:
-                    state, call = self._insert_block_input_op(gm, site, op, state, suffix)
+                    moved = (ops or self.unit is not None) and state is not None  # tokens no longer where the
+                    incoming = self._view(graph, positions_of, state) if moved else None  # tables have them
+                    state, call = self._insert_block_input_op(gm, site, op, state, suffix,
+                                                              tables.get(site.index, []) if moved else [], incoming,
+                                                              protected)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             if (ops or self.unit is not None) and site.index in tables:  # compressed (or unit-ordered) tokens
                 if state is None:
@@ -245,6 +260,7 @@ class TokenPass:
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 op = self._make_op(config, self._site(structure, site, "attention", tokens, protected, padded, grid,
                                                       suffix))
                 if op is not None:
@@ -253,6 +269,7 @@ class TokenPass:
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
             config = plan.get(("block", site.index))
             if config is not None:
+                refuse_windowed(site, config)
                 anchor = block_ends[site.index]
                 op = self._make_op(config, self._site(structure, site, "block", tokens, protected, padded, grid,
                                                       suffix))
@@ -307,11 +324,22 @@ class TokenPass:
             end = call if not isinstance(op, TokenOp) else self._tokens_after(call)
             if not isinstance(op, TokenOp) and self._unit_live:  # a projector: one token per unit from here on
                 self._unit_live = False
+                if self.unit_window is not None and (before is None or not isinstance(op, UnitWindows)):
+                    raise StructureNotFoundError(f"{config.method} after attention windows: no unit state to put "
+                                                 "its output back in raster order")
                 if isinstance(op, UnitWindows) and before is not None:
                     with graph.inserting_after(call):
                         state = graph.call_function(project_unit_state, (before, op.projector.prefix,
                                                                          bool(op.prefix_out()), op.unit,
                                                                          op.transposed))
+                    if self.unit_window is not None:  # back to raster order: the tower's reverse window order
+                        width = unit_grid(structure.grid, op.unit)[1]
+                        with graph.inserting_after(state):
+                            both = graph.call_function(raster_units, (call, state, width))
+                        with graph.inserting_after(both):
+                            end = graph.call_function(operator.getitem, (both, 0))
+                        with graph.inserting_after(end):
+                            state = graph.call_function(operator.getitem, (both, 1))
                     self._token_states.add(state)
         if self._masks_frames and self.features is None and not encoder_stages:
             raise ConfigError(f"{self.name} joins each clip's frames into one sequence, which the model's own head "
@@ -425,7 +453,8 @@ class TokenPass:
                                          "where the tokens would be put in unit order")
         source = first.block_input
         with gm.graph.inserting_after(source):
-            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit))
+            window = () if self.unit_window is None else (self.unit_window,)
+            ordered = gm.graph.call_function(to_unit_order, (source, protected, structure.grid, self.unit, *window))
         source.replace_all_uses_with(ordered, delete_user_cb=lambda user: user is not ordered)
         for site in structure.sites:
             if site.block_input is source:
@@ -433,6 +462,10 @@ class TokenPass:
             if site.stream is source:
                 site.stream = ordered
         self.report.unit = self.unit
+        if self.unit_window is not None:
+            self._windows = (grid[0] // self.unit_window) * (grid[1] // self.unit_window)
+            self.report.notes.append(f"attention windows of {self.unit_window}x{self.unit_window} units: the units "
+                                     f"window after window, {self._windows} windows")
         self.report.notes.append(f"merge units of {self.unit}x{self.unit} patches: the {structure.grid[0]}x"
                                  f"{structure.grid[1]} grid in unit order, {grid[0]}x{grid[1]} units")
 
@@ -443,7 +476,7 @@ class TokenPass:
             return site
         unit = self.unit
         assert unit is not None
-        units = (site.tokens - site.protected) // (unit * unit)
+        units = (site.tokens - site.protected) // (unit * unit) // self._windows  # per window: the same in each
         return dataclasses.replace(site, tokens=units, protected=0, channels=site.channels * unit * unit, grid=None,
                                    unit=unit)
 
@@ -453,13 +486,20 @@ class TokenPass:
             raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
                               "projector acts at the encoder output, where each unit becomes one token; leave out "
                               "at, or drop the unit")
+        if self._windows > 1 and not isinstance(config, ProjectorConfig) and (
+                config.method != "topk" or getattr(config, "fuse", False)):
+            raise ConfigError(f"{config.method}{' with fuse' if getattr(config, 'fuse', False) else ''} within "
+                              f"attention windows ({self._windows} windows of {self.unit_window}x{self.unit_window} "
+                              "units) is not built: unit Top-K is (--method topk at a full-attention layer); ToMe "
+                              "needs its size bias folded into the windows, PruMerge's and the fused extra unit "
+                              "mix windows")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live:
             return op
         assert self.unit is not None
         return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
                       getattr(config, "unit_score", "mean"),
-                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)))
+                      drop_prefix=site.at_output and bool(getattr(op, "drop_prefix", False)), windows=self._windows)
 
     def _initial_state(self, gm: fx.GraphModule, structure: Structure, initial: fx.Node | None, tokens: int,
                        protected: int, suffix: int) -> fx.Node:
@@ -469,7 +509,9 @@ class TokenPass:
         if self.unit is not None:  # one row per unit, on the unit grid
             grid = unit_grid(structure.grid, self.unit)
             with gm.graph.inserting_after(source):
-                state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames))
+                window = () if self.unit_window is None else (self.unit_window,)
+                state = gm.graph.call_function(initial_unit_state, (source, protected, suffix, grid, self.frames,
+                                                                    *window))
             self._pinned.add(state)
             self.report.positions = 2 + (1 if self.frames else 0)
             return state
@@ -762,16 +804,24 @@ class TokenPass:
         return rejoined[0] if rejoined else tokens
 
     def _insert_block_input_op(self, gm: fx.GraphModule, site: AttentionSite, op: TokenOp,
-                               state: fx.Node | None, suffix: int = 0) -> tuple[fx.Node | None, fx.Node]:
+                               state: fx.Node | None, suffix: int = 0, tables: Sequence[PositionTable] = (),
+                               positions: fx.Node | None = None, protected: int = 0) -> tuple[fx.Node | None, fx.Node]:
         """An op where the stream enters ``site``'s block, fed with the full-width queries and keys that block
         computes on the incoming stream (a copy of the projections, made only for an op that reads them) or with
-        the incoming tokens themselves (``tokens``); the block then runs on the op's output."""
+        the incoming tokens themselves (``tokens``); the block then runs on the op's output. ``tables``: the site's
+        rotary tables, rewired in the copy at the incoming tokens' ``positions`` (the tokens are compressed or in
+        unit order, so the fixed tables no longer line up with them)."""
         graph = gm.graph
         source = site.block_input
         if source is None:
             raise StructureNotFoundError(f"no block input found for attention {site.name}")
         projected = [signal for signal in op.signals if signal != "tokens"]
         copies = copy_subgraph(graph, source, [site.query, site.key]) if projected else {}
+        for table in tables:
+            products = getattr(table, "products", ())
+            if products and positions is not None and all(p in copies for p in products):
+                copy = dataclasses.replace(table, products=tuple(copies[p] for p in products))  # type: ignore
+                copy.rewire(gm, positions, protected, suffix)
         signals = []
         for signal in op.signals:
             if signal == "tokens":
@@ -792,6 +842,30 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+def check_windows(structure: Structure, windows: int | None) -> None:
+    """Attention within windows folded into the heads is compressible only when the model says what they are (a
+    windowed tower's merger: ``windows`` windows of units, the stream put window after window): otherwise the
+    windows, fixed runs of consecutive tokens, would take other tokens after compression."""
+    for site in structure.sites:
+        if site.windows > 1 and site.windows == windows:  # the folds into and out of the windows are no grid
+            for node in [*site.attention.args[:3], *site.attention.users]:
+                if isinstance(node, fx.Node):
+                    node.meta[WINDOW_FOLD] = True
+        if site.windows > 1 and site.windows != windows:
+            raise StructureNotFoundError(
+                f"attention {site.name} attends within {site.windows} windows of consecutive tokens folded into the "
+                "heads; merging or pruning tokens would break the windows (a tower whose own merger declares its "
+                "windows, Qwen2.5-VL's, keeps the same count in each), so this windowed attention is not supported")
+
+
+def refuse_windowed(site: AttentionSite, config: TokenMethod) -> None:
+    """A method at a layer that attends within windows: its scores or keys would be per window (not built)."""
+    if site.windows > 1:
+        raise ConfigError(f"{config.method} at layer {site.index}: that layer attends within {site.windows} windows, "
+                          "and scoring or matching units by per-window attention is not built; act at a "
+                          "full-attention layer (fullatt_block_indexes)")
 
 
 def resolve_unit(configs: Sequence[TokenMethod], given: int | None) -> int | None:
