@@ -136,17 +136,23 @@ def clip_rows(args) -> None:
     print_rows(f"clip_vit_b --frames {frames} --features -2 ({frames} x 197 tokens; moving-digit clips)", rows)
 
 
-def qwen_rows(args) -> None:
+def save_qwen2_vl_tower(folder: str | Path, config: dict) -> None:
+    """Save a Qwen2-VL vision tower of ``config`` (``QWEN_2B`` keys) with seed-0 random weights to ``folder``
+    (for ``hf:folder``)."""
     import transformers as tf
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
+    torch.manual_seed(0)
+    Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(**config)).save_pretrained(folder)
+
+
+def qwen_rows(args) -> None:
     frames, size = 8, args.qwen_size
     config = dict(QWEN_2B, depth=args.qwen_depth)
     if args.smoke:
         config |= {"depth": 2, "embed_dim": 64, "hidden_size": 96, "num_heads": 2}
     with tempfile.TemporaryDirectory() as folder:
-        torch.manual_seed(0)
-        Qwen2VisionTransformerPretrainedModel(tf.Qwen2VLVisionConfig(**config)).save_pretrained(folder)
+        save_qwen2_vl_tower(folder, config)
         options = ModelOptions(img_size=size, frames=frames, pooling="tokens")
         loaded = load_model(f"hf:{folder}", options, warn_random=False)
         steps, side = frames // 2, size // config["patch_size"]

@@ -44,6 +44,21 @@ def test_export_memory_smoke_prints_the_table(tmp_path):
     assert float(row[5].rstrip("x")) > 1
 
 
+def test_units_speed_smoke_prints_the_table(tmp_path):
+    """benchmarks/units_speed.py --smoke (a 2-layer Qwen2-VL tower + its merger, 16 merge units): unit Top-K hands the
+    language model ceil(keep x 16) tokens, every compressed row costs fewer MACs than the uncompressed one."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "units_speed.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=900, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout[result.stdout.index("| configuration |"):].strip().splitlines()
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert rows["uncompressed"][1] == "64 x2" and rows["uncompressed"][2] == "16"
+    assert rows["unit Top-K keep=0.5 @0 (received)"][1:3] == ["64, 32", "8"]
+    assert rows["unit Top-K keep=0.25 @0 (received)"][1:3] == ["64, 16", "4"]
+    assert rows["unit ToMe r=4 @0-1"][1:3] == ["64, 48", "8"]
+    assert all(float(cells[4].rstrip("x")) > 1 for name, cells in rows.items() if name != "uncompressed")
+
 def test_docs_show_the_measured_tables():
     """The docs pages' benchmark tables are the ones `python benchmarks/readme_tables.py` wrote (first table of
     each section file in benchmarks/results), not numbers typed by hand."""
