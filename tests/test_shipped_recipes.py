@@ -25,7 +25,7 @@ SHALLOW = ["llava_clip_l336_pool_mlp", "video_clip_b_8frames_pool", "video_clip_
 MODEL_NAMED = ["llava15_clip_l336", "llava15_prumerge", "llava_next_video_clip_l336", "llava_onevision_video_siglip",
                "internvl_clip_l336_unshuffle", "honeybee_clip_l336_cabstractor",  # against references: test_vlm_recipes
                "idefics3_siglip_connector", "smolvlm_siglip_connector",
-               "gemma3_siglip_pool"]  # against the published modules: test_vlm_connectors
+               "gemma3_siglip_pool", "llama4_scout_adapter"]  # against the published modules: test_vlm_connectors
 
 
 def test_every_shipped_recipe_names_its_model():
@@ -68,5 +68,9 @@ def test_shipped_recipe_on_a_shallow_tower(name, tmp_path):
     with torch.no_grad():
         want = compressed(**inputs).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
-    tokens = {"video_clip_b_8frames_pool": 8 * 49}.get(name, 144)  # 576 patches -> 144; 8 x 196 -> 8 x 49
-    assert got.shape == (1, tokens, recipe.stages[-1].out_channels)  # ... tokens of the language model's width
+    tokens = {"video_clip_b_8frames_pool": 8 * 49,  # 576 patches -> 144; 8 x 196 -> 8 x 49
+              "video_clip_b_8frames_pool_evs": 98}.get(name, 144)  # EVS q=0.75 keeps 98 of 392
+    widths = [stage.out_channels for stage in recipe.stages if hasattr(stage, "out_channels")]
+    assert got.shape[:2] == (1, tokens)
+    if widths:  # ... tokens of the language model's width (pool and EVS keep the tower's)
+        assert got.shape[2] == widths[-1]

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .base import TokenOp
-from .rows import gather_rows, sort_indices
+from .rows import gather_rows, sort_indices, top_k
 
 TOPK_LIMIT = 3840  # TensorRT's TopK takes K < 3,840
 RANK_CHUNK = 1024  # query rows per comparison block in the rank form
@@ -63,10 +63,7 @@ def frame_dissimilarity(clip: Tensor) -> Tensor:
 def ranked_first(scores: Tensor, keep: int, ranking: str) -> Tensor:
     """Indices (B, keep) of the ``keep`` highest of ``scores`` (B, N), ties to the lower index, ascending."""
     if ranking == "sort":
-        if torch.compiler.is_exporting():  # ONNX TopK keeps the lower index first among equal values
-            order = scores.topk(keep, dim=-1).indices
-        else:  # eager topk does not promise that: a stable sort does
-            order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :keep]
+        order = top_k(scores, keep)[1]  # ties to the lower index, eagerly and in the graph (ops.rows.top_k)
         return sort_indices(order)
     return _ranked_by_counting(scores, keep)
 

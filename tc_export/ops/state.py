@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .rows import WEIGHT_FLOOR
+from .rows import WEIGHT_FLOOR, top_k
 
 
 def size_column(state: Tensor) -> Tensor:
@@ -198,7 +198,7 @@ def raster_units(tokens: Tensor, state: Tensor, width: int) -> tuple[Tensor, Ten
     position = positions_of(state)[..., -2:]
     rows = tokens.shape[1]
     key = (position[..., 0] * width + position[..., 1]) * rows + torch.arange(rows, device=tokens.device)
-    order = key.topk(rows, dim=-1, largest=False).indices
+    order = top_k(key, rows, largest=False)[1]
     pick = order.unsqueeze(-1)
     return tokens.gather(1, pick.expand(-1, -1, tokens.shape[-1])), state.gather(1, pick.expand(-1, -1, state.shape[-1]))
 
