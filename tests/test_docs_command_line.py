@@ -5,7 +5,7 @@ import pytest
 
 from .doc_commands import ROOT, run_page
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.full  # every docs page's commands: python -m pytest -m full (not yet seen passing end to end in one run)
 PAGE = ROOT / "docs" / "command-line.md"
 
 
