@@ -61,6 +61,22 @@ def _optional_int(text: str) -> int | None:
         raise ConfigError(f"expected a whole number, got {text!r}") from None
 
 
+def _at() -> Any:
+    return setting("encoder", "projectors: where to act: encoder (the output) or a block index N", parse_at)
+
+
+def _weights() -> Any:
+    return setting(None, "projectors: safetensors file with the projector's weights", str)
+
+
+def _scale() -> Any:
+    return setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C channels)")
+
+
+def _out_channels() -> Any:
+    return setting(None, "projectors: output width D (default: the input width)", _optional_int)
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
     """What every projector config shares: where it acts and an optional weights file."""
@@ -73,6 +89,8 @@ class ProjectorConfig:
     can_keep_prefix: ClassVar[bool] = False  # the projector can pass the class/register tokens through in front
 
     prefix_mode: str | None = setting(None, PREFIX_MODE_HELP, parse_prefix_mode)
+    at: str = dataclasses.field(kw_only=True, default="encoder", metadata=_at().metadata)
+    projector_weights: str | None = dataclasses.field(kw_only=True, default=None, metadata=_weights().metadata)
 
     def __post_init__(self) -> None:
         check_prefix_mode(self.method, self.prefix_mode)  # type: ignore[attr-defined]
@@ -160,22 +178,6 @@ class ProjectorConfig:
     mixes: ClassVar[str] = "it reads the whole grid"
 
 
-def _at() -> Any:
-    return setting("encoder", "projectors: where to act: encoder (the output) or a block index N", parse_at)
-
-
-def _weights() -> Any:
-    return setting(None, "projectors: safetensors file with the projector's weights", str)
-
-
-def _scale() -> Any:
-    return setting(0.5, "unshuffle / patchmerger: downscale 1/k (each k x k window -> one token of k*k*C channels)")
-
-
-def _out_channels() -> Any:
-    return setting(None, "projectors: output width D (default: the input width)", _optional_int)
-
-
 @register_method("pool", "2-D pooling on the patch grid, LLaVA-NeXT/OneVision (--stride, --mode avg|max|bilinear)")
 @dataclass(frozen=True)
 class PoolConfig(ProjectorConfig):
@@ -184,8 +186,6 @@ class PoolConfig(ProjectorConfig):
 
     stride: int = setting(2, "pool: stride on each grid axis")
     mode: str = setting("avg", "pool: avg | max (floor(H/s)) | bilinear (ceil(H/s), LLaVA-OneVision)")
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
     mixes: ClassVar[str] = "bilinear pooling to ceil(H/s) interpolates across windows"
 
@@ -193,50 +193,42 @@ class PoolConfig(ProjectorConfig):
         return None if self.mode == "bilinear" else self.stride
 
 
-@register_method("unshuffle", "InternVL pixel unshuffle + MLP (--scale 0.5)")
 @dataclass(frozen=True)
-class UnshuffleConfig(ProjectorConfig):
-    projector: ClassVar[type[Projector]] = UnshuffleProjector
+class ShuffleConfig(ProjectorConfig):
+    """A projector that folds each k x k window (k = 1 / scale) into one token: unit projectors of side k."""
 
     scale: float = _scale()
-    ps_version: str = setting("v2", "unshuffle: InternVL's pixel shuffle v2, or v1 (InternVL 1.2: output grid "
-                                 "transposed)")
-    out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
     def window(self) -> int | None:
         return block_size(self.scale)
+
+
+@register_method("unshuffle", "InternVL pixel unshuffle + MLP (--scale 0.5)")
+@dataclass(frozen=True)
+class UnshuffleConfig(ShuffleConfig):
+    projector: ClassVar[type[Projector]] = UnshuffleProjector
+
+    ps_version: str = setting("v2", "unshuffle: InternVL's pixel shuffle v2, or v1 (InternVL 1.2: output grid "
+                                 "transposed)")
+    out_channels: int | None = _out_channels()
 
 
 @register_method("idefics3", "Idefics3 / SmolVLM connector: pixel shuffle (--scale 1/s) + Linear, no bias")
 @dataclass(frozen=True)
-class Idefics3Config(ProjectorConfig):
+class Idefics3Config(ShuffleConfig):
     projector: ClassVar[type[Projector]] = Idefics3Projector
 
-    scale: float = _scale()
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
-
-    def window(self) -> int | None:
-        return block_size(self.scale)
 
 
 @register_method("llama4", "Llama 4 adapter: pixel shuffle 0.5, MLP (GELU after each layer), projector Linear")
 @dataclass(frozen=True)
-class Llama4Config(ProjectorConfig):
+class Llama4Config(ShuffleConfig):
     projector: ClassVar[type[Projector]] = Llama4Projector
 
-    scale: float = _scale()
     adapter_channels: int | None = setting(None, "llama4: width of the pixel-shuffle MLP (Llama 4: 4096; default "
                                                  "the input width)", _optional_int)
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
-
-    def window(self) -> int | None:
-        return block_size(self.scale)
 
 
 @register_method("gemma3", "Gemma 3 projector: 4x4 average pool, soft-embedding RMSNorm, projection matrix")
@@ -246,22 +238,14 @@ class Gemma3Config(ProjectorConfig):
 
     stride: int = setting(4, "gemma3: average-pool kernel = stride (Gemma 3: 64 patches / 16 tokens per side)")
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
 
 @register_method("patchmerger", "Qwen2-VL PatchMerger: LayerNorm, 2x2 windows -> 4C, MLP (--scale 0.5)")
 @dataclass(frozen=True)
-class PatchMergerConfig(ProjectorConfig):
+class PatchMergerConfig(ShuffleConfig):
     projector: ClassVar[type[Projector]] = PatchMergerProjector
 
-    scale: float = _scale()
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
-
-    def window(self) -> int | None:
-        return block_size(self.scale)
 
 
 @register_method("cabstractor", "Honeybee C-Abstractor (--tokens M, a square)")
@@ -273,8 +257,6 @@ class CAbstractorConfig(ProjectorConfig):
     hidden: int | None = setting(None, "cabstractor: width of its RegNet stages (Honeybee: 1024)", _optional_int)
     depth: int = setting(3, "cabstractor / resampler: blocks per stage / attention layers")
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
     mixes: ClassVar[str] = "its convolutions and adaptive pooling mix windows"
 
@@ -289,8 +271,6 @@ class LlamaVidConfig(ProjectorConfig):
     queries: int = setting(32, "llamavid / resampler: number of (text or learned) queries")
     query_channels: int = setting(768, "llamavid: width of the text queries (Q-Former: 768)")
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
     def make_op(self, site: Site) -> nn.Module:
         if self.grid_size > 1 and (site.grid is None or site.unit is not None):
@@ -310,8 +290,6 @@ class ResamplerConfig(ProjectorConfig):
     heads: int | None = setting(None, "resampler: attention heads (default: max(1, D // 128))", _optional_int)
     depth: int = setting(1, "cabstractor / resampler: blocks per stage / attention layers")
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
 
 
 @register_method("mlp", "LLaVA's two-layer GELU projector (mlp2x_gelu); class token dropped unless --prefix-mode keep")
@@ -322,5 +300,3 @@ class MLPConfig(ProjectorConfig):
     can_keep_prefix: ClassVar[bool] = True
 
     out_channels: int | None = _out_channels()
-    at: str = _at()
-    projector_weights: str | None = _weights()
