@@ -15,7 +15,9 @@ How a command is run (docs/reproducibility.md, "The documented-commands test"):
   TensorRT ones: 3, "TensorRT is not installed"). Every other command must exit 0.
 - ``XFAIL``: a command known to fail on this branch, with the issue that owns it.
 - ``FIXTURES``: files a command references that a user brings (their model directory, a weights file), made
-  before the page's first command.
+  before the page's first command; ``TOWERS``: the checkpoint folders (``hf:Qwen2-VL-2B-Instruct``, ...) as configs
+  of each model's shape at a tiny width. A ```yaml block whose first line is ``# NAME.yaml`` is written to NAME.yaml
+  first (the recipe the page shows is the one its commands run).
 
 A command added to a page without a working example therefore fails the test; a heavy one added without a stand-in
 runs at full size (slow, and visible in the test's durations).
@@ -88,6 +90,23 @@ STAND_INS: dict[str, str] = {
         "tc-export hf:./tiny-clip --features -2 --frames 8 --method pool -o video.onnx",
     "tc-export vit_b --method tome --r 16 --target jetson-orin-nano -o bundle/":
         f"tc-export {TEST_VIT} --method tome --r 16 --target jetson-orin-nano -o bundle/",
+    # docs/half-precision.md
+    "tc-export vit_b --method tome --r 16 --dtype fp16 --parity-samples 4 -o m16.onnx":
+        f"tc-export {TEST_VIT} --method tome --r 16 --dtype fp16 --parity-samples 4 -o m16.onnx",
+    "tc-export vit_b --method topk --keep 0.5 --layers 3,6,9 --dtype fp16 --parity-samples 4 -o k16.onnx":
+        f"tc-export {TWELVE} --method topk --keep 0.5 --layers 3,6,9 --dtype fp16 --parity-samples 4 -o k16.onnx",
+    "tc-export vit_b --weights vitb.pt --method tome --r 16 --target jetson-orin-nano -o vb/":
+        f"tc-export {TEST_VIT} --weights vitb.pt --method tome --r 16 --target jetson-orin-nano -o vb/",
+    "tc-export vit_b --weights vitb.pt --method tome --r 16 --dtype fp16 -o vb16.onnx":
+        f"tc-export {TEST_VIT} --weights vitb.pt --method tome --r 16 --dtype fp16 -o vb16.onnx",
+    # docs/merge-units.md
+    "tc-export vit_s --recipe R.yaml --emit-positions -o vit_s_units.onnx":
+        f"tc-export {TEST_VIT} --recipe R.yaml --emit-positions -o vit_s_units.onnx",
+    # docs/video.md
+    "tc-export clip_vit_b --recipe video_clip_b_8frames_pool_evs --emit-positions -o clip.onnx":
+        "tc-export hf:./tiny-clip --recipe video_clip_b_8frames_pool_evs --emit-positions -o clip.onnx",
+    "tc-export clip_vit_b --frames 8 --features -2 --method temporal --retain 0.25 -o t.onnx":
+        "tc-export hf:./tiny-clip --frames 8 --features -2 --method temporal --retain 0.25 -o t.onnx",
     # docs/reproducibility.md
     "tc-export vit_t --method tome --r 16 -o a.onnx": f"tc-export {TEST_VIT} --method tome --r 16 -o a.onnx",
     "tc-export vit_t --method tome --r 16 -o b.onnx": f"tc-export {TEST_VIT} --method tome --r 16 -o b.onnx",
@@ -207,7 +226,8 @@ def _tiny_transformers(folder: Path, kind: str) -> None:
 
 
 def _stand_in_weights(path: Path) -> None:
-    """``vit_b.safetensors`` for the ``--weights`` command: weights of its stand-in, as a user's file would be."""
+    """``vit_b.safetensors`` / ``vitb.pt`` for the ``--weights`` commands: weights of the stand-in, as a user's
+    file would be (safetensors, or a PyTorch state dict)."""
     import torch
     from safetensors.torch import save_file
 
@@ -215,7 +235,53 @@ def _stand_in_weights(path: Path) -> None:
 
     torch.manual_seed(1)
     model = timm.create_model(TEST_VIT.split(":", 1)[1])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+
+
+# Checkpoint folders the pages name (hf:FOLDER), as a user has them after downloading: each holds the model's
+# config with its real depth, patch size and windows, at a tiny width (random weights, saved; the text model is
+# not needed: the tower's config alone is a folder tc-export loads).
+NARROW = {"num_attention_heads": 2, "hidden_size": 32, "intermediate_size": 64}
+TOWERS: dict[str, tuple[str, str, dict]] = {
+    "Qwen2-VL-2B-Instruct": ("Qwen2VLVisionConfig", "qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
+                             {"depth": 32, "embed_dim": 32, "hidden_size": 48, "num_heads": 2, "mlp_ratio": 2,
+                              "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}),
+    "Qwen2.5-VL-3B-Instruct": ("Qwen2_5_VLVisionConfig",
+                               "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel",
+                               {"depth": 32, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                                "window_size": 112, "out_hidden_size": 40, "fullatt_block_indexes": [7, 15, 23, 31]}),
+    "pixtral-12b": ("PixtralVisionConfig", "PixtralVisionModel",
+                    {"image_size": 64, "patch_size": 16, "num_hidden_layers": 2, **NARROW}),
+    "SmolVLM-256M-Instruct": ("SmolVLMVisionConfig", "SmolVLMVisionTransformer",
+                              {"image_size": 64, "patch_size": 16, "num_hidden_layers": 2, **NARROW}),
+    "siglip2-base-patch16-naflex": ("Siglip2VisionConfig", "Siglip2VisionModel",
+                                    {"num_patches": 256, "patch_size": 16, "num_hidden_layers": 2, **NARROW,
+                                     "hidden_size": 48, "intermediate_size": 96}),
+    "Llama-4-Scout-17B-16E": ("Llama4VisionConfig", "Llama4VisionModel",
+                              {"image_size": 112, "patch_size": 14, "num_hidden_layers": 2, **NARROW,
+                               "intermediate_size": 128, "vision_output_dim": 32, "projector_input_dim": 32,
+                               "projector_output_dim": 32}),
+    "mlcd-vit-bigG-patch14-448": ("MLCDVisionConfig", "MLCDVisionModel",
+                                  {"image_size": 112, "patch_size": 14, "num_hidden_layers": 8, **NARROW}),
+}
+
+
+def _tiny_tower(folder: Path, name: str) -> None:
+    import importlib
+
+    import torch
+    import transformers as tf
+
+    config_class, model_path, settings = TOWERS[name]
+    module, _, model_class = model_path.rpartition(".")
+    owner = importlib.import_module(f"transformers.models.{module}") if module else tf
+    torch.manual_seed(0)
+    getattr(owner, model_class)(getattr(tf, config_class)(**settings)).save_pretrained(folder)
 
 
 FIXTURES: dict[str, Callable[[Path], None]] = {
@@ -224,15 +290,38 @@ FIXTURES: dict[str, Callable[[Path], None]] = {
     "tiny-bert": lambda p: _tiny_transformers(p, "bert"),
     "tiny-clip": lambda p: _tiny_transformers(p, "clip"),
     "vit_b.safetensors": _stand_in_weights,
+    "vitb.pt": _stand_in_weights,
+    **{name: (lambda p, name=name: _tiny_tower(p, name)) for name in TOWERS},
 }
 
 
-def make_fixtures(folder: Path, commands: list[Command]) -> None:
-    """The user files the page's commands (or their stand-ins) name."""
+def named_files(page: Path) -> dict[str, str]:
+    """The files a page shows whole: each ```yaml block whose first line is ``# NAME.yaml``, as NAME.yaml."""
+    files, inside, name, lines = {}, False, None, []
+    for line in page.read_text().splitlines():
+        stripped = line.strip()
+        if not inside and stripped == "```yaml":
+            inside, name, lines = True, None, []
+        elif inside and stripped.startswith("```"):
+            inside = False
+            if name:
+                files[name] = "\n".join(lines) + "\n"
+        elif inside:
+            if not lines and name is None and re.fullmatch(r"#\s*[\w.-]+\.yaml", stripped):
+                name = stripped.lstrip("#").strip()
+                continue
+            lines.append(line)
+    return files
+
+
+def make_fixtures(folder: Path, commands: list[Command], page: Path | None = None) -> None:
+    """The user files the page's commands (or their stand-ins) name, and the files the page shows whole."""
     texts = " ".join(STAND_INS.get(c.text, c.text) for c in commands)
     for name, make in FIXTURES.items():
         if re.search(rf"(^|[\s/:]){re.escape(name)}(\s|$)", texts):
             make(folder / name)
+    for name, text in (named_files(page) if page is not None else {}).items():
+        (folder / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------------- running
@@ -242,7 +331,7 @@ def run_page(page: Path, folder: Path) -> None:
     """Run every command of ``page`` in order in ``folder``; collect every failure, then fail once naming them."""
     commands = bash_commands(page)
     assert commands, f"{page} has no ```bash commands"
-    make_fixtures(folder, commands)
+    make_fixtures(folder, commands, page)
     failures, unexpected_passes = [], []
     env = environment()
     for command in commands:

@@ -5,7 +5,7 @@ import pytest
 
 from .doc_commands import ROOT, run_page
 
-pytestmark = pytest.mark.full  # every docs page's commands: python -m pytest -m full (not yet seen passing end to end in one run)
+pytestmark = pytest.mark.slow  # every docs page's commands, in the default run (CI)
 PAGE = ROOT / "docs" / "command-line.md"
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from .doc_commands import doc_pages, run_page
 
-pytestmark = pytest.mark.full  # every docs page's commands: python -m pytest -m full (not yet seen passing end to end in one run)
+pytestmark = pytest.mark.slow  # every docs page's commands, in the default run (CI)
 
 
 @pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.name)

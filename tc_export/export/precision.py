@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError
 
+KEEP_FP32 = "_keep_fp32"  # a buffer whose name ends so stays fp32 in a half-precision file (rotary frequencies)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
@@ -40,8 +41,14 @@ def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     ONNX functions plan finds them; any other module is wrapped (``InDtype``)."""
     if not isinstance(module, torch.fx.GraphModule):
         return InDtype(module, dtype)
+    kept = {name: buffer for name, buffer in module.named_buffers() if name.endswith(KEEP_FP32)}
     module.to(dtype)
+    for name, buffer in kept.items():
+        owner_path, _, attribute = name.rpartition(".")
+        (module.get_submodule(owner_path) if owner_path else module).register_buffer(attribute, buffer)
     graph = module.graph
+    _constants_to(module, dtype)
+    follow_traced_dtype(graph, dtype)
     for node in [n for n in graph.nodes if n.op == "placeholder"]:
         with graph.inserting_after(node):
             cast = graph.call_function(_cast, (node, dtype))
@@ -51,6 +58,63 @@ def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
         output.args = torch.fx.node.map_arg(output.args, lambda n: graph.call_function(_cast, (n, torch.float32)))
     module.recompile()
     return module
+
+
+def _constants_to(module: torch.fx.GraphModule, dtype: torch.dtype) -> None:
+    """The graph's fp32 tensor constants (rotary tables, position grids evaluated once) in ``dtype``, as its
+    parameters and buffers are: ``module.to`` leaves plain tensor attributes alone."""
+    for node in module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner_path, _, name = str(node.target).rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        value = getattr(owner, name, None)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                and value.dtype == torch.float32 and name not in dict(owner.named_buffers(recurse=False)):
+            setattr(owner, name, value.to(dtype))
+
+
+_FLOAT_CASTS = {torch.ops.aten.to.dtype: 1, torch.ops.aten._to_copy.default: None}
+_DTYPE_ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default}
+
+
+def follow_traced_dtype(graph: torch.fx.Graph, dtype: torch.dtype) -> None:
+    """The casts a trace in fp32 baked in, moved to ``dtype``. Tracing evaluates ``x.to(orig_dtype)`` (timm's
+    position-embedding resampling, rotary tables' ``.to(q.dtype)``) to a cast to float32, and torch.export asserts
+    float32 before it: with the weights in ``dtype`` both would stop the graph or promote the rest of it to fp32. A
+    cast that was fp32 -> fp32 when traced (it changed nothing then) now casts to ``dtype``; the traced dtype
+    assertions on floats go. Casts from integers or booleans to float32 (positions, masks) stay."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in _DTYPE_ASSERTIONS and node.kwargs.get("dtype") in (torch.float32, torch.float64):
+            graph.erase_node(node)
+            continue
+        if node.target not in _FLOAT_CASTS or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        source = node.args[0].meta.get("val")
+        if not isinstance(source, torch.Tensor) or source.dtype != torch.float32:
+            continue
+        position = _FLOAT_CASTS[node.target]
+        if position is not None and len(node.args) > position and node.args[position] == torch.float32:
+            node.args = (*node.args[:position], dtype, *node.args[position + 1:])
+        elif node.kwargs.get("dtype") == torch.float32:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+
+
+def check_runs_in_dtype(module: torch.nn.Module, inputs: dict[str, torch.Tensor], name: str, model: str) -> None:
+    """One forward of the cast model: a graph that still mixes fp32 into the half-precision compute (a cast the
+    trace fixed that ``follow_traced_dtype`` does not recognise) is refused in one line, not an internal error."""
+    try:
+        with torch.no_grad():
+            module(**inputs)
+    except RuntimeError as error:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "dtype" not in text and "scalar type" not in text:
+            raise
+        raise ConfigError(f"--dtype {name}: {model} still mixes fp32 into the {name} compute after the cast "
+                          f"({text}); export fp32 and build a {name} engine from it (tc-export build ... "
+                          f"--precision {name})") from None
 
 
 class InDtype(torch.nn.Module):

@@ -15,7 +15,7 @@ from ..export.checks.fidelity import NOT_COMPARABLE, Fidelity, measure_fidelity
 from ..export.files import check_output_path, external_data_files
 from ..export.macs import count_macs
 from ..export.onnx_export import ExportConfig, write_onnx
-from ..export.precision import in_dtype, torch_dtype
+from ..export.precision import check_runs_in_dtype, in_dtype, torch_dtype
 from ..export.checks.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from ..models import LoadedModel, ModelOptions, load_model
 from ..models.registry import random_weights_message
@@ -128,6 +128,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         if wants_fidelity:  # before the cast, which casts the original too (it shares the weights)
             fidelity = _fidelity(config, loaded, compressed, say)
         module = in_dtype(module, torch_dtype(config.export.dtype))
+        check_runs_in_dtype(module, one, config.export.dtype, config.model)
         say(f"weights and compute in {config.export.dtype} (inputs and outputs fp32; token ops score in fp32)")
 
     start = time.perf_counter()

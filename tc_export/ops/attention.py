@@ -14,7 +14,7 @@ from torch import Tensor
 def biased_attention(query: Tensor, key: Tensor, value: Tensor, bias: Tensor, scale: float) -> Tensor:
     """softmax(scale * q k^T + bias) v for (..., N, d) queries, keys and values."""
     logits = (query * scale) @ key.transpose(-2, -1)
-    return torch.softmax(logits + bias, dim=-1) @ value
+    return torch.softmax(logits + bias.to(logits.dtype), dim=-1) @ value  # the bias from an fp32 state
 
 
 def proportional_bias(size: Tensor) -> Tensor:

@@ -151,10 +151,10 @@ def tome_merge(
         size_unm = x.new_ones(batch, unm_rows.shape[1], 1)
     else:  # the whole state (sizes, and positions times sizes when carried) sums into B
         size_src = gather_rows(size, src_rows, 2)
-        size_b = size[:, 1::2] + to_dst @ size_src
+        size_b = size[:, 1::2] + to_dst.to(size.dtype) @ size_src  # the state may be fp32 under fp16 tokens
         size_unm = gather_rows(size, unm_rows, 2)
-        delta = size_column(size_src) * delta
-    merged_b = tokens_b + (to_dst / size_column(size_b).clamp_min(WEIGHT_FLOOR)) @ delta
+        delta = size_column(size_src).to(x.dtype) * delta
+    merged_b = tokens_b + (to_dst / size_column(size_b).to(x.dtype).clamp_min(WEIGHT_FLOOR)) @ delta
     unmerged = gather_rows(x, unm_rows, 2)
     # Protected B tokens (odd positions) receive no merges: their -inf columns are never a best match.
     protected_b = protected // 2

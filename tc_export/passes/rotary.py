@@ -24,6 +24,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
+from ..export.precision import KEEP_FP32
 from .graph import ancestors, is_add, is_shape_query, tensor_meta_shape
 from .position_tables import PositionTable, register_finder
 from .structure import AttentionSite, Structure
@@ -55,7 +56,9 @@ def positions_as_table(positions: torch.Tensor, start: int, stop_from_end: int, 
 
 
 def protected_rows(table: torch.Tensor, rows: torch.Tensor, head: int, tail: int, token_axis: int) -> torch.Tensor:
-    """``rows`` (B, ..., n, ...) with the model's own fixed rows of the protected tokens put back around them."""
+    """``rows`` (B, ..., n, ...) with the model's own fixed rows of the protected tokens put back around them, in
+    the table's dtype (rows computed in fp32 from fp32 positions, then cast as the model casts its table)."""
+    rows = rows.to(table.dtype)
     parts = []
     length = table.shape[token_axis]
     batch = rows.shape[0]
@@ -97,12 +100,15 @@ class RotaryTable(PositionTable):
     def rewire(self, gm: fx.GraphModule, positions: fx.Node, prefix: int, suffix: int) -> None:
         graph = gm.graph
         name = f"rotary_{self.site}_{self.cos_node.name}"
-        for suffix_name, value in (("freqs", self.freqs), ("offset", self.offset),
+        # the frequencies stay fp32 in a half-precision file (angles of far positions need their bits); the fixed
+        # rows are table values, in the model's dtype
+        for suffix_name, value in (("freqs" + KEEP_FP32, self.freqs), ("offset" + KEEP_FP32, self.offset),
                                    ("cos", self.cos_value), ("sin", self.sin_value)):
             gm.register_buffer(f"{name}_{suffix_name}", value.clone())
         head = max(0, prefix - self.first_row)
         with graph.inserting_before(min(self.products, key=_order(graph))):
-            freqs, offset, cos_fixed, sin_fixed = (graph.get_attr(f"{name}_{s}") for s in ("freqs", "offset", "cos", "sin"))
+            freqs, offset, cos_fixed, sin_fixed = (graph.get_attr(f"{name}_{s}") for s in
+                                                   ("freqs" + KEEP_FP32, "offset" + KEEP_FP32, "cos", "sin"))
             tables = []
             for fn, fixed in ((torch.cos, cos_fixed), (torch.sin, sin_fixed)):
                 value = self._rows(graph, positions, fn, fixed, freqs, offset, head, suffix)
