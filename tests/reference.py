@@ -141,18 +141,28 @@ def reference_topk(x, size, cls_attn, keep: float, protected: int, fuse: bool, k
     return torch.stack(rows), torch.stack(sizes)
 
 
-def reference_prumerge(x, size, query, key, tokens: int, protected: int, extra: bool, neighbours: int = 32):
+def prumerge_plan(query, key, tokens: int, protected: int, received: bool = False):
+    """PruMerge's scores of the unprotected tokens (the class token's attention, or with ``received`` the attention
+    each token receives averaged over all queries), the kept ones in descending score (ties: lower index), and the
+    pruned ones in index order. query/key (N, C') full width: softmax(q k^T C'^-1/2)."""
+    n, width = key.shape
+    attn = torch.softmax((query @ key.T) * width ** -0.5, dim=-1)
+    scores = attn.mean(0)[protected:] if received else attn[0, protected:]
+    idx = [i for i, _ in sorted(enumerate(scores.tolist()), key=lambda t: -t[1])][:tokens]
+    compl = sorted(set(range(len(scores))) - set(idx))
+    return scores, idx, compl
+
+
+def reference_prumerge(x, size, query, key, tokens: int, protected: int, extra: bool, neighbours: int = 32,
+                       received: bool = False):
     """LLaVA-PruMerge's ``token_prune_merge_advanced`` on one sample, with a fixed budget, as the published loop.
 
     x (N, C) tokens, query/key (N, C') the attention layer's full-width projections. The protected prefix stays
-    first (the published code has only a class token, at index 0, and drops it from its output).
+    first (the published code has only a class token, at index 0, and drops it from its output). ``received``:
+    scored by the attention each token receives (the option for towers without a class token).
     """
-    n, width = key.shape
-    attn = torch.softmax((query @ key.T) * width ** -0.5, dim=-1)
-    cls_attn = attn[0, protected:]
+    cls_attn, idx, compl = prumerge_plan(query, key, tokens, protected, received)
     feats, keys = x[protected:], key[protected:]
-    idx = [i for i, _ in sorted(enumerate(cls_attn.tolist()), key=lambda t: -t[1])][:tokens]
-    compl = sorted(set(range(len(cls_attn))) - set(idx))
     keys_norm = keys / keys.norm(dim=-1, keepdim=True)
     rows, sizes = [x[i] for i in range(protected)], [size[i] for i in range(protected)]
     for i, token in enumerate(idx):

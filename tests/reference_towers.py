@@ -69,8 +69,25 @@ def _rope(tower: Tower, pos: Tensor, tokens: int) -> tuple[Tensor, Tensor] | Non
     return angles.cos(), angles.sin()
 
 
+def _rotated(tower: Tower, index: int, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer ``index``'s queries, keys (rotated at ``pos``) and values of ``x``, in heads (H, N, d)."""
+    project, _, _, norm1, _, _ = tower.layers[index]
+    q, k, v = (_heads(t, tower.heads) for t in project(norm1(x)))
+    rope = _rope(tower, pos, x.shape[0])
+    if rope is not None:
+        cos, sin = rope
+        q, k = ((t.float() * cos + tower.rotate(t.float()) * sin).type_as(t) for t in (q, k))
+    return q, k, v
+
+
+# ``before(layer, x, size, pos, q (N, C), k (N, C))`` where the stream enters a layer, with that layer's full-width
+# queries and keys (heads side by side, rotated at the incoming positions): PruMerge's placement
+Before = Callable[[int, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]
+
+
 @torch.no_grad()
-def run(tower: Tower, pixel_values: Tensor, step: Step = unchanged, prop_attn: bool = True) -> tuple[Tensor, list[int]]:
+def run(tower: Tower, pixel_values: Tensor, step: Step = unchanged, prop_attn: bool = True,
+        before: Before | None = None) -> tuple[Tensor, list[int]]:
     """The tower on each image of ``pixel_values`` (B, C, H, W); returns the stacked head outputs and the token
     counts seen by each layer and the head (of the last image)."""
     outputs, counts = [], []
@@ -80,13 +97,12 @@ def run(tower: Tower, pixel_values: Tensor, step: Step = unchanged, prop_attn: b
                          torch.full((tower.suffix, 2), -1.0)])
         size = torch.ones(x.shape[0], 1)
         counts = []
-        for index, (project, out, mlp, norm1, norm2, scale) in enumerate(tower.layers):
+        for index, (_, out, mlp, _, norm2, scale) in enumerate(tower.layers):
+            if before is not None:
+                full = [t.transpose(0, 1).reshape(x.shape[0], -1) for t in _rotated(tower, index, x, pos)[:2]]
+                x, size, pos = before(index, x, size, pos, *full)
             counts.append(x.shape[0])
-            q, k, v = (_heads(t, tower.heads) for t in project(norm1(x)))
-            rope = _rope(tower, pos, x.shape[0])
-            if rope is not None:
-                cos, sin = rope
-                q, k = ((t.float() * cos + tower.rotate(t.float()) * sin).type_as(t) for t in (q, k))
+            q, k, v = _rotated(tower, index, x, pos)
             attended, probs = attend(q, k, v, size, prop_attn, scale=scale)
             x = x + out(attended)
             x, size, pos = _before_suffix(step, tower.suffix)(index, x, size, pos, k, probs)
@@ -256,21 +272,21 @@ def _size(pixel_values: Tensor) -> int:
     return pixel_values.shape[-1]
 
 
-def run_pixtral(module, pixel_values, step, prop_attn):
-    return run(pixtral(module.tower, _size(pixel_values)), pixel_values, step, prop_attn)
+def run_pixtral(module, pixel_values, step, prop_attn, before=None):
+    return run(pixtral(module.tower, _size(pixel_values)), pixel_values, step, prop_attn, before)
 
 
-def run_idefics3(module, pixel_values, step, prop_attn):
-    return run(idefics3(module.tower), pixel_values, step, prop_attn)
+def run_idefics3(module, pixel_values, step, prop_attn, before=None):
+    return run(idefics3(module.tower), pixel_values, step, prop_attn, before)
 
 
-def run_siglip2(module, pixel_values, step, prop_attn):
-    return run(siglip2(module.tower, _size(pixel_values), module.pooling), pixel_values, step, prop_attn)
+def run_siglip2(module, pixel_values, step, prop_attn, before=None):
+    return run(siglip2(module.tower, _size(pixel_values), module.pooling), pixel_values, step, prop_attn, before)
 
 
-def run_llama4(module, pixel_values, step, prop_attn):
-    return run(llama4(module.tower), pixel_values, step, prop_attn)
+def run_llama4(module, pixel_values, step, prop_attn, before=None):
+    return run(llama4(module.tower), pixel_values, step, prop_attn, before)
 
 
-def run_mlcd(module, pixel_values, step, prop_attn):
-    return run(mlcd(module.model), pixel_values, step, prop_attn)
+def run_mlcd(module, pixel_values, step, prop_attn, before=None):
+    return run(mlcd(module.model), pixel_values, step, prop_attn, before)

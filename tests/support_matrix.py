@@ -26,7 +26,7 @@ from . import reference_encoders as encoders
 from . import reference_relbias as relbias
 from . import reference_rotary as rotary
 from . import reference_towers as towers
-from .reference import reference_adjacent, reference_merge, reference_prumerge, reference_topk
+from .reference import prumerge_plan, reference_adjacent, reference_merge, reference_prumerge, reference_topk
 
 METHODS = {
     "tome": lambda: ToMeConfig(r=2),
@@ -209,8 +209,9 @@ TOWER = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "intermediate_siz
          "num_attention_heads": 4}
 # The vision towers of deployed VLMs (docs/vlm-towers.md shows their table), each through its adapter with its
 # per-sample reference (tests/reference_towers.py). Without a class token, Top-K and PruMerge rank by the attention
-# each token receives (--score received); PruMerge's reference has the class-token rule only (parity there).
-RECEIVED = {"score": "received", "unreferenced": frozenset({"prumerge"})}
+# each token receives (--score received); PruMerge's reference enters where the stream enters the last layer, with
+# that layer's rotated full-width queries and keys (Llama 4's class token last: parity only for PruMerge).
+RECEIVED = {"score": "received"}
 TOWERS = [
     Family("Pixtral vision (2-D rotary; topk, prumerge: --score received)",
            _hf_directory("PixtralVisionConfig", "PixtralVisionModel", **TOWER), {}, positional=towers.run_pixtral,
@@ -225,9 +226,10 @@ TOWERS = [
     Family("Llama 4 vision (complex rotary, class token last; topk, prumerge: --score received)",
            _hf_directory("Llama4VisionConfig", "Llama4VisionModel", pooling="tokens", **TOWER | {
                "intermediate_size": 256, "vision_output_dim": 64, "projector_input_dim": 64,
-               "projector_output_dim": 64}), {}, positional=towers.run_llama4, **RECEIVED),
+               "projector_output_dim": 64}), {}, positional=towers.run_llama4, unreferenced=frozenset({"prumerge"}),
+           **RECEIVED),
     Family("MLCD vision (rotary, class_pos_emb)", _hf_directory("MLCDVisionConfig", "MLCDVisionModel", **TOWER),
-           {}, positional=towers.run_mlcd, unreferenced=frozenset({"prumerge"})),
+           {}, positional=towers.run_mlcd),
 ]
 
 
@@ -338,16 +340,34 @@ def _against_reference(family: Family, model, inputs, compressed, method: str) -
 
 def _positional_reference(family: Family, model, inputs, compressed, method: str) -> torch.Tensor:
     """The matrix's method settings in a reference that carries each token's position (merged: size-weighted
-    mean; kept: its own; EViT's fused token: the size-weighted mean of the pruned ones)."""
-    hooks = reference_hooks(method, compressed.protected, len(compressed.token_counts()) - 1,
-                            padded="attention_mask" in inputs, received=family.score == "received")
+    mean; kept: its own; EViT's fused token and PruMerge's extra token: the size-weighted mean of the pruned ones)."""
+    layers = len(compressed.token_counts()) - 1
+    received = family.score == "received"
+    hooks = reference_hooks(method, compressed.protected, layers, padded="attention_mask" in inputs, received=received)
 
     def step(i, x, size, pos, keys, probs):
         fused = method == "topk" and i == 1
         return rotary.with_positions(lambda t, s: hooks.after_attention(i, t, s, keys, probs), x, size, pos, fused)
 
-    want, _ = family.positional(model, *inputs.values(), step, hooks.prop_attn)
+    extra = (_prumerge_with_positions(compressed.protected, layers, received),) if method == "prumerge" else ()
+    want, _ = family.positional(model, *inputs.values(), step, hooks.prop_attn, *extra)
     return want
+
+
+def _prumerge_with_positions(protected: int, layers: int, received: bool):
+    """The matrix's PruMerge (8 tokens, the extra token) where the stream enters the last layer, positions carried:
+    a kept token keeps its own, the extra token gets the pruned ones' size-weighted mean."""
+
+    def before(i, x, size, pos, query, key):
+        if i != layers - 1:
+            return x, size, pos
+        rows, sizes = reference_prumerge(x, size, query, key, 8, protected, True, received=received)
+        _, kept, pruned = prumerge_plan(query, key, 8, protected, received)
+        pruned_at = [protected + j for j in pruned]
+        extra = (pos[pruned_at] * size[pruned_at]).sum(0, keepdim=True) / size[pruned_at].sum()
+        return rows, sizes, torch.cat([pos[:protected], pos[[protected + j for j in kept]], extra])
+
+    return before
 
 
 def matrix() -> list[Cell]:

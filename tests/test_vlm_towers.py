@@ -282,7 +282,7 @@ def _tower_families():
 @pytest.mark.parametrize("family", _tower_families(), ids=[f.label for f in _tower_families()])
 def test_tower_matrix_row(family):
     """Each tower x method of the matrix: ToMe through the command-line job, the rest through compress and ONNX
-    Runtime; every one that works equals the per-sample reference (PruMerge on MLCD: parity only)."""
+    Runtime; every one that works equals the per-sample reference (PruMerge on Llama 4, class token last: parity only)."""
     from .support_matrix import CAUSES
 
     for cell in _tower_cells(family):
