@@ -623,3 +623,21 @@ def test_qwen2_vl_temporal_units_equal_the_tower_per_step_and_its_merger(budget,
     tokens, onnx_positions, _ = session.run(None, {session.get_inputs()[0].name: clip.numpy()})
     np.testing.assert_allclose(tokens[0], torch.cat(want).numpy(), rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(onnx_positions[0], np.array(want_positions, dtype=np.float32))
+
+
+def test_qwen2_vl_clip_runs_through_its_own_merger_per_step(tmp_path):
+    """A Qwen2-VL clip compresses as its images do: the per-step tower with its own merger as the last stage; with no
+    method (only --emit-positions) that path equals the tower's own video output, positions (t, h, w) in raster
+    order of each step's merged grid."""
+    from tc_export.models import load_model
+
+    tower = _qwen_tower(tmp_path / "q")
+    loaded = load_model(f"hf:{tmp_path / 'q'}", ModelOptions(img_size=QWEN_SIZE, frames=4), warn_random=False)
+    assert loaded.own_projector is not None
+    compressed = compress(loaded, [], emit_positions=True)
+    clip = clip_batch(1, frames=4, size=QWEN_SIZE, seed=2)
+    with torch.no_grad():
+        out, positions, _ = compressed.module(video=clip)
+    torch.testing.assert_close(out[0], _own_video_forward(tower, clip[0]), rtol=1e-4, atol=1e-5)
+    want = [[float(t), float(h), float(w)] for t in range(2) for h in range(5) for w in range(5)]
+    assert positions[0].tolist() == want
