@@ -555,8 +555,8 @@ def test_temporal_units_mutations_fail_the_reference(mutation, monkeypatch):
 
 
 def test_temporal_units_through_the_cli(tmp_path, capsys, monkeypatch):
-    """A recipe [temporal budget clip, pool stride 2] at 4 frames: export with parity, fewer MACs than the clip, and
-    the ONNX tokens and positions equal the reference."""
+    """A recipe [temporal budget clip, pool stride 2] at 4 frames: export with parity, fewer MACs than the clip,
+    lint-clean for TensorRT, and the ONNX tokens and positions equal the reference."""
     _shallow_clip(monkeypatch, layers=2)
     recipe = tmp_path / "r.yaml"
     recipe.write_text("frames: 4\nfeatures: -1\nstages:\n  - {method: temporal, retain: 0.25, budget: clip}\n"
@@ -568,6 +568,7 @@ def test_temporal_units_through_the_cli(tmp_path, capsys, monkeypatch):
     macs = next(line for line in printed.splitlines() if line.startswith("MACs per image"))
     before, after = (float(v) for v in macs.split(":")[1].split("(")[0].replace("G", "").split("->"))
     assert after < before / 2  # later frames run at 13 of 49 units
+    assert lint_model(onnx.load(str(out))).ok  # TensorRT's constraints (TopK within its limit, static shapes)
     from tc_export.passes.temporal import TemporalConfig
 
     loaded = video_model(MODELS.get("clip_vit_b").build(ModelOptions()), 4)
