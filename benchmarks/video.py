@@ -1,6 +1,6 @@
 """Video token reduction: EVS after the tower vs temporal pruning inside it, at (nearly) equal output token counts.
 
-    nice -n 10 python benchmarks/video.py [--runs 5] [--qwen-size 224] [--qwen-depth 8] [--smoke]
+    nice -n 10 python benchmarks/video.py [--runs 5] [--qwen-size 224] [--qwen-depth 8] [--smoke] [--part units]
 
 Two towers, 8 frames each, random weights: ``clip_vit_b`` (--features -2, 8 x 197 tokens) and a Qwen2-VL-2B-sized
 vision tower (width 1280, 16 heads, MLP 5120, patch 14, temporal patch 2: 4 steps per 8-frame clip) saved to a
@@ -14,6 +14,10 @@ mean cosine of each kept token to the uncompressed token at the same (frame, pla
 a consumer without the dropped tokens sees), against the uncompressed clip. The full 2B tower at 448 px (4 x 1,024
 tokens per clip, 32 layers) takes minutes per ONNX Runtime run on this 2-core machine: the default runs the same
 structure at ``--qwen-size 224`` and ``--qwen-depth 8``.
+
+``--part units``: the same two towers ending at their window projector (clip_vit_b: ``pool --stride 2``, 7 x 7 per
+frame; Qwen2-VL: its own PatchMerger), EVS after the projector against temporal pruning on 2x2 merge units inside
+the tower, at equal tokens to the language model; fidelity against the uncompressed projector's tokens.
 """
 
 from __future__ import annotations
@@ -63,10 +67,11 @@ def fidelity(full: torch.Tensor, out: torch.Tensor, positions: torch.Tensor, fra
 
 
 def rows_for(loaded, configs: dict, features: int | None, frames: int, prefix: int, width: int, clips: torch.Tensor,
-             runs: int, timed: bool) -> list[dict]:
-    """Measure the uncompressed model and each configuration on ``clips``; one dict per row."""
+             runs: int, timed: bool, base: list | None = None) -> list[dict]:
+    """Measure the uncompressed model (``base``: its stages, e.g. a projector) and each configuration on
+    ``clips``; one dict per row."""
     inputs = {loaded.inputs[0].name: clips[:1]}
-    models = {"uncompressed": compress(loaded, [], inputs, features=features, emit_positions=True)}
+    models = {"uncompressed": compress(loaded, list(base or []), inputs, features=features, emit_positions=True)}
     models |= {name: compress(loaded, stages, inputs, features=features, emit_positions=True)
                for name, stages in configs.items()}
     base_macs = count_macs(models["uncompressed"].module, inputs)
@@ -174,6 +179,58 @@ def qwen_rows(args) -> None:
               f"{evs.output_tokens} merged tokens, MACs ratio {count_macs(full.module, inputs) / count_macs(evs.module, inputs):.2f}x")
 
 
+def unit_retain(target: int, frames: int, units: int) -> float:
+    """The retain fraction whose output (U + (T - 1) K units, one token each) comes closest to ``target``."""
+    return max(1, round((target - units) / (frames - 1))) / units
+
+
+def clip_unit_rows(args) -> None:
+    frames, q = 8, 0.75
+    layers = {"num_hidden_layers": 2} if args.smoke else {}
+    from tc_export.models import hf_models  # noqa: F401 - registers clip_vit_b
+    from tc_export.models.registry import MODELS
+    from tc_export.models.video import video_model
+    from tc_export.passes.projectors import PoolConfig
+
+    torch.manual_seed(0)
+    loaded = video_model(MODELS.get("clip_vit_b").build(ModelOptions(), **layers), frames)
+    units = 49
+    target = max(units, int(units * frames * (1 - q)))
+    retain = unit_retain(target, frames, units)
+    configs = {f"EVS after the projector, q={q}": [PoolConfig(stride=2), EVSConfig(q=q)],
+               f"temporal on units, budget frame, retain {retain:.3f}": [TemporalConfig(retain=retain),
+                                                                          PoolConfig(stride=2)],
+               f"temporal on units, budget clip, retain {retain:.3f}": [TemporalConfig(retain=retain, budget="clip"),
+                                                                         PoolConfig(stride=2)]}
+    clips = clip_batch(2, frames, 224, seed=11)
+    rows = rows_for(loaded, configs, -2, frames, 0, 7, clips, args.runs, not args.no_time,
+                    base=[PoolConfig(stride=2)])
+    print_rows(f"clip_vit_b --frames {frames} --features -2, pool --stride 2 ({frames} x 49 tokens to the LM; "
+               "moving-digit clips)", rows)
+
+
+def qwen_unit_rows(args) -> None:
+    frames, size, q = 8, args.qwen_size, 0.5
+    config = dict(QWEN_2B, depth=args.qwen_depth)
+    if args.smoke:
+        config |= {"depth": 2, "embed_dim": 64, "hidden_size": 96, "num_heads": 2}
+    with tempfile.TemporaryDirectory() as folder:
+        save_qwen2_vl_tower(folder, config)
+        loaded = load_model(f"hf:{folder}", ModelOptions(img_size=size, frames=frames), warn_random=False)
+        steps, side = frames // 2, size // config["patch_size"] // 2
+        units = side * side
+        target = max(units, int(units * steps * (1 - q)))
+        retain = unit_retain(target, steps, units)
+        configs = {f"EVS after the merger, q={q}": [EVSConfig(q=q)],
+                   f"temporal on units, budget frame, retain {retain:.3f}": [TemporalConfig(retain=retain)],
+                   f"temporal on units, budget clip, retain {retain:.3f}": [TemporalConfig(retain=retain,
+                                                                                             budget="clip")]}
+        clips = clip_batch(2, frames, size, seed=11)
+        rows = rows_for(loaded, configs, None, steps, 0, side, clips, args.runs, not args.no_time)
+        print_rows(f"Qwen2-VL-2B-sized tower (depth {config['depth']}, width {config['embed_dim']}), {size} px, "
+                   f"--frames {frames} ({steps} steps x {units} merged tokens), its own PatchMerger", rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -181,10 +238,16 @@ def main() -> None:
     parser.add_argument("--qwen-depth", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny towers, so the script cannot rot")
     parser.add_argument("--no-time", action="store_true", help="tokens, MACs and fidelity only")
+    parser.add_argument("--part", choices=("all", "tokens", "units"), default="all",
+                        help="tokens: the towers' tokens; units: ending at a window projector, temporal on units")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    clip_rows(args)
-    qwen_rows(args)
+    if args.part in ("all", "tokens"):
+        clip_rows(args)
+        qwen_rows(args)
+    if args.part in ("all", "units"):
+        clip_unit_rows(args)
+        qwen_unit_rows(args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ selected by the mask (so in (t, h, w) order). ``dtype`` scores in another precis
 
 ``reference_temporal_tower`` runs a per-frame tower on the tokens a temporal pruning rule keeps: each frame's kept
 tokens (in index order, the frame's protected tokens first) through the blocks on their own, one frame at a time.
+
+``reference_temporal_unit_keep`` is the rule at merge units, written from the raster tokens: the s x s window of
+patches (s i + di, s j + dj) is unit (i, j) (raster order of the unit grid); its change score is the mean of its
+tokens' 1 - cosine to the same patch one frame back; later frames keep whole units by that score (ties to the earlier
+(frame, unit)). ``unit_members`` lists a unit's raster patches in (di, dj) order, the order a window projector reads.
 """
 
 from __future__ import annotations
@@ -84,3 +89,32 @@ def reference_temporal_tower(embeds: torch.Tensor, kept: list[list[int]], prefix
         rows = list(range(prefix)) + [prefix + i for i in members]
         outputs.append(blocks(embeds[t, rows].unsqueeze(0))[0])
     return outputs
+
+
+def unit_members(grid: tuple[int, int], unit: int, index: int) -> list[int]:
+    """Raster indices of unit ``index``'s patches (raster order of the unit grid), (di, dj) row-major."""
+    cols = grid[1] // unit
+    i, j = divmod(index, cols)
+    return [(unit * i + di) * grid[1] + unit * j + dj for di in range(unit) for dj in range(unit)]
+
+
+def reference_temporal_unit_keep(embeds: torch.Tensor, prefix: int, grid: tuple[int, int], unit: int,
+                                 per_frame: int | None, total: int | None) -> list[list[int]]:
+    """Kept unit indices per frame (each ascending; frame 0: every unit) of one clip's raster tokens ``embeds``
+    (T, prefix + H W, D). ``per_frame``: each later frame keeps its ``per_frame`` highest units; ``total``: the
+    later frames together keep ``total`` units, the highest over the clip. Ties to the earlier (frame, unit)."""
+    frames = embeds.shape[0]
+    patches = embeds[:, prefix:].float()
+    per_token = 1 - F.cosine_similarity(patches[1:], patches[:-1], dim=-1)  # (T - 1, H W)
+    count = (grid[0] // unit) * (grid[1] // unit)
+    scores = torch.stack([per_token[:, unit_members(grid, unit, u)].mean(-1) for u in range(count)], dim=1)
+    kept = [list(range(count))]
+    if per_frame is not None:
+        for t in range(frames - 1):
+            kept.append(sorted(torch.argsort(scores[t], descending=True, stable=True)[:per_frame].tolist()))
+        return kept
+    assert total is not None
+    order = torch.argsort(scores.reshape(-1), descending=True, stable=True)[:total].tolist()
+    for t in range(frames - 1):
+        kept.append(sorted(i - t * count for i in order if t * count <= i < (t + 1) * count))
+    return kept

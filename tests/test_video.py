@@ -430,9 +430,215 @@ def test_qwen2_vl_temporal_pruning_equals_the_tower_per_step_on_the_kept_tokens(
     assert code == 0 and "passed" in printed, err
 
 
-def test_temporal_pruning_on_merge_units_is_refused_naming_it(monkeypatch):
+# --- temporal pruning on merge units ------------------------------------------------------------------------------
+
+UNIT_PROJECTORS = {"pool": lambda: PoolConfig(stride=2), "unshuffle": lambda: _projector("unshuffle"),
+                   "patchmerger": lambda: _projector("patchmerger")}
+
+
+def _projector(name: str):
+    from tc_export.passes.methods import METHODS
+
+    return METHODS.get(name).config_type()
+
+
+def _unit_projector(compressed):
+    from tc_export.ops.projectors.windows import UnitWindows
+
+    return next(m for m in compressed.module.modules() if isinstance(m, UnitWindows)).projector
+
+
+def _per_window(projector, kind: str, frame_out: torch.Tensor, members: list[int], units: list[int],
+                prefix: int) -> torch.Tensor:
+    """The projector on one frame's kept units (each unit's s^2 tokens in (di, dj) order in ``frame_out`` after the
+    ``prefix``): pool avg is each window's mean; the others run their own raster forward on the frame's grid with
+    the kept tokens at their patches (zeros elsewhere: each output token reads only its own window) and the kept
+    units' cells are taken."""
+    body = frame_out[prefix:]
+    if kind == "pool":
+        return body.reshape(len(units), -1, body.shape[-1]).mean(1)
+    grid = torch.zeros(196, body.shape[-1])
+    grid[members] = body
+    x = torch.cat([torch.zeros(projector.prefix, body.shape[-1]), grid]).unsqueeze(0)
+    out = projector(x)[0]
+    return out[projector.prefix_out():][units]
+
+
+def _clip_unit_reference(compressed, loaded, kind: str, budget: str, clip: torch.Tensor, keep: int = 13):
+    """(tokens, positions) the rule gives one clip (1, T, 3, 224, 224) of the shallow CLIP tower with the projector
+    ``kind`` at 2x2 units: the tower per frame on its class token and kept units' tokens, the projector per window."""
+    frames = clip.shape[1]
+    embed, blocks = _clip_blocks(loaded.module.tower.model, 2)
+    projector = _unit_projector(compressed)
+    with torch.no_grad():
+        embeds = embed(clip[0])
+        kept = ref.reference_temporal_unit_keep(embeds, 1, (14, 14), 2, keep if budget == "frame" else None,
+                                                None if budget == "frame" else keep * (frames - 1))
+        tokens, positions = [], []
+        for t, units in enumerate(kept):
+            members = [m for u in units for m in ref.unit_members((14, 14), 2, u)]
+            out = blocks(embeds[t, [0] + [1 + m for m in members]].unsqueeze(0))[0]
+            tokens.append(_per_window(projector, kind, out, members, units, 1))
+            positions += [[float(t), float(u // 7), float(u % 7)] for u in units]
+    return torch.cat(tokens), torch.tensor(positions), kept
+
+
+@pytest.mark.parametrize("kind,budget", [("pool", "frame"), ("pool", "clip"), ("unshuffle", "clip"),
+                                         ("patchmerger", "frame")])
+def test_temporal_units_equal_the_tower_per_frame_and_the_projector_per_window(kind, budget, monkeypatch):
+    """[temporal, projector] on clip_vit_b --frames 4 at 2x2 units: later frames keep 13 of 49 units (each frame's
+    own 13, or 39 over the clip), each kept unit whole and in window order, the projector one token per unit, and
+    the emitted (t, h, w) each unit's frame and place on the 7x7 merged grid; moving-digit and frozen clips."""
     from tc_export.passes.temporal import TemporalConfig
 
-    build = _shallow_clip(monkeypatch, layers=1)
-    with pytest.raises(ConfigError, match="merge units .* is not built"):
-        compress(video_model(build(ModelOptions()), 4), [TemporalConfig(), PoolConfig()], features=-1, unit=2)
+    build = _shallow_clip(monkeypatch, layers=2)
+    loaded = video_model(build(ModelOptions()), 4)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25, budget=budget), UNIT_PROJECTORS[kind]()],
+                          features=-1, emit_positions=True)
+    for frozen in (False, True):
+        clip = clip_batch(1, 4, 224, seed=1, frozen=frozen)
+        with torch.no_grad():
+            out, positions, sizes = compressed.module(video=clip)
+        want, want_positions, kept = _clip_unit_reference(compressed, loaded, kind, budget, clip)
+        assert out.shape[1] == 49 + 3 * 13 == sum(len(k) for k in kept)
+        torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-4)
+        assert torch.equal(positions[0], want_positions)
+        assert bool((sizes == 4).all())  # each output token covers its unit's 4 patches
+        if frozen and budget == "frame":  # identical later frames: the same units win in each, deterministically
+            assert kept[1] == kept[2] == kept[3]
+            with torch.no_grad():
+                assert torch.equal(compressed.module(video=clip)[0], out)
+
+
+def _mutated(compressed, change):
+    from tc_export.ops.temporal import TemporalPrune
+
+    op = next(m for m in compressed.module.modules() if isinstance(m, TemporalPrune))
+    change(op)
+    return compressed
+
+
+@pytest.mark.parametrize("mutation", ["unit split across frames", "unit split across windows",
+                                      "positions off by one unit"])
+def test_temporal_units_mutations_fail_the_reference(mutation, monkeypatch):
+    from tc_export.passes.temporal import TemporalConfig
+
+    build = _shallow_clip(monkeypatch, layers=2)
+    loaded = video_model(build(ModelOptions()), 4)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25), PoolConfig(stride=2)], features=-1,
+                          emit_positions=True)
+
+    def change(op):
+        if mutation == "unit split across frames":  # half the unit from the frame before
+            op.slots = torch.tensor([0, 1, 2 - op.tokens, 3 - op.tokens])
+        elif mutation == "unit split across windows":  # half the unit from the unit before
+            op.slots = torch.tensor([-2, -1, 0, 1])
+        else:
+            forward = op.forward
+
+            def shifted(x, size):
+                out, state = forward(x, size)
+                return out, torch.cat([state[..., :-1], state[..., -1:] + state[..., :1]], dim=-1)
+
+            op.forward = shifted
+
+    _mutated(compressed, change)
+    clip = clip_batch(1, 4, 224, seed=1)
+    with torch.no_grad():
+        out, positions, _ = compressed.module(video=clip)
+    want, want_positions, _ = _clip_unit_reference(compressed, loaded, "pool", "frame", clip)
+    if mutation == "positions off by one unit":
+        assert torch.allclose(out[0], want, rtol=1e-4, atol=1e-4)
+        assert not torch.equal(positions[0], want_positions)
+    else:
+        assert not torch.allclose(out[0], want, rtol=1e-4, atol=1e-4)
+
+
+def test_temporal_units_through_the_cli(tmp_path, capsys, monkeypatch):
+    """A recipe [temporal budget clip, pool stride 2] at 4 frames: export with parity, fewer MACs than the clip,
+    lint-clean for TensorRT, and the ONNX tokens and positions equal the reference."""
+    _shallow_clip(monkeypatch, layers=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("frames: 4\nfeatures: -1\nstages:\n  - {method: temporal, retain: 0.25, budget: clip}\n"
+                      "  - {method: pool, stride: 2}\n")
+    out = tmp_path / "t.onnx"
+    code, printed, err = run_cli(["clip_vit_b", "--recipe", recipe, "--emit-positions", "-o", out], capsys)
+    assert code == 0, err
+    assert "parity PyTorch vs ONNX Runtime" in printed and "passed" in printed
+    macs = next(line for line in printed.splitlines() if line.startswith("MACs per image"))
+    before, after = (float(v) for v in macs.split(":")[1].split("(")[0].replace("G", "").split("->"))
+    assert after < before / 2  # later frames run at 13 of 49 units
+    assert lint_model(onnx.load(str(out))).ok  # TensorRT's constraints (TopK within its limit, static shapes)
+    from tc_export.passes.temporal import TemporalConfig
+
+    loaded = video_model(MODELS.get("clip_vit_b").build(ModelOptions()), 4)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25, budget="clip"), PoolConfig(stride=2)], features=-1,
+                          emit_positions=True)
+    # Noise frames: on a moving-digit clip the still units score 0 up to rounding, which ONNX Runtime's reductions
+    # round differently from PyTorch's (the graph's own ties are checked by parity).
+    clip = torch.rand(1, 4, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    tokens, positions, _ = session.run(None, {"video": clip.numpy()})
+    want, want_positions, _ = _clip_unit_reference(compressed, loaded, "pool", "clip", clip)
+    np.testing.assert_allclose(tokens[0], want.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(positions[0], want_positions.numpy())
+
+
+@pytest.mark.parametrize("budget,frames", [("frame", 4), ("clip", 6)])
+def test_qwen2_vl_temporal_units_equal_the_tower_per_step_and_its_merger(budget, frames, tmp_path, capsys):
+    """hf:DIR --frames T with the tower's own merger (--pooling pooler, the default) --method temporal: later
+    temporal steps keep 7 of 25 units each (budget clip: 7 x 2 over two later steps, wherever they change), the tower's own blocks run per step on the kept units' tokens at their own
+    rotary positions, its own merger on each unit's 4 tokens; positions (t, h, w) as get_rope_index gives them.
+    Through compress() and the command line (parity, ONNX equal to the reference)."""
+    from tc_export.models import load_model
+    from tc_export.passes.temporal import TemporalConfig
+
+    tower = _qwen_tower(tmp_path / "q")
+    capsys.readouterr()
+    loaded = load_model(f"hf:{tmp_path / 'q'}", ModelOptions(img_size=QWEN_SIZE, frames=frames), warn_random=False)
+    compressed = compress(loaded, [TemporalConfig(retain=0.25, budget=budget)], emit_positions=True)
+    clip = torch.rand(1, frames, 3, QWEN_SIZE, QWEN_SIZE, generator=torch.Generator().manual_seed(3))  # no ties
+    with torch.no_grad():
+        out, positions, _ = compressed.module(video=clip)
+        embeds, raster = _qwen_video_embeds(tower, clip[0])
+        kept = ref.reference_temporal_unit_keep(embeds, 0, (10, 10), 2, 7 if budget == "frame" else None,
+                                                None if budget == "frame" else 14)
+        want, want_positions = [], []
+        for t, units in enumerate(kept):
+            members = [m for u in units for m in ref.unit_members((10, 10), 2, u)]
+            step = _qwen_blocks(tower, raster[members])(embeds[t, members].unsqueeze(0))[0]
+            want.append(tower.merger(step))  # the tower's own merger: each 4 consecutive tokens, one unit
+            want_positions += [[float(t), float(u // 5), float(u % 5)] for u in units]
+    steps = frames // 2
+    assert out.shape == (1, 25 + 7 * (steps - 1), 48)
+    if budget == "clip":
+        assert len(kept[1]) != len(kept[2])  # this clip's budget goes where the change is
+    torch.testing.assert_close(out[0], torch.cat(want), rtol=1e-4, atol=1e-4)
+    assert torch.equal(positions[0], torch.tensor(want_positions))
+    onnx_path = tmp_path / "t.onnx"
+    code, printed, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", QWEN_SIZE, "--frames", frames, "--method",
+                                  "temporal", "--retain", 0.25, "--budget", budget, "--emit-positions", "-o",
+                                  onnx_path], capsys)
+    assert code == 0 and "passed" in printed, err
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    tokens, onnx_positions, _ = session.run(None, {session.get_inputs()[0].name: clip.numpy()})
+    np.testing.assert_allclose(tokens[0], torch.cat(want).numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_array_equal(onnx_positions[0], np.array(want_positions, dtype=np.float32))
+
+
+def test_qwen2_vl_clip_runs_through_its_own_merger_per_step(tmp_path):
+    """A Qwen2-VL clip compresses as its images do: the per-step tower with its own merger as the last stage; with no
+    method (only --emit-positions) that path equals the tower's own video output, positions (t, h, w) in raster
+    order of each step's merged grid."""
+    from tc_export.models import load_model
+
+    tower = _qwen_tower(tmp_path / "q")
+    loaded = load_model(f"hf:{tmp_path / 'q'}", ModelOptions(img_size=QWEN_SIZE, frames=4), warn_random=False)
+    assert loaded.own_projector is not None
+    compressed = compress(loaded, [], emit_positions=True)
+    clip = clip_batch(1, frames=4, size=QWEN_SIZE, seed=2)
+    with torch.no_grad():
+        out, positions, _ = compressed.module(video=clip)
+    torch.testing.assert_close(out[0], _own_video_forward(tower, clip[0]), rtol=1e-4, atol=1e-5)
+    want = [[float(t), float(h), float(w)] for t in range(2) for h in range(5) for w in range(5)]
+    assert positions[0].tolist() == want

@@ -76,7 +76,9 @@ def compress(
         example_inputs = example_inputs or model.example_inputs(batch=1)
         frames = frames or model.frames
         seed = model.weights_seed
-        if model.own_projector is not None and features is None and (configs or emit_positions or unit is not None):
+        after_own = any(getattr(config, "reads_model_output", False) for config in configs)  # EVS: after the merger
+        if model.own_projector is not None and features is None and (configs or emit_positions or unit is not None) \
+                and not after_own:
             module, stage = model.own_projector  # the tower without its merger, the merger as the last stage
             model, configs = module, [*configs, stage]
         else:

@@ -42,7 +42,11 @@ def video_model(loaded: LoadedModel, frames: int) -> LoadedModel:
                           f"patch), so a clip needs a multiple of {group} frames")
     spec = loaded.inputs[0]
     video = InputSpec("video", (frames, *spec.shape), spec.dtype, onnx_name="video")
+    own = None
+    if loaded.own_projector is not None:  # a tower with its own merger (Qwen2-VL): the tokens tower per frame too
+        module, stage = loaded.own_projector
+        own = (FrameTower(module, frames, group).eval(), stage)
     # The token passes see one row per tower step: frames / group of them per clip.
     return LoadedModel(f"{loaded.name} x{frames} frames", FrameTower(loaded.module, frames, group).eval(), [video],
                        loaded.output_names, loaded.random_init, None, frames // group,
-                       weights_seed=loaded.weights_seed)
+                       weights_seed=loaded.weights_seed, own_projector=own)

@@ -18,7 +18,9 @@ from .site import Point, Site
 class TemporalConfig:
     """``retain``: the fraction of each later frame's grid tokens kept, K = ceil(retain * M) (``budget`` frame: K in
     every later frame; clip: K * (T - 1) over the later frames together). Frame 0 and every frame's protected
-    tokens always run. Acts where the first block starts; the model must end at tokens (``--features``)."""
+    tokens always run. Acts where the first block starts; the model must end at tokens (``--features``) or at a
+    window projector. With merge units (``--unit s``, or a window projector after it) later frames drop whole units:
+    K = ceil(retain * U) units, each scored by the mean of its tokens' scores (docs/video.md)."""
 
     method: ClassVar[str] = "temporal"
     needs_class_token: ClassVar[bool] = False
@@ -27,6 +29,7 @@ class TemporalConfig:
     protected: ClassVar[None] = None
     protected_suffix: ClassVar[None] = None
     layers: ClassVar[tuple[int, ...]] = (0,)
+    handles_units: ClassVar[bool] = True  # shown the whole site (units on), not the unit view: it joins the frames
 
     retain: float = setting(0.25, "temporal: fraction of each later frame's grid tokens kept")
     budget: str = setting("frame", "temporal: frame (K tokens in each later frame) | clip (K x (T - 1) over the "
@@ -50,13 +53,8 @@ class TemporalConfig:
 
     def make_op(self, site: Site) -> TemporalPrune:
         self.check(site)
-        if site.unit is not None:
-            raise ConfigError(
-                f"temporal pruning on merge units (--unit {site.unit}) is not built: the kept units of each frame "
-                "would need the projector to run window by window within each frame of the joined clip sequence; "
-                "prune tokens (no --unit) and end at the tower's tokens, or prune after the projector with evs"
-            )
         assert site.frames is not None
-        grid = site.tokens - site.protected
-        keep = max(1, math.ceil(self.retain * grid - 1e-9))
-        return TemporalPrune(site.frames, site.tokens, site.protected, keep, self.budget)
+        unit = site.unit or 1
+        units = (site.tokens - site.protected) // (unit * unit)  # grid tokens, or whole units of them
+        keep = max(1, math.ceil(self.retain * units - 1e-9))
+        return TemporalPrune(site.frames, site.tokens, site.protected, keep, self.budget, unit)

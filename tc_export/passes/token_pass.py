@@ -232,6 +232,10 @@ class TokenPass:
                                                               tables.get(site.index, []) if moved else [], incoming,
                                                               protected)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
+                    if hasattr(op, "joined_prefix"):  # every frame's protected rows now lead the clip's sequence
+                        protected = op.joined_prefix()
+                        if self.unit is not None:
+                            self._unit_prefix = protected
             if (ops or self.unit is not None) and site.index in tables:  # compressed (or unit-ordered) tokens
                 if state is None:
                     raise StructureNotFoundError(
@@ -472,7 +476,7 @@ class TokenPass:
     def _method_site(self, config: TokenMethod, site: Site) -> Site:
         """The site a token method is shown: with merge units on, the unit view (one row of s^2 * C channels per
         unit, the protected prefix cut off, no grid); otherwise ``site``."""
-        if not self._unit_live or isinstance(config, ProjectorConfig):
+        if not self._unit_live or isinstance(config, ProjectorConfig) or getattr(config, "handles_units", False):
             return site
         unit = self.unit
         assert unit is not None
@@ -494,8 +498,8 @@ class TokenPass:
                               "needs its size bias folded into the windows, PruMerge's and the fused extra unit "
                               "mix windows")
         op = config.make_op(self._method_site(config, site))
-        if op is None or not isinstance(op, TokenOp) or not self._unit_live:
-            return op
+        if op is None or not isinstance(op, TokenOp) or not self._unit_live or getattr(config, "handles_units", False):
+            return op  # (an op that acts on units itself: temporal pruning, which joins the frames)
         assert self.unit is not None
         return UnitOp(op, site.protected, self.unit, getattr(config, "unit_metric", "mean"),
                       getattr(config, "unit_score", "mean"),
