@@ -193,12 +193,16 @@ def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int
 
 def raster_units(tokens: Tensor, state: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Tokens (B, n, C) and their state (B, n, 1 + P), one row per unit, sorted into raster order of the units'
-    carried (row, column) on a unit grid ``width`` wide (ties to the earlier row; one TopK): a windowed tower's
-    reverse window order, which gives its merger's output in raster order."""
-    position = positions_of(state)[..., -2:]
+    carried (row, column) on a unit grid ``width`` wide: by row, then by column, exact ties to the earlier row (two
+    TopKs: by column, then stably by row). A windowed tower's reverse window order, which gives its merger's output
+    in raster order; merged units sit at fractional positions (the size-weighted mean of their members'), which a
+    single key row x width + column would not order by row (``width`` kept for the callers' grid)."""
+    del width
     rows = tokens.shape[1]
-    key = (position[..., 0] * width + position[..., 1]) * rows + torch.arange(rows, device=tokens.device)
-    order = top_k(key, rows, largest=False)[1]
+    position = positions_of(state)[..., -2:]
+    by_column = top_k(position[..., 1], rows, largest=False)[1]
+    row = position[..., 0].gather(1, by_column)
+    order = by_column.gather(1, top_k(row, rows, largest=False)[1])
     pick = order.unsqueeze(-1)
     return tokens.gather(1, pick.expand(-1, -1, tokens.shape[-1])), state.gather(1, pick.expand(-1, -1, state.shape[-1]))
 

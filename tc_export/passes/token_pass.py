@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, StructureNotFoundError
-from ..ops.attention import presence_bias, proportional_bias
+from ..ops.attention import presence_bias, proportional_bias, window_bias
 from ..ops.base import TokenOp
 from ..ops.projectors.windows import UnitWindows
 from ..ops.state import (
@@ -257,6 +257,8 @@ class TokenPass:
                 size = self._view(graph, size_column, state)
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
                     bias = graph.call_function(bias_fn, (size,))
+                    if site.windows > 1:  # the keys' bias folded into the windows as the queries and keys are
+                        bias = graph.call_function(window_bias, (bias, site.windows, _folded_heads(site)))
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
@@ -486,13 +488,10 @@ class TokenPass:
             raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
                               "projector acts at the encoder output, where each unit becomes one token; leave out "
                               "at, or drop the unit")
-        if self._windows > 1 and not isinstance(config, ProjectorConfig) and (
-                config.method != "topk" or getattr(config, "fuse", False)):
-            raise ConfigError(f"{config.method}{' with fuse' if getattr(config, 'fuse', False) else ''} within "
-                              f"attention windows ({self._windows} windows of {self.unit_window}x{self.unit_window} "
-                              "units) is not built: unit Top-K is (--method topk at a full-attention layer); ToMe "
-                              "needs its size bias folded into the windows, PruMerge's and the fused extra unit "
-                              "mix windows")
+        if self._windows > 1 and not isinstance(config, ProjectorConfig) and config.method not in WINDOWED_METHODS:
+            raise ConfigError(f"{config.method} within attention windows ({self._windows} windows of "
+                              f"{self.unit_window}x{self.unit_window} units) is not built: {', '.join(WINDOWED_METHODS)} "
+                              "are, each window as a sample of its own (at a full-attention layer)")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live:
             return op
@@ -842,6 +841,21 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+# Token methods built within attention windows (Qwen2.5-VL, docs/qwen-vl.md): each window one sample of the op
+# (``UnitOp(windows=W)``), the same count of units in every window; an extra or fused unit is the window's own.
+WINDOWED_METHODS = ("topk", "tome", "prumerge")
+
+
+def _folded_heads(site: AttentionSite) -> int:
+    """The heads of a windowed attention with its windows folded in (H x windows), from its queries' shape."""
+    layout = tensor_meta_shape(site.query) or ()
+    if len(layout) != 4:
+        raise StructureNotFoundError(f"attention {site.name} attends within windows, and its queries are not a "
+                                     f"(batch, heads x windows, tokens, dim) tensor ({layout}): the size bias of "
+                                     "merged tokens cannot be folded into its windows")
+    return layout[1]
 
 
 def check_windows(structure: Structure, windows: int | None) -> None:
