@@ -460,11 +460,13 @@ def unit_window_reference(tower, pixels, after: dict | None = None, before: dict
     return torch.stack(tokens), torch.stack(positions), torch.stack(sizes)
 
 
-def per_window(op, window_units: int = 4, join: tuple[int, int] | None = None):
+def per_window(op, window_units: int = 4, join: tuple[int, int] | None = None,
+               swap: tuple[int, int] | None = None):
     """``op(x, layout, a, b)`` of ``reference_units`` run on each attention window's units alone (a window: the
     units whose carried positions share (row // window_units, column // window_units); windows in raster order,
-    the units of a window in their current order), the windows' outputs one after the other. ``join``: mutation,
-    two windows (by rank) taken as one, so that the op may merge a unit across them."""
+    the units of a window in their current order), the windows' outputs one after the other. Mutations: ``join``,
+    two windows (by rank) taken as one, so that the op may merge a unit across them; ``swap``, the first unit of one
+    window traded for the last of another (the counts unchanged), so that a kept, merged or fused unit mixes them."""
     from .reference_units import Layout, Unit
 
     def run(x, layout, a, b):
@@ -473,6 +475,9 @@ def per_window(op, window_units: int = 4, join: tuple[int, int] | None = None):
             w = torch.div(u.mass / u.size, window_units, rounding_mode="floor")
             groups.setdefault((int(w[0]), int(w[1])), []).append(u)
         keys = sorted(groups)
+        if swap is not None:
+            first, last = groups[keys[swap[0]]], groups[keys[swap[1]]]
+            first[0], last[-1] = last[-1], first[0]
         if join is not None:
             groups[keys[join[0]]] += groups.pop(keys[join[1]])
             keys = sorted(groups)
@@ -565,3 +570,45 @@ def test_methods_in_windows_through_the_cli(tmp_path, capsys, method, counts):
     assert "merge units of 2x2 patches" in out and f"tokens per layer: {counts}" in out
     assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and "positions max abs" in out
     assert (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("method", ["prumerge", "topk-fuse"])
+def test_extra_unit_in_windows_matches_reference(tmp_path, method):
+    """Unit PruMerge at the input of the full-attention block 1 (every token scored by the attention it receives
+    under that block's rotated queries and keys, full width; 6 units kept per window, best first, each adding its
+    nearest units of the same window; then the window's extra unit of its own pruned units), and unit Top-K with
+    EViT's fused unit after block 1's attention (keep 0.5: 8 units per window + the window's fused unit): every
+    window holds K + 1 units, block 2 attends within them, then the merger and the raster order of the carried
+    positions. Tokens, emitted (t, h, w) and sizes equal the per-window reference; a unit traded between two
+    windows (so that an extra unit or a kept one mixes them) fails it."""
+    from tc_export.passes import TopKConfig
+    from tc_export.passes.prumerge import PruMergeConfig
+
+    from .reference_units import received_attention, unit_prumerge, unit_topk
+
+    tower = _tower(tmp_path / "q")
+    if method == "prumerge":
+        config, counts, per = PruMergeConfig(tokens=6, layers=(1,), score="received"), [256, 112, 112, 28], 7
+
+        def op(x, layout, q, k):
+            return unit_prumerge(x, layout, q, k, 6, received=True)
+
+        where = "before"
+    else:
+        config = TopKConfig(keep=0.5, layers=(1,), score="received", fuse=True)
+        counts, per, where = [256, 256, 144, 36], 9, "after"
+
+        def op(x, layout, keys, probs):
+            return unit_topk(x, layout, received_attention(probs), 0.5, fuse=True)
+
+    pixels, (got, positions, sizes), compressed = compressed_outputs(_load(tmp_path / "q"), config)
+    assert compressed.token_counts() == counts
+    want, want_pos, want_size = unit_window_reference(tower, pixels, **{where: {1: per_window(op)}}, prop_attn=False)
+    assert got.shape == want.shape == (2, 4 * per, 40)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sizes, want_size)
+    assert _window_counts(positions) == [[per] * 4] * 2
+    assert [float(s.sum()) for s in sizes] == [256.0, 256.0] and int((sizes > 4).sum()) == 8  # an extra unit each
+    wrong, _, _ = unit_window_reference(tower, pixels, **{where: {1: per_window(op, swap=(0, 1))}}, prop_attn=False)
+    assert not torch.allclose(got, wrong, rtol=1e-4, atol=1e-5)
