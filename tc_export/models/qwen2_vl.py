@@ -24,7 +24,8 @@ gives the token passes an ordinary model instead, built from the tower's own mod
   raster order (the tower's ``last_hidden_state`` reordered).
 
 Compression (docs/qwen-vl.md): with the default pooling the export is the ``tokens`` adapter followed by the merger
-as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units; the
+as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units (Qwen3-VL: each
+deepstack layer's stream carried with the same unit decisions, then its own merger, ``DeepstackMerger``); the
 ``WindowMerger`` of the plain adapter is marked (``tc_export_refuses_compression``). Qwen2.5-VL's compressed path
 (``window_stream``) expects the token pass to put the stream in window-then-unit order (``window_units``): its
 windowed blocks then only fold the windows into the heads, which holds after pruning with the same number of units
@@ -51,8 +52,9 @@ from .registry import ModelOptions
 MERGER_REFUSAL = ("{family}'s PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or "
                   "pruned tokens no longer form those windows (whole-window ToMe is not built)")
 DEEPSTACK_REFUSAL = ("Qwen3-VL's deepstack output of layer {layer} (that layer's stream through its own merger, added "
-                     "into the language model at the same visual positions) would need the same unit decisions as "
-                     "the merger's output; that is not built")
+                     "into the language model at the same visual positions) needs the same unit decisions as the "
+                     "merger's output, which this raster-order adapter's mergers cannot follow: compress the tower "
+                     "loaded from hf:DIR with its own mergers (the default pooling carries the deepstack streams)")
 POOLINGS = {"pooler": "pooler_output", "tokens": "last_hidden_state"}
 DEFAULT_GRID_UNITS = 8  # default image side: 8 merge windows (224 px for patch 14, merge 2)
 
