@@ -132,12 +132,11 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--method", "tome", "--r", "2"], "tome at layer 0: that layer attends within 4 windows"),
     (["--method", "topk", "--keep", "0.5", "--layers", "2", "--score", "received"],
      "topk at layer 2: that layer attends within 4 windows"),
-    (["--method", "adjacent", "--r", "2", "--layers", "1"],
-     "adjacent within attention windows (4 windows of 4x4 units) is not built"),
+    (["--method", "adjacent", "--r", "2"], "adjacent at layer 0: that layer attends within 4 windows"),
     (["--pooling", "tokens", "--emit-positions"], "compresses only with its own merger"),
     (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--features", "1"],
      "compresses only with its own merger"),
-], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "adjacent-full", "tokens",
+], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "adjacent-in-windows", "tokens",
         "features"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     _tower(tmp_path / "q")
@@ -500,21 +499,24 @@ def _window_counts(positions, window_units: int = 4, side: int = 2):
             for b in range(positions.shape[0])]
 
 
-def test_unit_tome_in_windows_matches_reference(tmp_path):
+@pytest.mark.parametrize("method", ["tome", "adjacent"])
+def test_unit_merging_in_windows_matches_reference(tmp_path, method):
     """Unit ToMe at the full-attention block 1, 6 of the 16 units of every window merged into units of that window
-    (slot by slot, size-weighted), then block 2 attending within windows of 10 units each with the merged units'
-    log-size bias folded into its windows, the tower's own merger and the raster order of the carried positions:
-    tokens, emitted (t, h, w) (merged units: the size-weighted mean of their members' cells) and sizes equal the
-    per-window reference. A unit merged across two windows, or the size bias left out, fails it."""
-    from tc_export.passes import ToMeConfig
+    (slot by slot, size-weighted), or adjacent merging of 6 of the window's 8 pairs of neighbouring units, then block
+    2 attending within windows of 10 units each with the merged units' log-size bias folded into its windows, the
+    tower's own merger and the raster order of the carried positions: tokens, emitted (t, h, w) (merged units: the
+    size-weighted mean of their members' cells) and sizes equal the per-window reference. ToMe: a unit merged across
+    two windows, or the size bias left out, fails it."""
+    from tc_export.passes import AdjacentConfig, ToMeConfig
 
-    from .reference_units import unit_tome
+    from .reference_units import unit_adjacent, unit_tome
 
     tower = _tower(tmp_path / "q")
-    pixels, (got, positions, sizes), compressed = compressed_outputs(_load(tmp_path / "q"),
-                                                                     ToMeConfig(r=6, layers=(1,)))
+    config = ToMeConfig(r=6, layers=(1,)) if method == "tome" else AdjacentConfig(r=6, layers=(1,))
+    pixels, (got, positions, sizes), compressed = compressed_outputs(_load(tmp_path / "q"), config)
     assert compressed.token_counts() == [256, 256, 160, 40]
-    tome = per_window(lambda x, layout, keys, probs: unit_tome(x, layout, keys, 6))
+    merge = unit_tome if method == "tome" else unit_adjacent
+    tome = per_window(lambda x, layout, keys, probs: merge(x, layout, keys, 6))
     want, want_pos, want_size = unit_window_reference(tower, pixels, after={1: tome})
     assert got.shape == want.shape == (2, 40, 40)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -522,6 +524,8 @@ def test_unit_tome_in_windows_matches_reference(tmp_path):
     torch.testing.assert_close(sizes, want_size)
     assert _window_counts(positions) == [[10] * 4] * 2 and bool((sizes > 4).any())
     assert [float(s.sum()) for s in sizes] == [256.0, 256.0]
+    if method == "adjacent":
+        return
     crossing = per_window(lambda x, layout, keys, probs: unit_tome(x, layout, keys, 6 * len(layout.units) // 16),
                           join=(0, 1))  # windows 0 and 1 as one: 12 merges over their 32 units
     _assert_merges_across(tower, pixels, crossing)
@@ -553,9 +557,10 @@ def _assert_merges_across(tower, pixels, crossing):
 
 @pytest.mark.parametrize("method,counts", [
     (["--method", "tome", "--r", "6", "--layers", "1"], "256 256 160 40"),
+    (["--method", "adjacent", "--r", "6", "--layers", "1"], "256 256 160 40"),
     (["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"], "256 112 112 28"),
     (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--fuse"], "256 256 144 36"),
-], ids=["tome", "prumerge", "topk-fuse"])
+], ids=["tome", "adjacent", "prumerge", "topk-fuse"])
 def test_methods_in_windows_through_the_cli(tmp_path, capsys, method, counts):
     """The command line, the tower's own merger and --emit-positions: unit ToMe (r per window), PruMerge and Top-K
     fuse (K units + the window's own extra unit per window) at the full-attention block export with ONNX Runtime

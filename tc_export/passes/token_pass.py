@@ -924,7 +924,7 @@ class TokenPass:
 
 # Token methods built within attention windows (Qwen2.5-VL, docs/qwen-vl.md): each window one sample of the op
 # (``UnitOp(windows=W)``), the same count of units in every window; an extra or fused unit is the window's own.
-WINDOWED_METHODS = ("topk", "tome", "prumerge")
+WINDOWED_METHODS = ("topk", "tome", "prumerge", "adjacent")
 
 
 # Token methods whose later decisions a carried stream (Qwen3-VL's deepstack) follows by the state's own rule:
