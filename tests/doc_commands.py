@@ -105,6 +105,8 @@ STAND_INS: dict[str, str] = {
     # docs/video.md
     "tc-export clip_vit_b --recipe video_clip_b_8frames_pool_evs --emit-positions -o clip.onnx":
         "tc-export hf:./tiny-clip --recipe video_clip_b_8frames_pool_evs --emit-positions -o clip.onnx",
+    "tc-export clip_vit_b --frames 8 --features -2 --recipe temporal_pool.yaml -o t.onnx":
+        "tc-export hf:./tiny-clip --frames 8 --features -2 --recipe temporal_pool.yaml -o t.onnx",
     "tc-export clip_vit_b --frames 8 --features -2 --method temporal --retain 0.25 -o t.onnx":
         "tc-export hf:./tiny-clip --frames 8 --features -2 --method temporal --retain 0.25 -o t.onnx",
     # docs/reproducibility.md
@@ -255,6 +257,11 @@ TOWERS: dict[str, tuple[str, str, dict]] = {
                                {"depth": 32, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
                                 "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
                                 "window_size": 112, "out_hidden_size": 40, "fullatt_block_indexes": [7, 15, 23, 31]}),
+    "Qwen3-VL-2B-Instruct": ("Qwen3VLVisionConfig", "qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
+                             {"depth": 24, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2,
+                              "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                              "out_hidden_size": 40, "num_position_embeddings": 2304,
+                              "deepstack_visual_indexes": [5, 11, 17]}),
     "pixtral-12b": ("PixtralVisionConfig", "PixtralVisionModel",
                     {"image_size": 64, "patch_size": 16, "num_hidden_layers": 2, **NARROW}),
     "SmolVLM-256M-Instruct": ("SmolVLMVisionConfig", "SmolVLMVisionTransformer",

@@ -132,13 +132,11 @@ def test_exports_through_the_cli(tmp_path, capsys):
     (["--method", "tome", "--r", "2"], "tome at layer 0: that layer attends within 4 windows"),
     (["--method", "topk", "--keep", "0.5", "--layers", "2", "--score", "received"],
      "topk at layer 2: that layer attends within 4 windows"),
-    (["--method", "tome", "--r", "2", "--layers", "1"], "tome within attention windows (4 windows of 4x4 units)"),
-    (["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"],
-     "prumerge within attention windows"),
+    (["--method", "adjacent", "--r", "2"], "adjacent at layer 0: that layer attends within 4 windows"),
     (["--pooling", "tokens", "--emit-positions"], "compresses only with its own merger"),
     (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--features", "1"],
      "compresses only with its own merger"),
-], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "tome-full", "prumerge", "tokens",
+], ids=["edge-window", "size", "pooling", "tome-in-windows", "topk-in-windows", "adjacent-in-windows", "tokens",
         "features"])
 def test_cli_refusals_are_one_line(tmp_path, capsys, args, cause):
     _tower(tmp_path / "q")
@@ -383,3 +381,239 @@ def test_unit_topk_at_the_last_block_is_the_merger_at_the_kept_units(tmp_path):
     merged = own_forward(tower, pixels)[1]  # raster order of the 8x8 merged grid
     cells = (positions[..., 1] * 8 + positions[..., 2]).long()
     torch.testing.assert_close(got, torch.stack([merged[b, cells[b]] for b in range(2)]), rtol=1e-4, atol=1e-5)
+
+
+# --- ToMe, PruMerge and Top-K fuse within attention windows (docs/qwen-vl.md) -------------------------------------
+
+def unit_window_reference(tower, pixels, after: dict | None = None, before: dict | None = None,
+                          window_units: int = 4, prop_attn: bool = True):
+    """Per sample, from the rules, over merge units (``reference_units.Layout``: each unit's rows of ``x`` in (di, dj)
+    order, its size and position mass on the unit grid), whatever order they are in: the tower's own modules on the
+    raster-ordered patches; every token's rotary position follows its unit (2 x unit position + (di, dj)); a unit's
+    window is (row // window_units, column // window_units) of its carried position, recomputed at every windowed
+    block (which attends within the groups of tokens whose windows agree; ``fullatt_block_indexes`` over all);
+    proportional attention adds log(size) of every key token (``prop_attn``); ``before[layer](x, layout, q, k)``
+    where the stream enters that block (q, k: that block's norm, qkv and rotary at the carried positions, heads side
+    by side) and ``after[layer](x, layout, keys (H, N, d), probs (H, N, N))`` after its attention residual add;
+    then the tower's own merger on each unit, the units in raster order of their carried positions (by row, then
+    column, ties: the earlier one). Returns (B, U, D), the units' (t, h, w) (B, U, 3) and sizes in patches (B, U, 1)."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.vision_utils import get_vision_position_ids
+
+    from .reference_units import raster_layout
+
+    after, before = after or {}, before or {}
+    config, heads = tower.config, tower.config.num_heads
+    patches, rows, cols = Qwen2VLImageProcessor().patchify(
+        pixels, patch_size=config.patch_size, merge_size=2, temporal_patch_size=config.temporal_patch_size)
+    ids = get_vision_position_ids(torch.tensor([[1, rows, cols]]), 2)
+    row_major = torch.argsort(ids[:, 0] * cols + ids[:, 1])
+    offsets = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    full = set(config.fullatt_block_indexes)
+
+    def per_token(x, layout):
+        pos, size, window = torch.zeros(x.shape[0], 2), torch.ones(x.shape[0]), torch.zeros(x.shape[0])
+        for u in layout.units:
+            cell = u.mass / u.size
+            pos[u.rows] = 2 * cell + offsets
+            size[u.rows] = u.size
+            w = torch.div(cell, window_units, rounding_mode="floor")
+            window[u.rows] = float(w[0] * 1000 + w[1])
+        return pos, size, window
+
+    def rotated(block, x, pos):
+        q, k, v = block.attn.qkv(block.norm1(x)).reshape(x.shape[0], 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
+        cos, sin = tower.rotary_pos_emb(x, pos)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        return q, k, v
+
+    tokens, positions, sizes = [], [], []
+    with torch.no_grad():
+        for sample in patches:
+            x = tower.patch_embed(sample)[row_major]
+            layout = raster_layout((rows, cols), 2, 0)
+            for index, block in enumerate(tower.blocks):
+                if index in before:
+                    pos, _, _ = per_token(x, layout)
+                    q, k, _ = rotated(block, x, pos)
+                    x, _, layout = before[index](x, layout, q.reshape(x.shape[0], -1), k.reshape(x.shape[0], -1))
+                pos, size, window = per_token(x, layout)
+                q, k, v = rotated(block, x, pos)
+                logits = q.transpose(0, 1) @ k.permute(1, 2, 0) * block.attn.scaling  # (heads, n, n)
+                if prop_attn:
+                    logits = logits + size.log()
+                if index not in full:
+                    logits = logits.masked_fill(window[:, None] != window[None, :], float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                x = x + block.attn.proj((probs @ v.transpose(0, 1)).transpose(0, 1).reshape(x.shape[0], -1))
+                if index in after:
+                    x, _, layout = after[index](x, layout, k.transpose(0, 1), probs)
+                x = x + block.mlp(block.norm2(x))
+            cells = torch.stack([u.mass / u.size for u in layout.units])
+            order = sorted(range(len(layout.units)), key=lambda u: (float(cells[u, 0]), float(cells[u, 1]), u))
+            units = torch.stack([x[layout.units[u].rows] for u in order])  # (U, 4, C)
+            tokens.append(tower.merger(units.reshape(-1, x.shape[-1])).reshape(len(order), -1))
+            positions.append(torch.cat([torch.zeros(len(order), 1), cells[order]], dim=1))
+            sizes.append(torch.tensor([[layout.units[u].size * 4] for u in order]))
+    return torch.stack(tokens), torch.stack(positions), torch.stack(sizes)
+
+
+def per_window(op, window_units: int = 4, join: tuple[int, int] | None = None,
+               swap: tuple[int, int] | None = None):
+    """``op(x, layout, a, b)`` of ``reference_units`` run on each attention window's units alone (a window: the
+    units whose carried positions share (row // window_units, column // window_units); windows in raster order,
+    the units of a window in their current order), the windows' outputs one after the other. Mutations: ``join``,
+    two windows (by rank) taken as one, so that the op may merge a unit across them; ``swap``, the first unit of one
+    window traded for the last of another (the counts unchanged), so that a kept, merged or fused unit mixes them."""
+    from .reference_units import Layout, Unit
+
+    def run(x, layout, a, b):
+        groups: dict = {}
+        for u in layout.units:
+            w = torch.div(u.mass / u.size, window_units, rounding_mode="floor")
+            groups.setdefault((int(w[0]), int(w[1])), []).append(u)
+        keys = sorted(groups)
+        if swap is not None:
+            first, last = groups[keys[swap[0]]], groups[keys[swap[1]]]
+            first[0], last[-1] = last[-1], first[0]
+        if join is not None:
+            groups[keys[join[0]]] += groups.pop(keys[join[1]])
+            keys = sorted(groups)
+        parts, sizes, units, start = [], [], [], 0
+        for w in keys:
+            out, size, sub = op(x, Layout(0, groups[w]), a, b)
+            parts.append(out)
+            sizes.append(size)
+            units += [Unit([start + r for r in u.rows], u.size, u.mass) for u in sub.units]
+            start += out.shape[0]
+        return torch.cat(parts), torch.cat(sizes), Layout(0, units)
+
+    return run
+
+
+def _window_counts(positions, window_units: int = 4, side: int = 2):
+    """Units per window of each sample's output (windows from the emitted (t, h, w), raster order)."""
+    window = torch.div(positions[..., 1:], window_units, rounding_mode="floor")
+    return [torch.bincount((window[b, :, 0] * side + window[b, :, 1]).long(), minlength=side * side).tolist()
+            for b in range(positions.shape[0])]
+
+
+@pytest.mark.parametrize("method", ["tome", "adjacent"])
+def test_unit_merging_in_windows_matches_reference(tmp_path, method):
+    """Unit ToMe at the full-attention block 1, 6 of the 16 units of every window merged into units of that window
+    (slot by slot, size-weighted), or adjacent merging of 6 of the window's 8 pairs of neighbouring units, then block
+    2 attending within windows of 10 units each with the merged units' log-size bias folded into its windows, the
+    tower's own merger and the raster order of the carried positions: tokens, emitted (t, h, w) (merged units: the
+    size-weighted mean of their members' cells) and sizes equal the per-window reference. ToMe: a unit merged across
+    two windows, or the size bias left out, fails it."""
+    from tc_export.passes import AdjacentConfig, ToMeConfig
+
+    from .reference_units import unit_adjacent, unit_tome
+
+    tower = _tower(tmp_path / "q")
+    config = ToMeConfig(r=6, layers=(1,)) if method == "tome" else AdjacentConfig(r=6, layers=(1,))
+    pixels, (got, positions, sizes), compressed = compressed_outputs(_load(tmp_path / "q"), config)
+    assert compressed.token_counts() == [256, 256, 160, 40]
+    merge = unit_tome if method == "tome" else unit_adjacent
+    tome = per_window(lambda x, layout, keys, probs: merge(x, layout, keys, 6))
+    want, want_pos, want_size = unit_window_reference(tower, pixels, after={1: tome})
+    assert got.shape == want.shape == (2, 40, 40)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sizes, want_size)
+    assert _window_counts(positions) == [[10] * 4] * 2 and bool((sizes > 4).any())
+    assert [float(s.sum()) for s in sizes] == [256.0, 256.0]
+    if method == "adjacent":
+        return
+    crossing = per_window(lambda x, layout, keys, probs: unit_tome(x, layout, keys, 6 * len(layout.units) // 16),
+                          join=(0, 1))  # windows 0 and 1 as one: 12 merges over their 32 units
+    _assert_merges_across(tower, pixels, crossing)
+    wrong, _, _ = unit_window_reference(tower, pixels, after={1: crossing})
+    assert not torch.allclose(got, wrong, rtol=1e-4, atol=1e-5)
+    unbiased, _, _ = unit_window_reference(tower, pixels, after={1: tome}, prop_attn=False)
+    assert not torch.allclose(got, unbiased, rtol=1e-4, atol=1e-5)
+
+
+def _assert_merges_across(tower, pixels, crossing):
+    """The mutation really merges a unit of window 0 with one of window 1: run on indicator tokens (one column per
+    original unit), some output unit holds members of both windows."""
+    seen = {}
+
+    def spy(x, layout, keys, probs):
+        owner = torch.zeros(x.shape[0], len(layout.units))
+        window = []
+        for i, u in enumerate(layout.units):
+            owner[u.rows, i] = 1.0
+            window.append(int(torch.div(u.mass / u.size, 4, rounding_mode="floor")[1]) if u.mass[0] < 4 else -1)
+        out, _, sub = crossing(owner, layout, keys, probs)
+        members = [{window[i] for i in torch.nonzero(out[u.rows[0]]).flatten().tolist()} for u in sub.units]
+        seen["across"] = any({0, 1} <= m for m in members)
+        return crossing(x, layout, keys, probs)
+
+    unit_window_reference(tower, pixels[:1], after={1: spy})
+    assert seen["across"]
+
+
+@pytest.mark.parametrize("method,counts", [
+    (["--method", "tome", "--r", "6", "--layers", "1"], "256 256 160 40"),
+    (["--method", "adjacent", "--r", "6", "--layers", "1"], "256 256 160 40"),
+    (["--method", "prumerge", "--tokens", "6", "--layers", "1", "--score", "received"], "256 112 112 28"),
+    (["--method", "topk", "--keep", "0.5", "--layers", "1", "--score", "received", "--fuse"], "256 256 144 36"),
+], ids=["tome", "adjacent", "prumerge", "topk-fuse"])
+def test_methods_in_windows_through_the_cli(tmp_path, capsys, method, counts):
+    """The command line, the tower's own merger and --emit-positions: unit ToMe (r per window), PruMerge and Top-K
+    fuse (K units + the window's own extra unit per window) at the full-attention block export with ONNX Runtime
+    parity of tokens and positions."""
+    from .test_cli import run_cli
+
+    _tower(tmp_path / "q")
+    capsys.readouterr()
+    code, out, err = run_cli([f"hf:{tmp_path / 'q'}", "--img-size", SIZE, *method, "--pooling", "pooler",
+                              "--emit-positions", "-o", tmp_path / "m.onnx"], capsys)
+    assert code == 0, err
+    assert "merge units of 2x2 patches" in out and f"tokens per layer: {counts}" in out
+    assert "parity PyTorch vs ONNX Runtime" in out and "passed" in out and "positions max abs" in out
+    assert (tmp_path / "m.onnx").is_file()
+
+
+@pytest.mark.parametrize("method", ["prumerge", "topk-fuse"])
+def test_extra_unit_in_windows_matches_reference(tmp_path, method):
+    """Unit PruMerge at the input of the full-attention block 1 (every token scored by the attention it receives
+    under that block's rotated queries and keys, full width; 6 units kept per window, best first, each adding its
+    nearest units of the same window; then the window's extra unit of its own pruned units), and unit Top-K with
+    EViT's fused unit after block 1's attention (keep 0.5: 8 units per window + the window's fused unit): every
+    window holds K + 1 units, block 2 attends within them, then the merger and the raster order of the carried
+    positions. Tokens, emitted (t, h, w) and sizes equal the per-window reference; a unit traded between two
+    windows (so that an extra unit or a kept one mixes them) fails it."""
+    from tc_export.passes import TopKConfig
+    from tc_export.passes.prumerge import PruMergeConfig
+
+    from .reference_units import received_attention, unit_prumerge, unit_topk
+
+    tower = _tower(tmp_path / "q")
+    if method == "prumerge":
+        config, counts, per = PruMergeConfig(tokens=6, layers=(1,), score="received"), [256, 112, 112, 28], 7
+
+        def op(x, layout, q, k):
+            return unit_prumerge(x, layout, q, k, 6, received=True)
+
+        where = "before"
+    else:
+        config = TopKConfig(keep=0.5, layers=(1,), score="received", fuse=True)
+        counts, per, where = [256, 256, 144, 36], 9, "after"
+
+        def op(x, layout, keys, probs):
+            return unit_topk(x, layout, received_attention(probs), 0.5, fuse=True)
+
+    pixels, (got, positions, sizes), compressed = compressed_outputs(_load(tmp_path / "q"), config)
+    assert compressed.token_counts() == counts
+    want, want_pos, want_size = unit_window_reference(tower, pixels, **{where: {1: per_window(op)}}, prop_attn=False)
+    assert got.shape == want.shape == (2, 4 * per, 40)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(positions, want_pos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sizes, want_size)
+    assert _window_counts(positions) == [[per] * 4] * 2
+    assert [float(s.sum()) for s in sizes] == [256.0, 256.0] and int((sizes > 4).sum()) == 8  # an extra unit each
+    wrong, _, _ = unit_window_reference(tower, pixels, **{where: {1: per_window(op, swap=(0, 1))}}, prop_attn=False)
+    assert not torch.allclose(got, wrong, rtol=1e-4, atol=1e-5)

@@ -105,7 +105,7 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     if compressed:
         _say_structure(compressed, say)
         if compressed.report.output_is_tokens:
-            output_names = ["tokens"]
+            output_names = ["tokens", *compressed.report.extra_outputs]
         output_names = emitted_output_names(output_names, compressed.report.emitted_after)
 
     def inputs_for(batch: int, seed: int = 0) -> dict:

@@ -24,7 +24,8 @@ gives the token passes an ordinary model instead, built from the tower's own mod
   raster order (the tower's ``last_hidden_state`` reordered).
 
 Compression (docs/qwen-vl.md): with the default pooling the export is the ``tokens`` adapter followed by the merger
-as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units; the
+as a projector at merge units (``TowerMergerConfig``), so the token methods act on whole 2x2 units (Qwen3-VL: each
+deepstack layer's stream carried with the same unit decisions, then its own merger, ``DeepstackMerger``); the
 ``WindowMerger`` of the plain adapter is marked (``tc_export_refuses_compression``). Qwen2.5-VL's compressed path
 (``window_stream``) expects the token pass to put the stream in window-then-unit order (``window_units``): its
 windowed blocks then only fold the windows into the heads, which holds after pruning with the same number of units
@@ -51,8 +52,9 @@ from .registry import ModelOptions
 MERGER_REFUSAL = ("{family}'s PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or "
                   "pruned tokens no longer form those windows (whole-window ToMe is not built)")
 DEEPSTACK_REFUSAL = ("Qwen3-VL's deepstack output of layer {layer} (that layer's stream through its own merger, added "
-                     "into the language model at the same visual positions) would need the same unit decisions as "
-                     "the merger's output; that is not built")
+                     "into the language model at the same visual positions) needs the same unit decisions as the "
+                     "merger's output, which this raster-order adapter's mergers cannot follow: compress the tower "
+                     "loaded from hf:DIR with its own mergers (the default pooling carries the deepstack streams)")
 POOLINGS = {"pooler": "pooler_output", "tokens": "last_hidden_state"}
 DEFAULT_GRID_UNITS = 8  # default image side: 8 merge windows (224 px for patch 14, merge 2)
 
@@ -85,6 +87,24 @@ class WindowMerger(nn.Module):
         return merged.reshape(x.shape[0], -1, merged.shape[-1])
 
 
+def merge_windows(merger: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """(B, U, s*s, C) windows in the tower's 2x2 order -> (B, U, D): a Qwen-VL merger's own forward on them."""
+    merged = merger(windows.reshape(-1, windows.shape[-1]))
+    return merged.reshape(windows.shape[0], windows.shape[1], merged.shape[-1])
+
+
+class DeepstackMerger(nn.Module):
+    """One of Qwen3-VL's deepstack mergers on the windows of the final units (B, U, s*s, C) -> (B, U, D): its
+    layer's tokens carried with the same unit decisions as the stream (``TokenPass.taps``)."""
+
+    def __init__(self, merger: nn.Module) -> None:
+        super().__init__()
+        self.merger = merger
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return merge_windows(self.merger, windows)
+
+
 class TowerMerger(Projector):
     """The tower's own merger as a window projector: (B, H*W, C) raster tokens -> (B, H/s * W/s, D), and at merge
     units (``window_forward``) each unit's s x s tokens -> one token, so it follows unit compression
@@ -104,8 +124,7 @@ class TowerMerger(Projector):
 
     def window_forward(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, U, s*s, C) windows in the tower's 2x2 order -> (B, U, D): the merger's own forward on them."""
-        merged = self.merger(windows.reshape(-1, windows.shape[-1]))
-        return merged.reshape(windows.shape[0], windows.shape[1], merged.shape[-1])
+        return merge_windows(self.merger, windows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -136,6 +155,9 @@ class TowerMergerConfig(PatchMergerConfig):
     family: str = "Qwen2-VL"
     merge: int = 2
     window_units: int | None = None  # Qwen2.5-VL: attention windows of this many units a side (the pass's order)
+    # Qwen3-VL: (layer, DeepstackMerger) for each deepstack layer: that layer's tokens, carried with the same unit
+    # decisions, through its own merger, as outputs after the merger's (``TokenPass.taps``)
+    deepstack: tuple[tuple[int, nn.Module], ...] = field(default=(), compare=False, repr=False)
 
     def window(self) -> int | None:
         return self.merge
@@ -328,15 +350,17 @@ def build_qwen2_vl_tower(name: str, choice: Any, folder: Path | None, options: M
     spec = InputSpec("pixel_values", (config.in_channels, size, size))
     deep = [f"deepstack_{layer}" for layer in adapter.deepstack]
     own = None
-    if pooling == "pooler" and not deep:
+    if pooling == "pooler":
         tokens = QwenVisionAdapter(tower, size, "tokens", windows, full, family, window_stream=windows is not None)
         side = None if windows is None else config.window_size // (config.patch_size * config.spatial_merge_size)
+        taps = tuple((layer, DeepstackMerger(module.merger)) for layer, module in adapter.deepstack.items())
         own = (tokens.eval(), TowerMergerConfig(merger=tower.merger, family=family, merge=config.spatial_merge_size,
-                                                window_units=side))
+                                                window_units=side, deepstack=taps))
     refusal = None
-    if deep:
-        refusal = (DEEPSTACK_REFUSAL.format(layer=next(iter(adapter.deepstack))) +
-                   "; compress its last block's tokens instead (--pooling tokens)")
+    if deep:  # with --features (the merger and the deepstack mergers not part of the export)
+        refusal = (f"{family}'s deepstack outputs (layers {', '.join(map(str, adapter.deepstack))} through their own "
+                   "mergers) follow compression only with its merger (the default pooling, no --features), which a "
+                   "--features cut leaves out; compress its last block's tokens instead (--pooling tokens)")
     if windows is not None:
         refusal = (f"{family}'s window attention (windows of {config.window_size} px in every block but "
                    f"{', '.join(map(str, full)) or 'none'}) compresses only with its own merger (the default pooling, "

@@ -22,6 +22,15 @@ def proportional_bias(size: Tensor) -> Tensor:
     return size.log().flatten(1)[:, None, None, :]
 
 
+def window_bias(bias: Tensor, windows: int, heads: int) -> Tensor:
+    """A key bias (B, 1, 1, N) over tokens that run window after window, folded as an attention that attends within
+    ``windows`` equal windows folds its queries and keys into the heads ((B, H, N, d) -> (B, H x windows, N /
+    windows, d), folded head h * windows + w): (B, ``heads`` = H x windows, 1, N / windows), window w's keys' bias
+    in every folded head of window w (Qwen2.5-VL's windowed blocks after ToMe, docs/qwen-vl.md)."""
+    folded = bias.reshape(bias.shape[0], windows, 1, bias.shape[-1] // windows)
+    return folded.repeat(1, heads // windows, 1, 1)
+
+
 def presence_bias(size: Tensor) -> Tensor:
     """0 for tokens with size > 0, -inf for size-0 (padding) tokens, shaped (B, 1, 1, N)."""
     return (size > 0).to(size.dtype).log().flatten(1)[:, None, None, :]

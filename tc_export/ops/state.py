@@ -9,6 +9,11 @@ mean of its members' positions, a pruned token's is its exact original one, and 
 more column here, not a change in every op. Where an op needs the size itself (a weight, padding), it reads
 column 0 with ``size_column``; consumers outside the ops (attention bias, pooling) do too.
 
+A stream carried along (Qwen3-VL's deepstack: an earlier layer's tokens that must follow the same later decisions)
+is more columns of the same kind: ``carried_mass`` (size x the unit's tokens, slot by slot) joined to the state
+for each op (``join_columns``, ``split_columns``), read back with ``carried_windows`` (mass / size): gathered exactly
+where units are pruned, the size-weighted mean of the members where units merge (ToMe's own rule for tokens).
+
 Protected tokens (prefix and suffix) start with position -1 in every coordinate (mass [1, -1, ...]); no op merges
 them, so they keep it. Padding tokens have size 0 and therefore mass 0: their position reads as 0.
 """
@@ -193,12 +198,16 @@ def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int
 
 def raster_units(tokens: Tensor, state: Tensor, width: int) -> tuple[Tensor, Tensor]:
     """Tokens (B, n, C) and their state (B, n, 1 + P), one row per unit, sorted into raster order of the units'
-    carried (row, column) on a unit grid ``width`` wide (ties to the earlier row; one TopK): a windowed tower's
-    reverse window order, which gives its merger's output in raster order."""
-    position = positions_of(state)[..., -2:]
+    carried (row, column) on a unit grid ``width`` wide: by row, then by column, exact ties to the earlier row (two
+    TopKs: by column, then stably by row). A windowed tower's reverse window order, which gives its merger's output
+    in raster order; merged units sit at fractional positions (the size-weighted mean of their members'), which a
+    single key row x width + column would not order by row (``width`` kept for the callers' grid)."""
+    del width
     rows = tokens.shape[1]
-    key = (position[..., 0] * width + position[..., 1]) * rows + torch.arange(rows, device=tokens.device)
-    order = top_k(key, rows, largest=False)[1]
+    position = positions_of(state)[..., -2:]
+    by_column = top_k(position[..., 1], rows, largest=False)[1]
+    row = position[..., 0].gather(1, by_column)
+    order = by_column.gather(1, top_k(row, rows, largest=False)[1])
     pick = order.unsqueeze(-1)
     return tokens.gather(1, pick.expand(-1, -1, tokens.shape[-1])), state.gather(1, pick.expand(-1, -1, state.shape[-1]))
 
@@ -211,3 +220,26 @@ def project_unit_state(state: Tensor, prefix: int, keep_prefix: bool, unit: int,
     if transposed and body.shape[-1] >= 3:
         body = torch.cat([body[..., :-2], body[..., -1:], body[..., -2:-1]], dim=-1)
     return torch.cat([state[:, :prefix], body], dim=1) if keep_prefix else body
+
+
+def carried_mass(tokens: Tensor, state: Tensor, unit: int) -> Tensor:
+    """A stream ``tokens`` (B, U*s^2, C) in unit order as state columns (B, U, s^2 * C): each unit's tokens
+    concatenated slot by slot, times the unit's size, so that every op maps them as it maps the size."""
+    rows = tokens.reshape(tokens.shape[0], state.shape[1], unit * unit * tokens.shape[-1])
+    return rows * size_column(state)
+
+
+def carried_windows(mass: Tensor, state: Tensor, unit: int) -> Tensor:
+    """The carried stream back as windows (B, U, s^2, C): mass / size (``carried_mass``'s inverse)."""
+    rows = mass / size_column(state).clamp_min(WEIGHT_FLOOR)
+    return rows.reshape(rows.shape[0], rows.shape[1], unit * unit, -1)
+
+
+def join_columns(state: Tensor, *carried: Tensor) -> Tensor:
+    """The state with carried columns after its own (what an op maps, all columns alike)."""
+    return torch.cat([state, *carried], dim=-1)
+
+
+def split_columns(joined: Tensor, widths: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """``join_columns``' inverse: the state, then each carried stream's columns."""
+    return tuple(torch.split(joined, list(widths), dim=-1))

@@ -14,7 +14,9 @@ by their reduced scores and finds each kept unit's nearest units by the reduced 
 ``windows`` (attention windows of a fixed number of units, e.g. Qwen2.5-VL's 4x4 units): the units come window
 after window and the inner op runs on each window as a sample of its own (``fold_windows``), so every window keeps
 the same number of units (Top-K keeps K per window, ToMe merges r per window, only within the window) and the
-windows keep a static shape (Qwen2.5-VL, docs/qwen-vl.md).
+windows keep a static shape (Qwen2.5-VL, docs/qwen-vl.md). PruMerge's scores still come from every token's full-width
+queries and keys (a full-attention layer); its kept units, their nearest units and its extra unit are then found
+within each window, as are Top-K's fused unit: nothing mixes windows, every window keeps K + 1 units.
 """
 
 from __future__ import annotations
@@ -76,8 +78,6 @@ class UnitOp(TokenOp):
         super().__init__()
         if unit < 1 or prefix < 0 or windows < 1:
             raise ValueError("unit must be >= 1, prefix >= 0 and windows >= 1")
-        if windows > 1 and hasattr(inner, "token_scores"):
-            raise ValueError("PruMerge within attention windows is not built (its extra unit mixes windows)")
         if unit_metric not in UNIT_METRICS or unit_score not in UNIT_SCORES:
             raise ValueError(f"unit_metric in {UNIT_METRICS}, unit_score in {UNIT_SCORES}")
         self.inner, self.prefix, self.unit = inner, prefix, unit
@@ -98,16 +98,18 @@ class UnitOp(TokenOp):
         if hasattr(self.inner, "token_scores"):  # scores from the full-width q, k of every token, class token too
             query, key = signals
             scores = self.inner.token_scores(query, key, prefix)  # (B, U * s^2)
-            out, out_size = self.inner.forward_scored(view, inner_size, reduce_score(scores, 0, unit, self.unit_score),
-                                                      reduce_metric(key, prefix, unit, self.unit_metric))
+            reduced = [reduce_score(scores, 0, unit, self.unit_score), reduce_metric(key, prefix, unit,
+                                                                                    self.unit_metric)]
+            run = self.inner.forward_scored
         else:
             reduced = [self._signal(name, signal, x) for name, signal in zip(self.signals, signals)]
-            if self.windows > 1:  # each window one sample of the inner op: it keeps (or merges) as many in each
-                folded = [fold_windows(t, self.windows) for t in (view, *reduced)]
-                out, out_size = self.inner(folded[0], fold_windows(inner_size, self.windows), *folded[1:])
-                out, out_size = unfold_windows(out, batch), unfold_windows(out_size, batch)
-            else:
-                out, out_size = self.inner(view, inner_size, *reduced)
+            run = self.inner
+        if self.windows > 1:  # each window one sample of the inner op: it keeps (or merges) as many in each, and an
+            folded = [fold_windows(t, self.windows) for t in (view, *reduced)]  # extra unit is the window's own
+            out, out_size = run(folded[0], fold_windows(inner_size, self.windows), *folded[1:])
+            out, out_size = unfold_windows(out, batch), unfold_windows(out_size, batch)
+        else:
+            out, out_size = run(view, inner_size, *reduced)
         kept = self.prefix_out()
         tokens = torch.cat([x[:, :kept], out.reshape(batch, -1, channels)], dim=1)
         if out_size is None:

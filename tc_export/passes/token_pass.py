@@ -22,20 +22,24 @@ import torch
 from torch import fx, nn
 
 from ..errors import ConfigError, StructureNotFoundError
-from ..ops.attention import presence_bias, proportional_bias
+from ..ops.attention import presence_bias, proportional_bias, window_bias
 from ..ops.base import TokenOp
 from ..ops.projectors.windows import UnitWindows
 from ..ops.state import (
+    carried_mass,
+    carried_windows,
     expand_units,
     grid_state,
     initial_state,
     initial_unit_state,
+    join_columns,
     leading_tokens,
     positions_of,
     project_unit_state,
     raster_units,
     rejoin_suffix,
     size_column,
+    split_columns,
     to_unit_order,
     unit_grid,
 )
@@ -96,6 +100,7 @@ class PassReport:
     output_is_tokens: bool = False
     notes: list[str] = field(default_factory=list)
     unit: int | None = None  # merge units of unit x unit patches (docs/merge-units.md)
+    extra_outputs: list[str] = field(default_factory=list)  # outputs after the tokens (Qwen3-VL: deepstack_<layer>)
 
     def emitted_positions(self) -> dict[str, object] | None:
         """What --emit-positions added, for the ONNX metadata and a bundle's manifest (None: nothing)."""
@@ -129,6 +134,15 @@ class TokenPass:
         if self.unit_window is not None and self.unit is None:  # the windowed blocks need the units, compressed or not
             self.unit = next(c.window() for c in self.configs if getattr(c, "window_units", None))
         self._unit_live = self.unit is not None  # until a window projector turns each unit into one token
+        # streams of earlier layers that leave through projectors of their own, one token per final unit (Qwen3-VL's
+        # deepstack: layer -> a module on (B, U, s^2, C) windows); from their layer on carried in the state's columns
+        self.taps: dict[int, nn.Module] = dict(next((c.deepstack for c in self.configs
+                                                     if getattr(c, "deepstack", ())), ()))
+        if self.taps and self.unit is None:  # the carried streams are laid out by unit, compressed or not
+            self.unit = next(c.window() for c in self.configs if getattr(c, "deepstack", ()))
+            self._unit_live = True
+        self._carried: list[tuple[int, fx.Node, int]] = []  # (layer, its carried mass, its columns), layer order
+        self._carried_outputs: list[fx.Node] = []  # each carried stream through its projector, in layer order
         self._token_states: set[fx.Node] = set()  # states with one row per token although units are on
         self._unit_prefix: int | None = None  # protected rows of the unit state once an op at the output drops them
         self.name = "+".join(config.method for config in self.configs) or "features"
@@ -187,7 +201,9 @@ class TokenPass:
         frame_coordinate = any(getattr(config, "needs_frame_coordinate", False) for config in self.configs)
         if frame_coordinate and not self.frames:
             raise ConfigError(f"{self.name} compares consecutive frames: give a clip with --frames T")
-        if tables or self.emit_positions or frame_coordinate:
+        if self.taps:
+            self._check_taps(structure, protected, suffix, last_layer)
+        if tables or self.emit_positions or frame_coordinate or self.taps:
             state = self._initial_state(gm, structure, initial, total, protected, suffix)
             for window in windows:
                 window.dims = self.report.positions  # type: ignore[attr-defined]
@@ -214,6 +230,7 @@ class TokenPass:
         # Found before any op goes in (an op takes over its anchor's uses, which these searches follow).
         end = self._output_node(gm, structure, last_layer)
         block_ends = {layer: block_output(gm, structure, layer) for point, layer in plan if point == "block"}
+        taps = {layer: block_output(gm, structure, layer) for layer in self.taps}
         prop_attn = any(getattr(config, "prop_attn", False) for config in self.configs)
         bias_fn = proportional_bias if prop_attn else presence_bias
         tokens, grid = total, structure.grid
@@ -261,6 +278,8 @@ class TokenPass:
                 size = self._view(graph, size_column, state)
                 with graph.inserting_before(site.attention if site.softmax is None else site.softmax):
                     bias = graph.call_function(bias_fn, (size,))
+                    if site.windows > 1:  # the keys' bias folded into the windows as the queries and keys are
+                        bias = graph.call_function(window_bias, (bias, site.windows, _folded_heads(site)))
                 add_attention_bias(site, bias)
             config = plan.get(("attention", site.index))
             if config is not None:
@@ -271,6 +290,11 @@ class TokenPass:
                     state, call = self._insert_op(gm, site.stream, op, state, self._signals(graph, site, op),
                                                   site.index, suffix=suffix)
                     tokens, grid = self._after(op, tokens, grid, call, ops, config, site.index, suffix)
+            if site.index in taps:  # the layer's output (before an op at its block end) joins the state's columns
+                with graph.inserting_after(taps[site.index]):
+                    mass = graph.call_function(carried_mass, (taps[site.index], state, self.unit))
+                self._pinned.add(mass)
+                self._carried.append((site.index, mass, _channels(taps[site.index]) * (self.unit or 1) ** 2))
             config = plan.get(("block", site.index))
             if config is not None:
                 refuse_windowed(site, config)
@@ -336,6 +360,7 @@ class TokenPass:
                         state = graph.call_function(project_unit_state, (before, op.projector.prefix,
                                                                          bool(op.prefix_out()), op.unit,
                                                                          op.transposed))
+                    self._project_taps(gm, call, before)
                     if self.unit_window is not None:  # back to raster order: the tower's reverse window order
                         width = unit_grid(structure.grid, op.unit)[1]
                         with graph.inserting_after(state):
@@ -350,9 +375,12 @@ class TokenPass:
                               "or pooling (per frame) cannot read: end the model at tokens (--features N or a recipe "
                               "whose last stage is at the encoder output)")
         if self.features is not None or encoder_stages:
-            cut_output(gm, end, self._frames_now, frozenset({state}) if self.emit_positions and state is not None
-                       else frozenset())
+            deep = [node for node in self._carried_outputs if isinstance(node, fx.Node)]
+            keep = {state} if self.emit_positions and state is not None else set()
+            cut_output(gm, end, self._frames_now, frozenset(keep | set(deep)))
             self.report.output_is_tokens = True
+            if deep:  # each carried stream through its own projector: outputs after the tokens
+                append_outputs(gm, deep)
         if ops or self.emit_positions:
             output = next(n for n in graph.nodes if n.op == "output")
             readers = ancestors(output)
@@ -473,6 +501,36 @@ class TokenPass:
         self.report.notes.append(f"merge units of {self.unit}x{self.unit} patches: the {structure.grid[0]}x"
                                  f"{structure.grid[1]} grid in unit order, {grid[0]}x{grid[1]} units")
 
+    def _check_taps(self, structure: Structure, protected: int, suffix: int, last_layer: int) -> None:
+        """Carried streams (Qwen3-VL's deepstack) are built for a unit stream of patches alone, without attention
+        windows, whose layers all run (the adapter's own settings; anything else is a one-line error)."""
+        layers = ", ".join(map(str, self.taps))
+        if self.unit is None or protected or suffix or self.unit_window is not None or self.features is not None:
+            raise ConfigError(f"outputs of layers {layers} through their own projectors (deepstack) follow the "
+                              "compression only on merge units of patches alone, without attention windows or "
+                              "--features")
+        if max(self.taps) > last_layer or min(self.taps) < 0:
+            raise ConfigError(f"deepstack layers {layers} are not among the model's layers 0-{last_layer}")
+
+    def _project_taps(self, gm: fx.GraphModule, call: fx.Node, before: fx.Node) -> None:
+        """Each carried stream back as windows of the final units (mass / size of the state entering the window
+        projector ``call``) through its own projector: one token per unit, in the order of ``call``'s output."""
+        graph = gm.graph
+        assert self.unit is not None
+        anchor = call
+        for layer, mass, _ in self._carried:
+            module_name = _unique_name(gm, "deepstack", layer)
+            gm.add_submodule(module_name, self.taps[layer])
+            with graph.inserting_after(anchor):
+                windows = graph.call_function(carried_windows, (mass, before, self.unit))
+            with graph.inserting_after(windows):
+                anchor = graph.call_module(module_name, (windows,))
+            self._carried_outputs.append(anchor)
+            self.report.extra_outputs.append(f"deepstack_{layer}")
+        missing = sorted(set(self.taps) - {layer for layer, _, _ in self._carried})
+        if missing:
+            raise StructureNotFoundError(f"deepstack layers {missing}: their streams were not found in the walk")
+
     def _method_site(self, config: TokenMethod, site: Site) -> Site:
         """The site a token method is shown: with merge units on, the unit view (one row of s^2 * C channels per
         unit, the protected prefix cut off, no grid); otherwise ``site``."""
@@ -490,13 +548,18 @@ class TokenPass:
             raise ConfigError(f"{config.method} at block {site.layer}: with merge units (--unit {self.unit}) a "
                               "projector acts at the encoder output, where each unit becomes one token; leave out "
                               "at, or drop the unit")
-        if self._windows > 1 and not isinstance(config, ProjectorConfig) and (
-                config.method != "topk" or getattr(config, "fuse", False)):
-            raise ConfigError(f"{config.method}{' with fuse' if getattr(config, 'fuse', False) else ''} within "
-                              f"attention windows ({self._windows} windows of {self.unit_window}x{self.unit_window} "
-                              "units) is not built: unit Top-K is (--method topk at a full-attention layer); ToMe "
-                              "needs its size bias folded into the windows, PruMerge's and the fused extra unit "
-                              "mix windows")
+        if self._windows > 1 and not isinstance(config, ProjectorConfig) and config.method not in WINDOWED_METHODS:
+            raise ConfigError(f"{config.method} within attention windows ({self._windows} windows of "
+                              f"{self.unit_window}x{self.unit_window} units) is not built: {', '.join(WINDOWED_METHODS)} "
+                              "are, each window as a sample of its own (at a full-attention layer)")
+        if self._carried and not isinstance(config, ProjectorConfig) and (
+                config.method not in CARRYING_METHODS or getattr(config, "fuse", False)):
+            layers = ", ".join(str(layer) for layer, _, _ in self._carried)
+            raise ConfigError(f"{config.method}{' with fuse' if getattr(config, 'fuse', False) else ''} at layer "
+                              f"{site.layer}, after the deepstack layer {layers}: its extra or fused unit (or the "
+                              "neighbours it adds into each kept unit) has no deepstack counterpart (those outputs are "
+                              "that layer's tokens of the same units); act at or before that layer, or use topk or "
+                              "tome after it")
         op = config.make_op(self._method_site(config, site))
         if op is None or not isinstance(op, TokenOp) or not self._unit_live or getattr(config, "handles_units", False):
             return op  # (an op that acts on units itself: temporal pruning, which joins the frames)
@@ -776,6 +839,11 @@ class TokenPass:
         with graph.inserting_after(anchor):
             call = graph.call_module(module_name, (anchor, state, *signals))
         own = {call}
+        carried = [mass for _, mass, _ in self._carried] if state is not None else []
+        if carried:  # carried streams: more state columns, mapped by the op as it maps the size
+            with graph.inserting_before(call):
+                joined = graph.call_function(join_columns, (state, *carried))
+            call.args = (anchor, joined, *signals)
         if suffix:  # the op sees the tokens in front of the protected suffix
             with graph.inserting_before(call):
                 body = [None if arg is None else graph.call_function(leading_tokens, (arg, suffix))
@@ -788,6 +856,16 @@ class TokenPass:
         if state is not None or op.creates_size:
             with graph.inserting_after(tokens):
                 new_state = graph.call_function(operator.getitem, (call, 1))
+        if carried:
+            widths = (1 + (self.report.positions or 0), *(width for _, _, width in self._carried))
+            with graph.inserting_after(new_state):
+                parts = graph.call_function(split_columns, (new_state, widths))
+            with graph.inserting_after(parts):
+                new_state = graph.call_function(operator.getitem, (parts, 0))
+            for index, (layer, _, width) in enumerate(self._carried):
+                with graph.inserting_after(new_state):
+                    mass = graph.call_function(operator.getitem, (parts, index + 1))
+                self._carried[index] = (layer, mass, width)
         if suffix:
             with graph.inserting_after(tokens):
                 tokens = graph.call_function(rejoin_suffix, (tokens, anchor, suffix))
@@ -846,6 +924,26 @@ class TokenPass:
         if self.features is not None:
             return block_output(gm, structure, last_layer)
         return encoder_output(gm, structure)
+
+
+# Token methods built within attention windows (Qwen2.5-VL, docs/qwen-vl.md): each window one sample of the op
+# (``UnitOp(windows=W)``), the same count of units in every window; an extra or fused unit is the window's own.
+WINDOWED_METHODS = ("topk", "tome", "prumerge", "adjacent")
+
+
+# Token methods whose later decisions a carried stream (Qwen3-VL's deepstack) follows by the state's own rule:
+# pruned units gathered, merged units the size-weighted mean of their members (ToMe's rule for the tokens too).
+CARRYING_METHODS = ("topk", "tome")
+
+
+def _folded_heads(site: AttentionSite) -> int:
+    """The heads of a windowed attention with its windows folded in (H x windows), from its queries' shape."""
+    layout = tensor_meta_shape(site.query) or ()
+    if len(layout) != 4:
+        raise StructureNotFoundError(f"attention {site.name} attends within windows, and its queries are not a "
+                                     f"(batch, heads x windows, tokens, dim) tensor ({layout}): the size bias of "
+                                     "merged tokens cannot be folded into its windows")
+    return layout[1]
 
 
 def check_windows(structure: Structure, windows: int | None) -> None:
