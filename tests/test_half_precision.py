@@ -431,7 +431,7 @@ def test_verify_engine_reads_the_sites_from_its_outputs_and_passes_pinned(fp32_b
     code, out, err = run_cli(["verify", engine, "--against", directory], capsys)
     assert code == 0, err
     assert "token-op sites flipped on bundle input" in out  # fp16 class attention flips near-ties
-    assert "decisions not pinned" not in out and "verify passed" in out
+    assert "decisions not pinned" not in out and "verify passed by pinned parity" in out  # it fails as it is
 
 
 def test_verify_engine_of_a_mutated_model_fails_naming_the_site(fp32_bundle, engine_standin, tmp_path, capsys):

@@ -26,8 +26,8 @@ from ...ops.base import TokenOp
 from ...ops.rows import NORM_FLOOR, tie_cosines, top_k
 from ...ops.tome import ToMeMerge, protection_mask
 from ...ops.units import UnitOp
+from .site_outputs import site_nodes_of as site_nodes  # the tc_export token-op nodes, in graph order
 
-DOMAIN = "tc_export"
 _SAME = 1e-4  # provenance weights are exact up to float rounding; different decisions differ by O(1)
 
 
@@ -225,11 +225,6 @@ def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[
     """The inputs and sizes of every ``tc_export`` node, in graph order (ONNX Runtime on a copy exposing them),
     paired with the PyTorch ops of ``reference`` (same order) that replay them."""
     return onnx_site_run(path, feed, reference)[0]
-
-
-def site_nodes(model) -> list:
-    """The ``tc_export`` token-op nodes (those with a size output) of an ONNX model, in graph order."""
-    return [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
 
 
 def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall],

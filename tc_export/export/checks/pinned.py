@@ -3,8 +3,8 @@
 In fp16 the two runtimes round at different places, a near-tie in merge or selection scores flips, and from there
 on the outputs differ by more than any tolerance though neither is wrong. So, where the decisions differ, the
 reference is replayed with the candidate's decisions pinned: each token op's decisions (``ops.pinning``) are
-recorded by the PyTorch op replayed on the inputs the candidate runtime gave it (its own intermediate values),
-then imposed on the reference's run of the same op. The check passes when
+read from the candidate runtime's run (the indices of the TopKs in its function, ``site_outputs``; else recorded by
+the PyTorch op replayed on the inputs the candidate gave it), then imposed on the reference's run of the same op. The check passes when
 
 (a) the outputs (and each site's output tokens) match with the candidate's decisions pinned, within the dtype's
     tolerances, and
