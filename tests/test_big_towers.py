@@ -134,10 +134,13 @@ def test_fp16_file_is_half_and_scores_in_fp32(tmp_path, capsys):
     assert onnx.TensorProto.FLOAT in casts  # the metric goes to fp32 before the scores and the TopK
 
 
-def test_bf16_is_refused_with_the_reason(tmp_path, capsys):
-    code, out, err = run_cli([*TINY32, "--dtype", "bf16", "-o", tmp_path / "b.onnx"], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "use --dtype fp16" in err
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("output", ["b/", "b.engine"])
+def test_bf16_bundle_or_engine_is_refused_with_the_reason(output, tmp_path, capsys):
+    """A bf16 file runs nowhere here (docs/half-precision.md#bf16): no reference outputs for a bundle, no engine."""
+    code, out, err = run_cli([*TINY32, "--dtype", "bf16", "--target", "jetson-orin-nano", "-o",
+                              f"{tmp_path}/{output}"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no bf16 kernels" in err
+    assert "bundle or build the fp32 file" in err and list(tmp_path.iterdir()) == []
 
 
 def test_parity_tolerances_follow_the_dtype():

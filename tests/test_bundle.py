@@ -30,7 +30,7 @@ from tc_export.job.pipeline import JobConfig, run_job
 from .conftest import tiny_timm_vit
 
 FILES = {"model.onnx", "inputs.json", "outputs.json", "manifest.json", "build_and_verify.sh", "fp32_layers.py",
-         "sites.json"}
+         "sites.json", "verify_outputs.py"}
 
 
 def input_name(directory):

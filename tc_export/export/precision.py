@@ -1,7 +1,8 @@
 """Half-precision files (``--dtype fp16|bf16``): the model's weights and compute in that dtype, its inputs and
 outputs in fp32, so the file keeps the interface (and the bundles, benchmarks and engines built from it) of the
 fp32 export at half the size. The token ops score and select in fp32 inside their functions (ops/tome.py,
-ops/topk.py cast their scores)."""
+ops/topk.py, ops/prumerge.py cast their scores). bf16: the ops ONNX has no bf16 type for (Conv) stay fp32 behind
+Casts, and no runtime here runs the file (``NOT_RUNNABLE``: checks/unrunnable.py says what is checked instead)."""
 
 from __future__ import annotations
 
@@ -16,34 +17,35 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
-# Measured with onnx 1.23 / onnxruntime 1.32 (docs/half-precision.md, single-node models per op): ONNX's Conv (the
-# patch embedding) has no bfloat16 type, so a bf16 ViT fails the checker; ONNX Runtime's CPU provider has bf16
-# kernels for Cast, Concat, Transpose, Clip, Identity and LayerNormalization only, none for Add, Sub, Mul, Div,
-# MatMul, Gemm, Softmax, Erf, Sqrt, Log, Neg, ReduceMean, ReduceL2, Equal or Conv: no runtime here can run (so check)
-# the file, and an fp32 upcast of it would check the fp32 file, not the bf16 one.
-UNSUPPORTED = {"bf16": "ONNX's Conv has no bfloat16 type and ONNX Runtime's CPU provider has no bf16 kernels for "
-                       "Add, Mul, MatMul, Softmax, Erf, Conv and most other ops, so no runtime here can check the "
-                       "file: use --dtype fp16 (half the file too); a TensorRT engine builds bf16 kernels from the "
-                       "fp32 or fp16 file (--precision bf16)"}
+# ONNX's Conv (the patch embedding) has no bfloat16 type (opset 18; onnx 1.23's checker refuses it): in a bf16 file
+# these modules compute in fp32 behind Casts (``InFp32``), the rest in bf16. docs/half-precision.md#bf16
+KEPT_FP32: dict[str, tuple[type[torch.nn.Module], ...]] = {
+    "bf16": (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d,
+             torch.nn.ConvTranspose3d)}
+# Measured with onnxruntime 1.32 (single-node models per op): the CPU provider has bf16 kernels for Cast, Concat,
+# Transpose, Clip, Identity and LayerNormalization only, none for Add, Sub, Mul, Div, MatMul, Gemm, Softmax, Erf,
+# Sqrt, Log, Neg, ReduceMean, ReduceL2, Equal or Conv: nothing here runs a bf16 file, so it gets no parity check.
+NOT_RUNNABLE = {"bf16": "ONNX Runtime's CPU provider has no bf16 kernels for Add, Mul, MatMul, Softmax, Erf and most "
+                        "other ops"}
 
 
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    if name in UNSUPPORTED:
-        raise ConfigError(f"--dtype {name} is not supported: {UNSUPPORTED[name]}")
     return DTYPES[name]
 
 
 def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     """``module`` with its weights cast to ``dtype`` in place (a module sharing them is cast too), taking and
     giving fp32. A compressed ``GraphModule`` gets the casts in its graph, so its token op sites stay where the
-    ONNX functions plan finds them; any other module is wrapped (``InDtype``)."""
+    ONNX functions plan finds them; any other module is wrapped (``InDtype``). The modules ONNX has no ``dtype``
+    type for (``KEPT_FP32``) stay fp32 behind Casts."""
+    kept = next((KEPT_FP32[name] for name, value in DTYPES.items() if value == dtype and name in KEPT_FP32), ())
     if not isinstance(module, torch.fx.GraphModule):
-        return InDtype(module, dtype)
-    kept = {name: buffer for name, buffer in module.named_buffers() if name.endswith(KEEP_FP32)}
-    module.to(dtype)
-    for name, buffer in kept.items():
+        return keep_fp32(InDtype(module, dtype), kept)
+    fp32_buffers = {name: buffer for name, buffer in module.named_buffers() if name.endswith(KEEP_FP32)}
+    keep_fp32(module.to(dtype), kept)
+    for name, buffer in fp32_buffers.items():
         owner_path, _, attribute = name.rpartition(".")
         (module.get_submodule(owner_path) if owner_path else module).register_buffer(attribute, buffer)
     graph = module.graph
@@ -115,6 +117,28 @@ def check_runs_in_dtype(module: torch.nn.Module, inputs: dict[str, torch.Tensor]
         raise ConfigError(f"--dtype {name}: {model} still mixes fp32 into the {name} compute after the cast "
                           f"({text}); export fp32 and build a {name} engine from it (tc-export build ... "
                           f"--precision {name})") from None
+
+
+def keep_fp32(module: torch.nn.Module, types: tuple[type[torch.nn.Module], ...]) -> torch.nn.Module:
+    """Each submodule of one of ``types`` replaced (in place) by itself in fp32 behind Casts (``InFp32``)."""
+    if not types:
+        return module
+    for name, child in list(module.named_modules()):
+        if isinstance(child, types) and name:
+            parent, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent), attribute, InFp32(child))
+    return module
+
+
+class InFp32(torch.nn.Module):
+    """``module`` in fp32: its input cast to fp32, its output back to the input's dtype."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
 
 
 class InDtype(torch.nn.Module):

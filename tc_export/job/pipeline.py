@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from ..export.checks.fidelity import NOT_COMPARABLE, Fidelity, measure_fidelity
 from ..export.files import check_output_path, external_data_files
 from ..export.macs import count_macs
 from ..export.onnx_export import ExportConfig, write_onnx
-from ..export.precision import check_runs_in_dtype, in_dtype, torch_dtype
+from ..export.precision import NOT_RUNNABLE, check_runs_in_dtype, in_dtype, torch_dtype
 from ..export.checks.parity import ParityConfig, ParityReport, check_parity, pin_mmap_threshold
 from ..models import LoadedModel, ModelOptions, load_model
 from ..models.registry import random_weights_message
@@ -82,6 +83,11 @@ def load_for_job(config: JobConfig) -> LoadedModel:
 
 def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: LoadedModel | None = None) -> JobResult:
     """Run the pipeline, reporting each step through ``say``. Raises ``ParityError`` on a parity failure."""
+    dtype = config.export.dtype
+    if dtype in NOT_RUNNABLE and (config.bundle or Path(config.output).suffix in (".engine", ".plan")):
+        raise ConfigError(f"--dtype {dtype} cannot go into a bundle or an engine here: {NOT_RUNNABLE[dtype]}, so "
+                          "there are no reference outputs and no parity; bundle or build the fp32 file (--precision "
+                          f"{dtype} builds a {dtype} engine from it)")
     # --- TensorRT parity bundle (export/tensorrt/bundle.py): the job into a staging dir, then the bundle sink ---
     if config.bundle:
         return _run_into_bundle(config, say, loaded)
@@ -124,9 +130,12 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
     wants_fidelity = compressed and config.fidelity_samples and not compressed.report.output_is_tokens
     if compressed and config.fidelity_samples and compressed.report.output_is_tokens:
         say(f"fidelity not shown: {NOT_COMPARABLE}")
+    fp32_module = None  # a file no runtime here runs (bf16) is compared with its fp32 model instead
     if config.export.dtype != "fp32":
         if wants_fidelity:  # before the cast, which casts the original too (it shares the weights)
             fidelity = _fidelity(config, loaded, compressed, say)
+        if config.export.dtype in NOT_RUNNABLE:
+            fp32_module = copy.deepcopy(module)
         module = in_dtype(module, torch_dtype(config.export.dtype))
         check_runs_in_dtype(module, one, config.export.dtype, config.model)
         say(f"weights and compute in {config.export.dtype} (inputs and outputs fp32; token ops score in fp32)")
@@ -146,6 +155,9 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
         + "".join(f", weights in {path.name}" for path in data) + f") in {seconds:.1f} s")
 
     pin_mmap_threshold()  # from here on, memory freed by ONNX Runtime and the fidelity runs is returned
+    if fp32_module is not None:
+        return _unrunnable_job(config, loaded, compressed, module, fp32_module, onnx_path, inputs_for, output_names,
+                               macs_original, macs_compressed, fidelity, seconds, wants_fidelity, say)
     parity = check_parity(
         module, onnx_path, lambda seed: inputs_for(batch, seed), onnx_names, output_names, config.parity,
     )
@@ -171,6 +183,31 @@ def run_job(config: JobConfig, say: Callable[[str], None] = print, loaded: Loade
             f"sidecar {built.sidecar_path}")
         # --- end TensorRT ---
     return result
+
+
+def _unrunnable_job(config: JobConfig, loaded: LoadedModel, compressed: CompressedModel | None, module, fp32_module,
+                    onnx_path: Path, inputs_for, output_names, macs_original: int, macs_compressed: int, fidelity,
+                    seconds: float, wants_fidelity: bool, say: Callable[[str], None]) -> JobResult:
+    """The rest of the job for a file no runtime here runs (bf16): what can be checked (checks/unrunnable.py) in
+    place of parity; no engine is built from it here."""
+    from ..export.checks.unrunnable import check_unrunnable
+
+    dtype = config.export.dtype
+    trt_version = config.engine.trt_version if config.engine is not None else "10.3"
+    try:
+        report = check_unrunnable(fp32_module, module, onnx_path, lambda seed: inputs_for(config.export.batch, seed),
+                                  output_names, dtype, NOT_RUNNABLE[dtype], config.parity.seed,
+                                  config.parity.samples, config.parity.atol, config.parity.rtol, trt_version)
+    except ConfigError:  # an invalid file (checker, lint) is not left behind
+        for path in [*external_data_files(onnx_path), onnx_path]:
+            path.unlink(missing_ok=True)
+        raise
+    for line in report.lines():
+        say(line)
+    if wants_fidelity and fidelity is None:
+        fidelity = _fidelity(config, loaded, compressed, say)
+    parity = ParityReport("PyTorch fp32", f"PyTorch {dtype}", passed=True)
+    return JobResult(onnx_path, compressed, macs_original, macs_compressed, parity, fidelity, seconds)
 
 
 def _run_into_bundle(config: JobConfig, say: Callable[[str], None], loaded: LoadedModel | None) -> JobResult:

@@ -44,8 +44,10 @@ def full_width_received_attention(query: Tensor, key: Tensor, protected: int) ->
 
 
 def prumerge_scores(query: Tensor, key: Tensor, protected: int, received: bool) -> Tensor:
-    """PruMerge's scores of the unprotected tokens: the class token's attention, or the attention each receives."""
-    return (full_width_received_attention if received else full_width_class_attention)(query, key, protected)
+    """PruMerge's scores of the unprotected tokens: the class token's attention, or the attention each receives,
+    in fp32 whatever the model's dtype (a no-op in fp32), as ToMe and Top-K score."""
+    return (full_width_received_attention if received else full_width_class_attention)(query.float(), key.float(),
+                                                                                         protected)
 
 
 def prumerge(
@@ -68,6 +70,7 @@ def prumerge_scored(
     unprotected = num_tokens - protected
     if size is None:
         size = x.new_ones(batch, num_tokens, 1)
+    scores, key = scores.float(), key.float()  # ranks and neighbours in fp32 (a no-op in fp32)
     ranked = choose(scores, unprotected)[1]
     order = torch.cat([ranked[:, :tokens], sort_indices(ranked[:, tokens:])], dim=-1)  # kept by rank, then pruned
 
@@ -81,7 +84,7 @@ def prumerge_scored(
     chosen = one_hot_columns(nearest.reshape(batch, -1), unprotected, x.dtype)  # (B, M, K*n)
     chosen = chosen.reshape(batch, unprotected, tokens, count).sum(-1).transpose(-1, -2)  # (B, K, M) 0/1
 
-    weights = scores.gather(-1, order).unsqueeze(1)  # (B, 1, M)
+    weights = scores.gather(-1, order).unsqueeze(1).to(x.dtype)  # (B, 1, M)
     rows = gather_rows(x, order, 1, protected)
     updated = rows[:, :tokens] + (chosen * weights) @ rows
     kept = protected if not drop_prefix else 0

@@ -26,8 +26,8 @@ from ...ops.base import TokenOp
 from ...ops.rows import NORM_FLOOR, tie_cosines, top_k
 from ...ops.tome import ToMeMerge, protection_mask
 from ...ops.units import UnitOp
+from .site_outputs import site_nodes_of as site_nodes  # the tc_export token-op nodes, in graph order
 
-DOMAIN = "tc_export"
 _SAME = 1e-4  # provenance weights are exact up to float rounding; different decisions differ by O(1)
 
 
@@ -40,6 +40,7 @@ class SiteCall:
     inputs: tuple[torch.Tensor | None, ...]  # x, size, *signals
     sizes: np.ndarray
     output: torch.Tensor | None = None  # the output tokens, when asked for
+    decisions: tuple[torch.Tensor, ...] | None = None  # the indices the runtime's decision TopKs chose, when read
 
 
 @dataclass(frozen=True)
@@ -226,39 +227,45 @@ def onnx_site_calls(path: Path, feed: Mapping[str, np.ndarray], reference: list[
     return onnx_site_run(path, feed, reference)[0]
 
 
-def site_nodes(model) -> list:
-    """The ``tc_export`` token-op nodes (those with a size output) of an ONNX model, in graph order."""
-    return [node for node in model.graph.node if node.domain == DOMAIN and len(node.output) > 1]
-
-
 def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[SiteCall],
                   tokens_out: bool = False) -> tuple[list[SiteCall], dict[str, np.ndarray]]:
     """``onnx_site_calls`` and the graph's own outputs from the same run; ``tokens_out``: each call's ``output``
-    holds the node's output tokens too."""
+    holds the node's output tokens too. ONNX Runtime runs the verification variant (``site_outputs``), so each
+    call carries the decisions the graph took (``SiteCall.decisions``)."""
     import onnx
     import onnxruntime as ort
 
+    from .site_outputs import add_site_outputs
+
     model = onnx.load(str(path))
-    nodes = site_nodes(model)
     outputs = [o.name for o in model.graph.output]
-    if not nodes:
+    if not site_nodes(model):
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return [], dict(zip(outputs, session.run(outputs, dict(feed))))
-    types = _value_types(model)
-    names = list(dict.fromkeys(name for node in nodes
-                               for name in (*node.input, *node.output[0 if tokens_out else 1:2]) if name))
-    for name in names:
-        if name not in outputs:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT),
-                                                                         None))
+    add_site_outputs(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    fetched = list(dict.fromkeys([*names, *outputs]))
+    fetched = [o.name for o in session.get_outputs()]
     values = dict(zip(fetched, session.run(fetched, dict(feed))))
+    return calls_from_outputs(values, reference, tokens_out), {name: values[name] for name in outputs}
+
+
+def calls_from_outputs(values: Mapping[str, np.ndarray], reference: list[SiteCall],
+                       tokens_out: bool = False) -> list[SiteCall]:
+    """The sites' calls from a run's outputs read by their ``site_outputs`` names (ONNX Runtime on the verification
+    variant, or an engine built from it), paired with the PyTorch ops of ``reference`` (same order)."""
+    from .site_outputs import site_output, topk_output
+
+    sites = 0
+    while site_output(sites, "out", 1) in values:
+        sites += 1
     calls = [SiteCall(ref.name, ref.op, (None,), np.empty(0)) for ref in reference]  # flat sites: not compared
-    for node, index in zip(nodes, pair_nodes(reference, [np.shape(values[n.input[0]]) for n in nodes],
-                                            [np.shape(values[n.output[1]]) for n in nodes])):
+    shapes_in = [np.shape(values.get(site_output(i, "in", 0))) for i in range(sites)]
+    shapes_out = [np.shape(values[site_output(i, "out", 1)]) for i in range(sites)]
+    for site, index in enumerate(pair_nodes(reference, shapes_in, shapes_out)):
         ref = reference[index]
-        given = [torch.from_numpy(np.asarray(values[name])) for name in node.input if name]
+        given = [torch.from_numpy(np.asarray(values[name])) for name in
+                 sorted((n for n in values if n.startswith(site_output(site, "in", ""))),
+                        key=lambda n: int(n.rsplit("_", 1)[1]))]
         present = [arg is not None for arg in ref.inputs]
         if len(given) == len(present):  # an absent size was exported as ones: the same decisions
             inputs = tuple(given)
@@ -267,9 +274,15 @@ def onnx_site_run(path: Path, feed: Mapping[str, np.ndarray], reference: list[Si
             inputs = tuple(next(rest) if here else None for here in present)
         else:  # the function's inputs are not the op's arguments: compared by sizes only
             inputs = (None,)
-        output = torch.from_numpy(np.asarray(values[node.output[0]])) if tokens_out else None
-        calls[index] = SiteCall(ref.name, ref.op, inputs, np.asarray(values[node.output[1]]), output)
-    return calls, {name: values[name] for name in outputs}
+        output = torch.from_numpy(np.asarray(values[site_output(site, "out", 0)])) if tokens_out else None
+        decisions, j = [], 0
+        while topk_output(site, j, "indices") in values:  # a TopK over scores is a decision; over int64, a sort
+            if np.issubdtype(np.asarray(values[topk_output(site, j, "values")]).dtype, np.floating):
+                decisions.append(torch.from_numpy(np.asarray(values[topk_output(site, j, "indices")]).astype(np.int64)))
+            j += 1
+        calls[index] = SiteCall(ref.name, ref.op, inputs, np.asarray(values[site_output(site, "out", 1)]), output,
+                                tuple(decisions) if j else None)
+    return calls
 
 
 def pair_nodes(reference: Sequence[SiteCall], tokens_in: Sequence[tuple], sizes_out: Sequence[tuple]) -> list[int]:

@@ -3,8 +3,8 @@
 In fp16 the two runtimes round at different places, a near-tie in merge or selection scores flips, and from there
 on the outputs differ by more than any tolerance though neither is wrong. So, where the decisions differ, the
 reference is replayed with the candidate's decisions pinned: each token op's decisions (``ops.pinning``) are
-recorded by the PyTorch op replayed on the inputs the candidate runtime gave it (its own intermediate values),
-then imposed on the reference's run of the same op. The check passes when
+read from the candidate runtime's run (the indices of the TopKs in its function, ``site_outputs``; else recorded by
+the PyTorch op replayed on the inputs the candidate gave it), then imposed on the reference's run of the same op. The check passes when
 
 (a) the outputs (and each site's output tokens) match with the candidate's decisions pinned, within the dtype's
     tolerances, and
@@ -140,14 +140,18 @@ def scaled_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
 
 
 def candidate_tapes(calls: Sequence[SiteCall]) -> list[Tape | None]:
-    """The candidate's decisions at each site: the PyTorch op replayed on the inputs the candidate gave it
-    (None where its inputs are not the op's arguments)."""
+    """The candidate's decisions at each site: those its decision TopKs took (``SiteCall.decisions``, read from
+    the run), else the PyTorch op's replayed on the inputs the candidate gave it, which is the same only where both
+    compute the scores alike (None where its inputs are not the op's arguments)."""
     tapes: list[Tape | None] = []
     for call in calls:
         if call.inputs[0] is None:
             tapes.append(None)
             continue
         tape, _ = record(call.op, *call.inputs)
+        read = call.decisions
+        if read is not None and [t.shape for t in read] == [t.shape for t in tape.indices]:
+            tape = Tape([t.clone() for t in read])
         tapes.append(tape)
     return tapes
 

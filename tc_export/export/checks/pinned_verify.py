@@ -11,7 +11,7 @@ reference's scores (``pinned.site_pin``), as the PyTorch parity check does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,9 @@ import torch
 
 from ...ops.pinning import PinningError, active
 from .compare import compare_elementwise
-from .decisions import SiteCall, _value_types, onnx_site_run, site_nodes
+from .decisions import SiteCall, _value_types, calls_from_outputs, onnx_site_run, site_nodes
 from .pinned import FLIP_MARGINS, PinnedReport, candidate_tapes, site_pin
+from .site_outputs import site_output
 from .sites import placeholder_calls
 
 PINNED_PREFIX = "tc_export_pinned"
@@ -86,10 +87,36 @@ def pinned_reference_run(model_path: Path, feed: Mapping[str, np.ndarray],
     return {name: values[name] for name in outputs}, sites
 
 
-def pinned_verify(candidate_path: Path, bundle_dir: Path, sites: dict[str, Any], feeds: Sequence[Mapping],
-                  references: Sequence[Mapping], output_names: Sequence[str], atol: float, rtol: float,
-                  dtype: str, compare) -> list[PinnedReport]:
-    """Per bundle input: the candidate ONNX against the bundle's model with the candidate's decisions pinned."""
+CandidateRun = Callable[[int, Mapping[str, np.ndarray], list[SiteCall]], tuple[list[SiteCall], Mapping]]
+
+
+def onnx_candidate(path: Path) -> CandidateRun:
+    """A candidate ONNX: ONNX Runtime runs its verification variant (``site_outputs``) on each bundle input."""
+    def run(sample: int, feed: Mapping[str, np.ndarray], placeholders: list[SiteCall]):
+        return onnx_site_run(path, feed, placeholders, tokens_out=True)
+
+    return run
+
+
+def outputs_candidate(results: Sequence[Mapping[str, np.ndarray]]) -> CandidateRun:
+    """A candidate that exposes only its outputs (a TensorRT engine built from the verification variant): each
+    bundle input's outputs, the sites' values and decisions read by their ``site_outputs`` names."""
+    def run(sample: int, feed: Mapping[str, np.ndarray], placeholders: list[SiteCall]):
+        values = {name: np.asarray(value) for name, value in results[sample].items()}
+        return calls_from_outputs(values, placeholders, tokens_out=True), values
+
+    return run
+
+
+def has_site_outputs(outputs: Mapping[str, Any]) -> bool:
+    """The candidate's outputs carry the sites' values (it was built from the verification variant)."""
+    return site_output(0, "out", 1) in outputs
+
+
+def pinned_verify(candidate: CandidateRun, name: str, bundle_dir: Path, sites: dict[str, Any],
+                  feeds: Sequence[Mapping], references: Sequence[Mapping], output_names: Sequence[str], atol: float,
+                  rtol: float, dtype: str, compare) -> list[PinnedReport]:
+    """Per bundle input: the candidate (``name``) against the bundle's model with the candidate's decisions pinned."""
     from ..tensorrt.bundle import MODEL
 
     margin = FLIP_MARGINS.get(dtype, FLIP_MARGINS["fp16"])
@@ -98,14 +125,15 @@ def pinned_verify(candidate_path: Path, bundle_dir: Path, sites: dict[str, Any],
     for sample, feed in enumerate(feeds):
         report = PinnedReport(margin, atol, rtol, sample=sample)
         try:
-            calls, candidate_out = onnx_site_run(candidate_path, feed, placeholders, tokens_out=True)
+            calls, candidate_out = candidate(sample, feed, placeholders)
         except Exception as error:  # noqa: BLE001 - a candidate that cannot expose its values
             report.error = f"the candidate's token-op values cannot be read ({str(error).splitlines()[0][:120]})"
             reports.append(report)
             continue
-        if len(calls) != len(placeholders):
-            report.error = (f"{candidate_path.name} has {len(calls)} token-op nodes, the bundle {len(placeholders)}: "
-                            "not an export of the same model")
+        found = sum(1 for call in calls if call.sizes.size)
+        if found != len(placeholders):
+            report.error = (f"{name} has {found} token-op sites, the bundle {len(placeholders)}: not an export of "
+                            "the same model")
             reports.append(report)
             continue
         try:

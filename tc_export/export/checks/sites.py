@@ -21,8 +21,8 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...ops.base import TokenOp
-from ...ops.pinning import record
 from .decisions import SiteCall, onnx_site_run, site_nodes, torch_site_calls
+from .pinned import candidate_tapes
 
 SITES = "sites.json"
 SITES_FORMAT = "tc-export token-op sites 1"
@@ -76,8 +76,8 @@ def write_sites(directory: Path, module: torch.nn.Module, onnx_path: Path, input
     decisions = []
     for feed in feeds:
         run, _ = onnx_site_run(onnx_path, feed, calls)
-        decisions.append([[t.tolist() for t in record(c.op, *c.inputs)[0].indices] if c.inputs[0] is not None
-                          else None for c in run])
+        tapes = candidate_tapes(run)  # the decisions the graph took
+        decisions.append([None if tape is None else [t.tolist() for t in tape.indices] for tape in tapes])
     (directory / SITES).write_text(json.dumps({"format": SITES_FORMAT, "sites": sites, "decisions": decisions}) + "\n")
     return True
 

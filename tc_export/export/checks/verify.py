@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import BackendUnavailableError, ConfigError
-from ..tensorrt.bundle import ENGINE_TOLERANCES, INPUTS, OUTPUTS, SCRIPT, Bundle
+from ..tensorrt.bundle import (ENGINE_TOLERANCES, INPUTS, MODEL, OUTPUTS, SCRIPT, VERIFY_MODEL, VERIFY_SCRIPT,
+                               Bundle)
 from .compare import OutputCheck, compare_elementwise
 from .parity import DTYPE_TOLERANCES
 from .pinned import PinnedReport
@@ -106,13 +107,14 @@ def verify(model: Path, against: Path, atol: float | None = None, rtol: float | 
                                               worst.passed, worst.note))
     other_dtype = dtype != bundle.manifest.get("dtype", "fp32")  # flips are reported even when it passes as is
     if (not report.plain_passed or other_dtype) and report.outputs and not any(o.note for o in report.outputs):
-        _pin(report, model, engine, bundle, reference_iterations)
+        _pin(report, model, engine, bundle, reference_iterations, candidate)
     return report
 
 
-def _pin(report: VerifyReport, model: Path, engine: bool, bundle: Bundle, references) -> None:
-    """Replay the failed check with the candidate's decisions pinned (export/checks/pinned_verify.py), when it can."""
-    from .pinned_verify import pinned_verify
+def _pin(report: VerifyReport, model: Path, engine: bool, bundle: Bundle, references, candidate: list) -> None:
+    """Replay the failed check with the candidate's decisions pinned (export/checks/pinned_verify.py), when it can:
+    an ONNX is run again exposing its sites; an engine's own outputs must carry them (the verification engine)."""
+    from .pinned_verify import has_site_outputs, onnx_candidate, outputs_candidate, pinned_verify
     from .sites import load_sites
 
     sites = load_sites(bundle.directory)
@@ -120,18 +122,20 @@ def _pin(report: VerifyReport, model: Path, engine: bool, bundle: Bundle, refere
         report.pin_note = (f"decisions not pinned: {bundle.directory} has no {SITES} (a flat export, or a bundle "
                            "from before tc-export wrote it)")
         return
-    if engine:  # pragma: no cover - GPU only
-        report.pin_note = ("decisions not pinned: an engine exposes only its outputs; on the device, "
-                           f"./{SCRIPT} runs the pinned check from model.onnx")
+    if engine and not (candidate and has_site_outputs(candidate[0])):
+        report.pin_note = (f"decisions not pinned: {model.name} exposes only its outputs; the verification engine "
+                           f"built from {VERIFY_MODEL} (python3 {VERIFY_SCRIPT} {MODEL} {VERIFY_MODEL}; ./{SCRIPT} "
+                           "does both) carries the token-op sites' values")
         return
+    run = outputs_candidate(candidate) if engine else onnx_candidate(model)
 
     def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, bool]:
         check = compare_elementwise(reference, candidate, report.atol, report.rtol)
         return check.max_abs, check.max_rel, check.passed and bool(np.isfinite(candidate).all())
 
     names = [output["name"] for output in bundle.manifest["outputs"]]
-    report.pinned = pinned_verify(model, bundle.directory, sites, list(bundle.feeds), list(references), names,
-                                  report.atol, report.rtol, report.dtype, compare)
+    report.pinned = pinned_verify(run, model.name, bundle.directory, sites, list(bundle.feeds), list(references),
+                                  names, report.atol, report.rtol, report.dtype, compare)
 
 
 def _runner(model: Path, engine: bool, against: Path):

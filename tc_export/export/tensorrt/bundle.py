@@ -39,6 +39,9 @@ OUTPUTS = "outputs.json"
 SCRIPT = "build_and_verify.sh"
 FP32_SCRIPT = "fp32_layers.py"
 MODEL = "model.onnx"
+VERIFY_SCRIPT = "verify_outputs.py"  # writes the verification variant: the sites' values as extra outputs
+VERIFY_MODEL = "model.verify.onnx"
+VERIFY_ENGINE = "model.verify.engine"
 REFERENCE_RUNNER = "onnxruntime-reference"
 
 # Engine vs ONNX Runtime tolerances per precision (elementwise: an element fails only if it breaks both).
@@ -205,14 +208,17 @@ def write_bundle(directory: Path, config: JobConfig, loaded: LoadedModel, result
         },
         "versions": _versions(),
         "external_data": data_files,  # the weights' file(s) beside model.onnx; [] when it holds them itself
-        "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT, *([SITES] if sites else [])],
+        "files": [MODEL, *data_files, INPUTS, OUTPUTS, MANIFEST, SCRIPT, FP32_SCRIPT,
+                  *([SITES, VERIFY_SCRIPT] if sites else [])],
         "dtype": config.export.dtype,
         "created": created_timestamp(),
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     (directory / FP32_SCRIPT).write_text(fp32_script(node_names, op_types))
+    if sites:
+        (directory / VERIFY_SCRIPT).write_text(verify_outputs_script())
     script = directory / SCRIPT
-    script.write_text(build_script(engine, manifest, onnx_inputs(onnx_path)))
+    script.write_text(build_script(engine, manifest, onnx_inputs(onnx_path), pinned=bool(sites)))
     script.chmod(0o755)
     return manifest
 
@@ -264,8 +270,18 @@ def postprocess(network):
 '''
 
 
-def build_script(engine: EngineConfig, manifest: Mapping[str, Any], inputs) -> str:
-    """``build_and_verify.sh``: build the engine on the device, then check it with ``polygraphy run``."""
+def verify_outputs_script() -> str:
+    """``verify_outputs.py``: the source of ``checks/site_outputs.py`` (self-contained, onnx only)."""
+    from ..checks import site_outputs
+
+    return f"# Written by tc-export: python3 {VERIFY_SCRIPT} {MODEL} {VERIFY_MODEL}\n" + inspect.getsource(site_outputs)
+
+
+def build_script(engine: EngineConfig, manifest: Mapping[str, Any], inputs, pinned: bool = False) -> str:
+    """``build_and_verify.sh``: build the engine on the device, then check it with ``polygraphy run``; ``pinned``
+    (the bundle has ``sites.json``): in reduced precision or after a failure, build the verification engine and
+    judge with ``tc-export verify`` (decisions pinned)."""
+    from ..checks.sites import SITES
     from .engine import batch_shapes, finish_command
 
     preset = get_target(engine.target)
@@ -285,11 +301,12 @@ def build_script(engine: EngineConfig, manifest: Mapping[str, Any], inputs) -> s
     trtexec += " $(trtexec_precision)"
     plugin_build = (f"tc-export build {MODEL} -o \"$ENGINE\" --target {preset.name} --precision \"$PRECISION\" "
                     "--plugins on")
-    return f'''#!/usr/bin/env bash
+    script = f'''#!/usr/bin/env bash
 # Written by tc-export {manifest["versions"].get("tc-export")} for {preset.name}: {preset.description}.
 # Builds the TensorRT engine on this device from {MODEL}, then checks it against the reference outputs that ONNX
 # Runtime produced ({INPUTS}, {OUTPUTS}; Polygraphy JSON). Exits non-zero if an output differs beyond the
-# tolerances, 3 if TensorRT or Polygraphy is missing.
+# tolerances, 3 if TensorRT or Polygraphy is missing. In reduced precision (or after a failure), when the bundle has
+# {SITES}, `tc-export verify` judges the verification engine ({VERIFY_ENGINE}) with the decisions pinned.
 # Engine path: {preset.engine_path}. Model: {manifest["model"]}, methods: {", ".join(manifest["methods"]) or "none"}.
 #   ./{SCRIPT}                       # build with polygraphy convert, then verify
 #   BUILDER=trtexec ./{SCRIPT}       # build with trtexec (no fp32 pinning of the function bodies)
@@ -346,9 +363,33 @@ case "$BUILDER" in
   *) echo "{SCRIPT}: BUILDER must be polygraphy, trtexec or tc-export, got $BUILDER" >&2; exit 2 ;;
 esac
 
+status=0
 polygraphy run "$ENGINE" --model-type engine --trt --load-inputs {INPUTS} --load-outputs {OUTPUTS} \\
-  --atol "$ATOL" --rtol "$RTOL" --check-error-stat elemwise
+  --atol "$ATOL" --rtol "$RTOL" --check-error-stat elemwise || status=$?
+{{pinned_block}}if [ "$status" -ne 0 ]; then
+  echo "{SCRIPT}: $ENGINE differs from the reference outputs beyond atol $ATOL, rtol $RTOL" >&2; exit "$status"
+fi
 echo "{SCRIPT}: $ENGINE matches the reference outputs (atol $ATOL, rtol $RTOL)"
+'''
+    return script.replace("{pinned_block}", pinned_block(engine, workspace, shape_flags) if pinned else "")
+
+
+def pinned_block(engine: EngineConfig, workspace: str, shape_flags: str) -> str:
+    """The script's pinned check: in reduced precision (near-ties flip) or after a failure, the verification engine
+    (the same network with the token-op sites' values as extra outputs) is judged by ``tc-export verify``."""
+    return f'''# Reduced precision flips near-tied token-op decisions: judge with the decisions pinned (tc-export verify
+# on the verification engine: the same network with the token-op sites' values and decisions as extra outputs).
+if [ "$PRECISION" != fp32 ] || [ "$status" -ne 0 ]; then
+  if command -v tc-export >/dev/null; then
+    python3 {VERIFY_SCRIPT} {MODEL} {VERIFY_MODEL}
+    # shellcheck disable=SC2046
+    polygraphy convert {VERIFY_MODEL} --convert-to trt -o {VERIFY_ENGINE} $(polygraphy_precision){workspace} \\
+      --builder-optimization-level {engine.opt_level}{shape_flags}
+    tc-export verify {VERIFY_ENGINE} --against . --atol "$ATOL" --rtol "$RTOL"
+    exit 0
+  fi
+  echo "{SCRIPT}: tc-export is missing: decisions not pinned, the plain comparison decides" >&2
+fi
 '''
 
 
