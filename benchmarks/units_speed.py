@@ -8,10 +8,10 @@ The Qwen2-VL-2B vision tower (depth 32, width 1280, 16 heads, MLP 5120, patch 14
 uncompressed. Each configuration compresses through the library (``compress``: the token method at units, the
 merger as the last stage), is exported (``write_onnx``; at full size ~2.5 GB of fp32 weights each, so external
 data, in a temporary folder removed at the end) and timed with ONNX Runtime on CPU (2 threads, spinning off, all
-sessions timed in turn in interleaved rounds). The torch models are freed before the sessions are made: five
-full-size sessions hold ~13 GB. Per row: tokens per layer, tokens handed to the language model, GMACs and the MAC
-ratio to the uncompressed model (``count_macs``), ORT ms (median and min over the rounds) and the speed-ups. The
-machine's load average before and after the timing goes with the results (shared machine).
+sessions timed in turn in interleaved rounds). The torch models are dropped before the sessions are made: five
+full-size sessions hold ~12 GiB (the 32-block run peaked at 15.8 GiB). Per row: tokens per layer, tokens handed to
+the language model, GMACs and the MAC ratio to the uncompressed model (``count_macs``), ORT ms (median and min over
+the rounds) and the speed-ups. The machine's load average before and after the timing goes with the results.
 
 Unit Top-K (``--score received``: the tower has no class token) keeps 1/2 and 1/4 of the units after an early
 layer's attention; unit ToMe merges r units at every layer, r chosen so that the language model gets the same
