@@ -51,8 +51,10 @@ def test_units_speed_smoke_prints_the_table(tmp_path):
     result = subprocess.run([sys.executable, str(BENCHMARKS / "units_speed.py"), "--smoke"], capture_output=True,
                             text=True, timeout=900, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout[result.stdout.index("| configuration |"):].strip().splitlines()
+    text = result.stdout[result.stdout.index("| configuration |"):].strip().splitlines()
+    lines = list(itertools.takewhile(lambda line: line.startswith("|"), text))  # the machine's load follows
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert len(rows) == 5 and text[len(lines) + 1].startswith("Machine load average")
     assert rows["uncompressed"][1] == "64 x2" and rows["uncompressed"][2] == "16"
     assert rows["unit Top-K keep=0.5 @0 (received)"][1:3] == ["64, 32", "8"]
     assert rows["unit Top-K keep=0.25 @0 (received)"][1:3] == ["64, 16", "4"]
