@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tc_export import compress
+from tc_export.errors import TCExportError
 from tc_export.passes import AdjacentConfig, ToMeConfig, TopKConfig
 from tc_export.passes.prumerge import PruMergeConfig
 
@@ -387,3 +388,12 @@ def test_merger_after_units_through_the_cli(tmp_path, capsys, method):
     assert code == 0, err
     assert "merge units" in out and "parity PyTorch vs ONNX Runtime" in out and "passed" in out
     assert "positions max abs" in out and (tmp_path / "m.onnx").is_file()
+
+
+def test_the_bare_module_refuses_compression_before_its_merger_in_one_line(tmp_path):
+    """``compress(loaded.module, ...)`` (the Python API on the raster-order module, not the loaded model whose merger
+    follows at merge units) names the merger's windows instead of failing inside the graph."""
+    _tower(tmp_path)
+    loaded = load(tmp_path, SIZE)
+    with pytest.raises(TCExportError, match=r"window_merger cannot read compressed tokens: .*2x2 merge units"):
+        compress(loaded.module, ToMeConfig(r=2), loaded.example_inputs(batch=1))

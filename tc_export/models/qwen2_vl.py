@@ -50,7 +50,8 @@ from .base import InputSpec, LoadedModel
 from .registry import ModelOptions
 
 MERGER_REFUSAL = ("{family}'s PatchMerger concatenates each 2x2 window of 4 consecutive tokens, and merged or "
-                  "pruned tokens no longer form those windows (whole-window ToMe is not built)")
+                  "pruned tokens no longer form those windows in this raster-order module; compress the loaded model "
+                  "(load_model('hf:DIR'), or the command line), whose merger follows at 2x2 merge units")
 DEEPSTACK_REFUSAL = ("Qwen3-VL's deepstack output of layer {layer} (that layer's stream through its own merger, added "
                      "into the language model at the same visual positions) needs the same unit decisions as the "
                      "merger's output, which this raster-order adapter's mergers cannot follow: compress the tower "
@@ -80,6 +81,8 @@ class WindowMerger(nn.Module):
             last = [module for module in merger.modules() if not list(module.children())][-1]  # EVS reads), on its
             setattr(last, TOKEN_GRID_ATTRIBUTE, merged_grid)  # last layer: the trace names the tower's own modules
         self.register_buffer("to_window", to_window, persistent=False)
+        # and on its window gather, which a trace of the bare module keeps while it rebuilds this wrapper empty
+        setattr(self.to_window, REFUSAL_ATTRIBUTE, getattr(self, REFUSAL_ATTRIBUTE))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windowed = x[:, self.to_window]
