@@ -96,3 +96,27 @@ def test_a_graph_still_mixing_dtypes_is_refused_in_one_line():
     with pytest.raises(ConfigError, match=r"--dtype fp16: m still mixes fp32 .*--precision fp16") as caught:
         check_runs_in_dtype(module, {"x": torch.randn(2, 4)}, "fp16", "m")
     assert "\n" not in str(caught.value)
+
+
+def test_tome_on_padded_text_in_fp16_has_no_nan(tmp_path):
+    """Padding's size-0 pairs merge with weight 1 / floor (inf in fp16) times a zero difference: the update runs in
+    fp32, so the fp16 graph equals the fp32 one within fp16 rounding instead of turning those rows into NaN."""
+    import transformers as tf
+
+    from tc_export.models import load_model
+    from tc_export.models.registry import ModelOptions
+
+    torch.manual_seed(0)
+    tf.BertModel(tf.BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64), add_pooling_layer=False).save_pretrained(tmp_path)
+    loaded = load_model(f"hf:{tmp_path}", ModelOptions(), warn_random=False)
+    inputs = loaded.example_inputs(batch=1)
+    assert int((inputs["attention_mask"] == 0).sum()) >= 8  # padded: size-0 tokens pair up
+    compressed = compress(loaded, [ToMeConfig(r=4)], inputs)
+    with torch.no_grad():
+        want = compressed.module(**inputs)
+    cast = in_dtype(compressed.module, torch.float16)
+    with torch.no_grad():
+        got = cast(**inputs)
+    assert not torch.isnan(got).any()
+    assert torch.allclose(got, want, atol=2e-2, rtol=2e-2), float((got - want).abs().max())

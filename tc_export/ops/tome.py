@@ -154,7 +154,10 @@ def tome_merge(
         size_b = size[:, 1::2] + to_dst.to(size.dtype) @ size_src  # the state may be fp32 under fp16 tokens
         size_unm = gather_rows(size, unm_rows, 2)
         delta = size_column(size_src).to(x.dtype) * delta
-    merged_b = tokens_b + (to_dst / size_column(size_b).to(x.dtype).clamp_min(WEIGHT_FLOOR)) @ delta
+    # the update in fp32 whatever the tokens' dtype (a no-op in fp32): a size-0 (padding) pair's weight is
+    # 1 / WEIGHT_FLOOR, inf in fp16, times its zero delta
+    weights = to_dst.float() / size_column(size_b).float().clamp_min(WEIGHT_FLOOR)
+    merged_b = tokens_b + (weights @ delta.float()).to(x.dtype)
     unmerged = gather_rows(x, unm_rows, 2)
     # Protected B tokens (odd positions) receive no merges: their -inf columns are never a best match.
     protected_b = protected // 2
