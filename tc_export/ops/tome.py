@@ -154,10 +154,11 @@ def tome_merge(
         size_b = size[:, 1::2] + to_dst.to(size.dtype) @ size_src  # the state may be fp32 under fp16 tokens
         size_unm = gather_rows(size, unm_rows, 2)
         delta = size_column(size_src).to(x.dtype) * delta
-    # the update in fp32 whatever the tokens' dtype (a no-op in fp32): a size-0 (padding) pair's weight is
+    # the update in fp32 at least whatever the tokens' dtype (a no-op in fp32): a size-0 (padding) pair's weight is
     # 1 / WEIGHT_FLOOR, inf in fp16, times its zero delta
-    weights = to_dst.float() / size_column(size_b).float().clamp_min(WEIGHT_FLOOR)
-    merged_b = tokens_b + (weights @ delta.float()).to(x.dtype)
+    exact = torch.promote_types(x.dtype, torch.float32)  # fp32, or the tokens' own dtype when wider (fp64)
+    weights = to_dst.to(exact) / size_column(size_b).to(exact).clamp_min(WEIGHT_FLOOR)
+    merged_b = tokens_b + (weights @ delta.to(exact)).to(x.dtype)
     unmerged = gather_rows(x, unm_rows, 2)
     # Protected B tokens (odd positions) receive no merges: their -inf columns are never a best match.
     protected_b = protected // 2
