@@ -196,13 +196,12 @@ def initial_unit_state(x: Tensor, prefix: int, suffix: int, grid: tuple[int, int
     return torch.cat([state[:, :prefix], state[:, prefix:prefix + units][:, order], state[:, prefix + units:]], dim=1)
 
 
-def raster_units(tokens: Tensor, state: Tensor, width: int) -> tuple[Tensor, Tensor]:
+def raster_units(tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """Tokens (B, n, C) and their state (B, n, 1 + P), one row per unit, sorted into raster order of the units'
-    carried (row, column) on a unit grid ``width`` wide: by row, then by column, exact ties to the earlier row (two
+    carried (row, column): by row, then by column, exact ties to the earlier row (two
     TopKs: by column, then stably by row). A windowed tower's reverse window order, which gives its merger's output
     in raster order; merged units sit at fractional positions (the size-weighted mean of their members'), which a
-    single key row x width + column would not order by row (``width`` kept for the callers' grid)."""
-    del width
+    single key row x width + column would not order by row."""
     rows = tokens.shape[1]
     position = positions_of(state)[..., -2:]
     by_column = top_k(position[..., 1], rows, largest=False)[1]

@@ -362,9 +362,8 @@ class TokenPass:
                                                                          op.transposed))
                     self._project_taps(gm, call, before)
                     if self.unit_window is not None:  # back to raster order: the tower's reverse window order
-                        width = unit_grid(structure.grid, op.unit)[1]
                         with graph.inserting_after(state):
-                            both = graph.call_function(raster_units, (call, state, width))
+                            both = graph.call_function(raster_units, (call, state))
                         with graph.inserting_after(both):
                             end = graph.call_function(operator.getitem, (both, 0))
                         with graph.inserting_after(end):
