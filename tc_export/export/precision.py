@@ -46,8 +46,8 @@ def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     fp32_buffers = {name: buffer for name, buffer in module.named_buffers() if name.endswith(KEEP_FP32)}
     keep_fp32(module.to(dtype), kept)
     for name, buffer in fp32_buffers.items():
-        owner_path, _, attribute = name.rpartition(".")
-        (module.get_submodule(owner_path) if owner_path else module).register_buffer(attribute, buffer)
+        owner, attribute = _owner(module, name)
+        owner.register_buffer(attribute, buffer)
     graph = module.graph
     _constants_to(module, dtype)
     follow_traced_dtype(graph, dtype)
@@ -62,14 +62,19 @@ def in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return module
 
 
+def _owner(module: torch.nn.Module, dotted: str) -> tuple[torch.nn.Module, str]:
+    """The submodule holding the attribute ``dotted`` names (``a.b.c`` -> module ``a.b``, ``"c"``)."""
+    path, _, attribute = dotted.rpartition(".")
+    return (module.get_submodule(path) if path else module), attribute
+
+
 def _constants_to(module: torch.fx.GraphModule, dtype: torch.dtype) -> None:
     """The graph's fp32 tensor constants (rotary tables, position grids evaluated once) in ``dtype``, as its
     parameters and buffers are: ``module.to`` leaves plain tensor attributes alone."""
     for node in module.graph.nodes:
         if node.op != "get_attr":
             continue
-        owner_path, _, name = str(node.target).rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
+        owner, name = _owner(module, str(node.target))
         value = getattr(owner, name, None)
         if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
                 and value.dtype == torch.float32 and name not in dict(owner.named_buffers(recurse=False)):
@@ -125,8 +130,7 @@ def keep_fp32(module: torch.nn.Module, types: tuple[type[torch.nn.Module], ...])
         return module
     for name, child in list(module.named_modules()):
         if isinstance(child, types) and name:
-            parent, _, attribute = name.rpartition(".")
-            setattr(module.get_submodule(parent), attribute, InFp32(child))
+            setattr(*_owner(module, name), InFp32(child))
     return module
 
 
